@@ -1,0 +1,3 @@
+from dpo_lora.cli import main
+
+raise SystemExit(main())

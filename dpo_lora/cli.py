@@ -1,0 +1,88 @@
+"""Command line: `dpo-lora train CONFIG [dotted.key=value ...]` and helpers.
+
+Heavy libraries are imported inside the commands so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dpo_lora.errors import UserError
+
+
+def _cmd_train(args) -> int:
+    from dpo_lora.config import load_config
+    from dpo_lora.trainer import train
+
+    config = load_config(args.config, args.overrides)
+    results = train(config)
+    if "before" in results and "after" in results and _is_main_rank():
+        print(_before_after_table(results["before"], results["after"]))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from dpo_lora.config import describe, dump_yaml, load_config
+
+    if args.list:
+        for key, default, help_text in describe():
+            print(f"{key} = {default!r}  # {help_text}")
+        return 0
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _cmd_fetch(args) -> int:
+    from dpo_lora.default_model import fetch_default_model
+
+    print(fetch_default_model(args.dir))
+    return 0
+
+
+def _is_main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _before_after_table(before: dict, after: dict) -> str:
+    lines = [f"{'held-out metric':<26}{'before':>10}{'after':>10}"]
+    for key in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "eval/logps/chosen", "eval/logps/rejected"):
+        lines.append(f"{key:<26}{before[key]:>10.4f}{after[key]:>10.4f}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpo-lora", description="DPO training of LoRA adapters on quantized models.")
+    # The DeepSpeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train an adapter from a YAML config")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
+    train.set_defaults(run=_cmd_train)
+
+    config = commands.add_parser("config", help="print the resolved config (or --list every knob)")
+    config.add_argument("config", nargs="?", help="YAML config file (defaults only when omitted)")
+    config.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    config.add_argument("--list", action="store_true", help="list every key with its default and meaning")
+    config.set_defaults(run=_cmd_config)
+
+    fetch = commands.add_parser("fetch-default-model", help="make a model folder of SmolLM2-135M-Instruct")
+    fetch.add_argument("dir", help="target folder (kept as a cache: a complete folder is reused)")
+    fetch.set_defaults(run=_cmd_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as err:
+        print(f"dpo-lora: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dpo-lora: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,219 @@
+"""One typed config tree, loaded from YAML with dotted `key=value` overrides.
+
+Every knob has a default and a one-line help string (shown by `dpo-lora config` and listed in the
+README). Unknown keys and values of the wrong type are errors naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpo_lora.errors import UserError
+
+LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "robust", "bco_pair", "exo_pair",
+    "nca_pair", "sppo_hard", "apo_zero", "apo_down",
+)  # fmt: skip
+
+
+def knob(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field with its help text (and allowed values, when they are a closed set)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = knob("models/SmolLM2-135M-Instruct", "base model: a local HF model folder or a hub id")
+    quantization: str = knob("nf4", "base weights: 4-bit nf4/fp4 (bitsandbytes), int8, or none", ("nf4", "fp4", "int8", "none"))
+    dtype: str = knob("bfloat16", "compute dtype of the base and of DeepSpeed mixed precision", ("bfloat16", "float16", "float32"))
+    gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory (non-reentrant)")
+    trust_remote_code: bool = knob(False, "allow model code from the model folder/hub to run (off: safer)")
+    attn_implementation: str = knob("sdpa", "attention kernel passed to transformers", ("sdpa", "eager", "flash_attention_2"))
+
+
+@dataclass
+class LoraConfig:
+    r: int = knob(16, "LoRA rank")
+    alpha: int = knob(32, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = knob(0.05, "dropout on the LoRA input")
+    target_modules: Any = knob("all-linear", "module names to adapt: a list, or 'all-linear'")
+    init_adapter: str | None = knob(None, "existing PEFT adapter to continue from; it also becomes the reference")
+
+
+@dataclass
+class DataConfig:
+    train: str = knob("data/sentiment/train.jsonl", "training pairs: .jsonl/.json/.parquet, a save_to_disk folder, or a hub id")
+    eval: str | None = knob(None, "held-out pairs (same formats); if unset, eval_fraction of train is held out")
+    eval_fraction: float = knob(0.0, "fraction of train held out for eval when data.eval is unset")
+    max_length: int = knob(512, "max tokens of prompt + completion")
+    max_prompt_length: int = knob(256, "max prompt tokens; longer prompts keep their end")
+    num_proc: int | None = knob(None, "worker processes for tokenization (datasets.map)")
+
+
+@dataclass
+class DpoConfig:
+    beta: float = knob(0.1, "strength of the KL penalty toward the reference")
+    loss: str = knob("sigmoid", "preference loss", LOSS_TYPES)
+    label_smoothing: float = knob(0.0, "assumed label-noise rate (cDPO/robust/exo_pair)")
+    reference_free: bool = knob(False, "ignore the reference model (reference log-probs are 0)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = knob(1, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = knob(0, "optimizer steps to run; 0 means derive from epochs")
+    micro_batch_size: int = knob(4, "pairs per rank per forward")
+    grad_accum: int = knob(1, "micro-batches accumulated per optimizer step")
+    lr: float = knob(5e-5, "peak learning rate")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    scheduler: str = knob("cosine", "learning-rate schedule after warmup", ("cosine", "linear", "constant"))
+    warmup_ratio: float = knob(0.1, "fraction of steps with linear warmup")
+    max_grad_norm: float = knob(1.0, "gradient clipping norm (0 disables)")
+    seed: int = knob(42, "seed for init, dropout and data order")
+    log_every: int = knob(1, "optimizer steps per metrics row")
+    eval_every: int = knob(0, "optimizer steps between evals; 0 evaluates only before and after training")
+    eval_batch_size: int = knob(8, "pairs per rank per eval forward")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: str = knob("deepspeed_configs/zero2.json", "DeepSpeed JSON; values set to \"auto\" are filled from this config")
+    output_dir: str = knob("runs/dpo", "where the adapter, metrics and resolved config are written")
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` coerced to the field's type, or raise a UserError naming `key`."""
+    text = str(annotation)
+    optional = "None" in text
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"config key '{key}' must not be null")
+    if text.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+    elif text.startswith("int"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif text.startswith("float"):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif text.startswith("str"):
+        if isinstance(value, str):
+            return value
+    elif text == "Any":  # lora.target_modules: a string or a list of strings
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return value
+    expected = text.replace(" | None", " or null")
+    raise UserError(f"config key '{key}' must be {expected}, got {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise UserError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in values:
+        if name not in fields:
+            raise UserError(f"unknown config key '{prefix}{name}' (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in values:
+            continue
+        key = prefix + name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], values[name], key + ".")
+            continue
+        value = _check_type(key, values[name], f.type)
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Apply one `dotted.key=value` override to a nested dict; the value is parsed as YAML."""
+    if "=" not in override:
+        raise UserError(f"override '{override}' must look like dotted.key=value")
+    dotted, raw = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML file (or only defaults when `path` is None), apply overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    for override in overrides:
+        apply_override(tree, override)
+    config = _build(Config, tree, "")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that a per-key type check cannot express."""
+    data, train = config.data, config.train
+    if data.max_prompt_length >= data.max_length:
+        raise UserError("config key 'data.max_prompt_length' must be smaller than 'data.max_length'")
+    if not 0.0 <= data.eval_fraction < 1.0:
+        raise UserError("config key 'data.eval_fraction' must be in [0, 1)")
+    for key in ("micro_batch_size", "grad_accum", "log_every", "eval_batch_size"):
+        if getattr(train, key) < 1:
+            raise UserError(f"config key 'train.{key}' must be >= 1")
+    if train.max_steps <= 0 and train.epochs <= 0:
+        raise UserError("config key 'train.epochs' must be > 0 when 'train.max_steps' is 0")
+    if config.dpo.beta <= 0:
+        raise UserError("config key 'dpo.beta' must be > 0")
+    if not 0.0 <= config.dpo.label_smoothing < 0.5:
+        raise UserError("config key 'dpo.label_smoothing' must be in [0, 0.5)")
+    if config.lora.r < 1:
+        raise UserError("config key 'lora.r' must be >= 1")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every knob, in declaration order."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], prefix + f.name + ".")
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((prefix + f.name, default, f.metadata["help"]))
+    return rows

@@ -1,0 +1,74 @@
+"""Process-group setup and the few collectives the trainer needs, on any accelerator."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group set up by any launcher (deepspeed, torchrun) or make a 1-rank one.
+
+    The backend and device come from DeepSpeed's accelerator: NCCL on CUDA, gloo on the CPU.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # A plain `dpo-lora train` is a world of one; give it the rendezvous a launcher would.
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    accelerator = get_accelerator()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(local_rank)
+    device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
+    return DistInfo(
+        rank=int(os.environ["RANK"]),
+        local_rank=local_rank,
+        world_size=int(os.environ["WORLD_SIZE"]),
+        device=device,
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a float64 tensor over all ranks (a no-op for one rank)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()

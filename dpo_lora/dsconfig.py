@@ -1,0 +1,78 @@
+"""Filling a DeepSpeed JSON from the YAML config.
+
+The YAML owns batch sizes, clipping and precision; the JSON writes them as "auto" (the Hugging
+Face convention). A JSON value that contradicts the YAML is an error, never silently one or the
+other. The optimizer and schedule are built by the trainer, so the JSON must not define them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dpo_lora.errors import UserError
+
+
+def owned_values(config, world_size: int) -> dict[str, object]:
+    """Dotted DeepSpeed keys -> the value the YAML config gives them."""
+    train = config.train
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+        "gradient_clipping": train.max_grad_norm,
+        "bf16.enabled": config.model.dtype == "bfloat16",
+        "fp16.enabled": config.model.dtype == "float16",
+    }
+
+
+def read_json(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config key 'deepspeed': file not found: {path}")
+    try:
+        loaded = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"config key 'deepspeed': {path} is not valid JSON: {err}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"config key 'deepspeed': {path} must hold a JSON object")
+    return loaded
+
+
+def fill_deepspeed_config(config, world_size: int) -> dict:
+    """The DeepSpeed config dict for `deepspeed.initialize`, with every "auto" resolved."""
+    path = config.deepspeed
+    ds = read_json(path)
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise UserError(
+                f"{path}: remove the '{section}' section; the optimizer and schedule come from the "
+                "YAML keys train.lr, train.weight_decay, train.scheduler and train.warmup_ratio"
+            )
+    for dotted, wanted in owned_values(config, world_size).items():
+        *parents, leaf = dotted.split(".")
+        node = ds
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        current = node.get(leaf, "auto")
+        if current == "auto":
+            node[leaf] = wanted
+        elif current != wanted:
+            raise UserError(
+                f"{path}: '{dotted}' is {current!r} but the config gives {wanted!r}; "
+                "set it to \"auto\" or change the YAML"
+            )
+    for dotted in _remaining_autos(ds):
+        raise UserError(f"{path}: '{dotted}' is \"auto\" but dpo-lora does not fill it; give a value")
+    ds.setdefault("steps_per_print", 10**9)  # dpo-lora logs itself
+    return ds
+
+
+def _remaining_autos(node: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key, value in node.items():
+        if isinstance(value, dict):
+            found += _remaining_autos(value, f"{prefix}{key}.")
+        elif value == "auto":
+            found.append(prefix + key)
+    return found

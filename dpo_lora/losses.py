@@ -1,0 +1,95 @@
+"""Preference losses as pure functions: tensors in, tensors out; no model, no I/O.
+
+Notation, per example: the policy/reference log-ratio of the chosen completion
+`c = log pi(y_w|x) - log ref(y_w|x)`, of the rejected one `r = log pi(y_l|x) - log ref(y_l|x)`,
+and their difference `h = c - r`. DPO's implicit rewards are `beta * c` and `beta * r`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    reference_free: bool = False,
+    bco_delta: float | torch.Tensor = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example preference loss and the detached implicit rewards.
+
+    All log-prob inputs have shape [B] and are sums over completion tokens.
+    `chosen_lengths`/`rejected_lengths` ([B], completion token counts) are needed by `ipo`,
+    which compares per-token average log-probs. `bco_delta` is BCO's reward baseline (a
+    running mean of rewards kept by the caller). Returns (losses, chosen_rewards,
+    rejected_rewards), each [B].
+    """
+    if reference_free:
+        ref_chosen_logps = torch.zeros_like(ref_chosen_logps)
+        ref_rejected_logps = torch.zeros_like(ref_rejected_logps)
+    if loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("loss_type 'ipo' needs chosen_lengths and rejected_lengths")
+        policy_chosen_logps = policy_chosen_logps / chosen_lengths
+        ref_chosen_logps = ref_chosen_logps / chosen_lengths
+        policy_rejected_logps = policy_rejected_logps / rejected_lengths
+        ref_rejected_logps = ref_rejected_logps / rejected_lengths
+
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    logits = chosen_logratios - rejected_logratios
+    eps = label_smoothing
+
+    if loss_type == "sigmoid":
+        # With eps > 0 this is conservative DPO: the label is flipped with probability eps.
+        losses = -(1 - eps) * F.logsigmoid(beta * logits) - eps * F.logsigmoid(-beta * logits)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == "robust":
+        # Unbiased under label noise eps (Chowdhury et al., 2024).
+        losses = (-(1 - eps) * F.logsigmoid(beta * logits) + eps * F.logsigmoid(-beta * logits)) / (1 - 2 * eps)
+    elif loss_type == "bco_pair":
+        chosen_rewards = beta * chosen_logratios
+        rejected_rewards = beta * rejected_logratios
+        losses = -F.logsigmoid(chosen_rewards - bco_delta) - F.logsigmoid(-(rejected_rewards - bco_delta))
+    elif loss_type == "exo_pair":
+        # KL(p_theta || p_target), target (1 - eps, eps); eps = 0 would make it undefined.
+        eps = eps or 1e-3
+        losses = torch.sigmoid(beta * logits) * (F.logsigmoid(beta * logits) - math.log(1 - eps)) + torch.sigmoid(
+            -beta * logits
+        ) * (F.logsigmoid(-beta * logits) - math.log(eps))
+    elif loss_type == "nca_pair":
+        chosen_rewards = beta * chosen_logratios
+        rejected_rewards = beta * rejected_logratios
+        losses = (
+            -F.logsigmoid(chosen_rewards)
+            - 0.5 * F.logsigmoid(-chosen_rewards)
+            - 0.5 * F.logsigmoid(-rejected_rewards)
+        )
+    elif loss_type == "sppo_hard":
+        losses = (chosen_logratios - 1 / (2 * beta)) ** 2 + (rejected_logratios + 1 / (2 * beta)) ** 2
+    elif loss_type == "apo_zero":
+        # Anchored: push chosen up and rejected down in absolute terms.
+        losses = (1 - torch.sigmoid(beta * chosen_logratios)) + torch.sigmoid(beta * rejected_logratios)
+    elif loss_type == "apo_down":
+        # Anchored: push chosen down, rejected down more.
+        losses = torch.sigmoid(beta * chosen_logratios) + (1 - torch.sigmoid(beta * logits))
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards

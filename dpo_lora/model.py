@@ -1,0 +1,145 @@
+"""Loading the (quantized) base, attaching the LoRA adapter, and the reference context.
+
+The reference model is the same network with the adapter disabled, so one copy of the base is
+ever in memory. When training continues from an existing adapter (`lora.init_adapter`), the
+reference is that adapter's initial state, held as a second, frozen adapter on the same base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from dpo_lora.errors import UserError
+
+POLICY_ADAPTER = "default"
+REFERENCE_ADAPTER = "reference"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _check_model_path(path: str) -> None:
+    local = Path(path)
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/")) and not local.exists()
+    if not looks_like_hub_id and not (local / "config.json").is_file():
+        raise UserError(
+            f"config key 'model.path': no model at {path} (expected a Hugging Face model folder with "
+            "config.json; `dpo-lora fetch-default-model DIR` makes one for the default model)"
+        )
+
+
+@contextlib.contextmanager
+def _hub_errors(path: str):
+    """Turn transformers' long download/lookup errors into one line naming the path."""
+    try:
+        yield
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"config key 'model.path': cannot load {path}: {first_line}") from None
+
+
+def load_tokenizer(model_config):
+    from transformers import AutoTokenizer
+
+    _check_model_path(model_config.path)
+    with _hub_errors(model_config.path):
+        tokenizer = AutoTokenizer.from_pretrained(model_config.path, trust_remote_code=model_config.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer of {model_config.path} has no EOS token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out everywhere
+    return tokenizer
+
+
+def quantization_config(model_config):
+    from transformers import BitsAndBytesConfig
+
+    compute_dtype = torch_dtype(model_config.dtype)
+    if model_config.quantization in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=model_config.quantization,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if model_config.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base(model_config, device: torch.device):
+    """The frozen base model on `device`, quantized as configured."""
+    from transformers import AutoModelForCausalLM
+
+    _check_model_path(model_config.path)
+    with _hub_errors(model_config.path):
+        model = AutoModelForCausalLM.from_pretrained(
+            model_config.path,
+            dtype=torch_dtype(model_config.dtype),
+            quantization_config=quantization_config(model_config),
+            device_map={"": device},
+            attn_implementation=model_config.attn_implementation,
+            trust_remote_code=model_config.trust_remote_code,
+        )
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    _keep_4bit_layout_trainable(model)
+    if model_config.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input grads and works with PEFT under every ZeRO stage.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _keep_4bit_layout_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes >= 0.48 repacks a Linear4bit's weight the first time
+    it runs in eval mode without grad, and from then on uses a kernel that has no autograd: after
+    one evaluation, gradients would silently stop flowing through every quantized layer.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def attach_adapter(base, lora_config):
+    """Wrap `base` in a PEFT model whose only trainable parameters are the LoRA adapter."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if lora_config.init_adapter:
+        if not (Path(lora_config.init_adapter) / "adapter_config.json").is_file():
+            raise UserError(f"config key 'lora.init_adapter': no PEFT adapter at {lora_config.init_adapter}")
+        model = PeftModel.from_pretrained(base, lora_config.init_adapter, adapter_name=POLICY_ADAPTER, is_trainable=True)
+        model.load_adapter(lora_config.init_adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        model.set_adapter(POLICY_ADAPTER)
+        return model
+    peft_config = LoraConfig(
+        r=lora_config.r,
+        lora_alpha=lora_config.alpha,
+        lora_dropout=lora_config.dropout,
+        target_modules=lora_config.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, peft_config)
+
+
+@contextlib.contextmanager
+def reference_mode(model):
+    """Run `model` (a PeftModel) as the reference: adapter disabled, or the frozen initial adapter."""
+    if REFERENCE_ADAPTER not in model.peft_config:
+        with model.disable_adapter():
+            yield
+        return
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.set_adapter(REFERENCE_ADAPTER)
+    try:
+        yield
+    finally:
+        model.set_adapter(POLICY_ADAPTER)
+        # set_adapter toggles requires_grad; restore exactly what the optimizer was built on.
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable[name])

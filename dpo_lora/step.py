@@ -1,0 +1,54 @@
+"""One DPO forward on a batch: policy and reference log-probs, the loss, per-pair statistics."""
+
+from __future__ import annotations
+
+import torch
+
+from dpo_lora.logprobs import sequence_logps
+from dpo_lora.losses import dpo_loss
+from dpo_lora.model import reference_mode
+
+
+def concatenated_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score chosen and rejected in one forward. Returns (logps [2B], completion lengths [2B])."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return sequence_logps(logits, batch["labels"])
+
+
+def preference_step(model, batch: dict, dpo_config, bco_delta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The mean DPO loss of a batch of B pairs and per-pair statistics ([B] tensors, detached).
+
+    `model` is the DeepSpeed engine (or a PeftModel); its PEFT module provides the reference.
+    """
+    peft_model = getattr(model, "module", model)
+    if dpo_config.reference_free:
+        ref_logps = torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+    else:
+        # Reference first: its activations are freed before the policy's graph is built.
+        with torch.no_grad(), reference_mode(peft_model):
+            ref_logps, _ = concatenated_logps(model, batch)
+    policy_logps, lengths = concatenated_logps(model, batch)
+
+    n = policy_logps.shape[0] // 2
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_logps[:n],
+        policy_logps[n:],
+        ref_logps[:n],
+        ref_logps[n:],
+        beta=dpo_config.beta,
+        loss_type=dpo_config.loss,
+        label_smoothing=dpo_config.label_smoothing,
+        chosen_lengths=lengths[:n],
+        rejected_lengths=lengths[n:],
+        bco_delta=bco_delta,
+    )
+    stats = {
+        "loss": losses.detach(),
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": policy_logps[:n].detach(),
+        "logps/rejected": policy_logps[n:].detach(),
+    }
+    return losses.mean(), stats

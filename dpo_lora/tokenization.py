@@ -1,0 +1,65 @@
+"""Tokenizing normalized pairs and collating them into one chosen+rejected batch.
+
+Prompt and completions are tokenized separately, so no token ever spans the prompt/completion
+boundary and the completion tokens are exactly the tokens the model is scored on. Completions
+end with EOS. Truncation keeps the end of the prompt (`max_prompt_length`), then cuts the
+completions to fit `max_length`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpo_lora.logprobs import IGNORE_INDEX
+
+
+def completion_ids(tokenizer, text: str, chat: bool) -> list[int]:
+    """Token ids of a completion, ending with EOS exactly once."""
+    eos = tokenizer.eos_token
+    if chat:
+        # Chat templates close a turn with their own end token (often EOS) plus a newline.
+        text = text.rstrip()
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids if text.endswith(eos) else ids + [tokenizer.eos_token_id]
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def tokenize_pair(
+    row: dict, tokenizer, *, max_length: int, max_prompt_length: int
+) -> dict[str, list[int]]:
+    """A normalized row ({"prompt", "chosen", "rejected", "chat"}) -> prompt/chosen/rejected ids."""
+    # A rendered chat prompt already carries its special tokens; a plain one gets the tokenizer's.
+    prompt_ids = tokenizer(row["prompt"], add_special_tokens=not row["chat"])["input_ids"]
+    prompt_ids = prompt_ids[-max_prompt_length:]
+    budget = max_length - len(prompt_ids)
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_ids": completion_ids(tokenizer, row["chosen"], row["chat"])[:budget],
+        "rejected_ids": completion_ids(tokenizer, row["rejected"], row["chat"])[:budget],
+    }
+
+
+def collate_pairs(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stack B pairs into one right-padded batch of 2B sequences: rows [0, B) are prompt+chosen,
+    rows [B, 2B) prompt+rejected, so one forward scores both.
+
+    Returns input_ids, attention_mask, labels (all [2B, T]; labels are IGNORE_INDEX on prompt
+    and padding), and `row_index`/`weight` [B] when the features carry them.
+    """
+    sequences = [(f["prompt_ids"], f["chosen_ids"]) for f in features]
+    sequences += [(f["prompt_ids"], f["rejected_ids"]) for f in features]
+    width = max(len(p) + len(c) for p, c in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (prompt, completion) in enumerate(sequences):
+        n_prompt, n_total = len(prompt), len(prompt) + len(completion)
+        input_ids[i, :n_total] = torch.tensor(prompt + completion, dtype=torch.long)
+        attention_mask[i, :n_total] = 1
+        labels[i, n_prompt:n_total] = torch.tensor(completion, dtype=torch.long)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    # Per-pair fields ride along: the source row (for error reports) and an eval weight.
+    for key, dtype in (("row_index", torch.long), ("weight", torch.float32)):
+        if key in features[0]:
+            batch[key] = torch.tensor([f[key] for f in features], dtype=dtype)
+    return batch
