@@ -112,6 +112,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     elif text.startswith("float"):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif text.startswith("str"):
         if isinstance(value, str):
             return value

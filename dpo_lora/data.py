@@ -146,11 +146,14 @@ def check_rows(rows, source: str, tokenizer) -> None:
         raise UserError(f"{source}: {len(problems)} bad row(s): {listed}{more}")
 
 
-def _tokenize_row(row: dict, index: int, *, tokenizer, max_length: int, max_prompt_length: int) -> dict:
+SOURCE_ROW = "row_index"  # 0-based row of the source file, kept through splitting and tokenizing
+
+
+def _tokenize_row(row: dict, *, tokenizer, max_length: int, max_prompt_length: int) -> dict:
     from dpo_lora.tokenization import tokenize_pair
 
     ids = tokenize_pair(normalize_row(row, tokenizer), tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
-    return {**ids, "row_index": index}
+    return {**ids, SOURCE_ROW: row[SOURCE_ROW]}
 
 
 def tokenize_rows(rows, tokenizer, data_config):
@@ -163,16 +166,22 @@ def tokenize_rows(rows, tokenizer, data_config):
         max_length=data_config.max_length,
         max_prompt_length=data_config.max_prompt_length,
     )
-    return rows.map(fn, with_indices=True, remove_columns=rows.column_names, num_proc=data_config.num_proc)
+    return rows.map(fn, remove_columns=rows.column_names, num_proc=data_config.num_proc)
+
+
+def _numbered(rows):
+    if SOURCE_ROW in rows.column_names:
+        rows = rows.remove_columns(SOURCE_ROW)
+    return rows.add_column(SOURCE_ROW, list(range(len(rows))))
 
 
 def prepare_splits(data_config, tokenizer, seed: int):
     """Load, check and tokenize the train and eval splits. Eval is None when there is none."""
-    train_rows = load_rows(data_config.train)
+    train_rows = _numbered(load_rows(data_config.train))
     check_rows(train_rows, data_config.train, tokenizer)
     eval_rows = None
     if data_config.eval:
-        eval_rows = load_rows(data_config.eval)
+        eval_rows = _numbered(load_rows(data_config.eval))
         check_rows(eval_rows, data_config.eval, tokenizer)
     elif data_config.eval_fraction > 0:
         split = train_rows.train_test_split(test_size=data_config.eval_fraction, seed=seed)

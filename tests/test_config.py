@@ -1,0 +1,71 @@
+"""Config loading: shipped files, overrides, and one-line errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpo_lora.config import Config, describe, dump_yaml, load_config
+from dpo_lora.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    config = load_config(path)
+    assert isinstance(config, Config)
+    assert (REPO / config.deepspeed).is_file(), f"{path.name} names a missing DeepSpeed JSON"
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    config = load_config(None, ["train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]", "data.eval=null", "dpo.loss=ipo"])
+    assert config.train.lr == 1e-4
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.data.eval is None and config.dpo.loss == "ipo"
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+    with pytest.raises(UserError, match="'train.micro_batch_size' must be int"):
+        load_config(None, ["train.micro_batch_size=2.5"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'"),
+        ("modle.path=x", "unknown config key 'modle'"),
+        ("model.quantization=nf3", "'model.quantization' must be one of"),
+        ("model.gradient_checkpointing=maybe", "'model.gradient_checkpointing' must be bool"),
+        ("data.max_prompt_length=600", "'data.max_prompt_length' must be smaller"),
+        ("dpo.label_smoothing=0.5", "'dpo.label_smoothing'"),
+        ("train", "must look like dotted.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_yaml_file_is_a_user_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(None, ["train.max_steps=7", "output_dir=elsewhere"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_yaml(config))
+    assert load_config(saved) == config
+
+
+def test_readme_lists_every_knob():
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key, _, _ in describe() if f"`{key}`" not in readme]
+    assert not missing, f"README does not document: {missing}"

@@ -1,0 +1,113 @@
+"""Model loading: the reference is the base with the adapter off, and 4-bit gradients are right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_lora.config import LoraConfig, ModelConfig
+from dpo_lora.errors import UserError
+from dpo_lora.model import POLICY_ADAPTER, attach_adapter, load_base, reference_mode
+
+CPU = torch.device("cpu")
+
+
+def policy(model_dir, quantization="nf4", init_adapter=None, seed=0):
+    torch.manual_seed(seed)
+    model_config = ModelConfig(path=str(model_dir), quantization=quantization, dtype="float32")
+    model = attach_adapter(load_base(model_config, CPU), LoraConfig(dropout=0.0, init_adapter=init_adapter))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # make the adapter change the function
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def tokens(vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 10), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8", "none"])
+def test_reference_mode_is_the_base_without_adapter(tiny_model_dir, quantization):
+    model = policy(tiny_model_dir, quantization)
+    base = load_base(ModelConfig(path=str(tiny_model_dir), quantization=quantization, dtype="float32"), CPU)
+    x = tokens(model.config.vocab_size)
+    with torch.no_grad():
+        with_adapter = model(input_ids=x).logits
+        with reference_mode(model):
+            reference = model(input_ids=x).logits
+        plain = base(input_ids=x).logits
+    torch.testing.assert_close(reference, plain)
+    assert not torch.allclose(with_adapter, plain), "the adapter must change the policy"
+    assert sum(1 for _ in model.parameters()) == sum(1 for _ in base.parameters()) + 2 * sum(
+        1 for n, _ in model.named_parameters() if "lora_A" in n
+    ), "the reference must not hold a second copy of the base"
+
+
+def dequantized_float_twin(model):
+    """A float32 copy of `model` whose quantized weights are replaced by their dequantization."""
+    import bitsandbytes as bnb
+
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            state[name + ".weight"] = weight.float()
+    return state
+
+
+def test_lora_gradients_through_4bit_layers_match_dequantized_float_model(tiny_model_dir):
+    model = policy(tiny_model_dir, "nf4")
+    x = tokens(model.config.vocab_size, seed=1)
+    # One eval forward first: bitsandbytes used to repack weights then and drop input gradients.
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=x)
+    model.train()
+    model(input_ids=x).logits.logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    twin = policy(tiny_model_dir, "none")
+    dequantized = dequantized_float_twin(model)
+    with torch.no_grad():
+        for name, module in twin.named_modules():
+            if name + ".weight" in dequantized:
+                module.weight.copy_(dequantized[name + ".weight"])
+        lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        for n, p in twin.named_parameters():
+            if n in lora:
+                p.copy_(lora[n])
+    twin(input_ids=x).logits.logsumexp(-1).sum().backward()
+    assert len(grads) > 0
+    for name, p in twin.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_init_adapter_is_the_reference_and_stays_frozen(tiny_model_dir, tmp_path):
+    start = policy(tiny_model_dir, "nf4", seed=3)
+    start.save_pretrained(tmp_path / "start")
+    model = attach_adapter(
+        load_base(ModelConfig(path=str(tiny_model_dir), dtype="float32"), CPU),
+        LoraConfig(dropout=0.0, init_adapter=str(tmp_path / "start")),
+    )
+    x = tokens(model.config.vocab_size, seed=2)
+    with torch.no_grad():
+        initial = model(input_ids=x).logits
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1)  # the policy moves on; the reference must not
+        with reference_mode(model):
+            reference = model(input_ids=x).logits
+        moved = model(input_ids=x).logits
+    torch.testing.assert_close(reference, initial)
+    assert not torch.allclose(moved, initial)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(f".{POLICY_ADAPTER}." in n for n in trainable)
+
+
+def test_missing_model_and_adapter_are_user_errors(tmp_path, tiny_model_dir):
+    with pytest.raises(UserError, match="'model.path': no model at"):
+        load_base(ModelConfig(path=str(tmp_path / "nothing")), CPU)
+    base = load_base(ModelConfig(path=str(tiny_model_dir), dtype="float32"), CPU)
+    with pytest.raises(UserError, match="'lora.init_adapter'"):
+        attach_adapter(base, LoraConfig(init_adapter=str(tmp_path)))

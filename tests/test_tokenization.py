@@ -1,0 +1,49 @@
+"""Tokenization: completion tokens are exactly what is scored; truncation; the collated batch."""
+
+from __future__ import annotations
+
+import torch
+
+from dpo_lora.logprobs import IGNORE_INDEX
+from dpo_lora.tokenization import collate_pairs, tokenize_pair
+
+
+def test_completion_tokens_are_the_completion_alone_plus_one_eos(tiny_tokenizer):
+    tok = tiny_tokenizer
+    row = {"prompt": "The plot was", "chosen": " wonderful", "rejected": " dreadful", "chat": False}
+    ids = tokenize_pair(row, tok, max_length=64, max_prompt_length=32)
+    assert ids["prompt_ids"] == tok("The plot was")["input_ids"]
+    assert ids["chosen_ids"] == tok(" wonderful", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(ids["rejected_ids"]) == " dreadful" + tok.eos_token
+
+
+def test_chat_completion_keeps_the_template_end_token_once(tiny_tokenizer):
+    tok = tiny_tokenizer
+    row = {"prompt": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "chosen": "hello<|im_end|>\n", "rejected": "no<|im_end|>\n", "chat": True}
+    ids = tokenize_pair(row, tok, max_length=64, max_prompt_length=32)
+    assert ids["chosen_ids"].count(tok.eos_token_id) == 1 and ids["chosen_ids"][-1] == tok.eos_token_id
+    assert tok.decode(ids["prompt_ids"] + ids["chosen_ids"]) == row["prompt"] + "hello<|im_end|>"
+
+
+def test_truncation_keeps_prompt_end_then_cuts_completions(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt = " ".join(["word"] * 40)
+    row = {"prompt": prompt, "chosen": " good " * 30, "rejected": " bad", "chat": False}
+    ids = tokenize_pair(row, tok, max_length=24, max_prompt_length=10)
+    full_prompt = tok(prompt)["input_ids"]
+    assert ids["prompt_ids"] == full_prompt[-10:]
+    assert len(ids["prompt_ids"]) + len(ids["chosen_ids"]) == 24
+    assert ids["rejected_ids"][-1] == tok.eos_token_id  # short completions are untouched
+
+
+def test_collate_puts_chosen_then_rejected_and_masks_prompt_and_padding():
+    features = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [6], "row_index": 7},
+        {"prompt_ids": [8], "chosen_ids": [9], "rejected_ids": [10, 11], "row_index": 9},
+    ]
+    batch = collate_pairs(features, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [8, 9, 0, 0, 0], [1, 2, 6, 0, 0], [8, 10, 11, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    I = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[I, I, 3, 4, 5], [I, 9, I, I, I], [I, I, 6, I, I], [I, 10, 11, I, I]]
+    assert torch.equal(batch["row_index"], torch.tensor([7, 9]))
