@@ -21,38 +21,84 @@ ASPECTS = [
 ]  # fmt: skip
 TITLES = {
     "train": [
-        "The Silent Harbor", "Midnight in Cairo", "Paper Lanterns", "The Long Winter", "Echoes of Mars",
-        "A Quiet Rebellion", "Glass Mountains", "The Last Orchard", "River of Stars", "Iron Meadow",
-        "The Clockmaker's Son", "Northern Lights", "Velvet Storm", "The Forgotten Road", "Salt and Honey",
-        "Burning Bridges", "The Lighthouse Keeper", "Wild Horses", "City of Kites", "The Blue Hour",
+        "The Silent Harbor",
+        "Midnight in Cairo",
+        "Paper Lanterns",
+        "The Long Winter",
+        "Echoes of Mars",
+        "A Quiet Rebellion",
+        "Glass Mountains",
+        "The Last Orchard",
+        "River of Stars",
+        "Iron Meadow",
+        "The Clockmaker's Son",
+        "Northern Lights",
+        "Velvet Storm",
+        "The Forgotten Road",
+        "Salt and Honey",
+        "Burning Bridges",
+        "The Lighthouse Keeper",
+        "Wild Horses",
+        "City of Kites",
+        "The Blue Hour",
     ],
     "eval": [
-        "Copper Sky", "The Hollow Crown", "Summer of Foxes", "Distant Thunder", "The Marble Garden",
-        "Neon Tide", "The Paper Moon", "Winter Orchids",
+        "Copper Sky",
+        "The Hollow Crown",
+        "Summer of Foxes",
+        "Distant Thunder",
+        "The Marble Garden",
+        "Neon Tide",
+        "The Paper Moon",
+        "Winter Orchids",
     ],
 }
 OPENINGS = {
     "train": [
-        "I watched {title} last night, and", "Going into {title}, I had no expectations, but",
-        "My friends dragged me to {title}, and", "Having seen {title} twice now, I can say",
-        "I finally caught {title} at the cinema and", "{title} opened this weekend, and",
+        "I watched {title} last night, and",
+        "Going into {title}, I had no expectations, but",
+        "My friends dragged me to {title}, and",
+        "Having seen {title} twice now, I can say",
+        "I finally caught {title} at the cinema and",
+        "{title} opened this weekend, and",
     ],
     "eval": [
-        "I streamed {title} on a rainy evening, and", "After all the buzz around {title},",
+        "I streamed {title} on a rainy evening, and",
+        "After all the buzz around {title},",
         "We saw {title} at a small festival, and",
     ],
 }
 POSITIVE = {
     "train": [
-        "wonderful", "brilliant", "moving", "delightful", "superb", "charming", "gripping",
-        "beautiful", "masterful", "uplifting", "stunning", "heartfelt",
+        "wonderful",
+        "brilliant",
+        "moving",
+        "delightful",
+        "superb",
+        "charming",
+        "gripping",
+        "beautiful",
+        "masterful",
+        "uplifting",
+        "stunning",
+        "heartfelt",
     ],
     "eval": ["magnificent", "enchanting", "inspired", "touching", "exquisite"],
 }
 NEGATIVE = {
     "train": [
-        "dreadful", "boring", "clumsy", "lifeless", "tedious", "awful", "messy", "bland",
-        "shallow", "painful", "forgettable", "irritating",
+        "dreadful",
+        "boring",
+        "clumsy",
+        "lifeless",
+        "tedious",
+        "awful",
+        "messy",
+        "bland",
+        "shallow",
+        "painful",
+        "forgettable",
+        "irritating",
     ],
     "eval": ["dismal", "tiresome", "hollow", "sloppy", "grating"],
 }
@@ -74,8 +120,10 @@ def make_pairs(split: str, count: int, rng: random.Random) -> list[dict]:
         opening = rng.choice(OPENINGS[split]).format(title=title)
         aspect = rng.choice(ASPECTS)
         chosen = REPLY.format(aspect=aspect, adjective=rng.choice(POSITIVE[split]), closer=rng.choice(POSITIVE_CLOSERS))
-        rejected = REPLY.format(aspect=aspect, adjective=rng.choice(NEGATIVE[split]), closer=rng.choice(NEGATIVE_CLOSERS))
-        request = f"Continue this movie review with one sentence: \"{opening}\""
+        rejected = REPLY.format(
+            aspect=aspect, adjective=rng.choice(NEGATIVE[split]), closer=rng.choice(NEGATIVE_CLOSERS)
+        )
+        request = f'Continue this movie review with one sentence: "{opening}"'
         pairs.append(
             {
                 "prompt": [{"role": "user", "content": request}],

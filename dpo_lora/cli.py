@@ -48,7 +48,13 @@ def _is_main_rank() -> bool:
 
 def _before_after_table(before: dict, after: dict) -> str:
     lines = [f"{'held-out metric':<26}{'before':>10}{'after':>10}"]
-    for key in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "eval/logps/chosen", "eval/logps/rejected"):
+    for key in (
+        "eval/rewards/accuracies",
+        "eval/rewards/margins",
+        "eval/loss",
+        "eval/logps/chosen",
+        "eval/logps/rejected",
+    ):
         lines.append(f"{key:<26}{before[key]:>10.4f}{after[key]:>10.4f}")
     return "\n".join(lines)
 

@@ -33,11 +33,17 @@ def knob(default: Any, help: str, choices: tuple | None = None) -> Any:
 @dataclass
 class ModelConfig:
     path: str = knob("models/SmolLM2-135M-Instruct", "base model: a local HF model folder or a hub id")
-    quantization: str = knob("nf4", "base weights: 4-bit nf4/fp4 (bitsandbytes), int8, or none", ("nf4", "fp4", "int8", "none"))
-    dtype: str = knob("bfloat16", "compute dtype of the base and of DeepSpeed mixed precision", ("bfloat16", "float16", "float32"))
+    quantization: str = knob(
+        "nf4", "base weights: 4-bit nf4/fp4 (bitsandbytes), int8, or none", ("nf4", "fp4", "int8", "none")
+    )
+    dtype: str = knob(
+        "bfloat16", "compute dtype of the base and of DeepSpeed mixed precision", ("bfloat16", "float16", "float32")
+    )
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory (non-reentrant)")
     trust_remote_code: bool = knob(False, "allow model code from the model folder/hub to run (off: safer)")
-    attn_implementation: str = knob("sdpa", "attention kernel passed to transformers", ("sdpa", "eager", "flash_attention_2"))
+    attn_implementation: str = knob(
+        "sdpa", "attention kernel passed to transformers", ("sdpa", "eager", "flash_attention_2")
+    )
 
 
 @dataclass
@@ -51,7 +57,9 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: str = knob("data/sentiment/train.jsonl", "training pairs: .jsonl/.json/.parquet, a save_to_disk folder, or a hub id")
+    train: str = knob(
+        "data/sentiment/train.jsonl", "training pairs: .jsonl/.json/.parquet, a save_to_disk folder, or a hub id"
+    )
     eval: str | None = knob(None, "held-out pairs (same formats); if unset, eval_fraction of train is held out")
     eval_fraction: float = knob(0.0, "fraction of train held out for eval when data.eval is unset")
     max_length: int = knob(512, "max tokens of prompt + completion")
@@ -91,7 +99,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    deepspeed: str = knob("deepspeed_configs/zero2.json", "DeepSpeed JSON; values set to \"auto\" are filled from this config")
+    deepspeed: str = knob(
+        "deepspeed_configs/zero2.json", 'DeepSpeed JSON; values set to "auto" are filled from this config'
+    )
     output_dir: str = knob("runs/dpo", "where the adapter, metrics and resolved config are written")
 
 

@@ -12,6 +12,7 @@ text rendered by a chat template (which carries its own special tokens).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ def load_rows(source: str):
             builder = "parquet" if path.suffix == ".parquet" else "json"
             loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif path.suffix or "/" not in source or source.startswith((".", "/")):
-            raise UserError(f"data file not found or of unknown type: {source} (use .jsonl, .json, .parquet or a folder)")
+            raise UserError(
+                f"data file not found or of unknown type: {source} (use .jsonl, .json, .parquet or a folder)"
+            )
         else:
             loaded = datasets.load_dataset(source, split="train")
     except UserError:
@@ -71,17 +74,13 @@ def _render_chat(tokenizer, prompt_messages: list[dict], completion_messages: li
     full_text = tokenizer.apply_chat_template(prompt_messages + completion_messages, tokenize=False)
     if not full_text.startswith(prompt_text):
         raise ValueError("the chat template does not render the prompt as a prefix of the full dialogue")
-    return prompt_text, full_text[len(prompt_text):]
+    return prompt_text, full_text[len(prompt_text) :]
 
 
 def _split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Split two strings into (shared prompt, chosen rest, rejected rest), cutting the prompt back
     to the last whitespace so neither completion starts mid-word."""
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
+    n = len(os.path.commonprefix([chosen, rejected]))
     while n > 0 and not chosen[n - 1].isspace():
         n -= 1
     return chosen[:n], chosen[n:], rejected[n:]
@@ -152,7 +151,9 @@ SOURCE_ROW = "row_index"  # 0-based row of the source file, kept through splitti
 def _tokenize_row(row: dict, *, tokenizer, max_length: int, max_prompt_length: int) -> dict:
     from dpo_lora.tokenization import tokenize_pair
 
-    ids = tokenize_pair(normalize_row(row, tokenizer), tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    ids = tokenize_pair(
+        normalize_row(row, tokenizer), tokenizer, max_length=max_length, max_prompt_length=max_prompt_length
+    )
     return {**ids, SOURCE_ROW: row[SOURCE_ROW]}
 
 

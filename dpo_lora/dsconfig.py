@@ -60,7 +60,7 @@ def fill_deepspeed_config(config, world_size: int) -> dict:
         elif current != wanted:
             raise UserError(
                 f"{path}: '{dotted}' is {current!r} but the config gives {wanted!r}; "
-                "set it to \"auto\" or change the YAML"
+                'set it to "auto" or change the YAML'
             )
     for dotted in _remaining_autos(ds):
         raise UserError(f"{path}: '{dotted}' is \"auto\" but dpo-lora does not fill it; give a value")

@@ -75,9 +75,7 @@ def dpo_loss(
         chosen_rewards = beta * chosen_logratios
         rejected_rewards = beta * rejected_logratios
         losses = (
-            -F.logsigmoid(chosen_rewards)
-            - 0.5 * F.logsigmoid(-chosen_rewards)
-            - 0.5 * F.logsigmoid(-rejected_rewards)
+            -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
         )
     elif loss_type == "sppo_hard":
         losses = (chosen_logratios - 1 / (2 * beta)) ** 2 + (rejected_logratios + 1 / (2 * beta)) ** 2

@@ -113,7 +113,9 @@ def attach_adapter(base, lora_config):
     if lora_config.init_adapter:
         if not (Path(lora_config.init_adapter) / "adapter_config.json").is_file():
             raise UserError(f"config key 'lora.init_adapter': no PEFT adapter at {lora_config.init_adapter}")
-        model = PeftModel.from_pretrained(base, lora_config.init_adapter, adapter_name=POLICY_ADAPTER, is_trainable=True)
+        model = PeftModel.from_pretrained(
+            base, lora_config.init_adapter, adapter_name=POLICY_ADAPTER, is_trainable=True
+        )
         model.load_adapter(lora_config.init_adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         model.set_adapter(POLICY_ADAPTER)
         return model

@@ -24,9 +24,7 @@ def completion_ids(tokenizer, text: str, chat: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def tokenize_pair(
-    row: dict, tokenizer, *, max_length: int, max_prompt_length: int
-) -> dict[str, list[int]]:
+def tokenize_pair(row: dict, tokenizer, *, max_length: int, max_prompt_length: int) -> dict[str, list[int]]:
     """A normalized row ({"prompt", "chosen", "rejected", "chat"}) -> prompt/chosen/rejected ids."""
     # A rendered chat prompt already carries its special tokens; a plain one gets the tokenizer's.
     prompt_ids = tokenizer(row["prompt"], add_special_tokens=not row["chat"])["input_ids"]

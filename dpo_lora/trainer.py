@@ -76,6 +76,18 @@ def _make_scheduler(train_config, total_steps: int):
     return lambda optimizer: get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+def _quiet_third_party() -> None:
+    """Keep the console to dpo-lora's own progress: these messages are not actionable for a user."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # optional `kernels` package
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def train(config: Config) -> dict:
     """Train the adapter; returns {"before": eval metrics, "after": eval metrics, "steps": n}."""
     import deepspeed
@@ -88,7 +100,7 @@ def train(config: Config) -> dict:
     from dpo_lora.dsconfig import fill_deepspeed_config
     from dpo_lora.model import attach_adapter, load_base, load_tokenizer
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    _quiet_third_party()
     dist = init_distributed()
     train_cfg = config.train
     output_dir = Path(config.output_dir)
@@ -110,7 +122,9 @@ def train(config: Config) -> dict:
     sampler = DistributedSampler(
         train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=train_cfg.seed, drop_last=True
     )
-    train_loader = DataLoader(train_set, batch_size=train_cfg.micro_batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
+    train_loader = DataLoader(
+        train_set, batch_size=train_cfg.micro_batch_size, sampler=sampler, collate_fn=collate, drop_last=True
+    )
     steps_per_epoch = len(train_loader) // train_cfg.grad_accum
     if steps_per_epoch == 0:
         raise UserError(
@@ -172,12 +186,20 @@ def train(config: Config) -> dict:
                 "tokens_per_s": reduced["tokens"] / elapsed,
             }
             log(row)
-            progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}", pairs_s=f"{row['pairs_per_s']:.2f}")
+            progress.set_postfix(
+                loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}", pairs_s=f"{row['pairs_per_s']:.2f}"
+            )
             window_start = time.perf_counter()
         progress.update(1)
 
         if eval_loader is not None and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < total_steps:
-            log({"step": step, "epoch": round(step / steps_per_epoch, 4), **evaluate(engine, eval_loader, config.dpo, dist.device)})
+            log(
+                {
+                    "step": step,
+                    "epoch": round(step / steps_per_epoch, 4),
+                    **evaluate(engine, eval_loader, config.dpo, dist.device),
+                }
+            )
             window_start = time.perf_counter()
     progress.close()
 

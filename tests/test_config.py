@@ -20,7 +20,9 @@ def test_every_shipped_yaml_loads(path):
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
-    config = load_config(None, ["train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]", "data.eval=null", "dpo.loss=ipo"])
+    config = load_config(
+        None, ["train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]", "data.eval=null", "dpo.loss=ipo"]
+    )
     assert config.train.lr == 1e-4
     assert config.lora.target_modules == ["q_proj", "v_proj"]
     assert config.data.eval is None and config.dpo.loss == "ipo"

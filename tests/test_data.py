@@ -25,7 +25,9 @@ def test_plain_strings(tiny_tokenizer):
 
 def test_conversational_rendered_with_chat_template(tiny_tokenizer):
     prompt = [{"role": "user", "content": "hi"}]
-    row = normalize_row({"prompt": prompt, "chosen": [{"role": "assistant", "content": "hello"}], "rejected": "go away"}, tiny_tokenizer)
+    row = normalize_row(
+        {"prompt": prompt, "chosen": [{"role": "assistant", "content": "hello"}], "rejected": "go away"}, tiny_tokenizer
+    )
     assert row["chat"] is True
     assert row["prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert row["chosen"] == "hello<|im_end|>\n" and row["rejected"] == "go away<|im_end|>\n"
@@ -33,7 +35,10 @@ def test_conversational_rendered_with_chat_template(tiny_tokenizer):
 
 def test_anthropic_hh_strings_split_at_shared_prefix_on_a_word_boundary(tiny_tokenizer):
     row = normalize_row(
-        {"chosen": "\n\nHuman: sky colour?\n\nAssistant: blue", "rejected": "\n\nHuman: sky colour?\n\nAssistant: black"},
+        {
+            "chosen": "\n\nHuman: sky colour?\n\nAssistant: blue",
+            "rejected": "\n\nHuman: sky colour?\n\nAssistant: black",
+        },
         tiny_tokenizer,
     )
     assert row["prompt"] == "\n\nHuman: sky colour?\n\nAssistant: "
@@ -43,7 +48,10 @@ def test_anthropic_hh_strings_split_at_shared_prefix_on_a_word_boundary(tiny_tok
 def test_anthropic_hh_message_lists(tiny_tokenizer):
     user = {"role": "user", "content": "hi"}
     row = normalize_row(
-        {"chosen": [user, {"role": "assistant", "content": "hello"}], "rejected": [user, {"role": "assistant", "content": "no"}]},
+        {
+            "chosen": [user, {"role": "assistant", "content": "hello"}],
+            "rejected": [user, {"role": "assistant", "content": "no"}],
+        },
         tiny_tokenizer,
     )
     assert row["prompt"].endswith("<|im_start|>assistant\n") and row["chosen"].startswith("hello")

@@ -127,7 +127,7 @@ def test_reference_free_ignores_reference():
     (pc, pr, rc, rr), _ = random_logps(8, seed=5)
     free = dpo_loss(pc, pr, rc, rr, beta=0.1, reference_free=True)
     zero_ref = dpo_loss(pc, pr, torch.zeros_like(rc), torch.zeros_like(rr), beta=0.1)
-    for a, b in zip(free, zero_ref):
+    for a, b in zip(free, zero_ref, strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -93,7 +93,7 @@ def test_init_adapter_is_the_reference_and_stays_frozen(tiny_model_dir, tmp_path
     x = tokens(model.config.vocab_size, seed=2)
     with torch.no_grad():
         initial = model(input_ids=x).logits
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.1)  # the policy moves on; the reference must not
         with reference_mode(model):

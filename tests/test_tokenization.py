@@ -19,7 +19,12 @@ def test_completion_tokens_are_the_completion_alone_plus_one_eos(tiny_tokenizer)
 
 def test_chat_completion_keeps_the_template_end_token_once(tiny_tokenizer):
     tok = tiny_tokenizer
-    row = {"prompt": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "chosen": "hello<|im_end|>\n", "rejected": "no<|im_end|>\n", "chat": True}
+    row = {
+        "prompt": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+        "chosen": "hello<|im_end|>\n",
+        "rejected": "no<|im_end|>\n",
+        "chat": True,
+    }
     ids = tokenize_pair(row, tok, max_length=64, max_prompt_length=32)
     assert ids["chosen_ids"].count(tok.eos_token_id) == 1 and ids["chosen_ids"][-1] == tok.eos_token_id
     assert tok.decode(ids["prompt_ids"] + ids["chosen_ids"]) == row["prompt"] + "hello<|im_end|>"
@@ -44,6 +49,6 @@ def test_collate_puts_chosen_then_rejected_and_masks_prompt_and_padding():
     batch = collate_pairs(features, pad_token_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [8, 9, 0, 0, 0], [1, 2, 6, 0, 0], [8, 10, 11, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
-    I = IGNORE_INDEX
-    assert batch["labels"].tolist() == [[I, I, 3, 4, 5], [I, 9, I, I, I], [I, I, 6, I, I], [I, 10, 11, I, I]]
+    X = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[X, X, 3, 4, 5], [X, 9, X, X, X], [X, X, 6, X, X], [X, 10, 11, X, X]]
     assert torch.equal(batch["row_index"], torch.tensor([7, 9]))

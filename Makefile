@@ -1,0 +1,32 @@
+# dpo-lora: `make demo` trains the embedded default; `make test` runs the whole suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL_DIR ?= models/SmolLM2-135M-Instruct
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: a CPU wheel here, the matching CUDA wheel elsewhere.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test,plot]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(MODEL_DIR)/.dpo-lora-complete: | setup
+	$(VENV)/bin/dpo-lora fetch-default-model $(MODEL_DIR)
+
+demo: setup $(MODEL_DIR)/.dpo-lora-complete
+	$(VENV)/bin/dpo-lora train configs/demo.yaml
+
+test: setup $(MODEL_DIR)/.dpo-lora-complete
+	$(VENV)/bin/ruff check dpo_lora tests data && $(VENV)/bin/ruff format --check dpo_lora tests data
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: setup
+	$(VENV)/bin/ruff check dpo_lora tests data && $(VENV)/bin/ruff format --check dpo_lora tests data
+
+clean:
+	rm -rf runs
