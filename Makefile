@@ -19,7 +19,7 @@ $(MODEL_DIR)/.dpo-lora-complete: | setup
 	$(VENV)/bin/dpo-lora fetch-default-model $(MODEL_DIR)
 
 demo: setup $(MODEL_DIR)/.dpo-lora-complete
-	$(VENV)/bin/dpo-lora train configs/demo.yaml
+	$(VENV)/bin/dpo-lora train configs/demo.yaml --overwrite
 
 test: setup $(MODEL_DIR)/.dpo-lora-complete
 	$(VENV)/bin/ruff check dpo_lora tests data && $(VENV)/bin/ruff format --check dpo_lora tests data

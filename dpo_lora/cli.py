@@ -15,7 +15,12 @@ def _cmd_train(args) -> int:
     from dpo_lora.config import load_config
     from dpo_lora.trainer import train
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.resume or args.force_resume:
+        overrides.append(f"train.resume={'force' if args.force_resume else 'auto'}")
+    if args.overwrite:
+        overrides.append("overwrite=true")
+    config = load_config(args.config, overrides)
     results = train(config)
     if "before" in results and "after" in results and _is_main_rank():
         print(_before_after_table(results["before"], results["after"]))
@@ -68,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train an adapter from a YAML config")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train.add_argument("--force-resume", action="store_true", help="resume even if the config changed")
+    train.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
     train.set_defaults(run=_cmd_train)
 
     config = commands.add_parser("config", help="print the resolved config (or --list every knob)")

@@ -65,6 +65,9 @@ class DataConfig:
     max_length: int = knob(512, "max tokens of prompt + completion")
     max_prompt_length: int = knob(256, "max prompt tokens; longer prompts keep their end")
     num_proc: int | None = knob(None, "worker processes for tokenization (datasets.map)")
+    on_bad_rows: str = knob(
+        "error", "bad rows stop the run before training, or are dropped and reported", ("error", "skip")
+    )
 
 
 @dataclass
@@ -90,6 +93,14 @@ class TrainConfig:
     log_every: int = knob(1, "optimizer steps per metrics row")
     eval_every: int = knob(0, "optimizer steps between evals; 0 evaluates only before and after training")
     eval_batch_size: int = knob(8, "pairs per rank per eval forward")
+    save_every: int = knob(0, "optimizer steps between checkpoints; 0 saves only at the end")
+    keep_checkpoints: int = knob(2, "complete checkpoints kept (older ones are deleted); 0 keeps all")
+    resume: str = knob(
+        "never",
+        "auto: continue from the newest complete checkpoint; force: even if the config changed",
+        ("never", "auto", "force"),
+    )
+    max_bad_steps: int = knob(3, "consecutive non-finite steps (skipped) before the run aborts")
 
 
 @dataclass
@@ -103,6 +114,7 @@ class Config:
         "deepspeed_configs/zero2.json", 'DeepSpeed JSON; values set to "auto" are filled from this config'
     )
     output_dir: str = knob("runs/dpo", "where the adapter, metrics and resolved config are written")
+    overwrite: bool = knob(False, "allow a new run in an output_dir that already holds one")
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
@@ -200,7 +212,7 @@ def validate(config: Config) -> None:
         raise UserError("config key 'data.max_prompt_length' must be smaller than 'data.max_length'")
     if not 0.0 <= data.eval_fraction < 1.0:
         raise UserError("config key 'data.eval_fraction' must be in [0, 1)")
-    for key in ("micro_batch_size", "grad_accum", "log_every", "eval_batch_size"):
+    for key in ("micro_batch_size", "grad_accum", "log_every", "eval_batch_size", "max_bad_steps"):
         if getattr(train, key) < 1:
             raise UserError(f"config key 'train.{key}' must be >= 1")
     if train.max_steps <= 0 and train.epochs <= 0:
@@ -211,6 +223,34 @@ def validate(config: Config) -> None:
         raise UserError("config key 'dpo.label_smoothing' must be in [0, 0.5)")
     if config.lora.r < 1:
         raise UserError("config key 'lora.r' must be >= 1")
+
+
+# Keys that may change between a run and its resume: they do not change what is trained.
+RESUME_MAY_CHANGE = {
+    "output_dir", "overwrite", "data.num_proc", "train.log_every", "train.eval_every", "train.eval_batch_size",
+    "train.save_every", "train.keep_checkpoints", "train.resume", "train.max_bad_steps",
+}  # fmt: skip
+
+
+def flat_items(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_items(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def resume_differences(saved: dict, current: Config) -> list[str]:
+    """The keys whose change would make a resumed run differ from the uninterrupted one."""
+    old, new = flat_items(saved), flat_items(to_dict(current))
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key)
+    ]
 
 
 def to_dict(config: Config) -> dict:

@@ -1,4 +1,4 @@
-"""Loading preference data with Hugging Face `datasets` and normalizing its three formats.
+"""Reading preference data, checking every row, and normalizing its three formats.
 
 Accepted rows (the format is detected per row):
   (a) `prompt`, `chosen`, `rejected` strings;
@@ -7,11 +7,14 @@ Accepted rows (the format is detected per row):
   (c) Anthropic-HH style: `chosen`/`rejected` full dialogues (strings or message lists) and no
       `prompt`; their shared prefix becomes the prompt.
 Every row becomes `{"prompt": str, "chosen": str, "rejected": str, "chat": bool}`; `chat` marks
-text rendered by a chat template (which carries its own special tokens).
+text rendered by a chat template (which carries its own special tokens). JSON files are parsed line
+by line here so that one malformed, undecodable or mistyped row is reported by its number instead
+of failing the whole file inside Arrow; other sources are loaded with Hugging Face `datasets`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,11 @@ from typing import Any
 from dpo_lora.errors import UserError
 
 MAX_LISTED_ERRORS = 5
+SOURCE_ROW = "row_index"  # 0-based row of the source file, kept through checking, splitting and tokenizing
 
 
 def load_rows(source: str):
-    """Load a dataset (a `datasets.Dataset`) from a local file, a save_to_disk folder, or the hub."""
+    """Load a `datasets.Dataset` from a local .parquet file, a save_to_disk folder, or the hub."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -32,11 +36,10 @@ def load_rows(source: str):
             if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
                 raise UserError(f"data folder {source} is not a datasets save_to_disk folder")
             loaded = datasets.load_from_disk(str(path))
-        elif path.suffix in (".jsonl", ".json", ".parquet"):
+        elif path.suffix == ".parquet":
             if not path.is_file():
                 raise UserError(f"data file not found: {source}")
-            builder = "parquet" if path.suffix == ".parquet" else "json"
-            loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
+            loaded = datasets.load_dataset("parquet", data_files=str(path), split="train")
         elif path.suffix or "/" not in source or source.startswith((".", "/")):
             raise UserError(
                 f"data file not found or of unknown type: {source} (use .jsonl, .json, .parquet or a folder)"
@@ -126,67 +129,94 @@ def normalize_row(row: dict, tokenizer) -> dict:
     return {"prompt": prompt_text, "chosen": chosen_text, "rejected": rejected_text, "chat": True}
 
 
-def check_rows(rows, source: str, tokenizer) -> None:
-    """Raise one UserError listing the first bad rows (file and 1-based row number) and the count."""
-    problems = []
-    for index, row in enumerate(rows):
+class BadRow(ValueError):
+    """A row that cannot be trained on; `reason` is the category counted in the data report."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail if detail.startswith(reason) else f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _json_rows(path: Path):
+    """Yield (row number, row dict or BadRow) for a .jsonl file, or a .json array / JSON-lines file."""
+    raw = path.read_bytes()
+    if path.suffix == ".json" and raw.lstrip()[:1] == b"[":
         try:
-            normalized = normalize_row(row, tokenizer)
-        except ValueError as err:
-            problems.append(f"row {index + 1}: {err}")
+            rows = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{path}: not a valid JSON array: {err}") from None
+        for number, row in enumerate(rows, start=1):
+            yield number, row if isinstance(row, dict) else BadRow("not a JSON object")
+        return
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
             continue
-        if not normalized["chosen"].strip() or not normalized["rejected"].strip():
-            problems.append(f"row {index + 1}: empty completion")
-        elif normalized["chosen"] == normalized["rejected"]:
-            problems.append(f"row {index + 1}: 'chosen' and 'rejected' are identical")
-    if problems:
-        listed = "; ".join(problems[:MAX_LISTED_ERRORS])
-        more = f" (and {len(problems) - MAX_LISTED_ERRORS} more)" if len(problems) > MAX_LISTED_ERRORS else ""
-        raise UserError(f"{source}: {len(problems)} bad row(s): {listed}{more}")
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            yield number, BadRow("undecodable bytes", f"not UTF-8 at byte {err.start}")
+            continue
+        except json.JSONDecodeError as err:
+            yield number, BadRow("malformed JSON", err.msg)
+            continue
+        yield number, row if isinstance(row, dict) else BadRow("not a JSON object")
 
 
-SOURCE_ROW = "row_index"  # 0-based row of the source file, kept through splitting and tokenizing
+def read_rows(source: str):
+    """Yield (1-based row number, raw row dict or BadRow) from any supported source."""
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json") and not path.is_dir():
+        if not path.is_file():
+            raise UserError(f"data file not found: {source}")
+        yield from _json_rows(path)
+    else:
+        yield from enumerate(load_rows(source), start=1)
 
 
-def _tokenize_row(row: dict, *, tokenizer, max_length: int, max_prompt_length: int) -> dict:
-    from dpo_lora.tokenization import tokenize_pair
-
-    ids = tokenize_pair(
-        normalize_row(row, tokenizer), tokenizer, max_length=max_length, max_prompt_length=max_prompt_length
-    )
-    return {**ids, SOURCE_ROW: row[SOURCE_ROW]}
-
-
-def tokenize_rows(rows, tokenizer, data_config):
-    """Normalize and tokenize every row (cached by `datasets` so a rerun starts fast)."""
-    import functools
-
-    fn = functools.partial(
-        _tokenize_row,
-        tokenizer=tokenizer,
-        max_length=data_config.max_length,
-        max_prompt_length=data_config.max_prompt_length,
-    )
-    return rows.map(fn, remove_columns=rows.column_names, num_proc=data_config.num_proc)
+def check_row(row: dict, tokenizer) -> dict:
+    """normalize_row plus the checks on its result; raises BadRow."""
+    try:
+        normalized = normalize_row(row, tokenizer)
+    except BadRow:
+        raise
+    except ValueError as err:
+        reason = "missing field" if str(err).startswith("missing field") else "wrong type or shape"
+        raise BadRow(reason, str(err)) from None
+    if not normalized["chosen"].strip() or not normalized["rejected"].strip():
+        raise BadRow("empty completion")
+    if normalized["chosen"] == normalized["rejected"]:
+        raise BadRow("identical completions", "'chosen' and 'rejected' are the same")
+    return normalized
 
 
-def _numbered(rows):
-    if SOURCE_ROW in rows.column_names:
-        rows = rows.remove_columns(SOURCE_ROW)
-    return rows.add_column(SOURCE_ROW, list(range(len(rows))))
+def collect_rows(source: str, tokenizer, on_bad_rows: str) -> tuple[list[dict], dict]:
+    """Normalized rows (with their 0-based `row_index`) and a report of the bad ones.
 
-
-def prepare_splits(data_config, tokenizer, seed: int):
-    """Load, check and tokenize the train and eval splits. Eval is None when there is none."""
-    train_rows = _numbered(load_rows(data_config.train))
-    check_rows(train_rows, data_config.train, tokenizer)
-    eval_rows = None
-    if data_config.eval:
-        eval_rows = _numbered(load_rows(data_config.eval))
-        check_rows(eval_rows, data_config.eval, tokenizer)
-    elif data_config.eval_fraction > 0:
-        split = train_rows.train_test_split(test_size=data_config.eval_fraction, seed=seed)
-        train_rows, eval_rows = split["train"], split["test"]
-    train_set = tokenize_rows(train_rows, tokenizer, data_config)
-    eval_set = tokenize_rows(eval_rows, tokenizer, data_config) if eval_rows is not None else None
-    return train_set, eval_set
+    With on_bad_rows="error", any bad row raises one UserError naming the file, the first bad
+    rows and the count; with "skip" they are dropped and listed in the report.
+    """
+    good, bad = [], []
+    for number, row in read_rows(source):
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            good.append({**check_row(row, tokenizer), SOURCE_ROW: number - 1})
+        except BadRow as err:
+            bad.append((number, err.reason, str(err)))
+    if bad and on_bad_rows == "error":
+        listed = "; ".join(f"row {n}: {text}" for n, _, text in bad[:MAX_LISTED_ERRORS])
+        more = f" (and {len(bad) - MAX_LISTED_ERRORS} more)" if len(bad) > MAX_LISTED_ERRORS else ""
+        raise UserError(f"{source}: {len(bad)} bad row(s): {listed}{more}; fix them or set data.on_bad_rows=skip")
+    if not good:
+        raise UserError(f"{source}: no usable rows")
+    by_reason: dict[str, list[int]] = {}
+    for number, reason, _ in bad:
+        by_reason.setdefault(reason, []).append(number)
+    report = {
+        "source": source,
+        "rows": len(good) + len(bad),
+        "kept": len(good),
+        "dropped": {reason: len(numbers) for reason, numbers in by_reason.items()},
+        "dropped_rows": by_reason,
+    }
+    return good, report

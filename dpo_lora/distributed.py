@@ -32,10 +32,12 @@ def init_distributed() -> DistInfo:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+    invented = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    invented = {key: value for key, value in invented.items() if key not in os.environ}
+    os.environ.update(invented)
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    for key in invented:  # processes started later must not inherit a port this one holds
+        del os.environ[key]
     accelerator = get_accelerator()
     local_rank = int(os.environ["LOCAL_RANK"])
     if accelerator.device_name() != "cpu":
@@ -65,6 +67,17 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def gather_lists(local: list) -> list:
+    """Concatenate a small Python list from every rank, in rank order (same result on all ranks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(local)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return [item for part in gathered for item in part]
 
 
 def barrier() -> None:

@@ -33,6 +33,13 @@ class MetricWindow:
         self.pairs += float(weight.sum())
         self.tokens += tokens
 
+    def state(self) -> dict:
+        """The unlogged part of the window (saved in checkpoints so resumed rows are identical)."""
+        return {"sums": self.sums.clone(), "pairs": self.pairs, "tokens": self.tokens}
+
+    def load_state(self, state: dict) -> None:
+        self.sums, self.pairs, self.tokens = state["sums"].clone(), state["pairs"], state["tokens"]
+
     def reduce(self) -> dict[str, float]:
         """Means over every pair seen on every rank since the last reset, plus global counts."""
         packed = all_reduce_sum(torch.cat([self.sums, torch.tensor([self.pairs, self.tokens], dtype=torch.float64)]))
@@ -53,6 +60,12 @@ class MetricsWriter:
         except ImportError:  # tensorboard is optional
             return
         self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past `step` (written after the checkpoint a run resumes from)."""
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, row: dict) -> None:
         with self.path.open("a") as f:

@@ -1,7 +1,8 @@
 """The DPO training loop on the DeepSpeed engine.
 
-batch -> reference log-probs (adapter off, no grad) -> policy log-probs -> loss -> backward
--> step -> log; evaluation before training, every `train.eval_every` steps, and after.
+Per optimizer step: micro-batches -> reference log-probs (adapter off, no grad) -> policy log-probs
+-> loss -> backward -> step -> log; evaluation before training, every `train.eval_every` steps and
+after; checkpoints every `train.save_every` steps, at the end and on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -14,66 +15,18 @@ from pathlib import Path
 
 import torch
 
-from dpo_lora.config import Config, dump_yaml
+from dpo_lora.batches import PairBatches
+from dpo_lora.checkpoint import clear_run, load_checkpoint, resume_point, save_checkpoint
+from dpo_lora.config import Config, dump_yaml, to_dict
+from dpo_lora.distributed import all_reduce_sum, barrier, gather_lists
 from dpo_lora.errors import UserError
+from dpo_lora.evaluation import EvalShard, evaluate, to_device
+from dpo_lora.guards import NumericGuard, StopRequest
 from dpo_lora.metrics import MetricsWriter, MetricWindow
 from dpo_lora.step import preference_step
 from dpo_lora.tokenization import collate_pairs
 
 ADAPTER_DIR = "adapter"
-
-
-class EvalShard(torch.utils.data.Dataset):
-    """This rank's share of the eval set. Every rank gets the same number of items (collectives
-    stay in step); the padding items repeat real ones with weight 0 so no pair counts twice."""
-
-    def __init__(self, dataset, rank: int, world_size: int) -> None:
-        self.dataset = dataset
-        padded = math.ceil(len(dataset) / world_size) * world_size
-        self.items = [(i % len(dataset), float(i < len(dataset))) for i in range(rank, padded, world_size)]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        index, weight = self.items[i]
-        return {**self.dataset[index], "weight": weight}
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device) for key, value in batch.items()}
-
-
-def _epochs_of_batches(loader, sampler):
-    """Endless (epoch, batch) stream; each epoch reshuffles through the seeded sampler."""
-    epoch = 0
-    while True:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
-
-
-def evaluate(engine, loader, dpo_config, device) -> dict[str, float]:
-    """Pair metrics over the whole eval set (all ranks), with `eval/` names."""
-    engine.eval()
-    window = MetricWindow()
-    with torch.no_grad():
-        for batch in loader:
-            batch = _to_device(batch, device)
-            _, stats = preference_step(engine, batch, dpo_config)
-            window.add(stats, tokens=int(batch["attention_mask"].sum()), weight=batch["weight"])
-    engine.train()
-    reduced = window.reduce()
-    return {f"eval/{name}": value for name, value in reduced.items() if name not in ("tokens",)}
-
-
-def _make_scheduler(train_config, total_steps: int):
-    from transformers import get_scheduler
-
-    name = {"constant": "constant_with_warmup"}.get(train_config.scheduler, train_config.scheduler)
-    warmup = int(train_config.warmup_ratio * total_steps)
-    return lambda optimizer: get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def _quiet_third_party() -> None:
@@ -88,44 +41,97 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def train(config: Config) -> dict:
-    """Train the adapter; returns {"before": eval metrics, "after": eval metrics, "steps": n}."""
+def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):
+    """(engine, lr scheduler, trainable parameters) with AdamW and warmup + schedule from the YAML."""
     import deepspeed
-    from torch.utils.data import DataLoader, DistributedSampler
-    from tqdm.auto import tqdm
-    from transformers import set_seed
+    from transformers import get_scheduler, set_seed
 
-    from dpo_lora.data import prepare_splits
-    from dpo_lora.distributed import barrier, init_distributed
+    from dpo_lora.model import attach_adapter, load_base
+
+    train_cfg = config.train
+    set_seed(train_cfg.seed)  # same LoRA init on every rank
+    model = attach_adapter(load_base(config.model, dist.device), config.lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    schedule = {"constant": "constant_with_warmup"}.get(train_cfg.scheduler, train_cfg.scheduler)
+    warmup = int(train_cfg.warmup_ratio * total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        config=ds_config,
+        lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps),
+    )
+    set_seed(train_cfg.seed + dist.rank)  # dropout differs across ranks, as in data-parallel training
+    return engine, scheduler, [p for p in engine.module.parameters() if p.requires_grad]
+
+
+def optimizer_step(engine, stream, config: Config, guard: NumericGuard, trainable, device, bco_delta: float):
+    """One optimizer step over `grad_accum` micro-batches.
+
+    Returns (per-micro-batch (stats, tokens), skip reason or None, the bad rows of all ranks).
+    """
+    micro_stats, bad_rows, loss_bad = [], [], False
+    skipped_before = engine.skipped_steps
+    for micro in range(config.train.grad_accum):
+        batch = to_device(next(stream), device)
+        loss, stats = preference_step(engine, batch, config.dpo, bco_delta=bco_delta)
+        if guard.loss_is_bad(loss):
+            bad_rows += batch["row_index"].tolist()
+        boundary = micro == config.train.grad_accum - 1
+        if boundary:
+            loss_bad = guard.any_rank(bool(bad_rows))
+            if loss_bad:
+                loss = guard.poison(loss, trainable)
+        engine.backward(loss)
+        dropped = guard.drop_gradients_if_not_finite(engine, trainable) if boundary else False
+        engine.step()
+        micro_stats.append((stats, int(batch["attention_mask"].sum())))
+    if not (dropped or engine.skipped_steps > skipped_before):
+        return micro_stats, None, []
+    return micro_stats, "loss" if loss_bad else "gradient norm", gather_lists(bad_rows)
+
+
+def _reward_sums(micro_stats) -> list[float]:
+    """(sum, count) of all chosen and rejected rewards of a step on all ranks (bco_pair's baseline)."""
+    rewards = torch.cat([s[k] for s, _ in micro_stats for k in ("rewards/chosen", "rewards/rejected")])
+    total = all_reduce_sum(torch.tensor([rewards.sum().item(), rewards.numel()], dtype=torch.float64))
+    return total.tolist()
+
+
+def train(config: Config) -> dict:
+    """Train the adapter. Returns {"before", "after": eval metrics, "steps": n, "stopped": bool}."""
+    from tqdm.auto import tqdm
+
+    from dpo_lora.distributed import init_distributed
     from dpo_lora.dsconfig import fill_deepspeed_config
-    from dpo_lora.model import attach_adapter, load_base, load_tokenizer
+    from dpo_lora.model import load_tokenizer
+    from dpo_lora.prepare import prepare_splits
 
     _quiet_third_party()
     dist = init_distributed()
     train_cfg = config.train
     output_dir = Path(config.output_dir)
     ds_config = fill_deepspeed_config(config, dist.world_size)
-    if dist.is_main:
+    resume_from = resume_point(config, output_dir, dist.world_size)
+    if dist.is_main and resume_from is None:
+        clear_run(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(dump_yaml(config))
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    barrier()
 
     tokenizer = load_tokenizer(config.model)
-    # Rank 0 tokenizes first and fills the datasets cache; the others then read it.
+    # Rank 0 tokenizes first and fills the cache; the others then read it.
     if not dist.is_main:
         barrier()
-    train_set, eval_set = prepare_splits(config.data, tokenizer, train_cfg.seed)
+    train_set, eval_set = prepare_splits(config.data, tokenizer, train_cfg.seed, output_dir if dist.is_main else None)
     if dist.is_main:
         barrier()
 
     collate = functools.partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
-    sampler = DistributedSampler(
-        train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=train_cfg.seed, drop_last=True
-    )
-    train_loader = DataLoader(
-        train_set, batch_size=train_cfg.micro_batch_size, sampler=sampler, collate_fn=collate, drop_last=True
-    )
-    steps_per_epoch = len(train_loader) // train_cfg.grad_accum
+    batches = PairBatches(
+        train_set, micro_batch_size=train_cfg.micro_batch_size, rank=dist.rank, world_size=dist.world_size,
+        seed=train_cfg.seed, collate=collate,
+    )  # fmt: skip
+    steps_per_epoch = batches.per_epoch // train_cfg.grad_accum
     if steps_per_epoch == 0:
         raise UserError(
             f"{config.data.train}: {len(train_set)} pairs are fewer than one global batch "
@@ -135,42 +141,55 @@ def train(config: Config) -> dict:
     eval_loader = None
     if eval_set is not None:
         eval_shard = EvalShard(eval_set, dist.rank, dist.world_size)
-        eval_loader = DataLoader(eval_shard, batch_size=train_cfg.eval_batch_size, collate_fn=collate)
+        eval_loader = torch.utils.data.DataLoader(eval_shard, batch_size=train_cfg.eval_batch_size, collate_fn=collate)
 
-    set_seed(train_cfg.seed)  # same LoRA init on every rank
-    model = attach_adapter(load_base(config.model, dist.device), config.lora)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config, lr_scheduler=_make_scheduler(train_cfg, total_steps)
-    )
-    set_seed(train_cfg.seed + dist.rank)  # dropout differs across ranks, as in data-parallel training
-
+    engine, scheduler, trainable = _build_engine(config, dist, ds_config, total_steps)
     writer = MetricsWriter(output_dir) if dist.is_main else None
-    results = {}
+    window, guard, results = MetricWindow(), NumericGuard(train_cfg.max_bad_steps), {}
+    reward_sums = [0.0, 0.0]  # all rewards so far (sum, count): bco_pair's baseline
+    start_step = 0
 
     def log(row: dict) -> None:
         if writer is not None:
             writer.write(row)
 
-    if eval_loader is not None:
-        results["before"] = evaluate(engine, eval_loader, config.dpo, dist.device)
-        log({"step": 0, "epoch": 0.0, **results["before"]})
+    def epoch() -> float:
+        return round(batches.position / batches.per_epoch, 4)
 
-    batches = _epochs_of_batches(train_loader, sampler)
-    window = MetricWindow()
-    progress = tqdm(total=total_steps, desc="dpo", disable=not dist.is_main, dynamic_ncols=True)
+    if resume_from is not None:
+        state, rank_state = load_checkpoint(engine, resume_from, dist.rank)
+        start_step, batches.position, reward_sums = state["step"], state["position"], state["reward_sums"]
+        guard.bad_in_row, results = state["bad_in_row"], state["results"]
+        window.load_state(rank_state["window"])
+        if writer is not None:
+            writer.truncate_after(start_step)
+            print(f"dpo-lora: resuming from {resume_from} (step {start_step} of {total_steps})")
+    else:
+        if dist.is_main:
+            (output_dir / "config.yaml").write_text(dump_yaml(config))
+        if eval_loader is not None:
+            results["before"] = evaluate(engine, eval_loader, config.dpo, dist.device)
+            log({"step": 0, "epoch": 0.0, **results["before"]})
+
+    stop = StopRequest()
+    stream = iter(batches)
+    progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not dist.is_main, dynamic_ncols=True)
     window_start = time.perf_counter()
     engine.train()
-    for step in range(1, total_steps + 1):
+    stopped = False
+    for step in range(start_step + 1, total_steps + 1):
         lr = scheduler.get_last_lr()[0]
-        for _ in range(train_cfg.grad_accum):
-            epoch, batch = next(batches)
-            batch = _to_device(batch, dist.device)
-            loss, stats = preference_step(engine, batch, config.dpo)
-            engine.backward(loss)
-            engine.step()
-            window.add(stats, tokens=int(batch["attention_mask"].sum()))
+        bco_delta = reward_sums[0] / reward_sums[1] if reward_sums[1] else 0.0
+        micro_stats, skip_reason, bad_rows = optimizer_step(
+            engine, stream, config, guard, trainable, dist.device, bco_delta
+        )
+        if guard.record(step, skip_reason, bad_rows):
+            log({"step": step, "epoch": epoch(), "skipped": skip_reason, "rows": bad_rows})
+        else:
+            for stats, tokens in micro_stats:
+                window.add(stats, tokens)
+            if config.dpo.loss == "bco_pair":
+                reward_sums = [a + b for a, b in zip(reward_sums, _reward_sums(micro_stats), strict=True)]
 
         if step % train_cfg.log_every == 0 or step == total_steps:
             reduced = window.reduce()
@@ -178,7 +197,7 @@ def train(config: Config) -> dict:
             grad_norm = engine.get_global_grad_norm()
             row = {
                 "step": step,
-                "epoch": round(step / steps_per_epoch, 4),
+                "epoch": epoch(),
                 **{name: reduced[name] for name in reduced if name not in ("pairs", "tokens")},
                 "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -192,24 +211,35 @@ def train(config: Config) -> dict:
             window_start = time.perf_counter()
         progress.update(1)
 
-        if eval_loader is not None and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < total_steps:
-            log(
-                {
-                    "step": step,
-                    "epoch": round(step / steps_per_epoch, 4),
-                    **evaluate(engine, eval_loader, config.dpo, dist.device),
-                }
-            )
+        last = step == total_steps
+        if eval_loader is not None and (last or (train_cfg.eval_every and step % train_cfg.eval_every == 0)):
+            metrics = evaluate(engine, eval_loader, config.dpo, dist.device)
+            results["after" if last else "latest"] = metrics
+            log({"step": step, "epoch": epoch(), **metrics})
             window_start = time.perf_counter()
+        stopped = stop.agreed()
+        if stopped or last or (train_cfg.save_every and step % train_cfg.save_every == 0):
+            trainer_state = {
+                "step": step, "position": batches.position, "reward_sums": reward_sums,
+                "bad_in_row": guard.bad_in_row, "results": results, "config": to_dict(config),
+                "world_size": dist.world_size,
+            }  # fmt: skip
+            rank_state = {"window": window.state()}
+            path = save_checkpoint(
+                engine, output_dir, step, trainer_state, rank_state, dist, train_cfg.keep_checkpoints
+            )
+            log({"step": step, "checkpoint": str(path)})
+        if stopped:
+            if dist.is_main:
+                print(f"\ndpo-lora: stopped at step {step}; checkpoint {path}; continue with --resume")
+            break
     progress.close()
+    stop.restore()
 
-    if eval_loader is not None:
-        results["after"] = evaluate(engine, eval_loader, config.dpo, dist.device)
-        log({"step": total_steps, "epoch": round(total_steps / steps_per_epoch, 4), **results["after"]})
-    if dist.is_main:
+    if not stopped and dist.is_main:
         engine.module.save_pretrained(str(output_dir / ADAPTER_DIR), selected_adapters=["default"])
         tokenizer.save_pretrained(str(output_dir / ADAPTER_DIR))
+    if writer is not None:
         writer.close()
     barrier()
-    results["steps"] = total_steps
-    return results
+    return {**results, "steps": total_steps, "stopped": stopped}

@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "DPO_LORA_CACHE" not in os.environ:  # tests (and the processes they start) tokenize into their own cache
+    import tempfile
+
+    os.environ["DPO_LORA_CACHE"] = tempfile.mkdtemp(prefix="dpo-lora-test-cache-")
 REPO = Path(__file__).resolve().parent.parent
 SENTIMENT_TRAIN = REPO / "data" / "sentiment" / "train.jsonl"
 SENTIMENT_EVAL = REPO / "data" / "sentiment" / "eval.jsonl"

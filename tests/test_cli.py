@@ -54,8 +54,8 @@ def test_config_list_names_every_section(capsys):
         ),
     ],
 )
-def test_user_errors_are_one_line_with_exit_2(args, message):
-    result = run_cli(*args)
+def test_user_errors_are_one_line_with_exit_2(tmp_path, args, message):
+    result = run_cli(*args, f"output_dir={tmp_path / 'out'}")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("dpo-lora: error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr

@@ -1,4 +1,4 @@
-"""Loading and normalizing the three data formats; bad rows named by file and row."""
+"""Reading and normalizing the three data formats; every kind of bad row named by file and row."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import json
 
 import pytest
 
-from dpo_lora.config import DataConfig
-from dpo_lora.data import check_rows, load_rows, normalize_row, prepare_splits
+from dpo_lora.data import collect_rows, normalize_row
 from dpo_lora.errors import UserError
 
-from .conftest import SENTIMENT_EVAL, SENTIMENT_TRAIN
+from .conftest import SENTIMENT_TRAIN
 
 
 def write_jsonl(path, rows):
@@ -57,58 +56,72 @@ def test_anthropic_hh_message_lists(tiny_tokenizer):
     assert row["prompt"].endswith("<|im_start|>assistant\n") and row["chosen"].startswith("hello")
 
 
-@pytest.mark.parametrize(
-    "row, problem",
-    [
-        ({"prompt": "p", "chosen": "a"}, "missing field 'rejected'"),
-        ({"prompt": "p", "chosen": 3, "rejected": "b"}, "must be strings"),
-        ({"prompt": 7, "chosen": "a", "rejected": "b"}, "'prompt' must be"),
-        ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "empty completion"),
-        ({"prompt": "p", "chosen": "same", "rejected": "same"}, "identical"),
-        ({"chosen": "abc", "rejected": "xyz"}, "share no prompt"),
-    ],
-)
-def test_bad_rows_are_named_with_file_and_row_number(tmp_path, tiny_tokenizer, row, problem):
-    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
-    path = write_jsonl(tmp_path / "pairs.jsonl", [good, good, row])
+GOOD = {"prompt": "p", "chosen": "a", "rejected": "b"}
+BAD_ROWS = [
+    ({"prompt": "p", "chosen": "a"}, "missing field", "missing field 'rejected'"),
+    ({"prompt": "p", "chosen": 3, "rejected": "b"}, "wrong type or shape", "must be strings"),
+    ({"prompt": 7, "chosen": "a", "rejected": "b"}, "wrong type or shape", "'prompt' must be"),
+    ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "empty completion", "empty completion"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "identical completions", "are the same"),
+    ({"chosen": "abc", "rejected": "xyz"}, "wrong type or shape", "share no prompt"),
+    (b'{"prompt": "p", "chosen": "a", "rejected": "caf\xe9"}', "undecodable bytes", "not UTF-8"),
+    (b'{"prompt": "p", "chosen": ', "malformed JSON", "malformed JSON"),
+    (b"[1, 2]", "not a JSON object", "not a JSON object"),
+]
+
+
+def write_lines(path, rows):
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("row, reason, message", BAD_ROWS, ids=[r for _, r, _ in BAD_ROWS])
+def test_each_bad_row_is_named_with_file_and_row_number(tmp_path, tiny_tokenizer, row, reason, message):
+    path = write_lines(tmp_path / "pairs.jsonl", [GOOD, GOOD, row])
     with pytest.raises(UserError) as err:
-        check_rows(load_rows(str(path)), str(path), tiny_tokenizer)
-    assert str(path) in str(err.value) and "row 3" in str(err.value) and problem in str(err.value)
+        collect_rows(str(path), tiny_tokenizer, on_bad_rows="error")
+    text = str(err.value)
+    assert text.startswith(f"{path}: 1 bad row(s): row 3: ") and message in text and "\n" not in text
+
+
+def test_skip_drops_bad_rows_and_reports_them_by_reason(tmp_path, tiny_tokenizer):
+    rows = [GOOD] + [row for row, _, _ in BAD_ROWS] + [GOOD]
+    path = write_lines(tmp_path / "pairs.jsonl", rows)
+    good, report = collect_rows(str(path), tiny_tokenizer, on_bad_rows="skip")
+    assert [r["row_index"] for r in good] == [0, len(rows) - 1]
+    assert report["rows"] == len(rows) and report["kept"] == 2
+    expected: dict[str, list[int]] = {}
+    for number, (_, reason, _) in enumerate(BAD_ROWS, start=2):
+        expected.setdefault(reason, []).append(number)
+    assert report["dropped_rows"] == expected
+    assert report["dropped"] == {reason: len(numbers) for reason, numbers in expected.items()}
 
 
 def test_many_bad_rows_list_the_first_few_and_count_all(tmp_path, tiny_tokenizer):
-    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "x", "rejected": "x"}] * 9)
+    path = write_lines(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "x", "rejected": "x"}] * 9)
     with pytest.raises(UserError, match=r"9 bad row\(s\).*row 5: .*\(and 4 more\)"):
-        check_rows(load_rows(str(path)), str(path), tiny_tokenizer)
+        collect_rows(str(path), tiny_tokenizer, on_bad_rows="error")
 
 
-def test_loads_jsonl_parquet_and_save_to_disk_folders(tmp_path):
-    rows = load_rows(str(SENTIMENT_TRAIN))
-    rows.to_parquet(str(tmp_path / "pairs.parquet"))
-    rows.save_to_disk(str(tmp_path / "saved"))
+def test_json_array_files_are_read_row_by_row(tmp_path, tiny_tokenizer):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([GOOD, {"prompt": "p", "chosen": "a"}]))
+    with pytest.raises(UserError, match="row 2: missing field 'rejected'"):
+        collect_rows(str(path), tiny_tokenizer, on_bad_rows="error")
+
+
+def test_jsonl_parquet_and_save_to_disk_folders_give_the_same_rows(tmp_path, tiny_tokenizer):
+    import datasets
+
+    from_jsonl, _ = collect_rows(str(SENTIMENT_TRAIN), tiny_tokenizer, on_bad_rows="error")
+    raw = datasets.load_dataset("json", data_files=str(SENTIMENT_TRAIN), split="train")
+    raw.to_parquet(str(tmp_path / "pairs.parquet"))
+    raw.save_to_disk(str(tmp_path / "saved"))
     for source in (tmp_path / "pairs.parquet", tmp_path / "saved"):
-        assert load_rows(str(source))[5] == rows[5]
+        assert collect_rows(str(source), tiny_tokenizer, on_bad_rows="error")[0] == from_jsonl
 
 
 @pytest.mark.parametrize("source, message", [("missing.jsonl", "not found"), ("notes.txt", "unknown type")])
-def test_unreadable_sources_are_user_errors(tmp_path, source, message):
+def test_unreadable_sources_are_user_errors(tmp_path, tiny_tokenizer, source, message):
     with pytest.raises(UserError, match=message):
-        load_rows(str(tmp_path / source))
-
-
-def test_malformed_json_is_a_user_error_naming_the_file(tmp_path):
-    path = tmp_path / "broken.jsonl"
-    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": \n')
-    with pytest.raises(UserError, match="broken.jsonl"):
-        load_rows(str(path))
-
-
-def test_prepare_splits_with_eval_file_and_with_eval_fraction(tiny_tokenizer):
-    config = DataConfig(train=str(SENTIMENT_TRAIN), eval=str(SENTIMENT_EVAL), max_length=64, max_prompt_length=48)
-    train, held_out = prepare_splits(config, tiny_tokenizer, seed=0)
-    assert (len(train), len(held_out)) == (320, 64)
-    assert set(train.column_names) == {"prompt_ids", "chosen_ids", "rejected_ids", "row_index"}
-    config = DataConfig(train=str(SENTIMENT_TRAIN), eval_fraction=0.25, max_length=64, max_prompt_length=48)
-    train, held_out = prepare_splits(config, tiny_tokenizer, seed=0)
-    assert (len(train), len(held_out)) == (240, 80)
-    assert not set(train["row_index"]) & set(held_out["row_index"])
+        collect_rows(str(tmp_path / source), tiny_tokenizer, on_bad_rows="error")

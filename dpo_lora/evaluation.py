@@ -1,0 +1,45 @@
+"""Held-out pair metrics over the whole eval set, every pair counted once across all ranks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dpo_lora.metrics import MetricWindow
+from dpo_lora.step import preference_step
+
+
+class EvalShard(torch.utils.data.Dataset):
+    """This rank's share of the eval set. Every rank gets the same number of items (collectives
+    stay in step); the padding items repeat real ones with weight 0 so no pair counts twice."""
+
+    def __init__(self, dataset, rank: int, world_size: int) -> None:
+        self.dataset = dataset
+        padded = math.ceil(len(dataset) / world_size) * world_size
+        self.items = [(i % len(dataset), float(i < len(dataset))) for i in range(rank, padded, world_size)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        index, weight = self.items[i]
+        return {**self.dataset[index], "weight": weight}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def evaluate(engine, loader, dpo_config, device) -> dict[str, float]:
+    """Pair metrics over the whole eval set (all ranks), named `eval/...`."""
+    engine.eval()
+    window = MetricWindow()
+    with torch.no_grad():
+        for batch in loader:
+            batch = to_device(batch, device)
+            _, stats = preference_step(engine, batch, dpo_config)
+            window.add(stats, tokens=int(batch["attention_mask"].sum()), weight=batch["weight"])
+    engine.train()
+    reduced = window.reduce()
+    return {f"eval/{name}": value for name, value in reduced.items() if name != "tokens"}

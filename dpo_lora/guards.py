@@ -1,0 +1,86 @@
+"""What keeps a run alive or stops it cleanly: scheduler signals and non-finite steps."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import torch
+
+from dpo_lora.distributed import all_reduce_sum
+from dpo_lora.errors import UserError
+
+
+class StopRequest:
+    """SIGTERM/SIGINT (what a scheduler sends before preemption) asks for a checkpoint at the next
+    step boundary; a second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank was signalled (ranks stop at the same step)."""
+        return all_reduce_sum(torch.tensor([float(self.requested)], dtype=torch.float64)).item() > 0
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class NumericGuard:
+    """Skips optimizer steps whose loss or gradient norm is not finite, and aborts after
+    `max_bad_steps` in a row.
+
+    A bad loss on any rank poisons this step's gradients with NaN on purpose, so DeepSpeed's own
+    overflow check (every ZeRO stage >= 1, and ZeRO-0 through `drop_gradients`) skips the update
+    on all ranks alike; the engine's `skipped_steps` confirms it.
+    """
+
+    def __init__(self, max_bad_steps: int) -> None:
+        self.max_bad_steps = max_bad_steps
+        self.bad_in_row = 0
+
+    @staticmethod
+    def loss_is_bad(loss: torch.Tensor) -> bool:
+        return not bool(torch.isfinite(loss.detach()).all())
+
+    @staticmethod
+    def any_rank(flag: bool) -> bool:
+        return all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64)).item() > 0
+
+    @staticmethod
+    def poison(loss: torch.Tensor, trainable: list[torch.Tensor]) -> torch.Tensor:
+        """A loss whose gradient is NaN for the adapter, so the step is rejected as an overflow."""
+        return torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0) + trainable[0].sum() * math.nan
+
+    @staticmethod
+    def drop_gradients_if_not_finite(engine, trainable: list[torch.Tensor]) -> bool:
+        """ZeRO-0 has no overflow check: drop non-finite gradients so AdamW leaves the weights
+        alone. Returns True when it dropped them (the step is skipped)."""
+        if engine.zero_optimization_stage() != 0:
+            return False
+        if all(p.grad is None or torch.isfinite(p.grad).all() for p in trainable):
+            return False
+        for p in trainable:
+            p.grad = None
+        return True
+
+    def record(self, step: int, skip_reason: str | None, rows: list[int]) -> bool:
+        """Count a step; True when it was skipped. Raises after `max_bad_steps` skipped in a row."""
+        if skip_reason is None:
+            self.bad_in_row = 0
+            return False
+        self.bad_in_row += 1
+        if self.bad_in_row >= self.max_bad_steps:
+            raise UserError(
+                f"aborting at step {step}: {self.bad_in_row} optimizer steps in a row had a non-finite "
+                f"{skip_reason} (train.max_bad_steps={self.max_bad_steps}); last bad rows: {rows[:10]}"
+            )
+        return True
