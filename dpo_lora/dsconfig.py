@@ -65,6 +65,7 @@ def fill_deepspeed_config(config, world_size: int) -> dict:
     for dotted in _remaining_autos(ds):
         raise UserError(f"{path}: '{dotted}' is \"auto\" but dpo-lora does not fill it; give a value")
     ds.setdefault("steps_per_print", 10**9)  # dpo-lora logs itself
+    ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
     return ds
 
 

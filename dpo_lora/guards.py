@@ -34,12 +34,24 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW that leaves weights and moments alone while `overflow` is set. DeepSpeed's engine
+    reads the same attribute to count the step as skipped and hold the learning-rate schedule."""
+
+    overflow = False
+
+    def step(self, closure=None):
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 class NumericGuard:
     """Skips optimizer steps whose loss or gradient norm is not finite, and aborts after
     `max_bad_steps` in a row.
 
     A bad loss on any rank poisons this step's gradients with NaN on purpose, so DeepSpeed's own
-    overflow check (every ZeRO stage >= 1, and ZeRO-0 through `drop_gradients`) skips the update
+    overflow check (every ZeRO stage >= 1; at ZeRO-0 a SkippableAdamW) skips the update
     on all ranks alike; the engine's `skipped_steps` confirms it.
     """
 
@@ -61,16 +73,11 @@ class NumericGuard:
         return torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0) + trainable[0].sum() * math.nan
 
     @staticmethod
-    def drop_gradients_if_not_finite(engine, trainable: list[torch.Tensor]) -> bool:
-        """ZeRO-0 has no overflow check: drop non-finite gradients so AdamW leaves the weights
-        alone. Returns True when it dropped them (the step is skipped)."""
-        if engine.zero_optimization_stage() != 0:
-            return False
-        if all(p.grad is None or torch.isfinite(p.grad).all() for p in trainable):
-            return False
-        for p in trainable:
-            p.grad = None
-        return True
+    def flag_overflow_at_zero0(engine, trainable: list[torch.Tensor]) -> None:
+        """ZeRO-0 has no overflow check of its own: flag non-finite gradients on the optimizer
+        (a SkippableAdamW), which then skips its update while DeepSpeed counts a skipped step."""
+        if engine.zero_optimization_stage() == 0 and isinstance(engine.optimizer, SkippableAdamW):
+            engine.optimizer.overflow = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in trainable)
 
     def record(self, step: int, skip_reason: str | None, rows: list[int]) -> bool:
         """Count a step; True when it was skipped. Raises after `max_bad_steps` skipped in a row."""

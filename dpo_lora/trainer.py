@@ -21,7 +21,7 @@ from dpo_lora.config import Config, dump_yaml, to_dict
 from dpo_lora.distributed import all_reduce_sum, barrier, gather_lists
 from dpo_lora.errors import UserError
 from dpo_lora.evaluation import EvalShard, evaluate, to_device
-from dpo_lora.guards import NumericGuard, StopRequest
+from dpo_lora.guards import NumericGuard, SkippableAdamW, StopRequest
 from dpo_lora.metrics import MetricsWriter, MetricWindow
 from dpo_lora.step import preference_step
 from dpo_lora.tokenization import collate_pairs
@@ -52,7 +52,9 @@ def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):
     set_seed(train_cfg.seed)  # same LoRA init on every rank
     model = attach_adapter(load_base(config.model, dist.device), config.lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    # ZeRO >= 1 skips non-finite steps itself and accepts only the optimizer classes it knows.
+    optimizer_class = SkippableAdamW if ds_config["zero_optimization"].get("stage", 0) == 0 else torch.optim.AdamW
+    optimizer = optimizer_class(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     schedule = {"constant": "constant_with_warmup"}.get(train_cfg.scheduler, train_cfg.scheduler)
     warmup = int(train_cfg.warmup_ratio * total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
@@ -83,10 +85,11 @@ def optimizer_step(engine, stream, config: Config, guard: NumericGuard, trainabl
             if loss_bad:
                 loss = guard.poison(loss, trainable)
         engine.backward(loss)
-        dropped = guard.drop_gradients_if_not_finite(engine, trainable) if boundary else False
+        if boundary:
+            guard.flag_overflow_at_zero0(engine, trainable)
         engine.step()
         micro_stats.append((stats, int(batch["attention_mask"].sum())))
-    if not (dropped or engine.skipped_steps > skipped_before):
+    if engine.skipped_steps == skipped_before:
         return micro_stats, None, []
     return micro_stats, "loss" if loss_bad else "gradient norm", gather_lists(bad_rows)
 
@@ -191,8 +194,8 @@ def train(config: Config) -> dict:
             if config.dpo.loss == "bco_pair":
                 reward_sums = [a + b for a, b in zip(reward_sums, _reward_sums(micro_stats), strict=True)]
 
-        if step % train_cfg.log_every == 0 or step == total_steps:
-            reduced = window.reduce()
+        reduced = window.reduce() if step % train_cfg.log_every == 0 or step == total_steps else {"pairs": 0}
+        if reduced["pairs"] > 0:  # a window of only skipped steps has nothing to report
             elapsed = time.perf_counter() - window_start
             grad_norm = engine.get_global_grad_norm()
             row = {

@@ -1,0 +1,130 @@
+"""Checkpoints and resume: kill -9 then resume equals the uninterrupted run, step for step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dpo_lora.checkpoint import COMPLETE, latest_checkpoint, step_name
+from dpo_lora.config import dump_yaml
+from dpo_lora.errors import UserError
+from dpo_lora.trainer import train
+
+from .conftest import REPO
+from .test_trainer import read_metrics, tiny_config
+
+# Dropout on, so a resume that failed to restore the RNG streams would show in the losses.
+RUN = ["lora.dropout=0.1", "train.micro_batch_size=2", "data.eval=null", "train.log_every=1", "train.save_every=5"]
+
+
+def train_rows(output_dir) -> dict[int, dict]:
+    """Training rows by step, without the wall-clock fields."""
+    rows = {}
+    for row in read_metrics(output_dir):
+        if "loss" in row:
+            rows[row["step"]] = {k: v for k, v in row.items() if k not in ("pairs_per_s", "tokens_per_s")}
+    return rows
+
+
+def start_cli(model_dir, output_dir, *overrides) -> subprocess.Popen:
+    """`dpo-lora train` in its own process (so it can be killed), on the same config as tiny_config."""
+    config_file = output_dir.parent / "config.yaml"
+    config_file.write_text(dump_yaml(tiny_config(model_dir, output_dir, *RUN, *overrides)))
+    return subprocess.Popen(
+        [sys.executable, "-m", "dpo_lora", "train", str(config_file)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, f"trainer ended early: {process.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    # Logging every 3 steps and saving every 5 puts checkpoints mid-window: the unlogged part of
+    # the metric window must survive the resume too.
+    steps = ["train.max_steps=150", "train.log_every=3"]
+    train(tiny_config(tiny_model_dir, tmp_path / "straight", *RUN, *steps))
+    expected = train_rows(tmp_path / "straight")
+
+    out = tmp_path / "killed" / "run"
+    out.parent.mkdir()
+    process = start_cli(tiny_model_dir, out, *steps)
+    wait_for(lambda: latest_checkpoint(out) is not None, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed_from = int(latest_checkpoint(out).name.split("-")[1])
+    assert resumed_from < 150, "the kill must land mid-run"
+
+    train(tiny_config(tiny_model_dir, out, *RUN, *steps, "train.resume=auto"))
+    got = train_rows(out)
+    assert sorted(got) == sorted(expected) == [*range(3, 150, 3), 150], "no row lost or repeated in metrics.jsonl"
+    later = [step for step in got if step > resumed_from]
+    assert later
+    for step in later:
+        assert got[step] == expected[step], f"step {step} differs after resuming from {resumed_from}"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0_then_resume_finishes(tiny_model_dir, tmp_path):
+    out = tmp_path / "stopped" / "run"
+    out.parent.mkdir()
+    process = start_cli(tiny_model_dir, out, "train.max_steps=400", "train.save_every=0")
+    wait_for(
+        lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count('"loss"') >= 2, process
+    )
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "stopped at step" in stdout
+    stopped_at = int(latest_checkpoint(out).name.split("-")[1])
+    assert 2 <= stopped_at < 400
+    assert not (out / "adapter").exists(), "a stopped run has no final adapter yet"
+
+    train(tiny_config(tiny_model_dir, out, *RUN, "train.max_steps=400", "train.save_every=0", "train.resume=auto"))
+    assert sorted(train_rows(out)) == list(range(1, 401))
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_incomplete_checkpoints_are_ignored(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, out, *RUN, "train.max_steps=10", "train.keep_checkpoints=0"))
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [step_name(5), step_name(10)]
+    # A crash mid-write leaves a .tmp- folder, or (on a filesystem without atomic rename) no marker.
+    (out / "checkpoints" / f".tmp-{step_name(12)}").mkdir()
+    half_written = out / "checkpoints" / step_name(15)
+    half_written.mkdir()
+    (half_written / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(out).name == step_name(10)
+    (out / "checkpoints" / step_name(10) / COMPLETE).unlink()
+    assert latest_checkpoint(out).name == step_name(5)
+
+
+def test_keep_checkpoints_prunes_old_ones(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, out, *RUN, "train.max_steps=20", "train.keep_checkpoints=2"))
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [step_name(15), step_name(20)]
+
+
+def test_resume_refuses_a_changed_config_unless_forced_and_output_dir_is_not_clobbered(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, out, *RUN, "train.max_steps=5"))
+    with pytest.raises(UserError, match=r"already holds a run .*--resume or replace it with --overwrite"):
+        train(tiny_config(tiny_model_dir, out, *RUN, "train.max_steps=5"))
+    with pytest.raises(UserError, match=r"config changed \(train.lr: 0.005 -> 0.001; train.max_steps: 5 -> 8\)"):
+        train(tiny_config(tiny_model_dir, out, *RUN, "train.max_steps=8", "train.lr=1e-3", "train.resume=auto"))
+    train(tiny_config(tiny_model_dir, out, *RUN, "train.max_steps=8", "train.resume=force"))
+    assert sorted(train_rows(out)) == list(range(1, 9))
+    train(tiny_config(tiny_model_dir, out, *RUN, "train.max_steps=3", "overwrite=true"))
+    assert sorted(train_rows(out)) == [1, 2, 3], "overwrite starts a new run"
+    assert json.loads((out / "checkpoints" / step_name(3) / "trainer_state.json").read_text())["step"] == 3
+    assert os.listdir(out / "checkpoints") == [step_name(3)]
