@@ -95,15 +95,42 @@ def save_checkpoint(
     return final
 
 
+def _deepspeed_checkpoint_types() -> list:
+    """The only non-tensor types DeepSpeed (0.19) pickles into its checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _weights_only_load(file, map_location=None):
+    return torch.load(file, map_location=map_location, weights_only=True)
+
+
 def load_checkpoint(engine, path: Path, rank: int) -> tuple[dict, dict]:
-    """Restore engine, RNG and per-rank state from `path`; returns (trainer_state, rank_state)."""
-    engine.load_checkpoint(
-        str(path),
-        tag=DEEPSPEED_TAG,
-        load_module_strict=False,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
+    """Restore engine, RNG and per-rank state from `path`; returns (trainer_state, rank_state).
+
+    DeepSpeed unpickles its files with weights_only=False, which runs any code a tampered file
+    holds; here they are read with weights_only=True, allowing only DeepSpeed's own state types.
+    """
+    import pickle
+
+    from dpo_lora.errors import UserError
+
+    engine.checkpoint_engine.load = _weights_only_load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+            engine.load_checkpoint(
+                str(path),
+                tag=DEEPSPEED_TAG,
+                load_module_strict=False,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise UserError(f"refusing to load checkpoint {path}: it holds more than tensors ({first_line})") from None
     rank_state = torch.load(path / f"rank-{rank:05d}.pt", weights_only=True)
     _set_rng_state(rank_state.pop("rng"))
     return json.loads((path / STATE_FILE).read_text()), rank_state

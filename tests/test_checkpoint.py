@@ -128,3 +128,26 @@ def test_resume_refuses_a_changed_config_unless_forced_and_output_dir_is_not_clo
     assert sorted(train_rows(out)) == [1, 2, 3], "overwrite starts a new run"
     assert json.loads((out / "checkpoints" / step_name(3) / "trainer_state.json").read_text())["step"] == 3
     assert os.listdir(out / "checkpoints") == [step_name(3)]
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {PWNED}",))
+
+
+PWNED = "/tmp/dpo-lora-test-pwned"
+
+
+def test_a_tampered_checkpoint_is_refused_without_running_its_code(tiny_model_dir, tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, out, *RUN, "train.max_steps=5"))
+    states = out / "checkpoints" / step_name(5) / "deepspeed" / "mp_rank_00_model_states.pt"
+    saved = torch.load(states, weights_only=False)
+    torch.save({**saved, "extra": Payload()}, states)
+    if os.path.exists(PWNED):
+        os.unlink(PWNED)
+    with pytest.raises(UserError, match="refusing to load checkpoint .*step-00000005"):
+        train(tiny_config(tiny_model_dir, out, *RUN, "train.max_steps=8", "train.resume=force"))
+    assert not os.path.exists(PWNED)
