@@ -11,6 +11,7 @@ A crash mid-write leaves a `.tmp-` folder (or one without COMPLETE): never taken
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -70,6 +71,14 @@ def _set_rng_state(state: dict) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
+def _trainable_state_dict(module, **_ignored) -> dict:
+    """Only the adapter. DeepSpeed's exclude_frozen_parameters still writes a tied lm_head (its
+    second name is no parameter name) and bitsandbytes' quantization statistics: the frozen base
+    is reloaded from the model folder anyway."""
+    names = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {name: t for name, t in module.state_dict().items() if name in names}
+
+
 def save_checkpoint(
     engine, output_dir: Path, step: int, trainer_state: dict, rank_state: dict, dist, keep: int
 ) -> Path:
@@ -81,6 +90,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    engine.module_state_dict = functools.partial(_trainable_state_dict, engine.module)
     engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
     torch.save({**rank_state, "rng": _rng_state()}, tmp / f"rank-{dist.rank:05d}.pt")
     barrier()
