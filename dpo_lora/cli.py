@@ -45,6 +45,19 @@ def _cmd_fetch(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    import json
+
+    from dpo_lora.export import export_model
+
+    report = export_model(
+        args.source, out=args.out, base=args.base, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        merge_into=args.merge_into, adapter_only=args.adapter_only, overwrite=args.overwrite, push=args.push,
+    )  # fmt: skip
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _is_main_rank() -> bool:
     import os
 
@@ -83,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     config.add_argument("--list", action="store_true", help="list every key with its default and meaning")
     config.set_defaults(run=_cmd_config)
+
+    export = commands.add_parser("export", help="merge the adapter into its base and write a standalone model folder")
+    export.add_argument("source", help="run folder, adapter folder, or checkpoint folder")
+    export.add_argument("--out", required=True, help="output folder (a Hugging Face model folder)")
+    export.add_argument("--base", help="base model folder (default: the run's model.path)")
+    export.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="stored weight dtype"
+    )
+    export.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB")
+    export.add_argument(
+        "--merge-into", default="original", choices=["original", "dequantized"],
+        help="original: unquantized base (for serving); dequantized: exactly the trained function",
+    )  # fmt: skip
+    export.add_argument("--adapter-only", action="store_true", help="copy the adapter with a model card, no merge")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.add_argument("--push", metavar="REPO", help="also upload to this Hugging Face Hub repo")
+    export.set_defaults(run=_cmd_export)
 
     fetch = commands.add_parser("fetch-default-model", help="make a model folder of SmolLM2-135M-Instruct")
     fetch.add_argument("dir", help="target folder (kept as a cache: a complete folder is reused)")

@@ -61,19 +61,18 @@ def test_single_process_trains_and_the_adapter_reloads_with_peft(smollm2, tmp_pa
 
     # The saved adapter, loaded by plain PEFT on a freshly quantized base, scores the eval set
     # exactly as the trainer did at the end of training.
-    from peft import PeftModel
     from torch.utils.data import DataLoader
 
-    from dpo_lora.data import prepare_splits
-    from dpo_lora.model import load_base, load_tokenizer
+    from dpo_lora.model import load_tokenizer
+    from dpo_lora.prepare import prepare_splits
+    from dpo_lora.runs import load_policy
     from dpo_lora.step import preference_step
     from dpo_lora.tokenization import collate_pairs
 
     config = load_config(out / "config.yaml")
     tokenizer = load_tokenizer(config.model)
     _, eval_set = prepare_splits(config.data, tokenizer, config.train.seed)
-    model = PeftModel.from_pretrained(load_base(config.model, torch.device("cpu")), str(out / "adapter")).eval()
-    model.to(torch.bfloat16)  # DeepSpeed trained the adapter in bf16 (fp32 master weights)
+    model = load_policy(out / "adapter", config.model, torch.device("cpu"))
     chosen, pairs = 0.0, 0
     with torch.no_grad():
         for batch in DataLoader(eval_set, batch_size=16, collate_fn=lambda f: collate_pairs(f, tokenizer.pad_token_id)):
