@@ -58,6 +58,35 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from dpo_lora.report import evaluate_run, format_table
+
+    report = evaluate_run(args.run, data=args.data, batch_size=args.batch_size, out=args.out)
+    print(format_table(report))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import json
+
+    from dpo_lora.sampling import generate_run
+
+    result = generate_run(
+        args.run, args.prompts, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+        reward=args.reward, seed=args.seed, out=args.out,
+    )  # fmt: skip
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from dpo_lora.plots import plot_run
+
+    for path in plot_run(args.run):
+        print(path)
+    return 0
+
+
 def _is_main_rank() -> bool:
     import os
 
@@ -89,13 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     train.add_argument("--force-resume", action="store_true", help="resume even if the config changed")
     train.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
-    train.set_defaults(run=_cmd_train)
+    train.set_defaults(handler=_cmd_train)
 
     config = commands.add_parser("config", help="print the resolved config (or --list every knob)")
     config.add_argument("config", nargs="?", help="YAML config file (defaults only when omitted)")
     config.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     config.add_argument("--list", action="store_true", help="list every key with its default and meaning")
-    config.set_defaults(run=_cmd_config)
+    config.set_defaults(handler=_cmd_config)
 
     export = commands.add_parser("export", help="merge the adapter into its base and write a standalone model folder")
     export.add_argument("source", help="run folder, adapter folder, or checkpoint folder")
@@ -112,18 +141,40 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--adapter-only", action="store_true", help="copy the adapter with a model card, no merge")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     export.add_argument("--push", metavar="REPO", help="also upload to this Hugging Face Hub repo")
-    export.set_defaults(run=_cmd_export)
+    export.set_defaults(handler=_cmd_export)
+
+    evaluate = commands.add_parser("eval", help="held-out reward accuracy, margin, log-probs and KL of a run")
+    evaluate.add_argument("run", help="run folder, adapter folder, or checkpoint folder")
+    evaluate.add_argument("--data", help="held-out pairs (default: the run's data.eval)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="pairs per forward")
+    evaluate.add_argument("--out", help="JSON report path (default: RUN/eval.json)")
+    evaluate.set_defaults(handler=_cmd_eval)
+
+    generate = commands.add_parser("generate", help="sample policy and reference side by side, with rewards and KL")
+    generate.add_argument("run", help="run folder, adapter folder, or checkpoint folder")
+    generate.add_argument("--prompts", required=True, help=".txt (one prompt per line) or .jsonl with a 'prompt' field")
+    generate.add_argument("--n", type=int, default=4, help="samples per prompt for each side")
+    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="longest sample")
+    generate.add_argument("--reward", help="module:function scoring a completion text (text -> float)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    generate.add_argument("--out", help="JSON path (default: RUN/generations.json)")
+    generate.set_defaults(handler=_cmd_generate)
+
+    plot = commands.add_parser("plot", help="PNG charts of a run's metrics into RUN/plots/")
+    plot.add_argument("run", help="run folder")
+    plot.set_defaults(handler=_cmd_plot)
 
     fetch = commands.add_parser("fetch-default-model", help="make a model folder of SmolLM2-135M-Instruct")
     fetch.add_argument("dir", help="target folder (kept as a cache: a complete folder is reused)")
-    fetch.set_defaults(run=_cmd_fetch)
+    fetch.set_defaults(handler=_cmd_fetch)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        return args.handler(args)
     except UserError as err:
         print(f"dpo-lora: error: {err}", file=sys.stderr)
         return 2

@@ -65,6 +65,7 @@ def tokenized_split(source: str, tokenizer, data_config):
     """(tokenized datasets.Dataset, bad-row report) for one source, from the cache when possible."""
     import datasets
 
+    datasets.disable_progress_bars()
     key = hashlib.sha256(
         json.dumps(
             [CACHE_VERSION, _source_digest(source), _tokenizer_digest(tokenizer), data_config.max_length,
@@ -99,9 +100,6 @@ def tokenized_split(source: str, tokenizer, data_config):
 
 def prepare_splits(data_config, tokenizer, seed: int, report_dir: Path | None = None):
     """(train, eval or None) tokenized datasets; writes REPORT_DIR/data_report.json when rows were dropped."""
-    import datasets
-
-    datasets.disable_progress_bars()
     train_set, train_report = tokenized_split(data_config.train, tokenizer, data_config)
     eval_set, eval_report = None, None
     if data_config.eval:

@@ -244,5 +244,16 @@ def train(config: Config) -> dict:
         tokenizer.save_pretrained(str(output_dir / ADAPTER_DIR))
     if writer is not None:
         writer.close()
+        _plot_if_possible(output_dir)
     barrier()
     return {**results, "steps": total_steps, "stopped": stopped}
+
+
+def _plot_if_possible(output_dir: Path) -> None:
+    """Charts at the end of training when matplotlib (an optional extra) is installed."""
+    from dpo_lora.plots import plot_run
+
+    try:
+        plot_run(output_dir)
+    except UserError:
+        pass  # no matplotlib: `pip install dpo-lora[plot]`, then `dpo-lora plot RUN_DIR`

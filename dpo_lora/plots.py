@@ -1,0 +1,50 @@
+"""PNG charts of a run's metrics.jsonl (matplotlib is an optional extra: `pip install dpo-lora[plot]`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dpo_lora.errors import UserError
+
+CHARTS = {
+    "loss.png": ("DPO loss", ["loss"]),
+    "rewards.png": ("Reward accuracy and margin", ["rewards/accuracies", "rewards/margins"]),
+    "logps.png": ("Policy log-probs of completions", ["logps/chosen", "logps/rejected"]),
+}
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write RUN_DIR/plots/*.png (train and eval series); returns the files written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install 'dpo-lora[plot]'") from None
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{run_dir}: no metrics.jsonl to plot")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    written = []
+    for file, (title, names) in CHARTS.items():
+        figure, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+        for ax, name in zip(axes[0], names, strict=True):
+            for prefix, style in (("", ".-"), ("eval/", "o--")):
+                points = [(r["step"], r[prefix + name]) for r in rows if prefix + name in r]
+                if points:
+                    ax.plot(*zip(*points, strict=True), style, label="eval" if prefix else "train")
+            ax.set_title(name)
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        figure.suptitle(title)
+        figure.tight_layout()
+        figure.savefig(out / file, dpi=100)
+        plt.close(figure)
+        written.append(out / file)
+    return written

@@ -1,0 +1,83 @@
+"""`dpo-lora eval`: what preference training changed, measured on held-out pairs."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dpo_lora.errors import UserError
+
+
+def inference_device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device(get_accelerator().current_device_name() if name != "cpu" else "cpu")
+
+
+def load_trained(source: str, scratch: Path):
+    """(policy model, tokenizer, run config) for a run folder, adapter folder or checkpoint."""
+    from dpo_lora.model import load_tokenizer
+    from dpo_lora.runs import load_policy, resolve_adapter
+
+    adapter_dir, config = resolve_adapter(source, scratch)
+    if config is None:
+        raise UserError(f"{source}: its run's config.yaml is missing (needed for the base and its quantization)")
+    tokenizer = load_tokenizer(config.model)
+    return load_policy(adapter_dir, config.model, inference_device()), tokenizer, config
+
+
+def pair_report(model, pairs, tokenizer, dpo_config, batch_size: int) -> dict:
+    """Reward accuracy, margin, policy/reference log-probs and the sequence-level KL estimate on the
+    chosen completions (mean of log pi(y_w|x) - log ref(y_w|x)), over every pair."""
+    from dpo_lora.step import preference_step
+    from dpo_lora.tokenization import collate_pairs
+
+    columns: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            features = [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]
+            batch = {k: v.to(model.device) for k, v in collate_pairs(features, tokenizer.pad_token_id).items()}
+            _, stats = preference_step(model, batch, dpo_config)
+            for name, value in stats.items():
+                columns.setdefault(name, []).append(value.double().cpu())
+    s = {name: torch.cat(values) for name, values in columns.items()}
+    beta = dpo_config.beta
+    return {
+        "pairs": len(pairs),
+        "reward_accuracy": s["rewards/accuracies"].mean().item(),
+        "mean_margin": s["rewards/margins"].mean().item(),
+        "loss": s["loss"].mean().item(),
+        "policy_logps_chosen": s["logps/chosen"].mean().item(),
+        "policy_logps_rejected": s["logps/rejected"].mean().item(),
+        "reference_logps_chosen": (s["logps/chosen"] - s["rewards/chosen"] / beta).mean().item(),
+        "reference_logps_rejected": (s["logps/rejected"] - s["rewards/rejected"] / beta).mean().item(),
+        "kl_chosen_estimate": (s["rewards/chosen"] / beta).mean().item(),
+    }
+
+
+def format_table(report: dict) -> str:
+    width = max(len(k) for k in report)
+    return "\n".join(
+        f"{k:<{width}}  {v:>12.4f}" if isinstance(v, float) else f"{k:<{width}}  {v!s:>12}" for k, v in report.items()
+    )
+
+
+def evaluate_run(source: str, data: str | None = None, batch_size: int = 8, out: str | None = None) -> dict:
+    """Evaluate a trained run on held-out pairs; writes the JSON report and returns it."""
+    from dpo_lora.prepare import tokenized_split
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model, tokenizer, config = load_trained(source, Path(scratch))
+    data = data or config.data.eval
+    if not data:
+        raise UserError("no held-out pairs: give --data FILE (the run had no data.eval)")
+    pairs, _ = tokenized_split(data, tokenizer, config.data)
+    report = {"data": data, **pair_report(model, pairs, tokenizer, config.dpo, batch_size)}
+    target = Path(out) if out else Path(source) / "eval.json"
+    if target.parent.is_dir():
+        target.write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,119 @@
+"""`dpo-lora generate`: samples from the policy and the reference side by side (one model,
+adapter on and off), scored by a user's reward function, with the KL estimate between them.
+This is the DPO paper's reward-versus-KL comparison on the user's own task."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dpo_lora.errors import UserError
+
+
+def read_prompts(path: str, tokenizer) -> list[str]:
+    """Prompt texts from a .txt file (one per line) or a .jsonl file with a `prompt` field (a
+    string, used as is, or chat messages). Plain lines are user messages when the tokenizer has a
+    chat template."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--prompts: file not found: {path}")
+    chat = getattr(tokenizer, "chat_template", None)
+    prompts = []
+    for number, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        if file.suffix == ".jsonl":
+            try:
+                prompt = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}: row {number}: expected a JSON object with a 'prompt'") from None
+        else:
+            prompt = [{"role": "user", "content": line}] if chat else line
+        if isinstance(prompt, list):
+            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prompts.append(prompt)
+    if not prompts:
+        raise UserError(f"{path}: no prompts")
+    return prompts
+
+
+def load_reward(spec: str):
+    """'package.module:function' -> the function (text -> float)."""
+    import os
+    import sys
+
+    module_name, _, function_name = spec.partition(":")
+    if os.getcwd() not in sys.path:  # a console script does not look in the working directory
+        sys.path.insert(0, os.getcwd())
+    try:
+        return getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UserError(f"--reward {spec}: cannot import it ({err})") from None
+
+
+def completion_logps(model, prompt_ids: torch.Tensor, sequences: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Summed log-probs [n] of the generated part of `sequences` [n, T] after a prompt of length P."""
+    from dpo_lora.logprobs import IGNORE_INDEX, sequence_logps
+
+    labels = sequences.clone()
+    labels[:, : prompt_ids.shape[1]] = IGNORE_INDEX
+    attention = torch.ones_like(sequences)
+    # Past the first EOS a sample is padding; score up to and including it.
+    generated = sequences[:, prompt_ids.shape[1] :]
+    after_eos = (generated == pad_id).long().cumsum(1) > (generated == pad_id).long()
+    labels[:, prompt_ids.shape[1] :][after_eos] = IGNORE_INDEX
+    attention[:, prompt_ids.shape[1] :][after_eos] = 0
+    with torch.no_grad():
+        return sequence_logps(model(input_ids=sequences, attention_mask=attention).logits, labels)[0]
+
+
+def generate_run(source: str, prompts_file: str, *, n: int = 4, temperature: float = 1.0, max_new_tokens: int = 64,
+                 reward: str | None = None, seed: int = 0, out: str | None = None) -> dict:  # fmt: skip
+    from dpo_lora.model import reference_mode
+    from dpo_lora.report import load_trained
+
+    if not Path(prompts_file).is_file():  # before loading a model for nothing
+        raise UserError(f"--prompts: file not found: {prompts_file}")
+    with tempfile.TemporaryDirectory() as scratch:
+        model, tokenizer, _ = load_trained(source, Path(scratch))
+    reward_fn = load_reward(reward) if reward else None
+    eos = tokenizer.eos_token_id
+    rows, kl_terms, wins = [], [], []
+    torch.manual_seed(seed)
+    for prompt in read_prompts(prompts_file, tokenizer):
+        prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=model.device)
+        kwargs = dict(do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                      pad_token_id=eos, eos_token_id=eos)  # fmt: skip
+        with torch.no_grad():
+            policy_seqs = model.generate(input_ids=prompt_ids, **kwargs)
+            with reference_mode(model):
+                reference_seqs = model.generate(input_ids=prompt_ids, **kwargs)
+                reference_logps_of_policy = completion_logps(model, prompt_ids, policy_seqs, eos)
+        # Samples come from the policy, so the mean log-ratio estimates KL(policy || reference).
+        kl_terms.append(completion_logps(model, prompt_ids, policy_seqs, eos) - reference_logps_of_policy)
+        start = prompt_ids.shape[1]
+        row = {
+            "prompt": prompt,
+            "policy": tokenizer.batch_decode(policy_seqs[:, start:], skip_special_tokens=True),
+            "reference": tokenizer.batch_decode(reference_seqs[:, start:], skip_special_tokens=True),
+        }
+        if reward_fn is not None:
+            row["policy_rewards"] = [float(reward_fn(text)) for text in row["policy"]]
+            row["reference_rewards"] = [float(reward_fn(text)) for text in row["reference"]]
+            pairs = [(p > r) + 0.5 * (p == r) for p in row["policy_rewards"] for r in row["reference_rewards"]]
+            wins.append(sum(pairs) / len(pairs))
+        rows.append(row)
+    summary = {"prompts": len(rows), "samples_per_prompt": n, "kl_estimate": torch.cat(kl_terms).mean().item()}
+    if reward_fn is not None:
+        summary["policy_mean_reward"] = sum(sum(r["policy_rewards"]) for r in rows) / (n * len(rows))
+        summary["reference_mean_reward"] = sum(sum(r["reference_rewards"]) for r in rows) / (n * len(rows))
+        summary["policy_win_rate"] = sum(wins) / len(wins)
+    result = {"summary": summary, "samples": rows}
+    target = Path(out) if out else Path(source) / "generations.json"
+    if target.parent.is_dir():
+        target.write_text(json.dumps(result, indent=2))
+    return result
