@@ -206,6 +206,9 @@ def train(config: Config) -> dict:
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "pairs_per_s": reduced["pairs"] / elapsed,
                 "tokens_per_s": reduced["tokens"] / elapsed,
+                "pairs_per_s_per_rank": reduced["pairs"] / elapsed / dist.world_size,
+                "world_size": dist.world_size,
+                "global_batch": ds_config["train_batch_size"],
             }
             log(row)
             progress.set_postfix(

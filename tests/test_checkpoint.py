@@ -28,7 +28,7 @@ def train_rows(output_dir) -> dict[int, dict]:
     rows = {}
     for row in read_metrics(output_dir):
         if "loss" in row:
-            rows[row["step"]] = {k: v for k, v in row.items() if k not in ("pairs_per_s", "tokens_per_s")}
+            rows[row["step"]] = {k: v for k, v in row.items() if "_per_s" not in k}
     return rows
 
 
