@@ -181,3 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dpo-lora: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        from dpo_lora.distributed import rank_failure_message
+
+        message = rank_failure_message(err)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -85,3 +86,47 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def gathered(params):
+    """Inside the block, ZeRO-3-partitioned `params` hold their full tensors on every rank.
+
+    Every rank must enter (it is a collective); a no-op for parameters ZeRO-3 did not partition.
+    """
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+# How a collective reports that the other end went away (gloo, NCCL, c10d store).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def rank_failure_message(err: BaseException) -> str | None:
+    """The one line naming this rank for an exception in a multi-rank job; None in a world of one.
+
+    A rank that died is named by the launcher (DeepSpeed: "... --local_rank=N ... exits with
+    return code"; torchrun: "rank: N"); the survivors, whose collectives fail, say so in one line
+    instead of a traceback. An exception raised on this rank keeps its traceback, then this line.
+    """
+    import traceback
+
+    import torch.distributed as dist
+
+    rank, world_size = os.environ.get("RANK"), int(os.environ.get("WORLD_SIZE", "1"))
+    if rank is None or world_size == 1:
+        return None
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, dist.DistError) or any(sign in str(err) for sign in _PEER_LOST):
+        return (
+            f"dpo-lora: rank {rank} of {world_size}: lost contact with another rank, which failed or was "
+            f"killed (its own message or the launcher's names it): {type(err).__name__}: {text}"
+        )
+    traceback.print_exc()
+    return f"dpo-lora: rank {rank} of {world_size} failed: {type(err).__name__}: {text}"

@@ -18,7 +18,7 @@ import torch
 from dpo_lora.batches import PairBatches
 from dpo_lora.checkpoint import clear_run, load_checkpoint, resume_point, save_checkpoint
 from dpo_lora.config import Config, dump_yaml, to_dict
-from dpo_lora.distributed import all_reduce_sum, barrier, gather_lists
+from dpo_lora.distributed import all_reduce_sum, barrier, gather_lists, gathered
 from dpo_lora.errors import UserError
 from dpo_lora.evaluation import EvalShard, evaluate, to_device
 from dpo_lora.guards import NumericGuard, SkippableAdamW, StopRequest
@@ -52,9 +52,7 @@ def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):
     set_seed(train_cfg.seed)  # same LoRA init on every rank
     model = attach_adapter(load_base(config.model, dist.device), config.lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # ZeRO >= 1 skips non-finite steps itself and accepts only the optimizer classes it knows.
-    optimizer_class = SkippableAdamW if ds_config["zero_optimization"].get("stage", 0) == 0 else torch.optim.AdamW
-    optimizer = optimizer_class(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    optimizer = _adamw(ds_config["zero_optimization"])(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     schedule = {"constant": "constant_with_warmup"}.get(train_cfg.scheduler, train_cfg.scheduler)
     warmup = int(train_cfg.warmup_ratio * total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
@@ -65,6 +63,16 @@ def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):
     )
     set_seed(train_cfg.seed + dist.rank)  # dropout differs across ranks, as in data-parallel training
     return engine, scheduler, [p for p in engine.module.parameters() if p.requires_grad]
+
+
+def _adamw(zero: dict):
+    """The AdamW class each ZeRO setup needs (same update rule and defaults in all three)."""
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # the optimizer steps on the CPU: use its fused kernel
+
+        return DeepSpeedCPUAdam
+    # ZeRO >= 1 skips non-finite steps itself and accepts only the optimizer classes it knows.
+    return SkippableAdamW if zero.get("stage", 0) == 0 else torch.optim.AdamW
 
 
 def optimizer_step(engine, stream, config: Config, guard: NumericGuard, trainable, device, bco_delta: float):
@@ -242,9 +250,11 @@ def train(config: Config) -> dict:
     progress.close()
     stop.restore()
 
-    if not stopped and dist.is_main:
-        engine.module.save_pretrained(str(output_dir / ADAPTER_DIR), selected_adapters=["default"])
-        tokenizer.save_pretrained(str(output_dir / ADAPTER_DIR))
+    if not stopped:
+        with gathered(trainable):  # ZeRO-3 holds a shard of the adapter on each rank
+            if dist.is_main:
+                engine.module.save_pretrained(str(output_dir / ADAPTER_DIR), selected_adapters=["default"])
+                tokenizer.save_pretrained(str(output_dir / ADAPTER_DIR))
     if writer is not None:
         writer.close()
         _plot_if_possible(output_dir)

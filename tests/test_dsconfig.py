@@ -63,15 +63,3 @@ def test_missing_or_broken_json_is_a_user_error(tmp_path):
     for path, message in ((tmp_path / "none.json", "file not found"), (tmp_path / "broken.json", "not valid JSON")):
         with pytest.raises(UserError, match=message):
             fill_deepspeed_config(load_config(None, [f"deepspeed={path}"]), world_size=1)
-
-
-def test_zero3_over_a_quantized_base_is_refused(tmp_path):
-    path = write(tmp_path, {"zero_optimization": {"stage": 3}})
-    with pytest.raises(UserError, match="ZeRO stage 3 with model.quantization=nf4 is not supported"):
-        fill_deepspeed_config(load_config(None, [f"deepspeed={path}"]), world_size=1)
-    assert (
-        fill_deepspeed_config(load_config(None, [f"deepspeed={path}", "model.quantization=none"]), 1)[
-            "zero_optimization"
-        ]["stage"]
-        == 3
-    )

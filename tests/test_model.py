@@ -111,3 +111,12 @@ def test_missing_model_and_adapter_are_user_errors(tmp_path, tiny_model_dir):
     base = load_base(ModelConfig(path=str(tiny_model_dir), dtype="float32"), CPU)
     with pytest.raises(UserError, match="'lora.init_adapter'"):
         attach_adapter(base, LoraConfig(init_adapter=str(tmp_path)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_4bit_weights_are_stored_in_the_compute_dtype_so_zero3_can_partition_them(dtype):
+    from dpo_lora.config import load_config
+    from dpo_lora.model import quantization_config
+
+    config = quantization_config(load_config(None, ["model.quantization=nf4", f"model.dtype={dtype}"]).model)
+    assert config.bnb_4bit_quant_storage == config.bnb_4bit_compute_dtype == getattr(torch, dtype)
