@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,15 @@ if "DPO_LORA_CACHE" not in os.environ:  # tests (and the processes they start) t
 
     os.environ["DPO_LORA_CACHE"] = tempfile.mkdtemp(prefix="dpo-lora-test-cache-")
 REPO = Path(__file__).resolve().parent.parent
+# The venv's console scripts (deepspeed, torchrun), found even when the venv is not activated.
+VENV_BIN = Path(sys.executable).parent
+
+
+def venv_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the venv's bin first on PATH, plus `extra`."""
+    return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+
+
 SENTIMENT_TRAIN = REPO / "data" / "sentiment" / "train.jsonl"
 SENTIMENT_EVAL = REPO / "data" / "sentiment" / "eval.jsonl"
 CHATML = (

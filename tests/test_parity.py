@@ -22,7 +22,7 @@ from dpo_lora.checkpoint import CHECKPOINTS, step_name
 from dpo_lora.config import dump_yaml
 from dpo_lora.trainer import ADAPTER_DIR
 
-from .conftest import REPO
+from .conftest import REPO, VENV_BIN, venv_env
 from .test_checkpoint import train_rows
 from .test_trainer import tiny_config
 
@@ -59,9 +59,17 @@ def launch(model_dir, output_dir, nproc: int, deepspeed_config: str, dtype: str,
         command = [sys.executable, "-m", "dpo_lora", "train", str(config_file)]
     else:
         port = 29700 + sum(map(ord, output_dir.name)) % 200
-        command = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port), "--module", "dpo_lora"]
+        command = [
+            str(VENV_BIN / "deepspeed"),
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(port),
+            "--module",
+            "dpo_lora",
+        ]
         command += ["train", str(config_file)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=venv_env())
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
 

@@ -1,0 +1,156 @@
+"""Multi-rank behaviour: a failing rank ends the job, launchers, and a real two-host run.
+
+The two hosts are network namespaces joined by a veth pair on a private test subnet; each runs
+launch/node.sh with one rank, exactly as two cluster nodes without ssh would.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dpo_lora.config import dump_yaml
+from dpo_lora.distributed import gathered, rank_failure_message
+
+from .conftest import REPO, VENV_BIN, venv_env
+from .test_checkpoint import train_rows
+from .test_trainer import tiny_config
+
+LAUNCHERS = ["single_node.sh", "multi_node.sh", "node.sh", "slurm.sbatch"]
+
+
+def write_config(model_dir, output_dir, *overrides) -> str:
+    path = output_dir.parent / f"{output_dir.name}.yaml"
+    config = tiny_config(model_dir, output_dir, "train.micro_batch_size=2", "data.eval=null", *overrides)
+    path.write_text(dump_yaml(config))
+    return str(path)
+
+
+def test_rank_failure_message_names_the_rank(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert rank_failure_message(RuntimeError("x")) is None  # a world of one keeps its traceback
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    lost = rank_failure_message(RuntimeError("[pair.cc:553] Connection closed by peer [10.0.0.2]:1234"))
+    assert lost.startswith("dpo-lora: rank 2 of 4: lost contact with another rank")
+    assert rank_failure_message(ValueError("bad\nsecond line")) == "dpo-lora: rank 2 of 4 failed: ValueError: bad"
+
+
+def test_gathered_is_a_no_op_for_unpartitioned_parameters():
+    weight = torch.nn.Parameter(torch.arange(4.0))
+    with gathered([weight]):
+        assert torch.equal(weight, torch.arange(4.0))
+
+
+@pytest.mark.parametrize("mode", ["kill", "raise"])
+def test_a_dead_rank_ends_the_whole_job_quickly_and_is_named(tiny_model_dir, tmp_path, mode):
+    """Rank 1 is SIGKILLed (as by the OOM killer) or raises at its 3rd micro-batch: the launcher
+    must exit non-zero soon after, naming the rank, instead of rank 0 hanging in a collective."""
+    config = write_config(tiny_model_dir, tmp_path / "run", "train.max_steps=200")
+    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29680 + len(mode))]
+    command += ["--module", "tests.fault_rank", "train", config]
+    started = time.monotonic()
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=300, env=venv_env(DPO_LORA_FAULT=f"{mode}:1:3")
+    )
+    elapsed = time.monotonic() - started
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert elapsed < 120, f"took {elapsed:.0f} s: a rank hung after its peer died"  # startup ~20 s; hangs are 30 min
+    assert "dpo-lora: rank 0 of 2: lost contact with another rank" in output, output[-3000:]
+    if mode == "kill":
+        assert "--local_rank=1" in output and "exits with return code = -9" in output, output[-3000:]
+    else:
+        assert "dpo-lora: rank 1 of 2 failed: RuntimeError: planted fault" in output, output[-3000:]
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+@pytest.mark.parametrize("script", LAUNCHERS)
+def test_launchers_answer_help_and_name_the_interface_variables(script):
+    result = subprocess.run(["bash", str(REPO / "launch" / script), "--help"], capture_output=True, text=True)
+    if script == "slurm.sbatch":  # not a CLI; its header is the documentation
+        result = subprocess.CompletedProcess([], 0, (REPO / "launch" / script).read_text(), "")
+    assert result.returncode == 0, result.stderr
+    assert "CONFIG" in result.stdout and "GLOO_SOCKET_IFNAME" in result.stdout
+
+
+def test_node_sh_names_a_missing_variable():
+    env = venv_env()
+    for var in ("NNODES", "NODE_RANK", "MASTER_ADDR"):
+        env.pop(var, None)
+    result = subprocess.run(
+        ["bash", str(REPO / "launch" / "node.sh"), "c.yaml"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 2 and "set NNODES" in result.stderr
+
+
+HOSTS = (("dpolora-a", "veth-dpoa", "10.213.7.1"), ("dpolora-b", "veth-dpob", "10.213.7.2"))
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair; skipped where namespaces are not permitted."""
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 is not installed (apt-get install iproute2)")
+    (a, veth_a, _), (b, veth_b, _) = HOSTS
+
+    def cleanup():
+        for namespace, _, _ in HOSTS:
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+
+    cleanup()
+    setup = [["ip", "netns", "add", a], ["ip", "netns", "add", b]]
+    setup += [["ip", "link", "add", veth_a, "type", "veth", "peer", "name", veth_b]]
+    for namespace, veth, address in HOSTS:
+        setup += [["ip", "link", "set", veth, "netns", namespace]]
+        setup += [["ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", veth]]
+        setup += [
+            ["ip", "-n", namespace, "link", "set", veth, "up"],
+            ["ip", "-n", namespace, "link", "set", "lo", "up"],
+        ]
+    for command in setup:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            cleanup()
+            pytest.skip(f"network namespaces not permitted here ({' '.join(command)}: {result.stderr.strip()})")
+    yield
+    cleanup()
+
+
+def test_two_hosts_through_node_sh_train_like_one_process(two_hosts, tiny_model_dir, tmp_path):
+    master = HOSTS[0][2]
+    overrides = ["train.max_steps=4", "train.log_every=1"]
+    config = write_config(tiny_model_dir, tmp_path / "hosts", "train.grad_accum=1", *overrides)
+    nodes = []
+    for node_rank, (namespace, veth, _) in enumerate(HOSTS):
+        env = venv_env(NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR=master, MASTER_PORT="29571")
+        env.update(NPROC_PER_NODE="1", GLOO_SOCKET_IFNAME=veth)
+        command = ["ip", "netns", "exec", namespace, "bash", str(REPO / "launch" / "node.sh"), config]
+        nodes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_stdout, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr.decode()[-3000:]
+
+    # One process, same global batch (2 ranks x 2 = 1 rank x 2 x accumulation 2).
+    single = write_config(tiny_model_dir, tmp_path / "single", "train.grad_accum=2", *overrides)
+    result = subprocess.run([sys.executable, "-m", "dpo_lora", "train", single], cwd=REPO, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+
+    hosts_rows, single_rows = train_rows(tmp_path / "hosts"), train_rows(tmp_path / "single")
+    assert sorted(hosts_rows) == sorted(single_rows) == [1, 2, 3, 4]
+    for step, row in hosts_rows.items():
+        assert row["world_size"] == 2
+        for name in ("loss", "rewards/chosen", "rewards/margins", "grad_norm"):
+            assert row[name] == pytest.approx(single_rows[step][name], rel=1e-4, abs=1e-6), (step, name)
+    # Rank 0 alone writes the run's outputs: every step logged once, one adapter, one table.
+    lines = [json.loads(line) for line in (tmp_path / "hosts" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines if "loss" in row] == [1, 2, 3, 4]
+    assert (tmp_path / "hosts" / "adapter" / "adapter_model.safetensors").is_file()
+    assert b"dpo:" in outputs[0][1] and b"dpo:" not in outputs[1][1]  # the progress bar is rank 0's
