@@ -23,20 +23,44 @@ def run_config(path: Path) -> Config | None:
 
 
 def adapter_state_from_checkpoint(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The adapter tensors of a DeepSpeed checkpoint, named as PEFT saves them."""
+    """The adapter tensors of a DeepSpeed checkpoint of any ZeRO stage, named as PEFT saves them."""
     from dpo_lora.checkpoint import DEEPSPEED_TAG, _deepspeed_checkpoint_types
 
     states = checkpoint / DEEPSPEED_TAG / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise UserError(f"{checkpoint}: no DeepSpeed model states ({states.name}) in it")
     with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
-        module = torch.load(states, map_location="cpu", weights_only=True)["module"]
+        if states.is_file():
+            module = torch.load(states, map_location="cpu", weights_only=True)["module"]
+        elif (checkpoint / DEEPSPEED_TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
+            module = _zero3_trainable_state(checkpoint, DEEPSPEED_TAG)
+        else:
+            raise UserError(f"{checkpoint}: no DeepSpeed model states ({states.name}) in it")
     adapter = {
         name.replace(".default.", "."): t for name, t in module.items() if any(p in name for p in LORA_KEY_PARTS)
     }
     if not adapter or any(t.numel() == 0 for t in adapter.values()):
-        raise UserError(f"{checkpoint}: no complete adapter weights (a ZeRO-3 partitioned checkpoint?)")
+        raise UserError(f"{checkpoint}: no complete adapter weights in it")
     return adapter
+
+
+def _zero3_trainable_state(checkpoint: Path, tag: str) -> dict[str, torch.Tensor]:
+    """ZeRO-3 keeps each rank's shard of the float32 masters: DeepSpeed's zero_to_fp32 joins them.
+
+    It reads with weights_only=False; torch's own switch forces weights_only=True instead.
+    """
+    import os
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag, exclude_frozen_parameters=True)
+    finally:
+        if before is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+    return {name: tensor.detach() for name, tensor in state.items()}
 
 
 def write_adapter(adapter: dict[str, torch.Tensor], config: Config, folder: Path) -> Path:

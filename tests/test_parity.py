@@ -147,3 +147,17 @@ def test_zero3_two_ranks_resume_equals_the_uninterrupted_run(runs, tiny_model_di
         assert {k: rows[step][k] for k in COMPARED} == {k: expected_rows[step][k] for k in COMPARED}, step
     for name, tensor in expected_adapter.items():
         assert torch.equal(adapter(out)[name], tensor), name
+
+
+def test_a_zero3_checkpoint_exports_the_adapter_it_trained(runs, tmp_path):
+    from dpo_lora.export import export_model
+    from dpo_lora.runs import adapter_state_from_checkpoint
+
+    out = runs[0] / "2rank-zero3"
+    masters = adapter_state_from_checkpoint(out / CHECKPOINTS / step_name(4))  # float32, joined from 2 shards
+    final = adapter(out)  # what training saved: the bfloat16 module weights
+    assert sorted(masters) == sorted(final)
+    for name, tensor in final.items():
+        torch.testing.assert_close(masters[name].to(torch.bfloat16).float(), tensor, rtol=0, atol=0)
+    report = export_model(str(out / CHECKPOINTS / step_name(4)), out=str(tmp_path / "merged"), dtype="float32")
+    assert report["max_logp_diff_vs_claimed"] < 1e-3
