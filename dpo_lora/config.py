@@ -76,6 +76,10 @@ class DpoConfig:
     loss: str = knob("sigmoid", "preference loss", LOSS_TYPES)
     label_smoothing: float = knob(0.0, "assumed label-noise rate (cDPO/robust/exo_pair)")
     reference_free: bool = knob(False, "ignore the reference model (reference log-probs are 0)")
+    reference: str = knob(
+        "online", "reference log-probs: online (a no-grad forward per step) or precompute (once, cached)",
+        ("online", "precompute"),
+    )  # fmt: skip
 
 
 @dataclass

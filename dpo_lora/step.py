@@ -23,6 +23,8 @@ def preference_step(model, batch: dict, dpo_config, bco_delta: float = 0.0) -> t
     peft_model = getattr(model, "module", model)
     if dpo_config.reference_free:
         ref_logps = torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+    elif "reference_logps" in batch:  # precomputed once (dpo_lora.reference)
+        ref_logps = batch["reference_logps"]
     else:
         # Reference first: its activations are freed before the policy's graph is built.
         with torch.no_grad(), reference_mode(peft_model):

@@ -42,7 +42,7 @@ def collate_pairs(features: list[dict], pad_token_id: int) -> dict[str, torch.Te
     rows [B, 2B) prompt+rejected, so one forward scores both.
 
     Returns input_ids, attention_mask, labels (all [2B, T]; labels are IGNORE_INDEX on prompt
-    and padding), and `row_index`/`weight` [B] when the features carry them.
+    and padding), `row_index`/`weight` [B] and `reference_logps` [2B] when the features carry them.
     """
     sequences = [(f["prompt_ids"], f["chosen_ids"]) for f in features]
     sequences += [(f["prompt_ids"], f["rejected_ids"]) for f in features]
@@ -60,4 +60,7 @@ def collate_pairs(features: list[dict], pad_token_id: int) -> dict[str, torch.Te
     for key, dtype in (("row_index", torch.long), ("weight", torch.float32)):
         if key in features[0]:
             batch[key] = torch.tensor([f[key] for f in features], dtype=dtype)
+    if "reference_chosen_logps" in features[0]:  # precomputed (dpo.reference: precompute), in row order
+        scores = [f["reference_chosen_logps"] for f in features] + [f["reference_rejected_logps"] for f in features]
+        batch["reference_logps"] = torch.tensor(scores, dtype=torch.float32)
     return batch

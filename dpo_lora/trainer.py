@@ -155,6 +155,10 @@ def train(config: Config) -> dict:
         eval_loader = torch.utils.data.DataLoader(eval_shard, batch_size=train_cfg.eval_batch_size, collate_fn=collate)
 
     engine, scheduler, trainable = _build_engine(config, dist, ds_config, total_steps)
+    if config.dpo.reference == "precompute" and not config.dpo.reference_free:
+        from dpo_lora.reference import with_reference_logps
+
+        batches.dataset = with_reference_logps(engine, train_set, config, collate, dist)
     writer = MetricsWriter(output_dir) if dist.is_main else None
     window, guard, results = MetricWindow(), NumericGuard(train_cfg.max_bad_steps), {}
     reward_sums = [0.0, 0.0]  # all rewards so far (sum, count): bco_pair's baseline

@@ -1,0 +1,98 @@
+"""Reference log-probs computed once (`dpo.reference: precompute`).
+
+The reference is the frozen base (or the frozen initial adapter), so each training pair's
+reference score never changes: compute it once, with no grad, and cache it on disk under a
+fingerprint of everything it depends on. Training then runs no reference forward at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from dpo_lora.distributed import barrier, gather_lists
+from dpo_lora.evaluation import to_device
+from dpo_lora.model import reference_mode
+from dpo_lora.step import concatenated_logps
+
+CHOSEN, REJECTED = "reference_chosen_logps", "reference_rejected_logps"
+
+
+def cache_dir() -> Path:
+    """Where cached reference log-probs live: $DPO_LORA_CACHE, else ~/.cache/dpo-lora."""
+    return Path(os.environ.get("DPO_LORA_CACHE", "~/.cache/dpo-lora")).expanduser() / "reference"
+
+
+def _files_signature(path: str | None) -> list:
+    """Names, sizes and modification times of a model or adapter folder's files."""
+    if not path or not Path(path).is_dir():
+        return [path]
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(path).iterdir()) if f.is_file()]
+
+
+def reference_fingerprint(model_config, lora_config, train_set) -> str:
+    """Changes whenever the reference scores could: weights, quantization, dtype, data, tokenization.
+
+    The tokenized dataset's own fingerprint covers the data files, tokenizer and truncation.
+    """
+    parts = {
+        "data": train_set._fingerprint,
+        "model": [model_config.path, _files_signature(model_config.path)],
+        "quantization": model_config.quantization,
+        "dtype": model_config.dtype,
+        "attention": model_config.attn_implementation,
+        "reference_adapter": _files_signature(lora_config.init_adapter) if lora_config.init_adapter else None,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def compute_reference_logps(engine, dataset, collate, batch_size: int, rank: int, world_size: int, device):
+    """Reference log-probs of every pair: a float32 tensor [N, 2] (chosen, rejected).
+
+    Each rank scores an equal share (ZeRO-3 needs every rank in every forward); pairs are
+    gathered back by index.
+    """
+    per_rank = math.ceil(len(dataset) / world_size)
+    indices = [(rank + world_size * i) % len(dataset) for i in range(per_rank)]
+    scored = []
+    engine.eval()
+    with reference_mode(getattr(engine, "module", engine)):
+        for start in range(0, per_rank, batch_size):
+            chunk = indices[start : start + batch_size]
+            batch = to_device(collate([dataset[i] for i in chunk]), device)
+            logps, _ = concatenated_logps(engine, batch)
+            n = len(chunk)
+            scored += [(i, c, r) for i, c, r in zip(chunk, logps[:n].tolist(), logps[n:].tolist(), strict=True)]
+    engine.train()
+    result = torch.empty(len(dataset), 2, dtype=torch.float32)
+    for index, chosen, rejected in gather_lists(scored):
+        result[index] = torch.tensor([chosen, rejected])
+    return result
+
+
+def with_reference_logps(engine, train_set, config, collate, dist):
+    """`train_set` with the two reference columns, from the cache or computed (and cached) now."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir() / f"{reference_fingerprint(config.model, config.lora, train_set)}.safetensors"
+    if path.is_file():
+        logps = load_file(path)["logps"]
+    else:
+        logps = compute_reference_logps(
+            engine, train_set, collate, config.train.eval_batch_size, dist.rank, dist.world_size, dist.device
+        )
+        if dist.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            save_file({"logps": logps}, str(partial))
+            partial.rename(path)  # a crash mid-write never leaves a file that looks complete
+        barrier()
+    if logps.shape != (len(train_set), 2):
+        raise RuntimeError(f"{path}: holds {tuple(logps.shape)} scores for {len(train_set)} pairs")
+    return train_set.add_column(CHOSEN, logps[:, 0].tolist()).add_column(REJECTED, logps[:, 1].tolist())

@@ -1,0 +1,54 @@
+"""Precomputed reference log-probs train exactly like the online reference, and are cached."""
+
+from __future__ import annotations
+
+import pytest
+
+import dpo_lora.reference as reference_module
+from dpo_lora.trainer import train
+
+from .test_trainer import tiny_config, train_rows
+
+RUN = ["train.max_steps=4", "train.micro_batch_size=2", "train.grad_accum=2", "data.eval=null", "train.log_every=1"]
+
+
+def test_precomputed_reference_trains_like_the_online_one_and_is_reused(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DPO_LORA_CACHE", str(tmp_path / "cache"))
+    online = tmp_path / "online"
+    train(tiny_config(tiny_model_dir, online, *RUN, "dpo.reference=online"))
+    first = tmp_path / "precompute"
+    train(tiny_config(tiny_model_dir, first, *RUN, "dpo.reference=precompute"))
+    cached = list((tmp_path / "cache" / "reference").glob("*.safetensors"))
+    assert len(cached) == 1
+
+    expected = train_rows(online)
+    assert expected[-1]["loss"] < expected[0]["loss"] - 0.01  # the runs learn: the comparison is not vacuous
+    for row, want in zip(train_rows(first), expected, strict=True):
+        for name in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "grad_norm"):
+            # Same pairs, padded to a different width in the reference pass: float rounding only.
+            assert row[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), (row["step"], name)
+
+    # A rerun reads the cache: no reference forward at all.
+    def no_forward(*args, **kwargs):
+        raise AssertionError("reference log-probs recomputed despite the cache")
+
+    monkeypatch.setattr(reference_module, "compute_reference_logps", no_forward)
+    again = tmp_path / "again"
+    train(tiny_config(tiny_model_dir, again, *RUN, "dpo.reference=precompute"))
+    assert [r["loss"] for r in train_rows(again)] == [r["loss"] for r in train_rows(first)]
+
+
+def test_the_fingerprint_follows_what_the_reference_depends_on(tiny_model_dir, tmp_path):
+    from dpo_lora.model import load_tokenizer
+    from dpo_lora.prepare import prepare_splits
+
+    def fingerprint(*overrides):
+        config = tiny_config(tiny_model_dir, tmp_path / "x", *overrides)
+        train_set, _ = prepare_splits(config.data, load_tokenizer(config.model), config.train.seed)
+        return reference_module.reference_fingerprint(config.model, config.lora, train_set)
+
+    base = fingerprint()
+    assert fingerprint() == base
+    assert fingerprint("model.quantization=none") != base
+    assert fingerprint("data.max_length=80") != base  # truncation changes the tokenized data
+    assert fingerprint("train.lr=1e-3") == base  # the optimizer does not touch the reference
