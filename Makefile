@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,11 +22,16 @@ demo: setup $(MODEL_DIR)/.dpo-lora-complete
 	$(VENV)/bin/dpo-lora train configs/demo.yaml --overwrite
 
 test: setup $(MODEL_DIR)/.dpo-lora-complete
-	$(VENV)/bin/ruff check dpo_lora tests data && $(VENV)/bin/ruff format --check dpo_lora tests data
+	$(VENV)/bin/ruff check dpo_lora tests data bench && $(VENV)/bin/ruff format --check dpo_lora tests data bench
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# dpo-lora against TRL's DPOTrainer on the same work (WORKLOAD=short|long); prints ratios.
+bench: setup $(MODEL_DIR)/.dpo-lora-complete
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) bench/compare_trl.py --workload $(or $(WORKLOAD),short)
+
 lint: setup
-	$(VENV)/bin/ruff check dpo_lora tests data && $(VENV)/bin/ruff format --check dpo_lora tests data
+	$(VENV)/bin/ruff check dpo_lora tests data bench && $(VENV)/bin/ruff format --check dpo_lora tests data bench
 
 clean:
 	rm -rf runs

@@ -1,0 +1,238 @@
+"""dpo-lora against TRL's DPOTrainer (with PEFT) on the same work, side by side in one run.
+
+    python bench/compare_trl.py [--workload short|long] [--steps N] [--systems trl,dpo-lora,...]
+
+Same model (SmolLM2-135M-Instruct in NF4), LoRA (r=16, all linear layers), data, micro batch,
+max_length, gradient checkpointing and dtype for every system; each runs in its own process so
+its peak RSS is its own. Prints steady-state s/step (median after the first two steps), pairs/s,
+tokens/s, peak RSS and ratios to TRL, and dpo-lora's achieved FLOP/s against this machine's
+measured matmul rate. Results go to bench/results/WORKLOAD-TIMESTAMP.json.
+TRL is a bench-only extra: `pip install -e ".[bench]"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMS = ("trl", "dpo-lora", "dpo-lora-precompute")
+# (prompt tokens, completion tokens, micro batch, max_length), as in the issue's peer figures.
+WORKLOADS = {"short": (64, 60, 4, 256), "long": (300, 480, 2, 1024)}
+
+
+def make_pairs(tokenizer, prompt_tokens: int, completion_tokens: int, count: int, seed: int = 0) -> list[dict]:
+    """Pairs of the workload's lengths cut from the bundled sentiment data (no download)."""
+    import random
+
+    rows = [json.loads(line) for line in (REPO / "data/sentiment/train.jsonl").read_text().splitlines()]
+    text = " ".join(m["content"] for row in rows for m in row["prompt"] + row["chosen"] + row["rejected"])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rng = random.Random(seed)
+
+    def piece(n: int) -> str:
+        start = rng.randrange(0, len(ids) - n)
+        return tokenizer.decode(ids[start : start + n])
+
+    return [
+        {
+            "prompt": piece(prompt_tokens),
+            "chosen": " " + piece(completion_tokens),
+            "rejected": " " + piece(completion_tokens),
+        }
+        for _ in range(count)
+    ]
+
+
+def run_trl(args, data_file: Path, work: Path) -> list[float]:
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    dtype = getattr(torch, args.dtype)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, quantization_config=quantization)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    _, _, micro_batch, max_length = WORKLOADS[args.workload]
+    config = DPOConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=micro_batch, gradient_accumulation_steps=1,
+        max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, beta=0.1,
+        max_length=max_length, gradient_checkpointing=True, bf16=args.dtype == "bfloat16", use_cpu=not torch.cuda.is_available(),
+        logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0, disable_dropout=True,
+    )  # fmt: skip
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    times = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            times.append(time.perf_counter() - self.start)
+
+    dataset = load_dataset("json", data_files=str(data_file), split="train")
+    trainer = DPOTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
+        callbacks=[StepTimes()],
+    )  # fmt: skip
+    trainer.train()
+    return times
+
+
+def run_dpo_lora(args, data_file: Path, work: Path, reference: str) -> list[float]:
+    from dpo_lora.config import load_config
+    from dpo_lora.trainer import train
+
+    prompt_tokens, _, micro_batch, max_length = WORKLOADS[args.workload]
+    config = load_config(
+        REPO / "configs/demo.yaml",
+        [
+            f"model.path={args.model}", f"model.dtype={args.dtype}", "model.gradient_checkpointing=true",
+            "lora.dropout=0.0", f"data.train={data_file}", "data.eval=null", f"data.max_length={max_length}",
+            f"data.max_prompt_length={min(max_length - 1, 2 * prompt_tokens)}", f"train.micro_batch_size={micro_batch}",
+            "train.grad_accum=1", f"train.max_steps={args.steps}", "train.log_every=1", "train.scheduler=constant",
+            "train.warmup_ratio=0", f"dpo.reference={reference}", f"output_dir={work / reference}", "overwrite=true",
+        ],
+    )  # fmt: skip
+    os.environ["DPO_LORA_CACHE"] = str(work / "cache")  # a cold cache: the precompute is paid in this run
+    train(config)
+    rows = [json.loads(line) for line in (work / reference / "metrics.jsonl").read_text().splitlines()]
+    return [row["global_batch"] / row["pairs_per_s"] for row in rows if "pairs_per_s" in row]
+
+
+def child(args) -> None:
+    """One system in this process; writes its step times, wall time and peak RSS as JSON."""
+    work = Path(args.work)
+    started = time.perf_counter()
+    if args.child == "trl":
+        times = run_trl(args, Path(args.data), work)
+    else:
+        times = run_dpo_lora(
+            args, Path(args.data), work, "precompute" if args.child.endswith("precompute") else "online"
+        )
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = {"step_times": times, "wall_s": time.perf_counter() - started, "peak_rss_gb": peak_kb / 2**20}
+    Path(args.result).write_text(json.dumps(result))
+
+
+def matmul_flops(dtype_name: str) -> float:
+    """This machine's dense matmul rate (FLOP/s) in the training dtype."""
+    import torch
+
+    a = torch.randn(1024, 1024, dtype=getattr(torch, dtype_name))
+    a @ a
+    start, runs = time.perf_counter(), 10
+    for _ in range(runs):
+        a @ a
+    return runs * 2 * 1024**3 / (time.perf_counter() - start)
+
+
+def useful_flops_per_token(model_path: str) -> float:
+    """4 x parameters per token: the policy's forward (2N) and its backward through the frozen base
+    to the adapter (2N, no weight gradients); recomputation and the reference pass are not counted,
+    because removing them is what an efficient trainer does."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_path)
+    per_layer = 4 * c.hidden_size * c.hidden_size * (1 + c.num_key_value_heads / c.num_attention_heads) / 2
+    per_layer += 3 * c.hidden_size * c.intermediate_size
+    return 4 * (c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="short")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per system (default 8 short, 4 long)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
+    parser.add_argument("--model", default=str(REPO / "models/SmolLM2-135M-Instruct"))
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 where native)")
+    for hidden in ("--child", "--data", "--work", "--result"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps is None:
+        args.steps = 8 if args.workload == "short" else 4
+    if args.dtype is None:
+        import torch
+
+        native = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported()
+        args.dtype = "bfloat16" if native else "float32"
+    if args.child:
+        child(args)
+        return
+
+    from transformers import AutoTokenizer
+
+    prompt_tokens, completion_tokens, micro_batch, _ = WORKLOADS[args.workload]
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data_file = work / "pairs.jsonl"
+        pairs = make_pairs(tokenizer, prompt_tokens, completion_tokens, count=micro_batch * (args.steps + 2))
+        data_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        tokens_per_pair = prompt_tokens * 2 + completion_tokens * 2  # chosen and rejected each carry the prompt
+        results = {}
+        for system in args.systems.split(","):
+            result_file = work / f"{system}.json"
+            command = [sys.executable, __file__, "--child", system, "--workload", args.workload]
+            command += ["--steps", str(args.steps), "--model", args.model, "--dtype", args.dtype]
+            command += ["--data", str(data_file), "--work", str(work), "--result", str(result_file)]
+            print(f"running {system} ...", flush=True)
+            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{system} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+                continue
+            result = json.loads(result_file.read_text())
+            steady = statistics.median(result["step_times"][2:] or result["step_times"])
+            result.update(s_per_step=steady, pairs_per_s=micro_batch / steady)
+            result["tokens_per_s"] = result["pairs_per_s"] * tokens_per_pair
+            results[system] = result
+
+    peak = matmul_flops(args.dtype)
+    flops_per_token = useful_flops_per_token(args.model)
+    trl = results.get("trl")
+    print(
+        f"\nworkload {args.workload}: {micro_batch} pairs/step, ~{tokens_per_pair} tokens/pair, {args.dtype}, {args.steps} steps"
+    )
+    print(
+        f"{'system':<22}{'s/step':>8}{'pairs/s':>9}{'tokens/s':>10}{'peak RSS':>10}{'wall s':>8}{'x TRL speed':>13}{'x TRL RSS':>11}"
+    )
+    for system, r in results.items():
+        speed = f"{r['pairs_per_s'] / trl['pairs_per_s']:.2f}" if trl else "-"
+        memory = f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}" if trl else "-"
+        print(
+            f"{system:<22}{r['s_per_step']:>8.2f}{r['pairs_per_s']:>9.3f}{r['tokens_per_s']:>10.1f}"
+            f"{r['peak_rss_gb']:>9.2f}G{r['wall_s']:>8.0f}{speed:>13}{memory:>11}"
+        )
+        r["useful_flops_per_s"] = r["tokens_per_s"] * flops_per_token
+    print(f"machine matmul rate ({args.dtype}): {peak / 1e9:.1f} GFLOP/s")
+    for system, r in results.items():
+        print(
+            f"{system}: {r['useful_flops_per_s'] / 1e9:.2f} useful GFLOP/s = {r['useful_flops_per_s'] / peak:.1%} of it"
+        )
+    out = REPO / "bench/results" / f"{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "workload": args.workload,
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "matmul_flops": peak,
+        "results": results,
+    }
+    out.write_text(json.dumps(report, indent=2))
+    print(f"written {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
