@@ -97,6 +97,9 @@ class TrainConfig:
     log_every: int = knob(1, "optimizer steps per metrics row")
     eval_every: int = knob(0, "optimizer steps between evals; 0 evaluates only before and after training")
     eval_batch_size: int = knob(8, "pairs per rank per eval forward")
+    logps_chunk_size: int = knob(
+        1024, "completion tokens per LM-head chunk when scoring (no full logits kept); 0 = plain logits"
+    )
     save_every: int = knob(0, "optimizer steps between checkpoints; 0 saves only at the end")
     keep_checkpoints: int = knob(2, "complete checkpoints kept (older ones are deleted); 0 keeps all")
     resume: str = knob(

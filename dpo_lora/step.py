@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from dpo_lora.logprobs import sequence_logps
+from dpo_lora.chunked_logps import scoring
+from dpo_lora.logprobs import IGNORE_INDEX, sequence_logps
 from dpo_lora.losses import dpo_loss
 from dpo_lora.model import reference_mode
 
 
 def concatenated_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Score chosen and rejected in one forward. Returns (logps [2B], completion lengths [2B])."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return sequence_logps(logits, batch["labels"])
+    with scoring(model, batch["labels"]) as chunked:
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    if not chunked:
+        return sequence_logps(output, batch["labels"])
+    # The head already gave each position's label log-prob ([2B, T-1]; 0 where unscored).
+    return output.sum(-1), (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
 
 
 def preference_step(model, batch: dict, dpo_config, bco_delta: float = 0.0) -> tuple[torch.Tensor, dict]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_lora import chunked_logps
 from dpo_lora.batches import PairBatches
 from dpo_lora.checkpoint import clear_run, load_checkpoint, resume_point, save_checkpoint
 from dpo_lora.config import Config, dump_yaml, to_dict
@@ -51,6 +52,7 @@ def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):
     train_cfg = config.train
     set_seed(train_cfg.seed)  # same LoRA init on every rank
     model = attach_adapter(load_base(config.model, dist.device), config.lora)
+    chunked_logps.install(model, train_cfg.logps_chunk_size)  # before DeepSpeed wraps the head
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = _adamw(ds_config["zero_optimization"])(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     schedule = {"constant": "constant_with_warmup"}.get(train_cfg.scheduler, train_cfg.scheduler)

@@ -1,0 +1,121 @@
+"""Label log-probs straight from the final hidden states, never holding [batch, tokens, vocab].
+
+`install(model, chunk_size)` teaches the model's LM head a second job: while `scoring(model,
+labels)` is active, the head returns each position's log-prob of its label ([B, T-1]) instead of
+logits. Only positions that are scored (completion tokens) go through the head, `chunk_size` at a
+time, and the backward pass recomputes each chunk's logits instead of keeping them, so peak memory
+is chunk_size x vocab, not batch x length x vocab. The head stays the same module, so DeepSpeed's
+ZeRO-3 hooks still gather its weight for forward and backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from dpo_lora.logprobs import IGNORE_INDEX
+
+
+class LabelLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias)[label], chunk by chunk, recomputed in backward.
+
+    hidden [N, H], weight [V, H], bias [V] or None, labels [N] -> float32 [N].
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            logits = _logits(hidden[start : start + chunk_size], weight, bias)
+            label_logits = logits.gather(1, labels[start : start + chunk_size, None]).squeeze(1)
+            out[start : start + chunk_size] = label_logits - logits.logsumexp(1)
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            chunk_grad = grad_out[start:end, None]
+            # d(logit_label - logsumexp)/d logits = onehot(label) - softmax
+            grad_logits = -_logits(hidden[start:end], weight, bias).softmax(1) * chunk_grad
+            grad_logits.scatter_add_(1, labels[start:end, None], chunk_grad)
+            if need_hidden:
+                grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight
+            if need_weight:
+                grad_weight += grad_logits.T @ hidden[start:end].float()
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # The same op as the plain head (rounded to the model dtype), then float32 as sequence_logps does.
+    return torch.nn.functional.linear(hidden, weight, bias).float()
+
+
+def label_logps_from_hidden(hidden, weight, bias, labels, chunk_size: int) -> torch.Tensor:
+    """hidden [B, T, H], labels [B, T] (IGNORE_INDEX where unscored) -> [B, T-1] float32 log-probs
+    of labels[:, 1:] given positions [:, :-1], 0 where unscored."""
+    shifted = labels[:, 1:]
+    mask = shifted != IGNORE_INDEX
+    scored = LabelLogps.apply(hidden[:, :-1][mask], weight, bias, shifted[mask], chunk_size)
+    token_logps = torch.zeros(shifted.shape, dtype=torch.float32, device=hidden.device)
+    return token_logps.masked_scatter(mask, scored)
+
+
+def _head(model):
+    """The plain nn.Linear LM head of a (PEFT-wrapped) causal LM, or None where chunking would change
+    the function (a LoRA-wrapped head, logit soft-capping or scaling)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    config = getattr(base, "config", None)
+    if type(head) is not torch.nn.Linear:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1.0):
+        return None
+    return head
+
+
+def install(model, chunk_size: int) -> bool:
+    """Give the LM head its label-log-prob mode; returns False (plain logits kept) where unsafe."""
+    head = _head(model)
+    if head is None or chunk_size <= 0:
+        return False
+    plain_forward = head.forward
+
+    def forward(hidden_states):
+        labels = head.dpo_lora_labels
+        if labels is None:
+            return plain_forward(hidden_states)
+        return label_logps_from_hidden(hidden_states, head.weight, head.bias, labels, head.dpo_lora_chunk_size)
+
+    head.forward = forward
+    head.dpo_lora_labels = None
+    head.dpo_lora_chunk_size = chunk_size
+    return True
+
+
+@contextlib.contextmanager
+def scoring(model, labels: torch.Tensor):
+    """Within the block the model's `.logits` are [B, T-1] label log-probs; yields False (and does
+    nothing) when install() was not applied."""
+    peft_model = getattr(model, "module", model)
+    head = _head(peft_model)
+    if head is None or not hasattr(head, "dpo_lora_labels"):
+        yield False
+        return
+    head.dpo_lora_labels = labels
+    try:
+        yield True
+    finally:
+        head.dpo_lora_labels = None

@@ -1,0 +1,99 @@
+"""The chunked LM-head scoring equals the plain full-logits path: values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_lora import chunked_logps
+from dpo_lora.logprobs import IGNORE_INDEX, sequence_logps
+from dpo_lora.step import concatenated_logps
+
+
+def oracle(hidden, weight, bias, labels):
+    """float64, written from the definition: log softmax(h W^T + b)[label] at each scored position."""
+    logits = hidden.double() @ weight.double().T + (bias.double() if bias is not None else 0)
+    shifted = labels[:, 1:]
+    mask = shifted != IGNORE_INDEX
+    token = torch.log_softmax(logits[:, :-1], -1).gather(-1, shifted.clamp(min=0)[..., None]).squeeze(-1)
+    return (token * mask).sum(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_values_and_gradients_match_a_float64_oracle(chunk_size, with_bias):
+    g = torch.Generator().manual_seed(chunk_size)
+    hidden = torch.randn(3, 6, 5, generator=g, dtype=torch.float64).float().requires_grad_()
+    weight = torch.randn(13, 5, generator=g).requires_grad_()
+    bias = torch.randn(13, generator=g).requires_grad_() if with_bias else None
+    labels = torch.randint(0, 13, (3, 6), generator=g)
+    labels[0, :2] = IGNORE_INDEX  # prompt
+    labels[2, 4:] = IGNORE_INDEX  # padding
+    upstream = torch.randn(3, generator=g)
+
+    got = chunked_logps.label_logps_from_hidden(hidden, weight, bias, labels, chunk_size).sum(-1)
+    inputs = [hidden, weight] + ([bias] if with_bias else [])
+    got_grads = torch.autograd.grad((got * upstream).sum(), inputs)
+
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    expected = oracle(leaves[0], leaves[1], leaves[2] if with_bias else None, labels)
+    expected_grads = torch.autograd.grad((expected * upstream.double()).sum(), leaves)
+    torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("hidden", "weight", "bias"), got_grads, expected_grads, strict=False):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_on_the_model_it_equals_plain_logits_in_values_and_lora_gradients(tiny_model_dir, tiny_tokenizer, dtype):
+    from dpo_lora.config import LoraConfig, ModelConfig
+    from dpo_lora.model import attach_adapter, load_base
+    from dpo_lora.tokenization import collate_pairs
+
+    torch.manual_seed(0)
+    model = attach_adapter(
+        load_base(ModelConfig(path=str(tiny_model_dir), quantization="nf4", dtype=dtype), torch.device("cpu")),
+        LoraConfig(dropout=0.0),
+    )
+    for name, p in model.named_parameters():  # a trained-looking adapter, so every path carries signal
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    pairs = [
+        {"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9, 10, 11], "rejected_ids": [12, 13]},
+        {"prompt_ids": [14, 15], "chosen_ids": [16, 17, 18, 19, 20], "rejected_ids": [21, 22, 23]},
+    ]
+    batch = collate_pairs(pairs, tiny_tokenizer.pad_token_id)
+
+    def run():
+        model.zero_grad()
+        logps, lengths = concatenated_logps(model, batch)
+        (logps * torch.linspace(-1, 1, logps.shape[0])).sum().backward()
+        return logps.detach(), lengths, lora_grads(model)
+
+    plain = run()
+    assert chunked_logps.install(model, chunk_size=4)
+    chunked = run()
+    torch.testing.assert_close(chunked[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(chunked[1], plain[1])
+    tolerance = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(chunked[2][name], grad, rtol=tolerance, atol=tolerance * 1e-1, msg=name)
+    with chunked_logps.scoring(model, batch["labels"]):
+        pass
+    # Outside scoring the head is the plain head again: generation and eval see logits.
+    logits = model(input_ids=batch["input_ids"]).logits
+    assert logits.shape[-1] == model.get_output_embeddings().weight.shape[0]
+    assert torch.allclose(sequence_logps(logits, batch["labels"])[0], plain[0], atol=1e-4)
+
+
+def test_a_head_that_chunking_would_change_is_left_alone():
+    class Scaled(torch.nn.Module):
+        config = type("C", (), {"final_logit_softcapping": 30.0})()
+
+        def get_output_embeddings(self):
+            return torch.nn.Linear(4, 8)
+
+    assert not chunked_logps.install(Scaled(), chunk_size=16)
