@@ -64,6 +64,7 @@ class DataConfig:
     eval_fraction: float = knob(0.0, "fraction of train held out for eval when data.eval is unset")
     max_length: int = knob(512, "max tokens of prompt + completion")
     max_prompt_length: int = knob(256, "max prompt tokens; longer prompts keep their end")
+    group_by_length: bool = knob(False, "fill each global batch with pairs of similar length (less padding)")
     num_proc: int | None = knob(None, "worker processes for tokenization (datasets.map)")
     on_bad_rows: str = knob(
         "error", "bad rows stop the run before training, or are dropped and reported", ("error", "skip")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dpo_lora import chunked_logps
-from dpo_lora.batches import PairBatches
+from dpo_lora.batches import PairBatches, pair_lengths
 from dpo_lora.checkpoint import clear_run, load_checkpoint, resume_point, save_checkpoint
 from dpo_lora.config import Config, dump_yaml, to_dict
 from dpo_lora.distributed import all_reduce_sum, barrier, gather_lists, gathered
@@ -142,7 +142,8 @@ def train(config: Config) -> dict:
     collate = functools.partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
     batches = PairBatches(
         train_set, micro_batch_size=train_cfg.micro_batch_size, rank=dist.rank, world_size=dist.world_size,
-        seed=train_cfg.seed, collate=collate,
+        seed=train_cfg.seed, collate=collate, lengths=pair_lengths(train_set) if config.data.group_by_length else None,
+        global_batch=ds_config["train_batch_size"],
     )  # fmt: skip
     steps_per_epoch = batches.per_epoch // train_cfg.grad_accum
     if steps_per_epoch == 0:

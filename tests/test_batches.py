@@ -45,3 +45,40 @@ def test_ranks_get_disjoint_shards_covering_the_global_batches():
         assert sorted(one_rank[4 * step : 4 * step + 4]) == sorted(
             two_ranks[0][2 * step : 2 * step + 2] + two_ranks[1][2 * step : 2 * step + 2]
         )
+
+
+def grouped(rank=0, world=1, micro=2, n=200, seed=3, global_batch=8):
+    lengths = [(i * 37) % 101 + 5 for i in range(n)]  # spread-out lengths in a scrambled order
+    batches = PairBatches(
+        [{"i": i} for i in range(n)], micro_batch_size=micro, rank=rank, world_size=world, seed=seed, collate=ids,
+        lengths=lengths, global_batch=global_batch,
+    )  # fmt: skip
+    return batches, lengths
+
+
+def test_length_grouping_cuts_padding_and_keeps_every_invariant():
+    batches, lengths = grouped()
+    micro_batches = list(itertools.islice(iter(batches), 2 * batches.per_epoch))
+    steps = [sum(micro_batches[k : k + 4], []) for k in range(0, len(micro_batches), 4)]  # 4 micro = 1 step
+    per_epoch_steps = batches.per_epoch // 4
+    epoch0 = sum(steps[:per_epoch_steps], [])
+    assert len(set(epoch0)) == len(epoch0) == 200  # every pair once per epoch
+    assert epoch0 != sum(steps[per_epoch_steps:], [])  # reshuffled per epoch
+
+    def padding(step_ids):  # padded tokens of a global batch
+        return sum(max(lengths[i] for i in step_ids) - lengths[i] for i in step_ids)
+
+    random_batches = stream(n=200, micro=8, seed=3)
+    random_steps = list(itertools.islice(iter(random_batches), per_epoch_steps))
+    assert sum(map(padding, steps[:per_epoch_steps])) * 5 < sum(map(padding, random_steps))
+
+    # Ranks: disjoint, and the pairs of each step are the same whatever the split.
+    two = [grouped(rank=r, world=2, micro=2)[0] for r in (0, 1)]
+    streams = [list(itertools.islice(iter(b), 2 * b.per_epoch)) for b in two]
+    for step in range(per_epoch_steps):
+        split = sum(streams[0][2 * step : 2 * step + 2] + streams[1][2 * step : 2 * step + 2], [])
+        assert sorted(split) == sorted(steps[step])
+
+    resumed, _ = grouped()
+    resumed.position = 13
+    assert list(itertools.islice(iter(resumed), 20)) == list(itertools.islice(iter(grouped()[0]), 33))[13:]

@@ -107,3 +107,11 @@ def test_too_little_data_for_one_global_batch_is_a_user_error(tiny_model_dir, tm
     config = tiny_config(tiny_model_dir, tmp_path / "run", "train.micro_batch_size=400")
     with pytest.raises(UserError, match="fewer than one global batch"):
         train(config)
+
+
+def test_length_grouped_batches_train(tiny_model_dir, tmp_path):
+    out = tmp_path / "grouped"
+    train(tiny_config(tiny_model_dir, out, "train.max_steps=2", "train.log_every=1", "data.eval=null",
+                      "data.group_by_length=true", "train.micro_batch_size=4"))  # fmt: skip
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
