@@ -166,8 +166,9 @@ def main() -> None:
     if args.dtype is None:
         import torch
 
-        native = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported()
-        args.dtype = "bfloat16" if native else "float32"
+        from dpo_lora.model import cpu_has_native_bf16
+
+        args.dtype = "bfloat16" if torch.cuda.is_available() or cpu_has_native_bf16() else "float32"
     if args.child:
         child(args)
         return
