@@ -1,8 +1,8 @@
 """Label log-probs straight from the final hidden states, never holding [batch, tokens, vocab].
 
 `install(model, chunk_size)` teaches the model's LM head a second job: while `scoring(model,
-labels)` is active, the head returns each position's log-prob of its label ([B, T-1]) instead of
-logits. Only positions that are scored (completion tokens) go through the head, `chunk_size` at a
+index, targets)` is active, the head returns the log-prob of each target at its position ([N])
+instead of logits. Only positions that are scored (completion tokens) go through the head, `chunk_size` at a
 time, and the backward pass recomputes each chunk's logits instead of keeping them, so peak memory
 is chunk_size x vocab, not batch x length x vocab. The head stays the same module, so DeepSpeed's
 ZeRO-3 hooks still gather its weight for forward and backward.
@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
-from dpo_lora.logprobs import IGNORE_INDEX
 
 
 class LabelLogps(torch.autograd.Function):
@@ -63,14 +61,10 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return torch.nn.functional.linear(hidden, weight, bias).float()
 
 
-def label_logps_from_hidden(hidden, weight, bias, labels, chunk_size: int) -> torch.Tensor:
-    """hidden [B, T, H], labels [B, T] (IGNORE_INDEX where unscored) -> [B, T-1] float32 log-probs
-    of labels[:, 1:] given positions [:, :-1], 0 where unscored."""
-    shifted = labels[:, 1:]
-    mask = shifted != IGNORE_INDEX
-    scored = LabelLogps.apply(hidden[:, :-1][mask], weight, bias, shifted[mask], chunk_size)
-    token_logps = torch.zeros(shifted.shape, dtype=torch.float32, device=hidden.device)
-    return token_logps.masked_scatter(mask, scored)
+def label_logps_at(hidden, weight, bias, index, targets, chunk_size: int) -> torch.Tensor:
+    """hidden [R, T, H]; index [N] flat positions into R*T; targets [N] -> [N] float32 log-probs of
+    each target given the hidden state at its position."""
+    return LabelLogps.apply(hidden.flatten(0, 1)[index], weight, bias, targets, chunk_size)
 
 
 def _head(model):
@@ -94,28 +88,28 @@ def install(model, chunk_size: int) -> bool:
     plain_forward = head.forward
 
     def forward(hidden_states):
-        labels = head.dpo_lora_labels
-        if labels is None:
+        if head.dpo_lora_targets is None:
             return plain_forward(hidden_states)
-        return label_logps_from_hidden(hidden_states, head.weight, head.bias, labels, head.dpo_lora_chunk_size)
+        index, targets = head.dpo_lora_targets
+        return label_logps_at(hidden_states, head.weight, head.bias, index, targets, head.dpo_lora_chunk_size)
 
     head.forward = forward
-    head.dpo_lora_labels = None
+    head.dpo_lora_targets = None
     head.dpo_lora_chunk_size = chunk_size
     return True
 
 
 @contextlib.contextmanager
-def scoring(model, labels: torch.Tensor):
-    """Within the block the model's `.logits` are [B, T-1] label log-probs; yields False (and does
-    nothing) when install() was not applied."""
+def scoring(model, index: torch.Tensor, targets: torch.Tensor):
+    """Within the block the model's `.logits` are the [N] log-probs of `targets` at flat positions
+    `index` (see label_logps_at); yields False (and does nothing) when install() was not applied."""
     peft_model = getattr(model, "module", model)
     head = _head(peft_model)
-    if head is None or not hasattr(head, "dpo_lora_labels"):
+    if head is None or not hasattr(head, "dpo_lora_targets"):
         yield False
         return
-    head.dpo_lora_labels = labels
+    head.dpo_lora_targets = (index, targets)
     try:
         yield True
     finally:
-        head.dpo_lora_labels = None
+        head.dpo_lora_targets = None

@@ -101,6 +101,9 @@ class TrainConfig:
     logps_chunk_size: int = knob(
         1024, "completion tokens per LM-head chunk when scoring (no full logits kept); 0 = plain logits"
     )
+    share_prompt: bool = knob(
+        True, "run each prompt once for chosen and rejected (exact; off where the attention kernel can't)"
+    )
     save_every: int = knob(0, "optimizer steps between checkpoints; 0 saves only at the end")
     keep_checkpoints: int = knob(2, "complete checkpoints kept (older ones are deleted); 0 keeps all")
     resume: str = knob(

@@ -23,3 +23,25 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     label_logits = torch.gather(logits, 2, safe_labels.unsqueeze(-1)).squeeze(-1)
     token_logps = label_logits - torch.logsumexp(logits, dim=-1)
     return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def token_logps_at(logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] at chosen positions (float32).
+
+    logits: [R, T, V]; index: [N] flat positions into R*T (the position that predicts each target);
+    targets: [N] token ids. Returns [N].
+    """
+    picked = logits.flatten(0, 1)[index].float()
+    return picked.gather(1, targets[:, None]).squeeze(1) - picked.logsumexp(1)
+
+
+def sum_by_sequence(token_logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sums of token log-probs laid out sequence after sequence.
+
+    token_logps: [N] with N = lengths.sum(); lengths: [S]. Returns [S]. A padded [S, max length]
+    sum rather than index_add_, so the result is deterministic on every device.
+    """
+    width = int(lengths.max()) if lengths.numel() else 0
+    slots = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+    padded = torch.zeros(slots.shape, dtype=token_logps.dtype, device=token_logps.device)
+    return padded.masked_scatter(slots, token_logps).sum(-1)

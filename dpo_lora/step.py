@@ -5,19 +5,26 @@ from __future__ import annotations
 import torch
 
 from dpo_lora.chunked_logps import scoring
-from dpo_lora.logprobs import IGNORE_INDEX, sequence_logps
+from dpo_lora.logprobs import sum_by_sequence, token_logps_at
 from dpo_lora.losses import dpo_loss
 from dpo_lora.model import reference_mode
+from dpo_lora.prompt_sharing import forward_inputs
 
 
 def concatenated_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score chosen and rejected in one forward. Returns (logps [2B], completion lengths [2B])."""
-    with scoring(model, batch["labels"]) as chunked:
-        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    if not chunked:
-        return sequence_logps(output, batch["labels"])
-    # The head already gave each position's label log-prob ([2B, T-1]; 0 where unscored).
-    return output.sum(-1), (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+    """Score chosen and rejected in one forward (either collate layout).
+
+    Returns (completion log-probs [2B], completion lengths [2B]), chosen then rejected.
+    """
+    peft_model = getattr(model, "module", model)
+    inputs = forward_inputs(batch, peft_model.get_input_embeddings().weight.dtype)
+    index, targets = batch["score_index"], batch["score_target"]
+    with scoring(model, index, targets) as chunked:
+        output = model(**inputs, use_cache=False).logits
+    # Chunked, the head already returned each target's log-prob ([N]); plain, it gave logits.
+    token_logps = output if chunked else token_logps_at(output, index, targets)
+    lengths = batch["completion_lengths"]
+    return sum_by_sequence(token_logps, lengths), lengths
 
 
 def preference_step(model, batch: dict, dpo_config, bco_delta: float = 0.0) -> tuple[torch.Tensor, dict]:
@@ -27,7 +34,7 @@ def preference_step(model, batch: dict, dpo_config, bco_delta: float = 0.0) -> t
     """
     peft_model = getattr(model, "module", model)
     if dpo_config.reference_free:
-        ref_logps = torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+        ref_logps = torch.zeros(batch["completion_lengths"].shape, device=batch["input_ids"].device)
     elif "reference_logps" in batch:  # precomputed once (dpo_lora.reference)
         ref_logps = batch["reference_logps"]
     else:

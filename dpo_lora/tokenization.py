@@ -37,30 +37,51 @@ def tokenize_pair(row: dict, tokenizer, *, max_length: int, max_prompt_length: i
     }
 
 
-def collate_pairs(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(features: list[dict], pad_token_id: int, share_prompt: bool = False) -> dict[str, torch.Tensor]:
     """Stack B pairs into one right-padded batch of 2B sequences: rows [0, B) are prompt+chosen,
     rows [B, 2B) prompt+rejected, so one forward scores both.
 
     Returns input_ids, attention_mask, labels (all [2B, T]; labels are IGNORE_INDEX on prompt
-    and padding), `row_index`/`weight` [B] and `reference_logps` [2B] when the features carry them.
+    and padding); where the model is scored: score_index [N] (flat positions into 2B*T, each
+    predicting the next token), score_target [N], completion_lengths [2B] (chosen then rejected;
+    N = their sum); `row_index`/`weight` [B] and `reference_logps` [2B] when the features carry them.
+    With `share_prompt`, the layout of dpo_lora.prompt_sharing instead (B rows, the prompt once).
     """
+    if share_prompt:
+        from dpo_lora.prompt_sharing import collate_shared
+
+        return collate_shared(features, pad_token_id)
     sequences = [(f["prompt_ids"], f["chosen_ids"]) for f in features]
     sequences += [(f["prompt_ids"], f["rejected_ids"]) for f in features]
     width = max(len(p) + len(c) for p, c in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    score_index = []
     for i, (prompt, completion) in enumerate(sequences):
         n_prompt, n_total = len(prompt), len(prompt) + len(completion)
         input_ids[i, :n_total] = torch.tensor(prompt + completion, dtype=torch.long)
         attention_mask[i, :n_total] = 1
         labels[i, n_prompt:n_total] = torch.tensor(completion, dtype=torch.long)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    # Per-pair fields ride along: the source row (for error reports) and an eval weight.
+        score_index += range(i * width + n_prompt - 1, i * width + n_total - 1)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "score_index": torch.tensor(score_index, dtype=torch.long),
+        "score_target": torch.tensor([t for _, completion in sequences for t in completion], dtype=torch.long),
+        "completion_lengths": torch.tensor([len(c) for _, c in sequences], dtype=torch.long),
+    }
+    return add_pair_fields(batch, features)
+
+
+def add_pair_fields(batch: dict, features: list[dict]) -> dict:
+    """Per-pair fields ride along: the source row (for error reports), an eval weight, and
+    precomputed reference log-probs (dpo.reference: precompute) as [2B], chosen then rejected."""
     for key, dtype in (("row_index", torch.long), ("weight", torch.float32)):
         if key in features[0]:
             batch[key] = torch.tensor([f[key] for f in features], dtype=dtype)
-    if "reference_chosen_logps" in features[0]:  # precomputed (dpo.reference: precompute), in row order
+    if "reference_chosen_logps" in features[0]:
         scores = [f["reference_chosen_logps"] for f in features] + [f["reference_rejected_logps"] for f in features]
         batch["reference_logps"] = torch.tensor(scores, dtype=torch.float32)
     return batch

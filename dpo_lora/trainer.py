@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +78,18 @@ def _adamw(zero: dict):
     return SkippableAdamW if zero.get("stage", 0) == 0 else torch.optim.AdamW
 
 
+def _collate(config: Config, model, pad_token_id: int, is_main: bool):
+    """The batch layout: prompt shared by chosen and rejected where the model allows it."""
+    from dpo_lora.prompt_sharing import unsupported_reason
+
+    share = config.train.share_prompt
+    if share and (reason := unsupported_reason(model, config.data.max_length)):
+        share = False
+        if is_main:
+            print(f"dpo-lora: train.share_prompt off: {reason}", file=sys.stderr)
+    return functools.partial(collate_pairs, pad_token_id=pad_token_id, share_prompt=share)
+
+
 def optimizer_step(engine, stream, config: Config, guard: NumericGuard, trainable, device, bco_delta: float):
     """One optimizer step over `grad_accum` micro-batches.
 
@@ -139,10 +152,9 @@ def train(config: Config) -> dict:
     if dist.is_main:
         barrier()
 
-    collate = functools.partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
     batches = PairBatches(
         train_set, micro_batch_size=train_cfg.micro_batch_size, rank=dist.rank, world_size=dist.world_size,
-        seed=train_cfg.seed, collate=collate, lengths=pair_lengths(train_set) if config.data.group_by_length else None,
+        seed=train_cfg.seed, collate=None, lengths=pair_lengths(train_set) if config.data.group_by_length else None,
         global_batch=ds_config["train_batch_size"],
     )  # fmt: skip
     steps_per_epoch = batches.per_epoch // train_cfg.grad_accum
@@ -152,12 +164,13 @@ def train(config: Config) -> dict:
             f"({ds_config['train_batch_size']} = micro_batch_size x grad_accum x {dist.world_size} ranks)"
         )
     total_steps = train_cfg.max_steps or math.ceil(train_cfg.epochs * steps_per_epoch)
+
+    engine, scheduler, trainable = _build_engine(config, dist, ds_config, total_steps)
+    collate = batches.collate = _collate(config, engine.module, tokenizer.pad_token_id, dist.is_main)
     eval_loader = None
     if eval_set is not None:
         eval_shard = EvalShard(eval_set, dist.rank, dist.world_size)
         eval_loader = torch.utils.data.DataLoader(eval_shard, batch_size=train_cfg.eval_batch_size, collate_fn=collate)
-
-    engine, scheduler, trainable = _build_engine(config, dist, ds_config, total_steps)
     if config.dpo.reference == "precompute" and not config.dpo.reference_free:
         from dpo_lora.reference import with_reference_logps
 

@@ -31,7 +31,10 @@ def test_values_and_gradients_match_a_float64_oracle(chunk_size, with_bias):
     labels[2, 4:] = IGNORE_INDEX  # padding
     upstream = torch.randn(3, generator=g)
 
-    got = chunked_logps.label_logps_from_hidden(hidden, weight, bias, labels, chunk_size).sum(-1)
+    mask = labels[:, 1:] != IGNORE_INDEX  # position t predicts labels[t + 1]
+    index = (torch.arange(6)[None, :-1] + 6 * torch.arange(3)[:, None])[mask]
+    token_logps = chunked_logps.label_logps_at(hidden, weight, bias, index, labels[:, 1:][mask], chunk_size)
+    got = torch.zeros(mask.shape).masked_scatter(mask, token_logps).sum(-1)
     inputs = [hidden, weight] + ([bias] if with_bias else [])
     got_grads = torch.autograd.grad((got * upstream).sum(), inputs)
 
@@ -81,7 +84,7 @@ def test_on_the_model_it_equals_plain_logits_in_values_and_lora_gradients(tiny_m
     tolerance = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
     for name, grad in plain[2].items():
         torch.testing.assert_close(chunked[2][name], grad, rtol=tolerance, atol=tolerance * 1e-1, msg=name)
-    with chunked_logps.scoring(model, batch["labels"]):
+    with chunked_logps.scoring(model, batch["score_index"], batch["score_target"]):
         pass
     # Outside scoring the head is the plain head again: generation and eval see logits.
     logits = model(input_ids=batch["input_ids"]).logits

@@ -57,3 +57,27 @@ def test_gradient_matches_log_softmax_reference():
     token_logps = torch.log_softmax(plain[:, :-1], -1).gather(2, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
     (token_logps * (labels[:, 1:] != IGNORE_INDEX)).sum().backward()
     torch.testing.assert_close(logits.grad, plain.grad)
+
+
+def test_token_logps_at_and_sum_by_sequence_match_the_oracle():
+    from dpo_lora.logprobs import sum_by_sequence, token_logps_at
+
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 7, 11, generator=g) * 3).requires_grad_()
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[0, :3] = IGNORE_INDEX
+    labels[1, 5:] = IGNORE_INDEX
+    labels[2, :2] = IGNORE_INDEX
+    scored = labels[:, 1:] != IGNORE_INDEX
+    index = (torch.arange(6)[None, :] + 7 * torch.arange(3)[:, None])[scored]  # position t predicts t + 1
+    lengths = scored.sum(-1)
+    logps = sum_by_sequence(token_logps_at(logits, index, labels[:, 1:][scored]), lengths)
+    expected, _ = oracle(logits.detach(), labels)
+    torch.testing.assert_close(logps, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-4)
+    # Gradients equal the masked log_softmax definition's.
+    upstream = torch.tensor([0.5, -1.0, 2.0])
+    (grad,) = torch.autograd.grad((logps * upstream).sum(), logits)
+    plain = logits.detach().double().requires_grad_()
+    token = torch.log_softmax(plain[:, :-1], -1).gather(2, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
+    ((token * scored).sum(-1) * upstream.double()).sum().backward()
+    torch.testing.assert_close(grad.double(), plain.grad, rtol=1e-5, atol=1e-6)

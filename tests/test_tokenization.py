@@ -52,3 +52,7 @@ def test_collate_puts_chosen_then_rejected_and_masks_prompt_and_padding():
     X = IGNORE_INDEX
     assert batch["labels"].tolist() == [[X, X, 3, 4, 5], [X, 9, X, X, X], [X, X, 6, X, X], [X, 10, 11, X, X]]
     assert torch.equal(batch["row_index"], torch.tensor([7, 9]))
+    # Scored: each completion token, from the position just before it, chosen rows then rejected.
+    assert batch["completion_lengths"].tolist() == [3, 1, 1, 2]
+    assert batch["score_target"].tolist() == [3, 4, 5, 9, 6, 10, 11]
+    assert batch["score_index"].tolist() == [1, 2, 3, 5, 11, 15, 16]

@@ -1,0 +1,160 @@
+"""Prompt sharing computes exactly what the unshared layout computes: mask, positions, values, grads."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dpo_lora.prompt_sharing import CHOSEN, PAD, PROMPT, REJECTED, attention_bias, collate_shared, unsupported_reason
+from dpo_lora.step import concatenated_logps
+from dpo_lora.tokenization import collate_pairs
+
+
+def random_pairs(count: int, vocab: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+
+    def ids(low, high):
+        return [rng.randrange(3, vocab) for _ in range(rng.randint(low, high))]
+
+    return [{"prompt_ids": ids(1, 9), "chosen_ids": ids(1, 8), "rejected_ids": ids(1, 8)} for _ in range(count)]
+
+
+def test_layout_positions_branches_and_scored_tokens():
+    features = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3, 4], "rejected_ids": [5, 6, 7], "row_index": 4},
+        {"prompt_ids": [8], "chosen_ids": [9], "rejected_ids": [10], "row_index": 2},
+    ]
+    batch = collate_shared(features, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 0, 0, 0, 0]]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 2, 3, 4]  # rejected restarts after the prompt
+    assert batch["position_ids"][1, :3].tolist() == [0, 1, 1]
+    P, C, R, X = PROMPT, CHOSEN, REJECTED, PAD
+    assert batch["branch"].tolist() == [[P, P, C, C, R, R, R], [P, C, R, X, X, X, X]]
+    assert batch["attention_mask"].tolist() == [[1] * 7, [1, 1, 1, 0, 0, 0, 0]]
+    # chosen 3,4 from positions 1,2; 9 from 7 (row 1 starts at 7); rejected 5 from the last prompt
+    # token (1), then 6,7 from 4,5; 10 from the prompt's 7.
+    assert batch["score_target"].tolist() == [3, 4, 9, 5, 6, 7, 10]
+    assert batch["score_index"].tolist() == [1, 2, 7, 1, 4, 5, 7]
+    assert batch["completion_lengths"].tolist() == [2, 1, 3, 1]
+    assert batch["row_index"].tolist() == [4, 2]
+
+
+def unshared_view(prompt: int, chosen: int, rejected: int) -> list[list[tuple[str, int]]]:
+    """For each shared position, the (sequence, position) it stands for in the unshared layout."""
+    views = [[("chosen", t), ("rejected", t)] for t in range(prompt)]
+    views += [[("chosen", prompt + t)] for t in range(chosen)]
+    views += [[("rejected", prompt + t)] for t in range(rejected)]
+    return views
+
+
+def test_mask_lets_a_token_see_exactly_what_it_sees_in_its_unshared_sequence():
+    features = [{"prompt_ids": [1] * 3, "chosen_ids": [2] * 2, "rejected_ids": [3] * 4}, {"prompt_ids": [1] * 2, "chosen_ids": [2], "rejected_ids": [3]}]  # fmt: skip
+    batch = collate_shared(features, pad_token_id=0)
+    allowed = attention_bias(batch["branch"], torch.float32)[:, 0] == 0
+    for row, f in enumerate(features):
+        views = unshared_view(len(f["prompt_ids"]), len(f["chosen_ids"]), len(f["rejected_ids"]))
+        for q, q_views in enumerate(views):
+            for k, k_views in enumerate(views):
+                # k is visible to q iff, in some unshared sequence holding both, k comes no later.
+                expected = any(sq == sk and pk <= pq for sq, pq in q_views for sk, pk in k_views)
+                assert bool(allowed[row, q, k]) == expected, (row, q, k)
+            # the position id is q's position in its unshared sequence
+            assert int(batch["position_ids"][row, q]) == q_views[0][1]
+        for q in range(len(views), allowed.shape[1]):  # padding: itself only, never an empty row
+            assert allowed[row, q].nonzero().flatten().tolist() == [q]
+
+
+def lora_model(tiny_model_dir, attn: str, dtype: str = "float32"):
+    from dpo_lora.config import LoraConfig, ModelConfig
+    from dpo_lora.model import attach_adapter, load_base
+
+    torch.manual_seed(0)
+    config = ModelConfig(path=str(tiny_model_dir), quantization="nf4", dtype=dtype, attn_implementation=attn)
+    model = attach_adapter(load_base(config, torch.device("cpu")), LoraConfig(dropout=0.0))
+    for name, p in model.named_parameters():  # a trained-looking adapter, so every path carries signal
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def logps_and_grads(model, batch):
+    model.zero_grad()
+    logps, lengths = concatenated_logps(model, batch)
+    (logps * torch.linspace(-1, 1, logps.shape[0])).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logps.detach(), lengths, grads
+
+
+@pytest.mark.parametrize("chunk_size", [0, 5])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_forward_equals_unshared_in_values_and_lora_gradients(tiny_model_dir, tiny_tokenizer, attn, chunk_size):
+    from dpo_lora import chunked_logps
+    from dpo_lora.model import reference_mode
+
+    model = lora_model(tiny_model_dir, attn)
+    if chunk_size:
+        assert chunked_logps.install(model, chunk_size)
+    assert unsupported_reason(model, max_length=64) is None
+    features = random_pairs(5, len(tiny_tokenizer), seed=chunk_size)
+    unshared = collate_pairs(features, tiny_tokenizer.pad_token_id)
+    shared = collate_pairs(features, tiny_tokenizer.pad_token_id, share_prompt=True)
+    assert shared["input_ids"].numel() < unshared["input_ids"].numel()
+
+    want, got = logps_and_grads(model, unshared), logps_and_grads(model, shared)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], want[1])
+    for name, grad in want[2].items():
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad(), reference_mode(model):  # the reference (adapter off) too
+        torch.testing.assert_close(
+            concatenated_logps(model, shared)[0], concatenated_logps(model, unshared)[0], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_bfloat16_shared_forward_stays_within_bfloat16_rounding(tiny_model_dir, tiny_tokenizer):
+    model = lora_model(tiny_model_dir, "sdpa", dtype="bfloat16")
+    features = random_pairs(4, len(tiny_tokenizer), seed=3)
+    with torch.no_grad():
+        want = concatenated_logps(model, collate_pairs(features, tiny_tokenizer.pad_token_id))[0]
+        got = concatenated_logps(model, collate_pairs(features, tiny_tokenizer.pad_token_id, share_prompt=True))[0]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0.1)
+
+
+def test_kernels_and_models_that_cannot_take_the_mask_fall_back():
+    from transformers import LlamaConfig, MistralConfig
+
+    class Model:
+        def __init__(self, config):
+            self.config = config
+
+    def config(cls, attn, **extra):
+        c = cls(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, **extra)
+        c._attn_implementation = attn
+        return c
+
+    assert unsupported_reason(Model(config(LlamaConfig, "sdpa")), 1024) is None
+    assert unsupported_reason(Model(config(LlamaConfig, "eager")), 1024) is None
+    assert "flash_attention_2" in unsupported_reason(Model(config(LlamaConfig, "flash_attention_2")), 1024)
+    assert "sliding" in unsupported_reason(Model(config(MistralConfig, "sdpa", sliding_window=256)), 1024)
+    # A window no sequence reaches is full attention.
+    assert unsupported_reason(Model(config(MistralConfig, "sdpa", sliding_window=4096)), 1024) is None
+
+
+def test_training_with_a_shared_prompt_follows_the_unshared_run(tiny_model_dir, tmp_path):
+    from dpo_lora.trainer import train
+
+    from .test_trainer import tiny_config, train_rows
+
+    run = ["train.max_steps=3", "train.micro_batch_size=2", "train.grad_accum=2", "data.eval=null"]
+    train(tiny_config(tiny_model_dir, tmp_path / "plain", *run, "train.share_prompt=false"))
+    train(tiny_config(tiny_model_dir, tmp_path / "shared", *run, "train.share_prompt=true"))
+    expected, got = train_rows(tmp_path / "plain"), train_rows(tmp_path / "shared")
+    assert expected[-1]["loss"] < expected[0]["loss"] - 0.005  # the runs learn: the comparison is not vacuous
+    for row, want in zip(got, expected, strict=True):
+        for name in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "grad_norm"):
+            # float rounding only (the issue's bar is 1e-3 on the loss)
+            assert row[name] == pytest.approx(want[name], rel=1e-4, abs=1e-5), (row["step"], name)
+        assert row["tokens_per_s"] / row["pairs_per_s"] < want["tokens_per_s"] / want["pairs_per_s"]
