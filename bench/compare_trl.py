@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = ("trl", "dpo-lora", "dpo-lora-precompute")
+# dpo-lora as shipped (prompt sharing on), with the precomputed reference, without prompt sharing,
+# and both trainers with a fixed malloc mmap threshold (dpo_lora.cpu_memory; "-lowmem", CPU only).
+SYSTEMS = ("trl", "dpo-lora", "dpo-lora-precompute", "dpo-lora-unshared", "trl-lowmem", "dpo-lora-lowmem")
+LOWMEM_MB = 4
 # (prompt tokens, completion tokens, micro batch, max_length), as in the issue's peer figures.
 WORKLOADS = {"short": (64, 60, 4, 256), "long": (300, 480, 2, 1024)}
 
@@ -91,11 +94,12 @@ def run_trl(args, data_file: Path, work: Path) -> list[float]:
     return times
 
 
-def run_dpo_lora(args, data_file: Path, work: Path, reference: str) -> list[float]:
+def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> list[float]:
     from dpo_lora.config import load_config
     from dpo_lora.trainer import train
 
     prompt_tokens, _, micro_batch, max_length = WORKLOADS[args.workload]
+    reference = "precompute" if system.endswith("precompute") else "online"
     config = load_config(
         REPO / "configs/demo.yaml",
         [
@@ -103,12 +107,14 @@ def run_dpo_lora(args, data_file: Path, work: Path, reference: str) -> list[floa
             "lora.dropout=0.0", f"data.train={data_file}", "data.eval=null", f"data.max_length={max_length}",
             f"data.max_prompt_length={min(max_length - 1, 2 * prompt_tokens)}", f"train.micro_batch_size={micro_batch}",
             "train.grad_accum=1", f"train.max_steps={args.steps}", "train.log_every=1", "train.scheduler=constant",
-            "train.warmup_ratio=0", f"dpo.reference={reference}", f"output_dir={work / reference}", "overwrite=true",
+            "train.warmup_ratio=0", f"dpo.reference={reference}", f"output_dir={work / system}", "overwrite=true",
+            f"train.share_prompt={not system.endswith('unshared')}",
+            f"train.cpu_mmap_threshold_mb={LOWMEM_MB if system.endswith('lowmem') else 0}",
         ],
     )  # fmt: skip
     os.environ["DPO_LORA_CACHE"] = str(work / "cache")  # a cold cache: the precompute is paid in this run
     train(config)
-    rows = [json.loads(line) for line in (work / reference / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (work / system / "metrics.jsonl").read_text().splitlines()]
     return [row["global_batch"] / row["pairs_per_s"] for row in rows if "pairs_per_s" in row]
 
 
@@ -116,12 +122,14 @@ def child(args) -> None:
     """One system in this process; writes its step times, wall time and peak RSS as JSON."""
     work = Path(args.work)
     started = time.perf_counter()
-    if args.child == "trl":
+    if args.child.startswith("trl"):
+        if args.child.endswith("lowmem"):
+            from dpo_lora.cpu_memory import cap_heap_fragmentation
+
+            cap_heap_fragmentation(LOWMEM_MB)
         times = run_trl(args, Path(args.data), work)
     else:
-        times = run_dpo_lora(
-            args, Path(args.data), work, "precompute" if args.child.endswith("precompute") else "online"
-        )
+        times = run_dpo_lora(args, Path(args.data), work, args.child)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {"step_times": times, "wall_s": time.perf_counter() - started, "peak_rss_gb": peak_kb / 2**20}
     Path(args.result).write_text(json.dumps(result))
@@ -141,8 +149,8 @@ def matmul_flops(dtype_name: str) -> float:
 
 def useful_flops_per_token(model_path: str) -> float:
     """4 x parameters per token: the policy's forward (2N) and its backward through the frozen base
-    to the adapter (2N, no weight gradients); recomputation and the reference pass are not counted,
-    because removing them is what an efficient trainer does."""
+    to the adapter (2N, no weight gradients); recomputation, the reference pass and the prompt's
+    second copy are not counted, because removing them is what an efficient trainer does."""
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(model_path)
@@ -183,6 +191,7 @@ def main() -> None:
         pairs = make_pairs(tokenizer, prompt_tokens, completion_tokens, count=micro_batch * (args.steps + 2))
         data_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         tokens_per_pair = prompt_tokens * 2 + completion_tokens * 2  # chosen and rejected each carry the prompt
+        useful_tokens_per_pair = prompt_tokens + completion_tokens * 2  # the prompt needs to run only once
         results = {}
         for system in args.systems.split(","):
             result_file = work / f"{system}.json"
@@ -216,7 +225,7 @@ def main() -> None:
             f"{system:<22}{r['s_per_step']:>8.2f}{r['pairs_per_s']:>9.3f}{r['tokens_per_s']:>10.1f}"
             f"{r['peak_rss_gb']:>9.2f}G{r['wall_s']:>8.0f}{speed:>13}{memory:>11}"
         )
-        r["useful_flops_per_s"] = r["tokens_per_s"] * flops_per_token
+        r["useful_flops_per_s"] = r["pairs_per_s"] * useful_tokens_per_pair * flops_per_token
     print(f"machine matmul rate ({args.dtype}): {peak / 1e9:.1f} GFLOP/s")
     for system, r in results.items():
         print(

@@ -104,6 +104,9 @@ class TrainConfig:
     share_prompt: bool = knob(
         True, "run each prompt once for chosen and rejected (exact; off where the attention kernel can't)"
     )
+    cpu_mmap_threshold_mb: int = knob(
+        0, "CPU runs: tensors of at least this many MB get their own pages (~3x lower peak RSS, ~25% slower); 0 = off"
+    )
     save_every: int = knob(0, "optimizer steps between checkpoints; 0 saves only at the end")
     keep_checkpoints: int = knob(2, "complete checkpoints kept (older ones are deleted); 0 keeps all")
     resume: str = knob(
@@ -234,12 +237,14 @@ def validate(config: Config) -> None:
         raise UserError("config key 'dpo.label_smoothing' must be in [0, 0.5)")
     if config.lora.r < 1:
         raise UserError("config key 'lora.r' must be >= 1")
+    if not 0 <= train.cpu_mmap_threshold_mb <= 32:
+        raise UserError("config key 'train.cpu_mmap_threshold_mb' must be in [0, 32] (glibc's limit)")
 
 
 # Keys that may change between a run and its resume: they do not change what is trained.
 RESUME_MAY_CHANGE = {
     "output_dir", "overwrite", "data.num_proc", "train.log_every", "train.eval_every", "train.eval_batch_size",
-    "train.save_every", "train.keep_checkpoints", "train.resume", "train.max_bad_steps",
+    "train.save_every", "train.keep_checkpoints", "train.resume", "train.max_bad_steps", "train.cpu_mmap_threshold_mb",
 }  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from dpo_lora import chunked_logps
 from dpo_lora.batches import PairBatches, pair_lengths
 from dpo_lora.checkpoint import clear_run, load_checkpoint, resume_point, save_checkpoint
 from dpo_lora.config import Config, dump_yaml, to_dict
+from dpo_lora.cpu_memory import cap_heap_fragmentation
 from dpo_lora.distributed import all_reduce_sum, barrier, gather_lists, gathered
 from dpo_lora.errors import UserError
 from dpo_lora.evaluation import EvalShard, evaluate, to_device
@@ -136,6 +137,8 @@ def train(config: Config) -> dict:
     _quiet_third_party()
     dist = init_distributed()
     train_cfg = config.train
+    if dist.device.type == "cpu":
+        cap_heap_fragmentation(train_cfg.cpu_mmap_threshold_mb)
     output_dir = Path(config.output_dir)
     ds_config = fill_deepspeed_config(config, dist.world_size)
     resume_from = resume_point(config, output_dir, dist.world_size)

@@ -1,0 +1,28 @@
+"""Host-memory fragmentation on CPU training (glibc malloc).
+
+CPU tensors come from malloc. glibc raises its mmap threshold as large blocks are freed (up to
+32 MB), so after the first step most activations are carved from the heap, and with gradient
+checkpointing's mix of sizes the heap fragments: measured on SmolLM2-135M with 780-token pairs,
+the process held ~6 GB for ~1.5 GB of live tensors. A fixed threshold gives every tensor above it
+its own pages, returned to the system when freed; the price is a page fault per page touched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+MAX_THRESHOLD_MB = 32  # glibc refuses larger values on 64-bit systems
+
+
+def cap_heap_fragmentation(threshold_mb: int) -> bool:
+    """Serve allocations of at least `threshold_mb` MB from their own pages; False (and nothing
+    changed) when `threshold_mb` is 0 or the C library is not glibc."""
+    if threshold_mb <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other C libraries: no mallopt
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold_mb << 20))
