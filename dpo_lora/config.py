@@ -104,6 +104,9 @@ class TrainConfig:
     share_prompt: bool = knob(
         True, "run each prompt once for chosen and rejected (exact; off where the attention kernel can't)"
     )
+    pack_sequences: bool = knob(
+        False, "padding-free: a micro-batch's sequences in one row (flash_attention_2/3 only; else padded rows)"
+    )
     cpu_mmap_threshold_mb: int = knob(
         0, "CPU runs: tensors of at least this many MB get their own pages (~3x lower peak RSS, ~25% slower); 0 = off"
     )

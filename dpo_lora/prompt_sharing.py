@@ -19,6 +19,8 @@ from dpo_lora.tokenization import add_pair_fields
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
 MASK_KERNELS = ("sdpa", "eager")  # attention implementations that take a 4D additive mask as given
+# Kernels that run packed sequences (found from restarting position_ids) without a dense mask.
+VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
 
 
 def collate_shared(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -96,14 +98,3 @@ def unsupported_reason(model, max_length: int) -> str | None:
     if layer_types != {"full_attention"} or (window is not None and window < max_length):
         return "the model has sliding-window or non-standard attention layers"
     return None
-
-
-def forward_inputs(batch: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's keyword inputs for a collated batch, either layout."""
-    if "branch" not in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    return {
-        "input_ids": batch["input_ids"],
-        "attention_mask": attention_bias(batch["branch"], dtype),
-        "position_ids": batch["position_ids"],
-    }

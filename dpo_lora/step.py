@@ -8,11 +8,23 @@ from dpo_lora.chunked_logps import scoring
 from dpo_lora.logprobs import sum_by_sequence, token_logps_at
 from dpo_lora.losses import dpo_loss
 from dpo_lora.model import reference_mode
-from dpo_lora.prompt_sharing import forward_inputs
+from dpo_lora.prompt_sharing import attention_bias
+
+
+def forward_inputs(batch: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs for a collated batch of any layout (dpo_lora.tokenization)."""
+    if "branch" in batch:  # shared prompt: the branch mask and restarted positions
+        mask = attention_bias(batch["branch"], dtype)
+        return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+    if "position_ids" in batch:
+        # Packed: no mask, so transformers finds the sequences from the restarting positions
+        # (flash_attention_2 runs its varlen kernel; sdpa/eager get a block-diagonal mask).
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def concatenated_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score chosen and rejected in one forward (either collate layout).
+    """Score chosen and rejected in one forward (any collate layout).
 
     Returns (completion log-probs [2B], completion lengths [2B]), chosen then rejected.
     """

@@ -37,7 +37,9 @@ def tokenize_pair(row: dict, tokenizer, *, max_length: int, max_prompt_length: i
     }
 
 
-def collate_pairs(features: list[dict], pad_token_id: int, share_prompt: bool = False) -> dict[str, torch.Tensor]:
+def collate_pairs(
+    features: list[dict], pad_token_id: int, share_prompt: bool = False, pack: bool = False
+) -> dict[str, torch.Tensor]:
     """Stack B pairs into one right-padded batch of 2B sequences: rows [0, B) are prompt+chosen,
     rows [B, 2B) prompt+rejected, so one forward scores both.
 
@@ -45,6 +47,8 @@ def collate_pairs(features: list[dict], pad_token_id: int, share_prompt: bool = 
     and padding); where the model is scored: score_index [N] (flat positions into 2B*T, each
     predicting the next token), score_target [N], completion_lengths [2B] (chosen then rejected;
     N = their sum); `row_index`/`weight` [B] and `reference_logps` [2B] when the features carry them.
+    With `pack`, all 2B sequences share one row [1, T] with no padding, and position_ids [1, T]
+    restart at 0 for each, from which the attention kernel finds the sequence boundaries.
     With `share_prompt`, the layout of dpo_lora.prompt_sharing instead (B rows, the prompt once).
     """
     if share_prompt:
@@ -53,17 +57,24 @@ def collate_pairs(features: list[dict], pad_token_id: int, share_prompt: bool = 
         return collate_shared(features, pad_token_id)
     sequences = [(f["prompt_ids"], f["chosen_ids"]) for f in features]
     sequences += [(f["prompt_ids"], f["rejected_ids"]) for f in features]
-    width = max(len(p) + len(c) for p, c in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    rows = [sequences] if pack else [[sequence] for sequence in sequences]
+    width = max(sum(len(p) + len(c) for p, c in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     score_index = []
-    for i, (prompt, completion) in enumerate(sequences):
-        n_prompt, n_total = len(prompt), len(prompt) + len(completion)
-        input_ids[i, :n_total] = torch.tensor(prompt + completion, dtype=torch.long)
-        attention_mask[i, :n_total] = 1
-        labels[i, n_prompt:n_total] = torch.tensor(completion, dtype=torch.long)
-        score_index += range(i * width + n_prompt - 1, i * width + n_total - 1)
+    for r, row in enumerate(rows):
+        start = 0
+        for prompt, completion in row:
+            n_prompt, n_total = len(prompt), len(prompt) + len(completion)
+            span = slice(start, start + n_total)
+            input_ids[r, span] = torch.tensor(prompt + completion, dtype=torch.long)
+            attention_mask[r, span] = 1
+            position_ids[r, span] = torch.arange(n_total)
+            labels[r, start + n_prompt : start + n_total] = torch.tensor(completion, dtype=torch.long)
+            score_index += range(r * width + start + n_prompt - 1, r * width + start + n_total - 1)
+            start += n_total
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -72,6 +83,8 @@ def collate_pairs(features: list[dict], pad_token_id: int, share_prompt: bool = 
         "score_target": torch.tensor([t for _, completion in sequences for t in completion], dtype=torch.long),
         "completion_lengths": torch.tensor([len(c) for _, c in sequences], dtype=torch.long),
     }
+    if pack:
+        batch["position_ids"] = position_ids
     return add_pair_fields(batch, features)
 
 

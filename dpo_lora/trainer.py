@@ -80,15 +80,21 @@ def _adamw(zero: dict):
 
 
 def _collate(config: Config, model, pad_token_id: int, is_main: bool):
-    """The batch layout: prompt shared by chosen and rejected where the model allows it."""
-    from dpo_lora.prompt_sharing import unsupported_reason
+    """The batch layout: prompt shared by chosen and rejected where the model allows it, sequences
+    packed without padding where the attention kernel has a varlen path."""
+    from dpo_lora.prompt_sharing import VARLEN_KERNELS, unsupported_reason
 
-    share = config.train.share_prompt
+    notices = []
+    share, pack = config.train.share_prompt, config.train.pack_sequences
     if share and (reason := unsupported_reason(model, config.data.max_length)):
         share = False
-        if is_main:
-            print(f"dpo-lora: train.share_prompt off: {reason}", file=sys.stderr)
-    return functools.partial(collate_pairs, pad_token_id=pad_token_id, share_prompt=share)
+        notices.append(f"train.share_prompt off: {reason}")
+    if pack and (kernel := model.config._attn_implementation) not in VARLEN_KERNELS:
+        pack = False
+        notices.append(f"train.pack_sequences off: {kernel!r} has no varlen kernel (use flash_attention_2)")
+    for notice in notices if is_main else []:
+        print(f"dpo-lora: {notice}", file=sys.stderr)
+    return functools.partial(collate_pairs, pad_token_id=pad_token_id, share_prompt=share, pack=pack)
 
 
 def optimizer_step(engine, stream, config: Config, guard: NumericGuard, trainable, device, bco_delta: float):

@@ -158,3 +158,18 @@ def test_training_with_a_shared_prompt_follows_the_unshared_run(tiny_model_dir, 
             # float rounding only (the issue's bar is 1e-3 on the loss)
             assert row[name] == pytest.approx(want[name], rel=1e-4, abs=1e-5), (row["step"], name)
         assert row["tokens_per_s"] / row["pairs_per_s"] < want["tokens_per_s"] / want["pairs_per_s"]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_sequences_equal_padded_rows_in_values_and_lora_gradients(tiny_model_dir, tiny_tokenizer, attn):
+    """Padding-free packing (the layout flash_attention_2 runs varlen); here transformers turns the
+    restarting positions into a block-diagonal mask, which checks the layout and the scoring."""
+    model = lora_model(tiny_model_dir, attn)
+    features = random_pairs(4, len(tiny_tokenizer), seed=11)
+    padded = collate_pairs(features, tiny_tokenizer.pad_token_id)
+    packed = collate_pairs(features, tiny_tokenizer.pad_token_id, pack=True)
+    assert packed["input_ids"].numel() == int(padded["attention_mask"].sum()) < padded["input_ids"].numel()
+    want, got = logps_and_grads(model, padded), logps_and_grads(model, packed)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for name, grad in want[2].items():
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -56,3 +56,20 @@ def test_collate_puts_chosen_then_rejected_and_masks_prompt_and_padding():
     assert batch["completion_lengths"].tolist() == [3, 1, 1, 2]
     assert batch["score_target"].tolist() == [3, 4, 5, 9, 6, 10, 11]
     assert batch["score_index"].tolist() == [1, 2, 3, 5, 11, 15, 16]
+
+
+def test_packed_collate_puts_every_sequence_in_one_row_with_restarting_positions():
+    features = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [6]},
+        {"prompt_ids": [8], "chosen_ids": [9], "rejected_ids": [10, 11]},
+    ]
+    batch = collate_pairs(features, pad_token_id=0, pack=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 8, 9, 1, 2, 6, 8, 10, 11]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 0, 1, 2]]
+    assert batch["attention_mask"].tolist() == [[1] * 13]  # no padding
+    assert batch["score_target"].tolist() == [3, 4, 5, 9, 6, 10, 11]
+    flat = batch["input_ids"].flatten()
+    # each target is the token right after its scoring position, inside its own sequence
+    assert flat[batch["score_index"] + 1].tolist() == batch["score_target"].tolist()
+    assert batch["score_index"].tolist() == [1, 2, 3, 5, 8, 10, 11]
+    assert batch["completion_lengths"].tolist() == [3, 1, 1, 2]
