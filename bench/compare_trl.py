@@ -24,9 +24,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# dpo-lora as shipped (prompt sharing on), with the precomputed reference, without prompt sharing,
-# and both trainers with a fixed malloc mmap threshold (dpo_lora.cpu_memory; "-lowmem", CPU only).
-SYSTEMS = ("trl", "dpo-lora", "dpo-lora-precompute", "dpo-lora-unshared", "trl-lowmem", "dpo-lora-lowmem")
+# dpo-lora's unoptimized path (plain logits, no prompt sharing), without prompt sharing, as shipped,
+# with the precomputed reference, and both trainers with a fixed malloc mmap threshold
+# (dpo_lora.cpu_memory; "-lowmem", CPU only).
+SYSTEMS = (
+    "trl", "dpo-lora-plain", "dpo-lora-unshared", "dpo-lora", "dpo-lora-precompute", "trl-lowmem", "dpo-lora-lowmem",
+)  # fmt: skip
 LOWMEM_MB = 4
 # (prompt tokens, completion tokens, micro batch, max_length), as in the issue's peer figures.
 WORKLOADS = {"short": (64, 60, 4, 256), "long": (300, 480, 2, 1024)}
@@ -94,7 +97,8 @@ def run_trl(args, data_file: Path, work: Path) -> list[float]:
     return times
 
 
-def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> list[float]:
+def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> tuple[list[float], list[float]]:
+    """(seconds per step, loss per step) of one dpo-lora variant."""
     from dpo_lora.config import load_config
     from dpo_lora.trainer import train
 
@@ -108,20 +112,23 @@ def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> list[float]:
             f"data.max_prompt_length={min(max_length - 1, 2 * prompt_tokens)}", f"train.micro_batch_size={micro_batch}",
             "train.grad_accum=1", f"train.max_steps={args.steps}", "train.log_every=1", "train.scheduler=constant",
             "train.warmup_ratio=0", f"dpo.reference={reference}", f"output_dir={work / system}", "overwrite=true",
-            f"train.share_prompt={not system.endswith('unshared')}",
+            f"train.share_prompt={not system.endswith(('unshared', 'plain'))}",
+            f"train.logps_chunk_size={0 if system.endswith('plain') else 1024}",
             f"train.cpu_mmap_threshold_mb={LOWMEM_MB if system.endswith('lowmem') else 0}",
         ],
     )  # fmt: skip
     os.environ["DPO_LORA_CACHE"] = str(work / "cache")  # a cold cache: the precompute is paid in this run
     train(config)
     rows = [json.loads(line) for line in (work / system / "metrics.jsonl").read_text().splitlines()]
-    return [row["global_batch"] / row["pairs_per_s"] for row in rows if "pairs_per_s" in row]
+    rows = [row for row in rows if "pairs_per_s" in row]
+    return [row["global_batch"] / row["pairs_per_s"] for row in rows], [row["loss"] for row in rows]
 
 
 def child(args) -> None:
-    """One system in this process; writes its step times, wall time and peak RSS as JSON."""
+    """One system in this process; writes its step times, losses, wall time and peak RSS as JSON."""
     work = Path(args.work)
     started = time.perf_counter()
+    losses = None
     if args.child.startswith("trl"):
         if args.child.endswith("lowmem"):
             from dpo_lora.cpu_memory import cap_heap_fragmentation
@@ -129,9 +136,10 @@ def child(args) -> None:
             cap_heap_fragmentation(LOWMEM_MB)
         times = run_trl(args, Path(args.data), work)
     else:
-        times = run_dpo_lora(args, Path(args.data), work, args.child)
+        times, losses = run_dpo_lora(args, Path(args.data), work, args.child)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {"step_times": times, "wall_s": time.perf_counter() - started, "peak_rss_gb": peak_kb / 2**20}
+    result["losses"] = losses
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -231,6 +239,11 @@ def main() -> None:
         print(
             f"{system}: {r['useful_flops_per_s'] / 1e9:.2f} useful GFLOP/s = {r['useful_flops_per_s'] / peak:.1%} of it"
         )
+    plain = results.get("dpo-lora-plain")
+    for system, r in results.items():
+        if plain and r["losses"] and system != "dpo-lora-plain":
+            r["max_loss_diff_vs_plain"] = max(abs(a - b) for a, b in zip(r["losses"], plain["losses"], strict=True))
+            print(f"{system}: per-step losses within {r['max_loss_diff_vs_plain']:.1e} of dpo-lora-plain")
     out = REPO / "bench/results" / f"{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
