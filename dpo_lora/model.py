@@ -98,7 +98,10 @@ def load_base(model_config, device: torch.device):
     _keep_4bit_layout_trainable(model)
     if model_config.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads and works with PEFT under every ZeRO stage.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer name; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -19,8 +19,6 @@ from dpo_lora.tokenization import add_pair_fields
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
 MASK_KERNELS = ("sdpa", "eager")  # attention implementations that take a 4D additive mask as given
-# Kernels that run packed sequences (found from restarting position_ids) without a dense mask.
-VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
 
 
 def collate_shared(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -12,6 +12,9 @@ import torch
 
 from dpo_lora.logprobs import IGNORE_INDEX
 
+# Attention kernels that run packed sequences (found from restarting position_ids) without a dense mask.
+VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
+
 
 def completion_ids(tokenizer, text: str, chat: bool) -> list[int]:
     """Token ids of a completion, ending with EOS exactly once."""

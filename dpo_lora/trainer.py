@@ -27,7 +27,7 @@ from dpo_lora.evaluation import EvalShard, evaluate, to_device
 from dpo_lora.guards import NumericGuard, SkippableAdamW, StopRequest
 from dpo_lora.metrics import MetricsWriter, MetricWindow
 from dpo_lora.step import preference_step
-from dpo_lora.tokenization import collate_pairs
+from dpo_lora.tokenization import VARLEN_KERNELS, collate_pairs
 
 ADAPTER_DIR = "adapter"
 
@@ -82,7 +82,7 @@ def _adamw(zero: dict):
 def _collate(config: Config, model, pad_token_id: int, is_main: bool):
     """The batch layout: prompt shared by chosen and rejected where the model allows it, sequences
     packed without padding where the attention kernel has a varlen path."""
-    from dpo_lora.prompt_sharing import VARLEN_KERNELS, unsupported_reason
+    from dpo_lora.prompt_sharing import unsupported_reason
 
     notices = []
     share, pack = config.train.share_prompt, config.train.pack_sequences
