@@ -108,7 +108,7 @@ class TrainConfig:
         False, "padding-free: a micro-batch's sequences in one row (flash_attention_2/3 only; else padded rows)"
     )
     cpu_mmap_threshold_mb: int = knob(
-        0, "CPU runs: tensors of at least this many MB get their own pages (~3x lower peak RSS, ~25% slower); 0 = off"
+        0, "CPU runs: tensors of at least this many MB get their own pages (lower peak RSS, slower steps); 0 = off"
     )
     save_every: int = knob(0, "optimizer steps between checkpoints; 0 saves only at the end")
     keep_checkpoints: int = knob(2, "complete checkpoints kept (older ones are deleted); 0 keeps all")
