@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from dpo_lora.logprobs import IGNORE_INDEX
-
 # Attention kernels that run packed sequences (found from restarting position_ids) without a dense mask.
 VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
 
@@ -46,8 +44,7 @@ def collate_pairs(
     """Stack B pairs into one right-padded batch of 2B sequences: rows [0, B) are prompt+chosen,
     rows [B, 2B) prompt+rejected, so one forward scores both.
 
-    Returns input_ids, attention_mask, labels (all [2B, T]; labels are IGNORE_INDEX on prompt
-    and padding); where the model is scored: score_index [N] (flat positions into 2B*T, each
+    Returns input_ids and attention_mask (both [2B, T]); where the model is scored: score_index [N] (flat positions into 2B*T, each
     predicting the next token), score_target [N], completion_lengths [2B] (chosen then rejected;
     N = their sum); `row_index`/`weight` [B] and `reference_logps` [2B] when the features carry them.
     With `pack`, all 2B sequences share one row [1, T] with no padding, and position_ids [1, T]
@@ -65,7 +62,6 @@ def collate_pairs(
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     score_index = []
     for r, row in enumerate(rows):
         start = 0
@@ -75,13 +71,11 @@ def collate_pairs(
             input_ids[r, span] = torch.tensor(prompt + completion, dtype=torch.long)
             attention_mask[r, span] = 1
             position_ids[r, span] = torch.arange(n_total)
-            labels[r, start + n_prompt : start + n_total] = torch.tensor(completion, dtype=torch.long)
             score_index += range(r * width + start + n_prompt - 1, r * width + start + n_total - 1)
             start += n_total
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "labels": labels,
         "score_index": torch.tensor(score_index, dtype=torch.long),
         "score_target": torch.tensor([t for _, completion in sequences for t in completion], dtype=torch.long),
         "completion_lengths": torch.tensor([len(c) for _, c in sequences], dtype=torch.long),

@@ -89,7 +89,9 @@ def test_on_the_model_it_equals_plain_logits_in_values_and_lora_gradients(tiny_m
     # Outside scoring the head is the plain head again: generation and eval see logits.
     logits = model(input_ids=batch["input_ids"]).logits
     assert logits.shape[-1] == model.get_output_embeddings().weight.shape[0]
-    assert torch.allclose(sequence_logps(logits, batch["labels"])[0], plain[0], atol=1e-4)
+    labels = torch.full(batch["input_ids"].shape, IGNORE_INDEX)
+    labels.view(-1)[batch["score_index"] + 1] = batch["score_target"]  # each target follows its position
+    assert torch.allclose(sequence_logps(logits, labels)[0], plain[0], atol=1e-4)
 
 
 def test_a_head_that_chunking_would_change_is_left_alone():

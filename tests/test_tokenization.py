@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from dpo_lora.logprobs import IGNORE_INDEX
 from dpo_lora.tokenization import collate_pairs, tokenize_pair
 
 
@@ -41,7 +40,7 @@ def test_truncation_keeps_prompt_end_then_cuts_completions(tiny_tokenizer):
     assert ids["rejected_ids"][-1] == tok.eos_token_id  # short completions are untouched
 
 
-def test_collate_puts_chosen_then_rejected_and_masks_prompt_and_padding():
+def test_collate_puts_chosen_then_rejected_and_scores_only_completion_tokens():
     features = [
         {"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [6], "row_index": 7},
         {"prompt_ids": [8], "chosen_ids": [9], "rejected_ids": [10, 11], "row_index": 9},
@@ -49,13 +48,12 @@ def test_collate_puts_chosen_then_rejected_and_masks_prompt_and_padding():
     batch = collate_pairs(features, pad_token_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [8, 9, 0, 0, 0], [1, 2, 6, 0, 0], [8, 10, 11, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
-    X = IGNORE_INDEX
-    assert batch["labels"].tolist() == [[X, X, 3, 4, 5], [X, 9, X, X, X], [X, X, 6, X, X], [X, 10, 11, X, X]]
     assert torch.equal(batch["row_index"], torch.tensor([7, 9]))
     # Scored: each completion token, from the position just before it, chosen rows then rejected.
     assert batch["completion_lengths"].tolist() == [3, 1, 1, 2]
     assert batch["score_target"].tolist() == [3, 4, 5, 9, 6, 10, 11]
     assert batch["score_index"].tolist() == [1, 2, 3, 5, 11, 15, 16]
+    assert batch["input_ids"].flatten()[batch["score_index"] + 1].tolist() == batch["score_target"].tolist()
 
 
 def test_packed_collate_puts_every_sequence_in_one_row_with_restarting_positions():
