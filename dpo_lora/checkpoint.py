@@ -106,12 +106,13 @@ def save_checkpoint(
 
 
 def _deepspeed_checkpoint_types() -> list:
-    """The only non-tensor types DeepSpeed (0.19) pickles into its checkpoint files."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    """The only non-tensor types DeepSpeed (0.19) pickles into its checkpoint files (an fp16 run
+    keeps its dynamic loss scaler there)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def _weights_only_load(file, map_location=None):
@@ -167,9 +168,14 @@ def resume_point(config, output_dir: Path, world_size: int) -> Path | None:
             )
         return None
     saved = json.loads((checkpoint / STATE_FILE).read_text())
-    differences = resume_differences(saved["config"], config)
     if saved["world_size"] != world_size:
-        differences.append(f"world size: {saved['world_size']} -> {world_size}")
+        # Not even with --force-resume: the saved data position counts each rank's micro-batches
+        # (pairs would be replayed or skipped), and ZeRO's optimizer partitions are per rank.
+        raise UserError(
+            f"cannot resume {checkpoint} on {world_size} rank(s): it was saved by {saved['world_size']}; "
+            f"resume it on {saved['world_size']} rank(s), or start a new run"
+        )
+    differences = resume_differences(saved["config"], config)
     if differences and mode != "force":
         raise UserError(
             f"cannot resume {checkpoint}: the config changed ({'; '.join(differences)}); "

@@ -42,7 +42,7 @@ class ModelConfig:
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory (non-reentrant)")
     trust_remote_code: bool = knob(False, "allow model code from the model folder/hub to run (off: safer)")
     attn_implementation: str = knob(
-        "sdpa", "attention kernel passed to transformers", ("sdpa", "eager", "flash_attention_2")
+        "sdpa", "attention kernel passed to transformers", ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
     )
 
 

@@ -21,11 +21,20 @@ class DistInfo:
         return self.rank == 0
 
 
+# Where this rank's collectives put their tensors. A group DeepSpeed starts with plain `nccl` has
+# no CPU backend, so a CPU tensor handed to a collective fails there ("No backend type associated
+# with device type cpu"). Moving the few scalars the trainer reduces onto the rank's device costs
+# one tiny copy; the alternative, a second (gloo) backend for CPU tensors, would need its own
+# sockets (GLOO_SOCKET_IFNAME) on every multi-node run for no gain.
+_collective_device = torch.device("cpu")
+
+
 def init_distributed() -> DistInfo:
     """Join the process group set up by any launcher (deepspeed, torchrun) or make a 1-rank one.
 
     The backend and device come from DeepSpeed's accelerator: NCCL on CUDA, gloo on the CPU.
     """
+    global _collective_device
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -44,6 +53,7 @@ def init_distributed() -> DistInfo:
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
     device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
+    _collective_device = device
     return DistInfo(
         rank=int(os.environ["RANK"]),
         local_rank=local_rank,
@@ -60,24 +70,47 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a float64 tensor over all ranks (a no-op for one rank)."""
+def _multi_rank() -> bool:
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small float64 tensor over all ranks, reduced on the rank's device; returned on the CPU."""
+    import torch.distributed as dist
+
+    if not _multi_rank():
+        return values
+    on_device = values.to(_collective_device, copy=True)
+    dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+    return on_device.cpu()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank."""
+    return all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64)).item() > 0
+
+
+def broadcast_from_main(value):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    import torch.distributed as dist
+
+    if not _multi_rank():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0, device=_collective_device)
+    return holder[0]
 
 
 def gather_lists(local: list) -> list:
     """Concatenate a small Python list from every rank, in rank order (same result on all ranks)."""
     import torch.distributed as dist
 
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not _multi_rank():
         return list(local)
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
+    dist.all_gather_object(gathered, local)  # pickles onto the current device (set in init_distributed)
     return [item for part in gathered for item in part]
 
 

@@ -8,8 +8,11 @@ import signal
 
 import torch
 
-from dpo_lora.distributed import all_reduce_sum
+from dpo_lora.distributed import any_rank
 from dpo_lora.errors import UserError
+
+
+LOSS_SCALE_OVERFLOW = "loss-scale overflow"
 
 
 class StopRequest:
@@ -27,7 +30,7 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled (ranks stop at the same step)."""
-        return all_reduce_sum(torch.tensor([float(self.requested)], dtype=torch.float64)).item() > 0
+        return any_rank(self.requested)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -64,10 +67,6 @@ class NumericGuard:
         return not bool(torch.isfinite(loss.detach()).all())
 
     @staticmethod
-    def any_rank(flag: bool) -> bool:
-        return all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64)).item() > 0
-
-    @staticmethod
     def poison(loss: torch.Tensor, trainable: list[torch.Tensor]) -> torch.Tensor:
         """A loss whose gradient is NaN for the adapter, so the step is rejected as an overflow."""
         return torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0) + trainable[0].sum() * math.nan
@@ -80,10 +79,16 @@ class NumericGuard:
             engine.optimizer.overflow = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in trainable)
 
     def record(self, step: int, skip_reason: str | None, rows: list[int]) -> bool:
-        """Count a step; True when it was skipped. Raises after `max_bad_steps` skipped in a row."""
+        """Count a step; True when it was skipped. Raises after `max_bad_steps` skipped in a row.
+
+        fp16's loss-scale overflows are skipped but not counted: the scaler handles them itself
+        (an fp16 run starts with a few while it finds its scale).
+        """
         if skip_reason is None:
             self.bad_in_row = 0
             return False
+        if skip_reason == LOSS_SCALE_OVERFLOW:
+            return True
         self.bad_in_row += 1
         if self.bad_in_row >= self.max_bad_steps:
             raise UserError(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_lora.distributed import barrier, gather_lists
+from dpo_lora.distributed import barrier, broadcast_from_main, gather_lists
 from dpo_lora.evaluation import to_device
 from dpo_lora.model import reference_mode
 from dpo_lora.step import concatenated_logps
@@ -76,23 +76,37 @@ def compute_reference_logps(engine, dataset, collate, batch_size: int, rank: int
     return result
 
 
-def with_reference_logps(engine, train_set, config, collate, dist):
-    """`train_set` with the two reference columns, from the cache or computed (and cached) now."""
+def cached_or_computed(path: Path, compute, is_main: bool) -> torch.Tensor:
+    """The tensor cached at `path`, else `compute()` (run by every rank) cached by rank 0.
+
+    Rank 0 alone looks at the cache and sends what it read: with node-local caches, ranks deciding
+    from their own disks would split between computing (collectives inside) and waiting, and hang.
+    """
     from safetensors.torch import load_file, save_file
 
+    cached = broadcast_from_main(load_file(path)["logps"] if is_main and path.is_file() else None)
+    if cached is not None:
+        return cached
+    logps = compute()
+    if is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        save_file({"logps": logps}, str(partial))
+        partial.rename(path)  # a crash mid-write never leaves a file that looks complete
+    barrier()
+    return logps
+
+
+def with_reference_logps(engine, train_set, config, collate, dist):
+    """`train_set` with the two reference columns, from the cache or computed (and cached) now."""
     path = cache_dir() / f"{reference_fingerprint(config.model, config.lora, train_set)}.safetensors"
-    if path.is_file():
-        logps = load_file(path)["logps"]
-    else:
-        logps = compute_reference_logps(
+    logps = cached_or_computed(
+        path,
+        lambda: compute_reference_logps(
             engine, train_set, collate, config.train.eval_batch_size, dist.rank, dist.world_size, dist.device
-        )
-        if dist.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
-            save_file({"logps": logps}, str(partial))
-            partial.rename(path)  # a crash mid-write never leaves a file that looks complete
-        barrier()
+        ),
+        dist.is_main,
+    )
     if logps.shape != (len(train_set), 2):
         raise RuntimeError(f"{path}: holds {tuple(logps.shape)} scores for {len(train_set)} pairs")
     return train_set.add_column(CHOSEN, logps[:, 0].tolist()).add_column(REJECTED, logps[:, 1].tolist())

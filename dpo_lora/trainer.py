@@ -21,10 +21,10 @@ from dpo_lora.batches import PairBatches, pair_lengths
 from dpo_lora.checkpoint import clear_run, load_checkpoint, resume_point, save_checkpoint
 from dpo_lora.config import Config, dump_yaml, to_dict
 from dpo_lora.cpu_memory import cap_heap_fragmentation
-from dpo_lora.distributed import all_reduce_sum, barrier, gather_lists, gathered
+from dpo_lora.distributed import all_reduce_sum, any_rank, barrier, gather_lists, gathered
 from dpo_lora.errors import UserError
 from dpo_lora.evaluation import EvalShard, evaluate, to_device
-from dpo_lora.guards import NumericGuard, SkippableAdamW, StopRequest
+from dpo_lora.guards import LOSS_SCALE_OVERFLOW, NumericGuard, SkippableAdamW, StopRequest
 from dpo_lora.metrics import MetricsWriter, MetricWindow
 from dpo_lora.step import preference_step
 from dpo_lora.tokenization import VARLEN_KERNELS, collate_pairs
@@ -111,7 +111,7 @@ def optimizer_step(engine, stream, config: Config, guard: NumericGuard, trainabl
             bad_rows += batch["row_index"].tolist()
         boundary = micro == config.train.grad_accum - 1
         if boundary:
-            loss_bad = guard.any_rank(bool(bad_rows))
+            loss_bad = any_rank(bool(bad_rows))
             if loss_bad:
                 loss = guard.poison(loss, trainable)
         engine.backward(loss)
@@ -121,6 +121,8 @@ def optimizer_step(engine, stream, config: Config, guard: NumericGuard, trainabl
         micro_stats.append((stats, int(batch["attention_mask"].sum())))
     if engine.skipped_steps == skipped_before:
         return micro_stats, None, []
+    if not loss_bad and engine.fp16_enabled():
+        return micro_stats, LOSS_SCALE_OVERFLOW, []  # the scaler lowers its scale and goes on
     return micro_stats, "loss" if loss_bad else "gradient norm", gather_lists(bad_rows)
 
 

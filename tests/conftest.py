@@ -92,3 +92,14 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     build_tiny_model(len(tiny_tokenizer)).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """Let DeepSpeed run fp16 (loss scaling) on this CPU. Its CPU accelerator reports fp16 as
+    unsupported unless oneDNN has native fp16 kernels; torch computes fp16 on any CPU (slowly), so
+    the tests lift that check to run DeepSpeed's real fp16 path: loss scaler, overflow skips,
+    and the scaler in checkpoints."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    monkeypatch.setattr(CPU_Accelerator, "is_fp16_supported", lambda self: True)

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from dpo_lora.checkpoint import COMPLETE, latest_checkpoint, step_name
-from dpo_lora.config import dump_yaml
+from dpo_lora.checkpoint import COMPLETE, STATE_FILE, latest_checkpoint, resume_point, step_name
+from dpo_lora.config import dump_yaml, to_dict
 from dpo_lora.errors import UserError
 from dpo_lora.trainer import train
 
@@ -128,6 +128,34 @@ def test_resume_refuses_a_changed_config_unless_forced_and_output_dir_is_not_clo
     assert sorted(train_rows(out)) == [1, 2, 3], "overwrite starts a new run"
     assert json.loads((out / "checkpoints" / step_name(3) / "trainer_state.json").read_text())["step"] == 3
     assert os.listdir(out / "checkpoints") == [step_name(3)]
+
+
+def test_an_fp16_run_resumes_with_its_loss_scaler(tiny_model_dir, tmp_path, fp16_on_cpu):
+    """DeepSpeed pickles fp16's DynamicLossScaler into the checkpoint: the weights-only reader
+    must accept it, and the resumed steps equal the uninterrupted run."""
+    fp16 = ["model.dtype=float16", "model.quantization=nf4", "train.save_every=2", "train.scheduler=constant"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(tiny_config(tiny_model_dir, whole, *RUN, *fp16, "train.max_steps=4"))
+    train(tiny_config(tiny_model_dir, part, *RUN, *fp16, "train.max_steps=2"))
+    train(tiny_config(tiny_model_dir, part, *RUN, *fp16, "train.max_steps=4", "train.resume=force"))
+    expected, resumed = train_rows(whole), train_rows(part)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == expected[step], step
+
+
+def test_resume_on_another_world_size_is_refused_even_when_forced(tiny_model_dir, tmp_path):
+    """The data position counts each rank's micro-batches: on another world size it would replay
+    or skip pairs, so no --force-resume gets past it."""
+    out = tmp_path / "run"
+    config = tiny_config(tiny_model_dir, out, *RUN, "train.resume=force")
+    checkpoint = out / "checkpoints" / step_name(5)
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text(json.dumps({"config": to_dict(config), "world_size": 2, "step": 5}))
+    (checkpoint / COMPLETE).write_text("5\n")
+    assert resume_point(config, out, world_size=2) == checkpoint
+    with pytest.raises(UserError, match=r"cannot resume .*step-00000005 on 4 rank\(s\): it was saved by 2; resume it on 2"):
+        resume_point(config, out, world_size=4)
 
 
 class Payload:

@@ -77,3 +77,13 @@ def test_bad_data_names_file_and_row(tmp_path, tiny_model_dir):
     assert result.returncode == 2, result.stderr
     assert f"dpo-lora: error: {data}: 1 bad row(s): row 2: missing field 'rejected'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_overrides_may_follow_flags(capsys):
+    from dpo_lora.cli import parse_args
+
+    args = parse_args(["train", "c.yaml", "a.b=1", "--overwrite", "train.lr=2e-4", "--resume"])
+    assert args.overrides == ["a.b=1", "train.lr=2e-4"] and args.overwrite and args.resume
+    with pytest.raises(SystemExit):
+        parse_args(["train", "c.yaml", "--overwrite", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err

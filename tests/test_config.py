@@ -73,3 +73,10 @@ def test_readme_config_table_matches_the_config_tree():
     documented = [line for line in table.splitlines() if line.startswith("| `")]
     expected = [f"| `{key}` | `{default!r}` | {help_text} |" for key, default, help_text in describe()]
     assert documented == expected, "regenerate the README table from dpo_lora/config.py"
+
+
+def test_every_varlen_kernel_can_be_configured():
+    from dpo_lora.tokenization import VARLEN_KERNELS
+
+    for kernel in VARLEN_KERNELS:  # pack_sequences runs only on these, so each must be choosable
+        assert load_config(None, [f"model.attn_implementation={kernel}"]).model.attn_implementation == kernel

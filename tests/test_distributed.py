@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dpo_lora.config import dump_yaml
+from dpo_lora import distributed
 from dpo_lora.distributed import gathered, rank_failure_message
 
 from .conftest import REPO, VENV_BIN, venv_env
@@ -41,6 +42,61 @@ def test_rank_failure_message_names_the_rank(monkeypatch):
     lost = rank_failure_message(RuntimeError("[pair.cc:553] Connection closed by peer [10.0.0.2]:1234"))
     assert lost.startswith("dpo-lora: rank 2 of 4: lost contact with another rank")
     assert rank_failure_message(ValueError("bad\nsecond line")) == "dpo-lora: rank 2 of 4 failed: ValueError: bad"
+
+
+class _Handed(Exception):
+    """Raised by the fake collective once it has seen the tensor it was handed."""
+
+
+@pytest.fixture
+def two_rank_world_on(monkeypatch):
+    """A pretend 2-rank world whose device is `meta`, standing in for a GPU: a group started with
+    plain NCCL has no CPU backend, so every tensor a collective gets must be on the rank's device.
+    Returns the devices the collectives were handed."""
+    import torch.distributed as dist
+
+    seen = []
+
+    def all_reduce(tensor, op=None, group=None, async_op=False):
+        seen.append(tensor.device)
+        raise _Handed
+
+    def broadcast_object_list(objects, src=0, group=None, device=None):
+        seen.append(torch.device(device) if device is not None else torch.device("cpu"))
+        raise _Handed
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast_object_list)
+    monkeypatch.setattr(distributed, "_collective_device", torch.device("meta"))
+    return seen
+
+
+def test_every_collective_of_the_trainer_runs_on_the_ranks_device(two_rank_world_on):
+    from dpo_lora.guards import StopRequest
+    from dpo_lora.metrics import PAIR_METRICS, MetricWindow
+    from dpo_lora.trainer import _reward_sums
+
+    window = MetricWindow()
+    window.add({name: torch.ones(2) for name in PAIR_METRICS}, tokens=10)
+    stop = StopRequest()
+    stats = {"rewards/chosen": torch.ones(2), "rewards/rejected": torch.zeros(2)}
+    callers = {
+        "metric window": window.reduce,
+        "stop request": stop.agreed,
+        "numeric guard": lambda: distributed.any_rank(True),
+        "bco_pair reward sums": lambda: _reward_sums([(stats, 4)]),
+        "reference cache decision": lambda: distributed.broadcast_from_main(True),
+    }
+    try:
+        for name, call in callers.items():
+            with pytest.raises(_Handed):
+                call()
+            assert two_rank_world_on[-1] == torch.device("meta"), f"{name} handed a collective a tensor on the wrong device"
+    finally:
+        stop.restore()
+    assert len(two_rank_world_on) == len(callers)
 
 
 def test_gathered_is_a_no_op_for_unpartitioned_parameters():

@@ -76,6 +76,31 @@ def test_too_many_bad_steps_in_a_row_abort_with_a_clear_message(tiny_model_dir, 
         trainer_module.train(config)
 
 
+def test_fp16_loss_scale_overflows_are_skipped_without_counting_as_bad_steps(
+    tiny_model_dir, tmp_path, fp16_on_cpu
+):
+    """An initial scale of 2^22 overflows fp16 gradients: the scaler skips and halves for a few
+    steps. Those steps must not count toward max_bad_steps (2 here), or the run would abort."""
+    import json
+
+    deepspeed_json = tmp_path / "zero2_fp16.json"
+    shipped = json.loads((REPO / "deepspeed_configs" / "zero2.json").read_text())
+    shipped["fp16"].update(initial_scale_power=22, hysteresis=1)
+    deepspeed_json.write_text(json.dumps(shipped))
+    out = tmp_path / "run"
+    config = tiny_config(
+        tiny_model_dir, out, *RUN, "train.max_steps=12", "train.max_bad_steps=2", "model.dtype=float16",
+        "model.quantization=nf4", f"deepspeed={deepspeed_json}",
+    )  # fmt: skip
+    trainer_module.train(config)
+    rows = read_metrics(out)
+    skipped = [r["step"] for r in rows if r.get("skipped") == "loss-scale overflow"]
+    trained = [r["step"] for r in rows if "loss" in r]
+    assert len(skipped) >= 2, f"the test needs overflows in a row to mean anything: {skipped}"
+    assert skipped == list(range(1, len(skipped) + 1)), "the first steps overflow, then the scale fits"
+    assert trained and trained[-1] == 12 and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
 def test_a_second_signal_exits_at_once():
     code = (
         "import time; from dpo_lora.guards import StopRequest; s = StopRequest(); print('ready', flush=True)\n"

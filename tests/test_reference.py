@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import socket
+
 import pytest
+import torch
 
 import dpo_lora.reference as reference_module
 from dpo_lora.trainer import train
@@ -52,3 +56,47 @@ def test_the_fingerprint_follows_what_the_reference_depends_on(tiny_model_dir, t
     assert fingerprint("model.quantization=none") != base
     assert fingerprint("data.max_length=80") != base  # truncation changes the tokenized data
     assert fingerprint("train.lr=1e-3") == base  # the optimizer does not touch the reference
+
+
+def _cache_worker(rank: int, port: int, cache_dirs: list[str], report_dir: str) -> None:
+    """One rank of a 2-rank gloo world whose caches are node-local: each rank has its own folder."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    computed = []
+
+    def compute():
+        computed.append(rank)
+        dist.barrier()  # a collective inside, as in the real reference pass: a lone rank would hang here
+        return torch.full((3, 2), 7.0)
+
+    from pathlib import Path
+
+    logps = reference_module.cached_or_computed(Path(cache_dirs[rank]) / "ref.safetensors", compute, rank == 0)
+    report = {"computed": bool(computed), "logps": logps.tolist()}
+    (Path(report_dir) / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cached_on", ["rank 0", "rank 1", "none"])
+def test_rank_0_decides_whether_the_reference_cache_is_used(tmp_path, cached_on):
+    """With node-local caches the ranks must agree: rank 0's cache serves everyone, and a cache only
+    another rank has is ignored (all compute), so no rank waits in a collective the others skip."""
+    from safetensors.torch import save_file
+
+    dirs = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in dirs:
+        folder.mkdir()
+    holder = {"rank 0": 0, "rank 1": 1}.get(cached_on)
+    if holder is not None:
+        save_file({"logps": torch.full((3, 2), -1.5)}, str(dirs[holder] / "ref.safetensors"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_cache_worker, args=(port, [str(d) for d in dirs], str(tmp_path)), nprocs=2)
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    expected_value = -1.5 if cached_on == "rank 0" else 7.0
+    for report in reports:
+        assert report["computed"] == (cached_on != "rank 0")
+        assert report["logps"] == [[expected_value] * 2] * 3
+    assert (dirs[0] / "ref.safetensors").is_file()  # rank 0 caches what it computed
