@@ -11,7 +11,6 @@ import torch
 from dpo_lora.distributed import any_rank
 from dpo_lora.errors import UserError
 
-
 LOSS_SCALE_OVERFLOW = "loss-scale overflow"
 
 

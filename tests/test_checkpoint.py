@@ -154,7 +154,9 @@ def test_resume_on_another_world_size_is_refused_even_when_forced(tiny_model_dir
     (checkpoint / STATE_FILE).write_text(json.dumps({"config": to_dict(config), "world_size": 2, "step": 5}))
     (checkpoint / COMPLETE).write_text("5\n")
     assert resume_point(config, out, world_size=2) == checkpoint
-    with pytest.raises(UserError, match=r"cannot resume .*step-00000005 on 4 rank\(s\): it was saved by 2; resume it on 2"):
+    with pytest.raises(
+        UserError, match=r"cannot resume .*step-00000005 on 4 rank\(s\): it was saved by 2; resume it on 2"
+    ):
         resume_point(config, out, world_size=4)
 
 

@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 
-from dpo_lora.config import dump_yaml
 from dpo_lora import distributed
+from dpo_lora.config import dump_yaml
 from dpo_lora.distributed import gathered, rank_failure_message
 
 from .conftest import REPO, VENV_BIN, venv_env
@@ -93,7 +93,9 @@ def test_every_collective_of_the_trainer_runs_on_the_ranks_device(two_rank_world
         for name, call in callers.items():
             with pytest.raises(_Handed):
                 call()
-            assert two_rank_world_on[-1] == torch.device("meta"), f"{name} handed a collective a tensor on the wrong device"
+            assert two_rank_world_on[-1] == torch.device("meta"), (
+                f"{name} handed a collective a tensor on the wrong device"
+            )
     finally:
         stop.restore()
     assert len(two_rank_world_on) == len(callers)

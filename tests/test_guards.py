@@ -76,9 +76,7 @@ def test_too_many_bad_steps_in_a_row_abort_with_a_clear_message(tiny_model_dir, 
         trainer_module.train(config)
 
 
-def test_fp16_loss_scale_overflows_are_skipped_without_counting_as_bad_steps(
-    tiny_model_dir, tmp_path, fp16_on_cpu
-):
+def test_fp16_loss_scale_overflows_are_skipped_without_counting_as_bad_steps(tiny_model_dir, tmp_path, fp16_on_cpu):
     """An initial scale of 2^22 overflows fp16 gradients: the scaler skips and halves for a few
     steps. Those steps must not count toward max_bad_steps (2 here), or the run would abort."""
     import json
