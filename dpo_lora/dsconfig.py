@@ -21,7 +21,12 @@ def owned_values(config, world_size: int) -> dict[str, object]:
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
         "gradient_clipping": train.max_grad_norm,
-        "bf16.enabled": config.model.dtype == "bfloat16",
+        # DeepSpeed's bf16 mode would cast the adapter to bf16 and accumulate and reduce its
+        # gradients in bf16 (at ZeRO-0 even without float32 masters): each stage then loses
+        # precision differently. Off, the base still computes in bf16 (its 4-bit compute dtype and
+        # unquantized layers), while the adapter, its gradients, their reduction and AdamW stay in
+        # float32 at every stage, for a few bytes per LoRA parameter.
+        "bf16.enabled": False,
         "fp16.enabled": config.model.dtype == "float16",
     }
 

@@ -123,7 +123,19 @@ def _keep_4bit_layout_trainable(model) -> None:
 
 
 def attach_adapter(base, lora_config):
-    """Wrap `base` in a PEFT model whose only trainable parameters are the LoRA adapter."""
+    """Wrap `base` in a PEFT model whose only trainable parameters are the LoRA adapter.
+
+    Adapters are held in float32 whatever the base's dtype (PEFT casts each LoRA input to the
+    adapter's dtype and its output back), so updates and gradient sums never round to bf16.
+    """
+    model = _with_adapter(base, lora_config)
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+def _with_adapter(base, lora_config):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if lora_config.init_adapter:
