@@ -3,10 +3,10 @@
 #   launch/multi_node.sh HOSTFILE CONFIG [dotted.key=value ...]
 # HOSTFILE lines are "hostname slots=N" (N ranks on that host); every host needs passwordless ssh,
 # this repository at the same path and the same environment. Rank 0 runs on the first host.
-# MASTER_ADDR (default: first host), MASTER_PORT (default 29500). NCCL_SOCKET_IFNAME and
-# GLOO_SOCKET_IFNAME, when set, are forwarded to every rank on every host.
+# MASTER_ADDR (default: first host), MASTER_PORT (default 29500). NCCL_SOCKET_IFNAME,
+# GLOO_SOCKET_IFNAME and every DPO_LORA_* variable, when set, are forwarded to every rank.
 set -euo pipefail
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; }
 case "${1:-}" in -h | --help) usage; exit 0 ;; esac
 [[ $# -ge 2 ]] || { usage >&2; exit 2; }
 hostfile="$1"; shift
@@ -19,7 +19,7 @@ trap 'rm -f "$env_file"' EXIT
 for existing in "$HOME/.deepspeed_env" ".deepspeed_env"; do
     [[ -f "$existing" ]] && cat "$existing" >>"$env_file"
 done
-for var in NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME; do
+for var in NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME $(compgen -e | grep '^DPO_LORA_' || true); do
     [[ -n "${!var:-}" ]] && echo "$var=${!var}" >>"$env_file"
 done
 DS_ENV_FILE="$env_file" deepspeed --hostfile "$hostfile" \

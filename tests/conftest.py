@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -103,3 +105,48 @@ def fp16_on_cpu(monkeypatch):
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
     monkeypatch.setattr(CPU_Accelerator, "is_fp16_supported", lambda self: True)
+
+
+# Two test hosts: network namespaces joined by a veth pair on a private test subnet. Each end has
+# the same name inside its namespace, as cluster nodes share an interface name (eth0, ib0), so one
+# GLOO_SOCKET_IFNAME serves every host.
+HOSTS = (("dpolora-a", "10.213.7.1"), ("dpolora-b", "10.213.7.2"))
+HOST_INTERFACE = "dpo0"
+
+
+def _kill_namespace_processes(namespace: str) -> None:
+    listed = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True)
+    for pid in listed.stdout.split():
+        subprocess.run(["kill", "-9", pid], capture_output=True)
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair; skipped where namespaces are not permitted."""
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 is not installed (apt-get install iproute2)")
+    (a, _), (b, _) = HOSTS
+
+    def cleanup():
+        for namespace, _ in HOSTS:
+            _kill_namespace_processes(namespace)  # a process left inside would outlive its namespace
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+
+    cleanup()
+    setup = [["ip", "netns", "add", a], ["ip", "netns", "add", b]]
+    setup += [["ip", "link", "add", "veth-dpoa", "type", "veth", "peer", "name", "veth-dpob"]]
+    for (namespace, address), veth in zip(HOSTS, ("veth-dpoa", "veth-dpob"), strict=True):
+        setup += [["ip", "link", "set", veth, "netns", namespace]]
+        setup += [["ip", "-n", namespace, "link", "set", veth, "name", HOST_INTERFACE]]
+        setup += [["ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", HOST_INTERFACE]]
+        setup += [
+            ["ip", "-n", namespace, "link", "set", HOST_INTERFACE, "up"],
+            ["ip", "-n", namespace, "link", "set", "lo", "up"],
+        ]
+    for command in setup:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            cleanup()
+            pytest.skip(f"network namespaces not permitted here ({' '.join(command)}: {result.stderr.strip()})")
+    yield
+    cleanup()

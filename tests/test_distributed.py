@@ -7,7 +7,6 @@ launch/node.sh with one rank, exactly as two cluster nodes without ssh would.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from dpo_lora import distributed
 from dpo_lora.config import dump_yaml
 from dpo_lora.distributed import gathered, rank_failure_message
 
-from .conftest import REPO, VENV_BIN, venv_env
+from .conftest import HOST_INTERFACE, HOSTS, REPO, VENV_BIN, venv_env
 from .test_checkpoint import train_rows
 from .test_trainer import tiny_config
 
@@ -149,47 +148,14 @@ def test_node_sh_names_a_missing_variable():
     assert result.returncode == 2 and "set NNODES" in result.stderr
 
 
-HOSTS = (("dpolora-a", "veth-dpoa", "10.213.7.1"), ("dpolora-b", "veth-dpob", "10.213.7.2"))
-
-
-@pytest.fixture
-def two_hosts():
-    """Two network namespaces joined by a veth pair; skipped where namespaces are not permitted."""
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 is not installed (apt-get install iproute2)")
-    (a, veth_a, _), (b, veth_b, _) = HOSTS
-
-    def cleanup():
-        for namespace, _, _ in HOSTS:
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
-
-    cleanup()
-    setup = [["ip", "netns", "add", a], ["ip", "netns", "add", b]]
-    setup += [["ip", "link", "add", veth_a, "type", "veth", "peer", "name", veth_b]]
-    for namespace, veth, address in HOSTS:
-        setup += [["ip", "link", "set", veth, "netns", namespace]]
-        setup += [["ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", veth]]
-        setup += [
-            ["ip", "-n", namespace, "link", "set", veth, "up"],
-            ["ip", "-n", namespace, "link", "set", "lo", "up"],
-        ]
-    for command in setup:
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            cleanup()
-            pytest.skip(f"network namespaces not permitted here ({' '.join(command)}: {result.stderr.strip()})")
-    yield
-    cleanup()
-
-
 def test_two_hosts_through_node_sh_train_like_one_process(two_hosts, tiny_model_dir, tmp_path):
-    master = HOSTS[0][2]
+    master = HOSTS[0][1]
     overrides = ["train.max_steps=4", "train.log_every=1"]
     config = write_config(tiny_model_dir, tmp_path / "hosts", "train.grad_accum=1", *overrides)
     nodes = []
-    for node_rank, (namespace, veth, _) in enumerate(HOSTS):
+    for node_rank, (namespace, _) in enumerate(HOSTS):
         env = venv_env(NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR=master, MASTER_PORT="29571")
-        env.update(NPROC_PER_NODE="1", GLOO_SOCKET_IFNAME=veth)
+        env.update(NPROC_PER_NODE="1", GLOO_SOCKET_IFNAME=HOST_INTERFACE)
         command = ["ip", "netns", "exec", namespace, "bash", str(REPO / "launch" / "node.sh"), config]
         nodes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     outputs = [node.communicate(timeout=600) for node in nodes]
