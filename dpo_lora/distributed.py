@@ -62,6 +62,14 @@ def init_distributed() -> DistInfo:
     )
 
 
+def peak_memory_bytes() -> int:
+    """This rank's peak memory so far: the device allocator's peak on an accelerator (what
+    `torch.cuda.max_memory_allocated` reports), the process's peak RSS on the CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    return int(get_accelerator().max_memory_allocated())
+
+
 def _free_port() -> int:
     import socket
 

@@ -21,7 +21,7 @@ from dpo_lora.batches import PairBatches, pair_lengths
 from dpo_lora.checkpoint import clear_run, load_checkpoint, resume_point, save_checkpoint
 from dpo_lora.config import Config, dump_yaml, to_dict
 from dpo_lora.cpu_memory import cap_heap_fragmentation
-from dpo_lora.distributed import all_reduce_sum, any_rank, barrier, gather_lists, gathered
+from dpo_lora.distributed import all_reduce_sum, any_rank, barrier, gather_lists, gathered, peak_memory_bytes
 from dpo_lora.errors import UserError
 from dpo_lora.evaluation import EvalShard, evaluate, to_device
 from dpo_lora.guards import LOSS_SCALE_OVERFLOW, NumericGuard, SkippableAdamW, StopRequest
@@ -248,6 +248,7 @@ def train(config: Config) -> dict:
                 "pairs_per_s_per_rank": reduced["pairs"] / elapsed / dist.world_size,
                 "world_size": dist.world_size,
                 "global_batch": ds_config["train_batch_size"],
+                "peak_memory_gb": peak_memory_bytes() / 2**30,
             }
             log(row)
             progress.set_postfix(

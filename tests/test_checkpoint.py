@@ -24,11 +24,11 @@ RUN = ["lora.dropout=0.1", "train.micro_batch_size=2", "data.eval=null", "train.
 
 
 def train_rows(output_dir) -> dict[int, dict]:
-    """Training rows by step, without the wall-clock fields."""
+    """Training rows by step, without the wall-clock and memory fields (they vary run to run)."""
     rows = {}
     for row in read_metrics(output_dir):
         if "loss" in row:
-            rows[row["step"]] = {k: v for k, v in row.items() if "_per_s" not in k}
+            rows[row["step"]] = {k: v for k, v in row.items() if "_per_s" not in k and k != "peak_memory_gb"}
     return rows
 
 
