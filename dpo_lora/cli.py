@@ -69,12 +69,13 @@ def _cmd_eval(args) -> int:
 def _cmd_generate(args) -> int:
     import json
 
-    from dpo_lora.sampling import generate_run
+    from dpo_lora.sampling import generate_run, side_by_side
 
     result = generate_run(
         args.run, args.prompts, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         reward=args.reward, seed=args.seed, out=args.out,
     )  # fmt: skip
+    print(side_by_side(result, prompts=args.show) + "\n")
     print(json.dumps(result["summary"], indent=2))
     return 0
 
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--reward", help="module:function scoring a completion text (text -> float)")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     generate.add_argument("--out", help="JSON path (default: RUN/generations.json)")
+    generate.add_argument("--show", type=int, default=3, help="prompts printed side by side (all go to the JSON)")
     generate.set_defaults(handler=_cmd_generate)
 
     plot = commands.add_parser("plot", help="PNG charts of a run's metrics into RUN/plots/")
@@ -186,6 +188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        from dpo_lora.console import quiet_third_party
+
+        quiet_third_party()
         return args.handler(args)
     except UserError as err:
         print(f"dpo-lora: error: {err}", file=sys.stderr)

@@ -117,3 +117,29 @@ def generate_run(source: str, prompts_file: str, *, n: int = 4, temperature: flo
     if target.parent.is_dir():
         target.write_text(json.dumps(result, indent=2))
     return result
+
+
+def side_by_side(result: dict, prompts: int = 3, width: int = 100) -> str:
+    """The first samples of the first `prompts` prompts as two columns, reference | policy, with
+    their rewards, in `width` columns: what a person reads to see what training changed."""
+    import textwrap
+
+    column = (width - 3) // 2
+    blocks = []
+    for row in result["samples"][:prompts]:
+        prompt = " ".join(row["prompt"].split())
+        lines = textwrap.wrap(f"prompt: {prompt}", width) or ["prompt:"]
+        heads = []
+        for side in ("reference", "policy"):
+            rewards = row.get(f"{side}_rewards")
+            heads.append(f"{side}" + (f" (reward {rewards[0]:.3f})" if rewards else ""))
+        left = textwrap.wrap(" ".join(row["reference"][0].split()), column) or ["(empty)"]
+        right = textwrap.wrap(" ".join(row["policy"][0].split()), column) or ["(empty)"]
+        lines.append(f"{heads[0]:<{column}} | {heads[1]}")
+        lines.append(f"{'-' * column}-+-{'-' * column}")
+        for i in range(max(len(left), len(right))):
+            lines.append(
+                f"{left[i] if i < len(left) else '':<{column}} | {right[i] if i < len(right) else ''}".rstrip()
+            )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

@@ -8,7 +8,6 @@ after; checkpoints every `train.save_every` steps, at the end and on SIGTERM/SIG
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import sys
 import time
@@ -30,18 +29,6 @@ from dpo_lora.step import preference_step
 from dpo_lora.tokenization import VARLEN_KERNELS, collate_pairs
 
 ADAPTER_DIR = "adapter"
-
-
-def _quiet_third_party() -> None:
-    """Keep the console to dpo-lora's own progress: these messages are not actionable for a user."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # optional `kernels` package
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):
@@ -142,7 +129,6 @@ def train(config: Config) -> dict:
     from dpo_lora.model import load_tokenizer
     from dpo_lora.prepare import prepare_splits
 
-    _quiet_third_party()
     dist = init_distributed()
     train_cfg = config.train
     if dist.device.type == "cpu":

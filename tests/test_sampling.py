@@ -50,3 +50,42 @@ def test_bad_reward_and_prompts_are_user_errors(tmp_path):
         load_reward("nowhere:fn")
     with pytest.raises(UserError, match="--prompts: file not found"):
         generate_run("unused", str(tmp_path / "none.txt"))
+
+
+NOISE = ("Setting accelerator to CPU", "Loading weights", "is_gradient_checkpointing", "gemm_4bit_forward")
+
+
+def test_cli_generate_shows_samples_side_by_side_and_eval_is_quiet(trained_run, tmp_path):  # noqa: F811
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    out, _ = trained_run
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Continue this movie review with one sentence\nThe plot was\n")
+    generate = [sys.executable, "-m", "dpo_lora", "generate", str(out), "--prompts", str(prompts), "--n", "2"]
+    generate += [
+        "--max-new-tokens",
+        "12",
+        "--reward",
+        "tests.test_sampling:length_reward",
+        "--out",
+        str(tmp_path / "g.json"),
+    ]
+    evaluate = [sys.executable, "-m", "dpo_lora", "eval", str(out), "--out", str(tmp_path / "e.json")]
+    shown = ""
+    for command in (generate, evaluate):
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        for noise in NOISE:
+            assert noise not in result.stderr + result.stdout, (command[4], noise)
+        shown = shown or result.stdout
+    samples = json.loads((tmp_path / "g.json").read_text())["samples"]
+    assert shown.count("reference (reward ") == 2 and shown.count("| policy (reward ") == 2
+    assert all(len(line) <= 100 for line in shown.splitlines())
+    first_policy = " ".join(samples[0]["policy"][0].split())
+    right_column = " ".join(
+        line.split(" | ", 1)[1] for line in shown.splitlines()[3:] if " | " in line and line[0] != "-"
+    )
+    assert first_policy.split()[0] in right_column, "the policy's own sample is in the policy column"
