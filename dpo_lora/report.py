@@ -30,17 +30,16 @@ def load_trained(source: str, scratch: Path):
     return load_policy(adapter_dir, config.model, inference_device()), tokenizer, config
 
 
-def pair_report(model, pairs, tokenizer, dpo_config, batch_size: int) -> dict:
+def pair_report(model, pairs, collate, dpo_config, batch_size: int) -> dict:
     """Reward accuracy, margin, policy/reference log-probs and the sequence-level KL estimate on the
     chosen completions (mean of log pi(y_w|x) - log ref(y_w|x)), over every pair."""
     from dpo_lora.step import preference_step
-    from dpo_lora.tokenization import collate_pairs
 
     columns: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             features = [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]
-            batch = {k: v.to(model.device) for k, v in collate_pairs(features, tokenizer.pad_token_id).items()}
+            batch = {k: v.to(model.device) for k, v in collate(features).items()}
             _, stats = preference_step(model, batch, dpo_config)
             for name, value in stats.items():
                 columns.setdefault(name, []).append(value.double().cpu())
@@ -68,6 +67,8 @@ def format_table(report: dict) -> str:
 
 def evaluate_run(source: str, data: str | None = None, batch_size: int = 8, out: str | None = None) -> dict:
     """Evaluate a trained run on held-out pairs; writes the JSON report and returns it."""
+    from dpo_lora import chunked_logps
+    from dpo_lora.layout import batch_layout
     from dpo_lora.prepare import tokenized_split
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -76,7 +77,10 @@ def evaluate_run(source: str, data: str | None = None, batch_size: int = 8, out:
     if not data:
         raise UserError("no held-out pairs: give --data FILE (the run had no data.eval)")
     pairs, _ = tokenized_split(data, tokenizer, config.data)
-    report = {"data": data, **pair_report(model, pairs, tokenizer, config.dpo, batch_size)}
+    # Scored as in training: prompt shared where the model allows, LM head on completions only.
+    chunked_logps.install(model, config.train.logps_chunk_size)
+    collate, _ = batch_layout(config, model, tokenizer.pad_token_id)
+    report = {"data": data, **pair_report(model, pairs, collate, config.dpo, batch_size)}
     target = Path(out) if out else Path(source) / "eval.json"
     if target.parent.is_dir():
         target.write_text(json.dumps(report, indent=2))

@@ -7,7 +7,6 @@ after; checkpoints every `train.save_every` steps, at the end and on SIGTERM/SIG
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import time
@@ -24,9 +23,9 @@ from dpo_lora.distributed import all_reduce_sum, any_rank, barrier, gather_lists
 from dpo_lora.errors import UserError
 from dpo_lora.evaluation import EvalShard, evaluate, to_device
 from dpo_lora.guards import LOSS_SCALE_OVERFLOW, NumericGuard, SkippableAdamW, StopRequest
+from dpo_lora.layout import batch_layout
 from dpo_lora.metrics import MetricsWriter, MetricWindow
 from dpo_lora.step import preference_step
-from dpo_lora.tokenization import VARLEN_KERNELS, collate_pairs
 
 ADAPTER_DIR = "adapter"
 
@@ -64,24 +63,6 @@ def _adamw(zero: dict):
         return DeepSpeedCPUAdam
     # ZeRO >= 1 skips non-finite steps itself and accepts only the optimizer classes it knows.
     return SkippableAdamW if zero.get("stage", 0) == 0 else torch.optim.AdamW
-
-
-def _collate(config: Config, model, pad_token_id: int, is_main: bool):
-    """The batch layout: prompt shared by chosen and rejected where the model allows it, sequences
-    packed without padding where the attention kernel has a varlen path."""
-    from dpo_lora.prompt_sharing import unsupported_reason
-
-    notices = []
-    share, pack = config.train.share_prompt, config.train.pack_sequences
-    if share and (reason := unsupported_reason(model, config.data.max_length)):
-        share = False
-        notices.append(f"train.share_prompt off: {reason}")
-    if pack and (kernel := model.config._attn_implementation) not in VARLEN_KERNELS:
-        pack = False
-        notices.append(f"train.pack_sequences off: {kernel!r} has no varlen kernel (use flash_attention_2)")
-    for notice in notices if is_main else []:
-        print(f"dpo-lora: {notice}", file=sys.stderr)
-    return functools.partial(collate_pairs, pad_token_id=pad_token_id, share_prompt=share, pack=pack)
 
 
 def optimizer_step(engine, stream, config: Config, guard: NumericGuard, trainable, device, bco_delta: float):
@@ -163,7 +144,10 @@ def train(config: Config) -> dict:
     total_steps = train_cfg.max_steps or math.ceil(train_cfg.epochs * steps_per_epoch)
 
     engine, scheduler, trainable = _build_engine(config, dist, ds_config, total_steps)
-    collate = batches.collate = _collate(config, engine.module, tokenizer.pad_token_id, dist.is_main)
+    collate, notices = batch_layout(config, engine.module, tokenizer.pad_token_id)
+    batches.collate = collate
+    for notice in notices if dist.is_main else []:
+        print(f"dpo-lora: {notice}", file=sys.stderr)
     eval_loader = None
     if eval_set is not None:
         eval_shard = EvalShard(eval_set, dist.rank, dist.world_size)

@@ -115,28 +115,3 @@ def test_length_grouped_batches_train(tiny_model_dir, tmp_path):
                       "data.group_by_length=true", "train.micro_batch_size=4"))  # fmt: skip
     rows = train_rows(out)
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
-
-
-@pytest.mark.parametrize(
-    ("kernel", "asked_pack", "share", "pack", "notice"),
-    [
-        ("sdpa", False, True, False, None),
-        ("sdpa", True, True, False, "train.pack_sequences off"),  # a dense mask over a packed row: not worth it
-        ("flash_attention_2", True, False, True, "train.share_prompt off"),  # no 4D mask, but varlen packing
-    ],
-)
-def test_the_batch_layout_follows_what_the_attention_kernel_can_do(
-    tmp_path, capsys, kernel, asked_pack, share, pack, notice
-):
-    from transformers import LlamaConfig
-
-    from dpo_lora.trainer import _collate
-
-    model_config = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
-    model_config._attn_implementation = kernel
-    model = type("Model", (), {"config": model_config})()
-    config = tiny_config("unused", tmp_path, "train.share_prompt=true", f"train.pack_sequences={asked_pack}")
-    collate = _collate(config, model, pad_token_id=0, is_main=True)
-    assert collate.keywords == {"pad_token_id": 0, "share_prompt": share, "pack": pack}
-    err = capsys.readouterr().err
-    assert (notice in err) if notice else err == ""
