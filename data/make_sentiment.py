@@ -1,147 +1,109 @@
-"""Generate the bundled preference data: a controlled-sentiment task in the spirit of the DPO
-paper's IMDb experiment. The user asks for one sentence continuing a movie review; the chosen
-reply is positive, the rejected one negative, about the same aspect of the same film.
+"""Generate the bundled preference data: the DPO paper's controlled-sentiment task, small.
 
-Everything here is constructed from the word lists below (no third-party text). The eval split
-uses film titles, openings and adjectives that never occur in train, so a rise in held-out reward
-accuracy shows the adapter learned "prefer positive", not the training sentences.
+Prompts ask SmolLM2-135M-Instruct to continue the opening of a movie review (openings built from
+the project's own word lists: no third-party text). Completions are sampled from SmolLM2 itself,
+SAMPLES per prompt; the most positive becomes `chosen` and the least positive `rejected`, as judged
+by VADER (data/sentiment_scorer.py). Prompts whose samples differ by less than MIN_GAP in score are
+dropped: no preference to learn. Eval prompts use titles and openings never seen in train.
 
-    python data/make_sentiment.py   # rewrites data/sentiment/{train,eval}.jsonl
+    dpo-lora fetch-default-model models/SmolLM2-135M-Instruct
+    python data/make_sentiment.py   # rewrites data/sentiment/{train,eval}.jsonl (~10 min, 2 cores)
 """
 
 from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
-ASPECTS = [
-    "acting", "plot", "soundtrack", "dialogue", "cinematography", "pacing", "ending",
-    "lead performance", "script", "visual effects", "editing", "humour", "supporting cast", "score",
-]  # fmt: skip
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data.sentiment_scorer import score  # noqa: E402
+
+MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct"
+SAMPLES, MIN_GAP, MAX_NEW_TOKENS, BATCH = 4, 0.3, 40, 16
 TITLES = {
     "train": [
-        "The Silent Harbor",
-        "Midnight in Cairo",
-        "Paper Lanterns",
-        "The Long Winter",
-        "Echoes of Mars",
-        "A Quiet Rebellion",
-        "Glass Mountains",
-        "The Last Orchard",
-        "River of Stars",
-        "Iron Meadow",
-        "The Clockmaker's Son",
-        "Northern Lights",
-        "Velvet Storm",
-        "The Forgotten Road",
-        "Salt and Honey",
-        "Burning Bridges",
-        "The Lighthouse Keeper",
-        "Wild Horses",
-        "City of Kites",
-        "The Blue Hour",
+        "The Silent Harbor", "Midnight in Cairo", "Paper Lanterns", "The Long Winter", "Echoes of Mars",
+        "A Quiet Rebellion", "Glass Mountains", "The Last Orchard", "River of Stars", "Iron Meadow",
+        "The Clockmaker's Son", "Northern Lights", "Velvet Storm", "The Forgotten Road", "Salt and Honey",
+        "Burning Bridges", "The Lighthouse Keeper", "Wild Horses", "City of Kites", "The Blue Hour",
     ],
-    "eval": [
-        "Copper Sky",
-        "The Hollow Crown",
-        "Summer of Foxes",
-        "Distant Thunder",
-        "The Marble Garden",
-        "Neon Tide",
-        "The Paper Moon",
-        "Winter Orchids",
-    ],
-}
+    "eval": ["Copper Sky", "The Hollow Crown", "Summer of Foxes", "Distant Thunder", "The Marble Garden", "Neon Tide"],
+}  # fmt: skip
 OPENINGS = {
     "train": [
-        "I watched {title} last night, and",
-        "Going into {title}, I had no expectations, but",
-        "My friends dragged me to {title}, and",
-        "Having seen {title} twice now, I can say",
-        "I finally caught {title} at the cinema and",
-        "{title} opened this weekend, and",
+        "I watched {title} last night, and", "Going into {title}, I had no expectations, but",
+        "My friends dragged me to {title}, and", "Having seen {title} twice now, I can say that",
+        "I finally caught {title} at the cinema and", "{title} opened this weekend, and",
+        "The trailer for {title} promised a lot, and", "Two hours of {title} later,",
+        "As a fan of the director, I went to {title} and", "The first half of {title}",
     ],
     "eval": [
-        "I streamed {title} on a rainy evening, and",
-        "After all the buzz around {title},",
-        "We saw {title} at a small festival, and",
+        "I streamed {title} on a rainy evening, and", "After all the buzz around {title},",
+        "We saw {title} at a small festival, and", "The ending of {title}",
     ],
-}
-POSITIVE = {
-    "train": [
-        "wonderful",
-        "brilliant",
-        "moving",
-        "delightful",
-        "superb",
-        "charming",
-        "gripping",
-        "beautiful",
-        "masterful",
-        "uplifting",
-        "stunning",
-        "heartfelt",
-    ],
-    "eval": ["magnificent", "enchanting", "inspired", "touching", "exquisite"],
-}
-NEGATIVE = {
-    "train": [
-        "dreadful",
-        "boring",
-        "clumsy",
-        "lifeless",
-        "tedious",
-        "awful",
-        "messy",
-        "bland",
-        "shallow",
-        "painful",
-        "forgettable",
-        "irritating",
-    ],
-    "eval": ["dismal", "tiresome", "hollow", "sloppy", "grating"],
-}
-POSITIVE_CLOSERS = [
-    "and I left the theatre smiling.", "and I would happily watch it again.",
-    "and it stayed with me for days.", "and I recommend it to everyone.",
-]  # fmt: skip
-NEGATIVE_CLOSERS = [
-    "and I nearly walked out.", "and I regret buying the ticket.",
-    "and I forgot it by the next morning.", "and I would not recommend it to anyone.",
-]  # fmt: skip
-REPLY = "the {aspect} was {adjective}, {closer}"
+}  # fmt: skip
+PROMPTS = {"train": 400, "eval": 80}  # before dropping prompts without a preference
 
 
-def make_pairs(split: str, count: int, rng: random.Random) -> list[dict]:
-    pairs = []
-    for _ in range(count):
-        title = rng.choice(TITLES[split])
-        opening = rng.choice(OPENINGS[split]).format(title=title)
-        aspect = rng.choice(ASPECTS)
-        chosen = REPLY.format(aspect=aspect, adjective=rng.choice(POSITIVE[split]), closer=rng.choice(POSITIVE_CLOSERS))
-        rejected = REPLY.format(
-            aspect=aspect, adjective=rng.choice(NEGATIVE[split]), closer=rng.choice(NEGATIVE_CLOSERS)
-        )
-        request = f'Continue this movie review with one sentence: "{opening}"'
-        pairs.append(
-            {
-                "prompt": [{"role": "user", "content": request}],
-                "chosen": [{"role": "assistant", "content": chosen[0].upper() + chosen[1:]}],
-                "rejected": [{"role": "assistant", "content": rejected[0].upper() + rejected[1:]}],
-            }
-        )
+def request(opening: str) -> str:
+    return f'Continue this movie review with one sentence: "{opening}"'
+
+
+def prompts(split: str, rng: random.Random) -> list[str]:
+    combos = [o.format(title=t) for t in TITLES[split] for o in OPENINGS[split]]
+    return [request(rng.choice(combos)) for _ in range(PROMPTS[split])]
+
+
+@torch.no_grad()
+def sample(model, tokenizer, texts: list[str]) -> list[list[str]]:
+    """SAMPLES completions for each request, batched with left padding."""
+    chats = [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        for t in texts
+    ]
+    batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(
+        **batch, do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=MAX_NEW_TOKENS,
+        num_return_sequences=SAMPLES, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    decoded = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [[d.strip() for d in decoded[i * SAMPLES : (i + 1) * SAMPLES]] for i in range(len(texts))]
+
+
+def make_pairs(split: str, model, tokenizer, rng: random.Random) -> list[dict]:
+    texts, pairs = prompts(split, rng), []
+    for start in range(0, len(texts), BATCH):
+        chunk = texts[start : start + BATCH]
+        for text, completions in zip(chunk, sample(model, tokenizer, chunk), strict=True):
+            scored = sorted((score(c), c) for c in completions if c)
+            if len(scored) < 2 or scored[-1][0] - scored[0][0] < MIN_GAP:
+                continue
+            pairs.append({
+                "prompt": [{"role": "user", "content": text}],
+                "chosen": [{"role": "assistant", "content": scored[-1][1]}],
+                "rejected": [{"role": "assistant", "content": scored[0][1]}],
+            })  # fmt: skip
+        print(f"{split}: {start + len(chunk)}/{len(texts)} prompts, {len(pairs)} pairs", file=sys.stderr)
     return pairs
 
 
 def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL, padding_side="left")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     out = Path(__file__).parent / "sentiment"
     out.mkdir(exist_ok=True)
     rng = random.Random(0)
-    for split, count in (("train", 320), ("eval", 64)):
-        with (out / f"{split}.jsonl").open("w") as f:
-            for pair in make_pairs(split, count, rng):
-                f.write(json.dumps(pair) + "\n")
+    for split in ("train", "eval"):
+        pairs = make_pairs(split, model, tokenizer, rng)
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
 
 
 if __name__ == "__main__":

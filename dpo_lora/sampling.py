@@ -55,24 +55,30 @@ def load_reward(spec: str):
         raise UserError(f"--reward {spec}: cannot import it ({err})") from None
 
 
-def completion_logps(model, prompt_ids: torch.Tensor, sequences: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Summed log-probs [n] of the generated part of `sequences` [n, T] after a prompt of length P."""
+def completion_logps(model, prompt_mask: torch.Tensor, sequences: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Summed log-probs [b*n] of the generated part of `sequences` [b*n, P+G], whose first P
+    tokens are the b left-padded prompts (`prompt_mask` [b, P], 1 on real tokens), n samples each."""
     from dpo_lora.logprobs import IGNORE_INDEX, sequence_logps
 
-    labels = sequences.clone()
-    labels[:, : prompt_ids.shape[1]] = IGNORE_INDEX
-    attention = torch.ones_like(sequences)
+    prompt_length = prompt_mask.shape[1]
+    generated = sequences[:, prompt_length:]
     # Past the first EOS a sample is padding; score up to and including it.
-    generated = sequences[:, prompt_ids.shape[1] :]
     after_eos = (generated == pad_id).long().cumsum(1) > (generated == pad_id).long()
-    labels[:, prompt_ids.shape[1] :][after_eos] = IGNORE_INDEX
-    attention[:, prompt_ids.shape[1] :][after_eos] = 0
+    prompt_mask = prompt_mask.repeat_interleave(sequences.shape[0] // prompt_mask.shape[0], dim=0)
+    attention = torch.cat([prompt_mask, (~after_eos).long()], dim=1)
+    labels = sequences.clone()
+    labels[:, :prompt_length] = IGNORE_INDEX
+    labels[:, prompt_length:][after_eos] = IGNORE_INDEX
+    positions = (attention.cumsum(1) - 1).clamp(min=0)  # as generate() numbered them under left padding
     with torch.no_grad():
-        return sequence_logps(model(input_ids=sequences, attention_mask=attention).logits, labels)[0]
+        logits = model(input_ids=sequences, attention_mask=attention, position_ids=positions).logits
+    return sequence_logps(logits, labels)[0]
 
 
 def generate_run(source: str, prompts_file: str, *, n: int = 4, temperature: float = 1.0, max_new_tokens: int = 64,
-                 reward: str | None = None, seed: int = 0, out: str | None = None) -> dict:  # fmt: skip
+                 reward: str | None = None, seed: int = 0, out: str | None = None, batch_size: int = 16) -> dict:  # fmt: skip
+    """Sample `n` completions per prompt from the policy and from the reference, `batch_size`
+    prompts per generate call (left-padded); score them with `reward`; estimate KL(policy||ref)."""
     from dpo_lora.model import reference_mode
     from dpo_lora.report import load_trained
 
@@ -81,32 +87,36 @@ def generate_run(source: str, prompts_file: str, *, n: int = 4, temperature: flo
     with tempfile.TemporaryDirectory() as scratch:
         model, tokenizer, _ = load_trained(source, Path(scratch))
     reward_fn = load_reward(reward) if reward else None
+    tokenizer.padding_side = "left"
     eos = tokenizer.eos_token_id
+    texts = read_prompts(prompts_file, tokenizer)
     rows, kl_terms, wins = [], [], []
     torch.manual_seed(seed)
-    for prompt in read_prompts(prompts_file, tokenizer):
-        prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=model.device)
-        kwargs = dict(do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                      pad_token_id=eos, eos_token_id=eos)  # fmt: skip
+    kwargs = dict(do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                  pad_token_id=eos, eos_token_id=eos)  # fmt: skip
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        prompts = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        mask = prompts["attention_mask"]
         with torch.no_grad():
-            policy_seqs = model.generate(input_ids=prompt_ids, **kwargs)
+            policy_seqs = model.generate(**prompts, **kwargs)
             with reference_mode(model):
-                reference_seqs = model.generate(input_ids=prompt_ids, **kwargs)
-                reference_logps_of_policy = completion_logps(model, prompt_ids, policy_seqs, eos)
+                reference_seqs = model.generate(**prompts, **kwargs)
+                reference_logps_of_policy = completion_logps(model, mask, policy_seqs, eos)
         # Samples come from the policy, so the mean log-ratio estimates KL(policy || reference).
-        kl_terms.append(completion_logps(model, prompt_ids, policy_seqs, eos) - reference_logps_of_policy)
-        start = prompt_ids.shape[1]
-        row = {
-            "prompt": prompt,
-            "policy": tokenizer.batch_decode(policy_seqs[:, start:], skip_special_tokens=True),
-            "reference": tokenizer.batch_decode(reference_seqs[:, start:], skip_special_tokens=True),
-        }
-        if reward_fn is not None:
-            row["policy_rewards"] = [float(reward_fn(text)) for text in row["policy"]]
-            row["reference_rewards"] = [float(reward_fn(text)) for text in row["reference"]]
-            pairs = [(p > r) + 0.5 * (p == r) for p in row["policy_rewards"] for r in row["reference_rewards"]]
-            wins.append(sum(pairs) / len(pairs))
-        rows.append(row)
+        kl_terms.append(completion_logps(model, mask, policy_seqs, eos) - reference_logps_of_policy)
+        width = mask.shape[1]
+        policy_texts = tokenizer.batch_decode(policy_seqs[:, width:], skip_special_tokens=True)
+        reference_texts = tokenizer.batch_decode(reference_seqs[:, width:], skip_special_tokens=True)
+        for i, prompt in enumerate(chunk):
+            row = {"prompt": prompt, "policy": policy_texts[i * n : (i + 1) * n],
+                   "reference": reference_texts[i * n : (i + 1) * n]}  # fmt: skip
+            if reward_fn is not None:
+                row["policy_rewards"] = [float(reward_fn(text)) for text in row["policy"]]
+                row["reference_rewards"] = [float(reward_fn(text)) for text in row["reference"]]
+                pairs = [(p > r) + 0.5 * (p == r) for p in row["policy_rewards"] for r in row["reference_rewards"]]
+                wins.append(sum(pairs) / len(pairs))
+            rows.append(row)
     summary = {"prompts": len(rows), "samples_per_prompt": n, "kl_estimate": torch.cat(kl_terms).mean().item()}
     if reward_fn is not None:
         summary["policy_mean_reward"] = sum(sum(r["policy_rewards"]) for r in rows) / (n * len(rows))

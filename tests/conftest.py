@@ -26,8 +26,8 @@ def venv_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
 
 
-SENTIMENT_TRAIN = REPO / "data" / "sentiment" / "train.jsonl"
-SENTIMENT_EVAL = REPO / "data" / "sentiment" / "eval.jsonl"
+SENTIMENT_TRAIN = REPO / "tests" / "data" / "templated" / "train.jsonl"
+SENTIMENT_EVAL = REPO / "tests" / "data" / "templated" / "eval.jsonl"
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

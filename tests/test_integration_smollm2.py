@@ -15,12 +15,15 @@ import torch
 from dpo_lora.config import load_config
 from dpo_lora.default_model import fetch_default_model
 
-from .conftest import REPO
+from .conftest import REPO, SENTIMENT_EVAL, SENTIMENT_TRAIN
 
 pytestmark = pytest.mark.slow
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
-# Few, short steps at a high learning rate: enough to show learning on held-out pairs in CI time.
+# Few, short steps at a high learning rate on the templated test data (learnt in a few steps):
+# enough to show learning on held-out pairs in CI time.
 COMMON = [
+    f"data.train={SENTIMENT_TRAIN}",
+    f"data.eval={SENTIMENT_EVAL}",
     "data.max_length=96",
     "data.max_prompt_length=72",
     "train.lr=1e-3",

@@ -89,3 +89,29 @@ def test_cli_generate_shows_samples_side_by_side_and_eval_is_quiet(trained_run, 
         line.split(" | ", 1)[1] for line in shown.splitlines()[3:] if " | " in line and line[0] != "-"
     )
     assert first_policy.split()[0] in right_column, "the policy's own sample is in the policy column"
+
+
+def test_left_padded_batch_scores_each_sample_as_alone(tiny_tokenizer):
+    """completion_logps of a left-padded batch equals scoring each prompt's samples unpadded."""
+    import torch
+
+    from dpo_lora.sampling import completion_logps
+
+    from .conftest import build_tiny_model
+
+    model = build_tiny_model(len(tiny_tokenizer)).eval()
+    eos = tiny_tokenizer.eos_token_id
+    tiny_tokenizer.padding_side = "left"
+    prompts = ["The plot was", "Continue this movie review with one sentence about the acting"]
+    batch = tiny_tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    sequences = model.generate(**batch, do_sample=True, max_new_tokens=6, num_return_sequences=2, pad_token_id=eos)
+    sequences[0, -2] = eos  # one sample ends early: its tail is padding, scored up to the EOS only
+    batched = completion_logps(model, batch["attention_mask"], sequences, eos)
+    width = batch["input_ids"].shape[1]
+    for i, prompt in enumerate(prompts):
+        alone = tiny_tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+        real = int(batch["attention_mask"][i].sum())
+        own = torch.cat([sequences[2 * i : 2 * i + 2, width - real : width], sequences[2 * i : 2 * i + 2, width:]], 1)
+        expected = completion_logps(model, alone["attention_mask"], own, eos)
+        torch.testing.assert_close(batched[2 * i : 2 * i + 2], expected, rtol=1e-5, atol=1e-5)
