@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: a CPU wheel here, the matching CUDA wheel elsewhere.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,plot]"
+	$(PY) -m pip install --quiet -e ".[test,plot,demo]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -18,8 +18,12 @@ setup: $(VENV)/.installed
 $(MODEL_DIR)/.dpo-lora-complete: | setup
 	$(VENV)/bin/dpo-lora fetch-default-model $(MODEL_DIR)
 
+# Train, then show what changed: held-out prompts sampled from the reference and the policy,
+# scored by the judge that labelled the pairs (mean reward, win rate, KL).
 demo: setup $(MODEL_DIR)/.dpo-lora-complete
 	$(VENV)/bin/dpo-lora train configs/demo.yaml --overwrite
+	$(VENV)/bin/dpo-lora generate runs/demo --prompts data/sentiment/eval.jsonl --n 1 --max-new-tokens 32 --batch-size 64 \
+		--reward data.sentiment_scorer:score
 
 test: setup $(MODEL_DIR)/.dpo-lora-complete
 	$(VENV)/bin/ruff check dpo_lora tests data bench && $(VENV)/bin/ruff format --check dpo_lora tests data bench

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.sentiment_scorer import score  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct"
-SAMPLES, MIN_GAP, MAX_NEW_TOKENS, BATCH = 4, 0.3, 40, 16
+SAMPLES, MIN_GAP, MAX_NEW_TOKENS, BATCH = 4, 0.3, 40, 32
 TITLES = {
     "train": [
         "The Silent Harbor", "Midnight in Cairo", "Paper Lanterns", "The Long Winter", "Echoes of Mars",
@@ -46,7 +46,7 @@ OPENINGS = {
         "We saw {title} at a small festival, and", "The ending of {title}",
     ],
 }  # fmt: skip
-PROMPTS = {"train": 400, "eval": 80}  # before dropping prompts without a preference
+PROMPTS = {"train": 256, "eval": 64}  # before dropping prompts without a preference
 
 
 def request(opening: str) -> str:

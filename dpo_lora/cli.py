@@ -73,7 +73,7 @@ def _cmd_generate(args) -> int:
 
     result = generate_run(
         args.run, args.prompts, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        reward=args.reward, seed=args.seed, out=args.out,
+        reward=args.reward, seed=args.seed, out=args.out, batch_size=args.batch_size,
     )  # fmt: skip
     print(side_by_side(result, prompts=args.show) + "\n")
     print(json.dumps(result["summary"], indent=2))
@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--reward", help="module:function scoring a completion text (text -> float)")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     generate.add_argument("--out", help="JSON path (default: RUN/generations.json)")
+    generate.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (left-padded)")
     generate.add_argument("--show", type=int, default=3, help="prompts printed side by side (all go to the JSON)")
     generate.set_defaults(handler=_cmd_generate)
 

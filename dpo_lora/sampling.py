@@ -93,7 +93,7 @@ def generate_run(source: str, prompts_file: str, *, n: int = 4, temperature: flo
     rows, kl_terms, wins = [], [], []
     torch.manual_seed(seed)
     kwargs = dict(do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                  pad_token_id=eos, eos_token_id=eos)  # fmt: skip
+                  pad_token_id=eos, eos_token_id=eos, use_cache=True)  # fmt: skip
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         prompts = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
