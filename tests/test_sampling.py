@@ -55,7 +55,7 @@ def test_bad_reward_and_prompts_are_user_errors(tmp_path):
 NOISE = ("Setting accelerator to CPU", "Loading weights", "is_gradient_checkpointing", "gemm_4bit_forward")
 
 
-def test_cli_generate_shows_samples_side_by_side_and_eval_is_quiet(trained_run, tmp_path):  # noqa: F811
+def test_cli_generate_shows_samples_side_by_side_and_eval_and_export_are_quiet(trained_run, tmp_path):  # noqa: F811
     import subprocess
     import sys
 
@@ -74,8 +74,9 @@ def test_cli_generate_shows_samples_side_by_side_and_eval_is_quiet(trained_run, 
         str(tmp_path / "g.json"),
     ]
     evaluate = [sys.executable, "-m", "dpo_lora", "eval", str(out), "--out", str(tmp_path / "e.json")]
+    export = [sys.executable, "-m", "dpo_lora", "export", str(out), "--out", str(tmp_path / "merged")]
     shown = ""
-    for command in (generate, evaluate):
+    for command in (generate, evaluate, export):
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         for noise in NOISE:
