@@ -81,7 +81,7 @@ def test_training_writes_metrics_adapter_and_config_and_improves(tiny_model_dir,
     expected_keys = {
         "step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
         "logps/chosen", "logps/rejected", "lr", "grad_norm", "pairs_per_s", "tokens_per_s",
-        "pairs_per_s_per_rank", "world_size", "global_batch",
+        "pairs_per_s_per_rank", "world_size", "global_batch", "peak_memory_gb",
     }  # fmt: skip
     assert all(set(r) == expected_keys for r in rows if "loss" in r)
     evals = [r for r in rows if "eval/loss" in r]
