@@ -148,6 +148,23 @@ def test_node_sh_names_a_missing_variable():
     assert result.returncode == 2 and "set NNODES" in result.stderr
 
 
+def assert_two_ranks_train_like_one_process(model_dir, tmp_path, overrides: list[str]) -> None:
+    """The 2-rank run in tmp_path/hosts equals one process with the same global batch (2 ranks x 2
+    = 1 rank x 2 x accumulation 2), and rank 0 alone wrote its outputs: each step once, one adapter."""
+    single = write_config(model_dir, tmp_path / "single", "train.grad_accum=2", *overrides)
+    result = subprocess.run([sys.executable, "-m", "dpo_lora", "train", single], cwd=REPO, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    hosts_rows, single_rows = train_rows(tmp_path / "hosts"), train_rows(tmp_path / "single")
+    assert sorted(hosts_rows) == sorted(single_rows) == [1, 2, 3, 4]
+    for step, row in hosts_rows.items():
+        assert row["world_size"] == 2
+        for name in ("loss", "rewards/chosen", "rewards/margins", "grad_norm"):
+            assert row[name] == pytest.approx(single_rows[step][name], rel=1e-4, abs=1e-6), (step, name)
+    lines = [json.loads(line) for line in (tmp_path / "hosts" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines if "loss" in row] == [1, 2, 3, 4], "rank 0 alone logs, each step once"
+    assert (tmp_path / "hosts" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_two_hosts_through_node_sh_train_like_one_process(two_hosts, tiny_model_dir, tmp_path):
     master = HOSTS[0][1]
     overrides = ["train.max_steps=4", "train.log_every=1"]
@@ -162,19 +179,5 @@ def test_two_hosts_through_node_sh_train_like_one_process(two_hosts, tiny_model_
     for node, (_stdout, stderr) in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, stderr.decode()[-3000:]
 
-    # One process, same global batch (2 ranks x 2 = 1 rank x 2 x accumulation 2).
-    single = write_config(tiny_model_dir, tmp_path / "single", "train.grad_accum=2", *overrides)
-    result = subprocess.run([sys.executable, "-m", "dpo_lora", "train", single], cwd=REPO, capture_output=True)
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-
-    hosts_rows, single_rows = train_rows(tmp_path / "hosts"), train_rows(tmp_path / "single")
-    assert sorted(hosts_rows) == sorted(single_rows) == [1, 2, 3, 4]
-    for step, row in hosts_rows.items():
-        assert row["world_size"] == 2
-        for name in ("loss", "rewards/chosen", "rewards/margins", "grad_norm"):
-            assert row[name] == pytest.approx(single_rows[step][name], rel=1e-4, abs=1e-6), (step, name)
-    # Rank 0 alone writes the run's outputs: every step logged once, one adapter, one table.
-    lines = [json.loads(line) for line in (tmp_path / "hosts" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in lines if "loss" in row] == [1, 2, 3, 4]
-    assert (tmp_path / "hosts" / "adapter" / "adapter_model.safetensors").is_file()
+    assert_two_ranks_train_like_one_process(tiny_model_dir, tmp_path, overrides)
     assert b"dpo:" in outputs[0][1] and b"dpo:" not in outputs[1][1]  # the progress bar is rank 0's

@@ -9,18 +9,15 @@ which is exactly what a user sets up for passwordless ssh.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from .conftest import HOST_INTERFACE, HOSTS, REPO, venv_env
-from .test_checkpoint import train_rows
-from .test_distributed import write_config
+from .test_distributed import assert_two_ranks_train_like_one_process, write_config
 
 SSHD = "/usr/sbin/sshd"
 
@@ -98,18 +95,7 @@ def test_hostfile_launch_over_ssh_trains_like_one_process(ssh_hosts, tiny_model_
     # GLOO_SOCKET_IFNAME reached host B through the env file: DeepSpeed exports it in B's command.
     assert f"export GLOO_SOCKET_IFNAME={HOST_INTERFACE}" in output, output[-3000:]
 
-    single = write_config(tiny_model_dir, tmp_path / "single", "train.grad_accum=2", *overrides)
-    result = subprocess.run([sys.executable, "-m", "dpo_lora", "train", single], cwd=REPO, capture_output=True)
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-    hosts_rows, single_rows = train_rows(tmp_path / "hosts"), train_rows(tmp_path / "single")
-    assert sorted(hosts_rows) == sorted(single_rows) == [1, 2, 3, 4]
-    for step, row in hosts_rows.items():
-        assert row["world_size"] == 2
-        for name in ("loss", "rewards/chosen", "rewards/margins", "grad_norm"):
-            assert row[name] == pytest.approx(single_rows[step][name], rel=1e-4, abs=1e-6), (step, name)
-    lines = [json.loads(line) for line in (tmp_path / "hosts" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in lines if "loss" in row] == [1, 2, 3, 4], "rank 0 alone logs, each step once"
-    assert (tmp_path / "hosts" / "adapter" / "adapter_model.safetensors").is_file()
+    assert_two_ranks_train_like_one_process(tiny_model_dir, tmp_path, overrides)
     print(f"hostfile launch over ssh: {elapsed:.0f} s")
 
 
