@@ -1,12 +1,15 @@
 """Checking an exported model against the model it claims to equal, by teacher-forced log-probs.
 
-Every model is scored in float32, one at a time (a 7B check never holds two models), so the
-difference measures the export (merge and storage dtype), not the compute precision.
+Every model is scored in float32 and streamed one module at a time (dpo_lora/layerwise.py), so the
+difference measures the export (merge and storage dtype), not the compute precision, and the
+check of a 70B export needs memory for one module, not the model. The claimed models are built
+independently of the merge: PEFT's own LoRA forward (its scaling, read from adapter_config.json)
+on the base weights, or on the weights the quantized run trained on (dpo_lora/requantize.py).
 """
 
 from __future__ import annotations
 
-import gc
+from pathlib import Path
 
 import torch
 
@@ -35,7 +38,7 @@ def probe_batches(tokenizer) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def token_logps(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """log p(token_t | tokens_<t) for every probe, [T - 1] each, in float32."""
+    """log p(token_t | tokens_<t) for every probe, [T - 1] each, in float32, one probe at a time."""
     model.eval()
     out = []
     for ids in batches:
@@ -50,10 +53,51 @@ def differences(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, fl
     return gaps.max().item(), gaps.mean().item()
 
 
-def score_and_free(load, batches) -> list[torch.Tensor]:
-    """Build a model with `load()`, score the probes, and release it before the next one."""
-    model = load()
-    scores = token_logps(model, batches)
-    del model
-    gc.collect()
-    return scores
+def verify_export(out: Path, base: Path, adapter_dir: Path, run_config, merge_into: str, dtype: str) -> dict:
+    """Max per-token log-prob differences of the merged model in `out` against what it claims to
+    equal and (when the run was quantized) against the trained model."""
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from dpo_lora.layerwise import adapted_weights, batch_token_logps, folder_weights, streamed_model, tied_aliases
+    from dpo_lora.requantize import Requantizer
+    from dpo_lora.weight_files import WeightFolder
+
+    batches = probe_batches(AutoTokenizer.from_pretrained(str(out)))
+    quantized = run_config is not None and run_config.model.quantization != "none"
+    compare_trained = merge_into == "original" and quantized
+    aliases = tied_aliases(out)
+    adapter_state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    base_files = WeightFolder(base)
+    unquantized = folder_weights(base_files, aliases)
+    requantize = Requantizer(base, run_config.model) if quantized else None
+
+    def trained(name: str) -> torch.Tensor:
+        tensor = unquantized(name)
+        return requantize(name, tensor) if name in requantize else tensor
+
+    passes = 3 if compare_trained else 2
+    with tqdm(total=None, desc=f"verify ({passes} models, by module)", unit="module", dynamic_ncols=True) as bar:
+
+        def score(weight_of, adapter: bool) -> list[torch.Tensor]:
+            model = streamed_model(out, weight_of, adapter_dir if adapter else None, on_load=bar.update)
+            return batch_token_logps(model, batches)
+
+        merged = score(folder_weights(WeightFolder(out), aliases), adapter=False)
+        claimed_base = unquantized if merge_into == "original" else trained
+        claimed = score(adapted_weights(claimed_base, adapter_state), adapter=True)
+        largest, mean = differences(merged, claimed)
+        report = {
+            "merge_into": merge_into,
+            "dtype": dtype,
+            "claimed": "unquantized base + adapter" if merge_into == "original" else "quantized base + adapter",
+            "tolerance": TOLERANCE[dtype],
+            "max_logp_diff_vs_claimed": largest,
+            "mean_logp_diff_vs_claimed": mean,
+        }
+        if compare_trained:
+            # What serving at 16 bits costs against the function that was actually trained.
+            largest, mean = differences(merged, score(adapted_weights(trained, adapter_state), adapter=True))
+            report["max_logp_diff_vs_trained"], report["mean_logp_diff_vs_trained"] = largest, mean
+    return report

@@ -138,3 +138,76 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("40KB") == 40_000 and parse_size("2MiB") == 2 * 2**20
     with pytest.raises(UserError, match="--max-shard-size"):
         parse_size("five gigs")
+
+
+def deep_model_run(folder, tokenizer, *, hidden: int, intermediate: int, layers: int):
+    """A run folder (config.yaml, adapter/) over a random Llama saved in bfloat16; returns (run, float32 bytes)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dpo_lora.config import dump_yaml
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder / "base")
+    tokenizer.save_pretrained(folder / "base")
+    float32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    adapted = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    adapted.save_pretrained(folder / "run" / "adapter")
+    run_config = tiny_config(folder / "base", folder / "run", "model.quantization=nf4")
+    (folder / "run" / "config.yaml").write_text(dump_yaml(run_config))
+    return folder / "run", float32_bytes
+
+
+def peak_anonymous_mb(args: list[str], log) -> float:
+    """Run `dpo-lora ARGS` and sample its RssAnon (not RSS: mmapped shards are file pages) every few ms.
+    A low fixed mmap threshold gives each tensor its own pages, returned when freed, so the peak is
+    what was live rather than how glibc's heap fragmented (dpo_lora/cpu_memory.py)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "dpo_lora", *args], stdout=output, stderr=output, env=env)
+        peak_kb = 0
+        while process.poll() is None:
+            try:
+                status = Path(f"/proc/{process.pid}/status").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                break
+            anon = [line.split()[1] for line in status.splitlines() if line.startswith("RssAnon:")]
+            peak_kb = max([peak_kb, *map(int, anon)])
+            time.sleep(0.003)
+    assert process.wait() == 0, open(log).read()[-3000:]
+    return peak_kb / 1024
+
+
+@pytest.mark.parametrize("merge_into", ["dequantized", "original"])
+def test_export_memory_grows_with_one_shard_not_with_the_model(tmp_path, tiny_tokenizer, merge_into):
+    """A model 6.6x larger in float32 than the allowance exports (merge and verification) within
+    it: the part of the peak that grows with the model is bounded by shard + a few largest tensors."""
+    small_run, _ = deep_model_run(tmp_path / "small", tiny_tokenizer, hidden=64, intermediate=128, layers=2)
+    large_run, large_bytes = deep_model_run(
+        tmp_path / "large", tiny_tokenizer, hidden=512, intermediate=2048, layers=24
+    )
+    shard_mb, largest_tensor_mb = 16, 2048 * 512 * 4 / 2**20
+    adapter_mb = (large_run / "adapter" / "adapter_model.safetensors").stat().st_size / 2**20
+    allowance_mb = shard_mb + adapter_mb + 8 * largest_tensor_mb  # the README's bound: 56 MB; the model is 370 MB
+    peaks = {}
+    for name, run in (("small", small_run), ("large", large_run)):
+        args = ["export", str(run), "--out", str(tmp_path / f"{name}-out"), "--merge-into", merge_into,
+                "--dtype", "bfloat16", "--max-shard-size", f"{shard_mb}MB"]  # fmt: skip
+        peaks[name] = peak_anonymous_mb(args, tmp_path / f"{name}.log")
+    grown_mb = peaks["large"] - peaks["small"]
+    assert large_bytes / 2**20 > 4.5 * allowance_mb
+    print(f"{merge_into}: {grown_mb:.1f} MB more for the large model (allowance {allowance_mb:.1f} MB)")
+    assert grown_mb < allowance_mb, f"export held {grown_mb:.0f} MB more for the large model ({peaks})"
+    assert json.loads((tmp_path / "large-out" / "export_report.json").read_text())["merged"] == 24 * 7
