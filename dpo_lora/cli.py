@@ -45,6 +45,38 @@ def _cmd_fetch(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    import json
+
+    from dpo_lora.config import load_config
+    from dpo_lora.export import parse_size
+    from dpo_lora.plan import largest_fitting, plan, recommendation
+
+    config = load_config(args.config, args.overrides)
+    budget = parse_size(args.gpu_memory, flag="--gpu-memory")
+    planned = plan(config, world_size=args.gpus)
+    fits = planned.total_bytes <= budget
+    largest = {key: largest_fitting(config, planned, budget, key) for key in ("micro_batch_size", "max_length")}
+    advice = None if fits else recommendation(config, planned, budget)
+    if args.json:
+        print(json.dumps({"total_bytes": planned.total_bytes, "fits": fits, "gpu_memory_bytes": budget,
+                          "components": planned.components, "largest_micro_batch_size": largest["micro_batch_size"],
+                          "largest_max_length": largest["max_length"], "recommendation": advice}, indent=2))  # fmt: skip
+        return 0
+    print(f"per-rank device memory of {args.config or 'the defaults'} on {args.gpus} rank(s), "
+          f"micro-batch of {planned.rows} row(s) x {planned.tokens_per_row} tokens:")  # fmt: skip
+    for name, size in planned.components.items():
+        print(f"  {name:<52}{size / 2**30:>9.2f} GiB")
+    verdict = "fits" if fits else "does NOT fit"
+    print(f"  {'total':<52}{planned.total_bytes / 2**30:>9.2f} GiB  ({verdict} {budget / 2**30:.1f} GiB)")
+    print(f"largest train.micro_batch_size that fits: {largest['micro_batch_size']} (at data.max_length="
+          f"{config.data.max_length}); largest data.max_length: {largest['max_length']} (at micro-batch "
+          f"{config.train.micro_batch_size})")  # fmt: skip
+    if advice:
+        print(f"recommendation: {advice}")
+    return 0
+
+
 def _cmd_export(args) -> int:
     import json
 
@@ -127,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--list", action="store_true", help="list every key with its default and meaning")
     config.set_defaults(handler=_cmd_config)
 
+    plan = commands.add_parser("plan", help="predict per-rank GPU memory from the config alone (no weights read)")
+    plan.add_argument("config", nargs="?", help="YAML config file (defaults only when omitted)")
+    plan.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    plan.add_argument("--gpu-memory", default="24GiB", help="memory of one GPU, e.g. 24GiB or 80GB")
+    plan.add_argument("--gpus", type=int, default=1, help="ranks the run uses (ZeRO splits optimizer state over them)")
+    plan.add_argument("--json", action="store_true", help="one JSON object: total_bytes, fits, components, ...")
+    plan.set_defaults(handler=_cmd_plan)
+
     export = commands.add_parser("export", help="merge the adapter into its base and write a standalone model folder")
     export.add_argument("source", help="run folder, adapter folder, or checkpoint folder")
     export.add_argument("--out", required=True, help="output folder (a Hugging Face model folder)")
@@ -183,6 +223,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.command in ("config", "plan") and args.config and "=" in args.config:
+        args.overrides, args.config = [args.config, *args.overrides], None  # overrides of the defaults
     return args
 
 

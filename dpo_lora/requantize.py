@@ -23,7 +23,7 @@ class Requantizer:
         from dpo_lora.model import quantization_config, torch_dtype
 
         self.load_dtype = torch_dtype(model_config.dtype)
-        self.layers = _quantized_layers(base, quantization_config(model_config))
+        self.layers = quantized_layers(base, quantization_config(model_config))
 
     def __contains__(self, name: str) -> bool:
         return name in self.layers
@@ -47,7 +47,7 @@ class Requantizer:
         return bnb.functional.int8_vectorwise_dequant(quantized.data, quantized.SCB)
 
 
-def _quantized_layers(base: Path, quantization) -> dict[str, torch.nn.Module]:
+def quantized_layers(base: Path, quantization) -> dict[str, torch.nn.Module]:
     """Weight name -> the empty bitsandbytes layer transformers puts there when it loads `base`."""
     import bitsandbytes as bnb
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -1,0 +1,280 @@
+"""`dpo-lora plan`: the per-rank device memory of a run, predicted from its config alone.
+
+Only the model's config.json is read. Parameter shapes come from an empty (meta) model and the
+quantized layers from transformers' own rules (dpo_lora.requantize). The activations are counted,
+not modelled: the policy forward of a two-layer copy of the model runs on the meta device (shapes,
+no memory) under `torch.autograd.graph.saved_tensors_hooks`, and the bytes the second decoder
+layer saves for backward are one layer's share. Attention is counted as a fused kernel (flash /
+memory-efficient: q, k, v, output, log-sum-exp and the mask), as CUDA and CPU sdpa both save.
+Nothing is allocated, so a 70B config plans in seconds on any machine.
+
+Not counted: allocator fragmentation and caching (torch reserves more than it allocates), the
+CUDA context and library workspaces (FIXED_OVERHEAD stands for them), the reference forward's
+transients (it runs without grad before the policy forward and frees them), and DeepSpeed's
+communication buckets beyond the gradient partition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+FIXED_OVERHEAD = 1 << 30  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack: ~0.5-1 GiB measured by others
+ADAM_STATES = 2  # exp_avg and exp_avg_sq, float32
+
+
+@dataclass
+class Plan:
+    components: dict[str, int]  # name -> bytes per rank
+    tokens_per_row: int
+    rows: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.components.values())
+
+
+def quantized_bytes(numel: int, out_features: int, quantization: str) -> int:
+    """Device bytes of one quantized weight: 4-bit codes, blockwise absmax (double-quantized to
+    uint8 with a float32 absmax per 256 blocks and a 256-entry code) or int8 values + row scales."""
+    if quantization == "int8":
+        return numel + 4 * out_features
+    blocks = math.ceil(numel / 64)
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 * 16
+
+
+def _skeleton(config, layers: int | None = None):
+    """The model (PEFT-wrapped as configured) on the meta device, LoRA in float32 as in training."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dpo_lora.model import torch_dtype
+
+    model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    if layers is not None:
+        model_config.num_hidden_layers = layers
+        if getattr(model_config, "layer_types", None):
+            model_config.layer_types = model_config.layer_types[:layers]
+    model_config._attn_implementation = "sdpa"
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch_dtype(config.model.dtype))
+        lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                          target_modules=config.lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+        model = get_peft_model(model, lora)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    return model
+
+
+def weight_components(config) -> tuple[dict[str, int], int]:
+    """(components, LoRA parameter count) for the weights of the whole model."""
+    from pathlib import Path
+
+    from dpo_lora.model import quantization_config
+    from dpo_lora.requantize import quantized_layers
+
+    model = _skeleton(config)
+    quantized = set()
+    if config.model.quantization != "none":
+        quantized = set(quantized_layers(Path(config.model.path), quantization_config(config.model)))
+    tied = set(getattr(model.get_base_model(), "all_tied_weights_keys", None) or {})  # stored once
+    packed = plain = lora = 0
+    for name, param in model.named_parameters():
+        base_name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if base_name in tied:
+            continue
+        if "lora_" in name:
+            lora += param.numel()
+        elif base_name in quantized:
+            packed += quantized_bytes(param.numel(), param.shape[0], config.model.quantization)
+        else:
+            plain += param.numel() * param.element_size()
+    label = "int8 weights + row scales" if config.model.quantization == "int8" else "4-bit weights + absmax"
+    return {label: packed, "unquantized weights (embeddings, head, norms)": plain}, lora
+
+
+def optimizer_components(lora_numel: int, zero: dict, world_size: int) -> dict[str, int]:
+    """LoRA parameters, gradients and AdamW state (all float32) as the ZeRO stage splits them."""
+    stage = zero.get("stage", 0)
+    offloaded = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+    full, shard = 4 * lora_numel, 4 * math.ceil(lora_numel / world_size)
+    components = {"LoRA parameters": shard if stage == 3 else full}
+    # Stage 2+ keeps only its gradient partition (plus the bucket being reduced); 0-1 keep them all.
+    bucket = 4 * min(int(zero.get("reduce_bucket_size", 5e8)), lora_numel)
+    components["LoRA gradients"] = shard + bucket if stage >= 2 else full
+    optimizer = ADAM_STATES * (shard if stage >= 1 else full)
+    master = shard if stage >= 1 else 0  # ZeRO 1-3 step a float32 copy of their partition
+    components["optimizer states (AdamW) + ZeRO float32 partition"] = 0 if offloaded else optimizer + master
+    return components
+
+
+@contextlib.contextmanager
+def _fused_attention():
+    """sdpa as the fused kernels save for backward (q, k, v, output, log-sum-exp, mask), on meta."""
+
+    class Fused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, mask):
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+            ctx.save_for_backward(q, k, v, out, lse, *([mask] if mask is not None else []))
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise NotImplementedError("planning only")
+
+    plain = torch.nn.functional.scaled_dot_product_attention
+
+    def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return Fused.apply(q, k, v, attn_mask)
+
+    torch.nn.functional.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = plain
+
+
+def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, int]:
+    """(bytes one decoder layer saves for backward, bytes of one layer's input) for `rows` rows of
+    `tokens` tokens, counted on the meta device."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from dpo_lora.model import torch_dtype
+
+    model = _skeleton(config, layers=2)
+    model.train()
+    params = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
+    layers = model.get_base_model().model.layers
+    scope, saved, inputs = [None], {}, {}
+    for index, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda m, a, k, i=index: (scope.__setitem__(0, i), inputs.setdefault(i, a[0] if a else k["hidden_states"]))[0], with_kwargs=True)  # noqa: E501  # fmt: skip
+        layer.register_forward_hook(lambda *_: scope.__setitem__(0, None))
+
+    def pack(tensor):
+        key = StorageWeakRef(tensor.untyped_storage())
+        if scope[0] == 1 and key not in params:
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    ids = torch.zeros(rows, tokens, dtype=torch.long, device="meta")
+    positions = torch.zeros(rows, tokens, dtype=torch.long, device="meta")
+    dtype = torch_dtype(config.model.dtype)
+    # Shared prompts get an additive float mask; padded rows a boolean one (what sdpa receives).
+    mask = torch.zeros(rows, 1, tokens, tokens, device="meta", dtype=dtype if shared else torch.bool)
+    with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.get_base_model().model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    layer_input = inputs[1]
+    return sum(saved.values()), layer_input.numel() * layer_input.element_size()
+
+
+def activation_components(
+    config, hidden: int, vocab: int, layers: int, shared: bool
+) -> tuple[dict[str, int], int, int]:
+    """(components, tokens per row, rows) for one micro-batch's policy forward and backward."""
+    from dpo_lora.model import torch_dtype
+
+    micro, max_length = config.train.micro_batch_size, config.data.max_length
+    # Worst case: the longest pair fills max_length; shared, a row holds the prompt once and both
+    # completions (up to 2 x max_length tokens), unshared chosen and rejected are rows of max_length.
+    rows, tokens = (micro, 2 * max_length) if shared else (2 * micro, max_length)
+    per_layer, layer_input = saved_by_layer(config, rows, tokens, shared)
+    element = torch.tensor([], dtype=torch_dtype(config.model.dtype)).element_size()
+    if config.model.gradient_checkpointing:
+        components = {"checkpointed activations (layer inputs)": layers * layer_input,
+                      "one-layer recompute peak": per_layer}  # fmt: skip
+    else:
+        components = {"activations (every layer's saved tensors)": layers * per_layer}
+    scored = 2 * micro * (max_length - 1)  # completion positions scored, at most
+    chunk = min(config.train.logps_chunk_size, scored) if config.train.logps_chunk_size > 0 else scored
+    # Per chunk: logits in the model dtype, their float32 copy, softmax and its gradient (float32);
+    # plus the scored positions' hidden states the head keeps for backward.
+    components["LM-head chunk transient"] = chunk * vocab * (element + 12) + scored * hidden * element
+    return components, tokens, rows
+
+
+def _text_config(config):
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    text_config = model_config.get_text_config()
+    text_config._attn_implementation = config.model.attn_implementation
+    return text_config
+
+
+def _activations(config, text_config) -> tuple[dict[str, int], int, int]:
+    from dpo_lora.prompt_sharing import unsupported_reason
+
+    # The layout training will use (dpo_lora.layout.batch_layout decides it the same way).
+    reason = unsupported_reason(SimpleNamespace(config=text_config), config.data.max_length)
+    shared = config.train.share_prompt and reason is None
+    hidden, vocab, layers = text_config.hidden_size, text_config.vocab_size, text_config.num_hidden_layers
+    return activation_components(config, hidden, vocab, layers, shared)
+
+
+def plan(config, world_size: int = 1) -> Plan:
+    """The per-rank memory of `config`'s run on `world_size` ranks."""
+    from dpo_lora.dsconfig import read_json
+
+    components, lora_numel = weight_components(config)
+    zero = read_json(config.deepspeed).get("zero_optimization", {})
+    components |= optimizer_components(lora_numel, zero, world_size)
+    activations, tokens, rows = _activations(config, _text_config(config))
+    components |= activations
+    components["fixed overhead (CUDA context, workspaces)"] = FIXED_OVERHEAD
+    return Plan(components, tokens, rows)
+
+
+def largest_fitting(config, planned: Plan, budget: int, key: str) -> int:
+    """The largest `train.micro_batch_size` or `data.max_length` (`key`) whose plan fits `budget`
+    bytes, the rest of the config as given; 0 when even 1 does not fit."""
+    from dataclasses import replace
+
+    text_config = _text_config(config)
+    activation_names = set(_activations(config, text_config)[0])
+    fixed = sum(v for k, v in planned.components.items() if k not in activation_names)
+    ceiling = 4096 if key == "micro_batch_size" else getattr(text_config, "max_position_embeddings", 131072)
+
+    def fits(value: int) -> bool:
+        if key == "micro_batch_size":
+            variant = replace(config, train=replace(config.train, micro_batch_size=value))
+        else:
+            prompt = min(config.data.max_prompt_length, value - 1)
+            variant = replace(config, data=replace(config.data, max_length=value, max_prompt_length=prompt))
+        return fixed + sum(_activations(variant, text_config)[0].values()) <= budget
+
+    low = 1 if key == "micro_batch_size" else 2
+    if not fits(low):
+        return 0
+    high = low
+    while high < ceiling and fits(min(2 * high, ceiling)):
+        high = min(2 * high, ceiling)
+    if high == ceiling:
+        return high
+    bad = min(2 * high, ceiling)
+    while bad - high > 1:
+        middle = (high + bad) // 2
+        high, bad = (middle, bad) if fits(middle) else (high, middle)
+    return high
+
+
+def recommendation(config, planned: Plan, budget: int) -> str:
+    """One line on what to change when the run does not fit `budget`."""
+    components = planned.components
+    weights = sum(v for k, v in components.items() if "weights" in k)
+    if weights + FIXED_OVERHEAD > budget:
+        return ("the base weights alone need more than this memory: use a larger GPU or 4-bit quantization "
+                "(ZeRO-3 does not shard a quantized base yet)")  # fmt: skip
+    if not config.model.gradient_checkpointing:
+        return "set model.gradient_checkpointing=true (keeps one layer's activations instead of every layer's)"
+    optimizer = components["optimizer states (AdamW) + ZeRO float32 partition"]
+    if optimizer > 0.1 * budget:
+        return "offload the optimizer: deepspeed=deepspeed_configs/zero2_offload.json"
+    return "lower data.max_length or train.micro_batch_size (and raise train.grad_accum to keep the batch)"

@@ -1,0 +1,152 @@
+"""`dpo-lora plan` against the bytes a real quantized LoRA step holds, on three architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from dpo_lora.config import load_config
+from dpo_lora.model import attach_adapter, load_base
+from dpo_lora.plan import plan
+
+from .conftest import REPO
+
+MICRO, MAX_LENGTH, LAYERS = 2, 24, 3
+
+
+def architecture(name: str):
+    from transformers import GemmaConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    return {
+        "llama": lambda: LlamaConfig(**common, tie_word_embeddings=False),
+        "qwen2": lambda: Qwen2Config(**common, tie_word_embeddings=True),
+        "gemma": lambda: GemmaConfig(**common, head_dim=16),
+    }[name]()
+
+
+@pytest.fixture(params=["llama", "qwen2", "gemma"])
+def run_config(request, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(architecture(request.param)).save_pretrained(tmp_path / "model")
+    return load_config(None, [
+        f"model.path={tmp_path / 'model'}", "model.quantization=nf4", "model.dtype=float32", "lora.r=8",
+        "lora.dropout=0.05", f"train.micro_batch_size={MICRO}", f"data.max_length={MAX_LENGTH}", "data.max_prompt_length=8",
+        f"deepspeed={REPO / 'deepspeed_configs' / 'zero0.json'}",
+    ])  # fmt: skip
+
+
+def storage_bytes(tensors) -> int:
+    unique = {StorageWeakRef(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}
+    return sum(unique.values())
+
+
+def quant_state_tensors(weight) -> list[torch.Tensor]:
+    state = weight.quant_state
+    nested = [state.state2.absmax, state.state2.code, state.offset] if state.nested else []
+    return [weight.data, state.absmax, state.code, *nested]
+
+
+def counted_step(config) -> dict[str, int]:
+    """Bytes held by a real policy step at the planned shapes, by component."""
+    import bitsandbytes as bnb
+
+    model = attach_adapter(load_base(config.model, torch.device("cpu")), config.lora)
+    model.train()
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    packed = [t for m in quantized for t in quant_state_tensors(m.weight)]
+    quantized_ids = {id(m.weight) for m in quantized}
+    plain = [p for n, p in model.named_parameters() if "lora_" not in n and id(p) not in quantized_ids]
+    params = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
+
+    layers, scope, saved, inputs = model.get_base_model().model.layers, [None], {}, []
+    for index, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda m, a, k, i=index: scope.__setitem__(0, i), with_kwargs=True)
+        layer.register_forward_pre_hook(lambda m, a, k: inputs.append(a[0] if a else k["hidden_states"]), with_kwargs=True)  # fmt: skip
+        layer.register_forward_hook(lambda *_: scope.__setitem__(0, None))
+
+    def pack(tensor):
+        key = StorageWeakRef(tensor.untyped_storage())
+        if scope[0] == 1 and key not in params:
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    rows, tokens = MICRO, 2 * MAX_LENGTH  # the shared-prompt layout the plan chose for these models
+    ids = torch.randint(0, 512, (rows, tokens))
+    positions = torch.arange(tokens).expand(rows, tokens)
+    mask = torch.zeros(rows, 1, tokens, tokens).masked_fill(torch.ones(tokens, tokens).triu(1).bool(), float("-inf"))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden = (
+            model.get_base_model().model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        )
+    hidden.float().square().mean().backward()
+    optimizer = torch.optim.AdamW(lora, lr=1e-3)
+    optimizer.step()
+    states = [t for state in optimizer.state.values() for t in state.values() if t.numel() > 1]
+    return {
+        "4-bit weights + absmax": storage_bytes(packed),
+        "unquantized weights (embeddings, head, norms)": storage_bytes(plain),
+        "LoRA parameters": storage_bytes(lora),
+        "LoRA gradients": storage_bytes([p.grad for p in lora]),
+        "optimizer states (AdamW) + ZeRO float32 partition": storage_bytes(states),
+        "activations (every layer's saved tensors)": LAYERS * sum(saved.values()),
+        "layer input": storage_bytes(inputs[1:2]),
+    }
+
+
+def test_each_planned_component_matches_a_real_step_within_two_percent(run_config):
+    predicted = plan(run_config).components
+    counted = counted_step(run_config)
+    assert counted["activations (every layer's saved tensors)"] > 0
+    for name, count in counted.items():
+        if name == "layer input":
+            continue
+        assert predicted[name] == pytest.approx(count, rel=0.02), name
+
+
+def test_checkpointing_keeps_layer_inputs_and_one_layer_and_zero_splits_optimizer_state(run_config):
+    from dataclasses import replace
+
+    whole = plan(run_config).components
+    checkpointed = replace(run_config, model=replace(run_config.model, gradient_checkpointing=True))
+    parts = plan(checkpointed).components
+    assert parts["one-layer recompute peak"] * LAYERS == whole["activations (every layer's saved tensors)"]
+    layer_input = counted_step(run_config)["layer input"]
+    assert parts["checkpointed activations (layer inputs)"] == LAYERS * layer_input
+    zero2 = replace(run_config, deepspeed=str(REPO / "deepspeed_configs" / "zero2.json"))
+    on_four = plan(zero2, world_size=4).components
+    optimizer = "optimizer states (AdamW) + ZeRO float32 partition"
+    # A quarter of the AdamW states, plus the float32 partition ZeRO steps (a quarter of the parameters).
+    assert on_four[optimizer] == pytest.approx((whole[optimizer] + whole["LoRA parameters"]) / 4, rel=0.01)
+    offload = replace(run_config, deepspeed=str(REPO / "deepspeed_configs" / "zero2_offload.json"))
+    assert plan(offload).components[optimizer] == 0
+
+
+def test_plan_command_json_for_a_70b_config_without_weights(tmp_path, capsys):
+    import json
+
+    from transformers import LlamaConfig
+
+    from dpo_lora.cli import main
+
+    LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000).save_pretrained(tmp_path / "llama-70b")  # fmt: skip
+    assert not list((tmp_path / "llama-70b").glob("*.safetensors")), "config.json only"
+    args = ["plan", f"model.path={tmp_path / 'llama-70b'}", "model.gradient_checkpointing=true", "data.max_length=512"]
+    assert main([*args, "--json", "--gpu-memory", "24GiB"]) == 0
+    small = json.loads(capsys.readouterr().out)
+    assert small["total_bytes"] == sum(small["components"].values()) and small["fits"] is False
+    # 69B parameters in NF4: ~0.5 byte each plus the absmax, the embeddings and head in bf16.
+    assert 33e9 < small["components"]["4-bit weights + absmax"] < 37e9
+    assert small["largest_micro_batch_size"] == 0 and "base weights alone" in small["recommendation"]
+    assert main([*args, "--json", "--gpu-memory", "80GiB"]) == 0
+    large = json.loads(capsys.readouterr().out)
+    assert large["fits"] is True and large["recommendation"] is None and large["largest_micro_batch_size"] >= 4
+    assert large["total_bytes"] == small["total_bytes"]
+    assert main([*args, "--gpu-memory", "lots"]) == 2
+    assert "--gpu-memory: cannot read 'lots'" in capsys.readouterr().err
