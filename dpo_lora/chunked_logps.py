@@ -25,9 +25,8 @@ class LabelLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, chunk_size: int):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
-            logits = _logits(hidden[start : start + chunk_size], weight, bias)
-            label_logits = logits.gather(1, labels[start : start + chunk_size, None]).squeeze(1)
-            out[start : start + chunk_size] = label_logits - logits.logsumexp(1)
+            end = start + chunk_size
+            out[start:end] = _label_logps(_logits(hidden[start:end], weight, bias), labels[start:end])
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.chunk_size = chunk_size
         return out
@@ -43,7 +42,8 @@ class LabelLogps(torch.autograd.Function):
             end = start + ctx.chunk_size
             chunk_grad = grad_out[start:end, None]
             # d(logit_label - logsumexp)/d logits = onehot(label) - softmax
-            grad_logits = -_logits(hidden[start:end], weight, bias).softmax(1) * chunk_grad
+            # (in place, so a chunk holds two [chunk, vocab] float32 tensors at most)
+            grad_logits = _logits(hidden[start:end], weight, bias).softmax(1).mul_(-chunk_grad)
             grad_logits.scatter_add_(1, labels[start:end, None], chunk_grad)
             if need_hidden:
                 grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight
@@ -51,9 +51,15 @@ class LabelLogps(torch.autograd.Function):
                 grad_weight += grad_logits.T @ hidden[start:end].float()
             if need_bias:
                 grad_bias += grad_logits.sum(0)
+            del grad_logits  # before the next chunk's logits exist
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # A function of its own, so one chunk's logits are freed before the next chunk's are made.
+    return logits.gather(1, labels[:, None]).squeeze(1) - logits.logsumexp(1)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

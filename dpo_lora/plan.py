@@ -25,6 +25,10 @@ import torch
 
 FIXED_OVERHEAD = 1 << 30  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack: ~0.5-1 GiB measured by others
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, float32
+# Live bytes per logit of a head chunk at its peak (backward: float32 logits, their softmax turned
+# into the gradient in place, and kernel temporaries), counted on CPU by tests/test_plan.py:
+# 10-12 with a float32 model, 9-10 with a 16-bit one (its extra copy of the gradient is 16-bit).
+LOGIT_BYTES = {4: 11, 2: 9.5}
 
 
 @dataclass
@@ -194,10 +198,16 @@ def activation_components(
         components = {"activations (every layer's saved tensors)": layers * per_layer}
     scored = 2 * micro * (max_length - 1)  # completion positions scored, at most
     chunk = min(config.train.logps_chunk_size, scored) if config.train.logps_chunk_size > 0 else scored
-    # Per chunk: logits in the model dtype, their float32 copy, softmax and its gradient (float32);
-    # plus the scored positions' hidden states the head keeps for backward.
-    components["LM-head chunk transient"] = chunk * vocab * (element + 12) + scored * hidden * element
+    components["LM-head chunk transient"] = lm_head_transient(chunk, vocab, scored, rows * tokens, hidden, element)
     return components, tokens, rows
+
+
+def lm_head_transient(chunk: int, vocab: int, scored: int, positions: int, hidden: int, element: int) -> int:
+    """Peak bytes of the chunked head (dpo_lora/chunked_logps.py) in forward and backward.
+
+    Per chunk of logits: LOGIT_BYTES per logit; plus the scored hidden states it saves and their
+    gradient, and the gradient of every position's final hidden state."""
+    return int(chunk * vocab * LOGIT_BYTES[element]) + 2 * scored * hidden * element + positions * hidden * element
 
 
 def _text_config(config):

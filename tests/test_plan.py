@@ -150,3 +150,40 @@ def test_plan_command_json_for_a_70b_config_without_weights(tmp_path, capsys):
     assert large["total_bytes"] == small["total_bytes"]
     assert main([*args, "--gpu-memory", "lots"]) == 2
     assert "--gpu-memory: cannot read 'lots'" in capsys.readouterr().err
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the tensors created inside the block and still alive, op by op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[StorageWeakRef, int] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ref in [ref for ref in self.live if ref.expired()]:
+            del self.live[ref]
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.live.setdefault(StorageWeakRef(tensor.untyped_storage()), tensor.untyped_storage().nbytes())
+        self.peak = max(self.peak, sum(self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("rows", "tokens", "hidden", "vocab", "chunk"), [(2, 200, 64, 3000, 128), (2, 512, 64, 8000, 64)]
+)
+def test_lm_head_transient_is_within_ten_percent_of_the_live_bytes(dtype, rows, tokens, hidden, vocab, chunk):
+    from dpo_lora.chunked_logps import label_logps_at
+    from dpo_lora.plan import lm_head_transient
+
+    states = torch.randn(rows, tokens, hidden, dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocab, hidden, dtype=dtype)
+    index = torch.arange(0, rows * tokens, 2)
+    with LiveBytes() as counter:
+        logps = label_logps_at(states, weight, None, index, torch.randint(0, vocab, index.shape), chunk)
+        logps.sum().backward()
+    predicted = lm_head_transient(chunk, vocab, len(index), rows * tokens, hidden, states.element_size())
+    assert predicted == pytest.approx(counter.peak, rel=0.10)
