@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench scale clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,6 +33,11 @@ test: setup $(MODEL_DIR)/.dpo-lora-complete
 bench: setup $(MODEL_DIR)/.dpo-lora-complete
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/compare_trl.py --workload $(or $(WORKLOAD),short)
+
+# A random model of Llama-2-7B and of Llama-3-8B geometry written, trained, exported and loaded
+# (GEOMETRY=llama2-7b|llama3-8b; ~1 h each on 2 cores, ~3x the model on disk); not run by CI.
+scale: setup
+	$(PY) bench/scale.py --geometry $(or $(GEOMETRY),llama2-7b)
 
 lint: setup
 	$(VENV)/bin/ruff check dpo_lora tests data bench && $(VENV)/bin/ruff format --check dpo_lora tests data bench

@@ -50,7 +50,19 @@ def train(name: str, *overrides: str) -> dict:
     out = WORK / name
     started = time.monotonic()
     result = dpo_lora("train", *BASE, f"output_dir={out}", *overrides)
-    return {**summary(out, result), "seconds": round(time.monotonic() - started, 1)}
+    return {**summary(out, result), "seconds": round(time.monotonic() - started, 1), **planned(*overrides)}
+
+
+def planned(*overrides: str) -> dict:
+    """`dpo-lora plan`'s prediction for the same run, beside the measured peak_memory_gb (the
+    allocator's peak, which leaves out the CUDA context the plan's fixed overhead stands for)."""
+    from dpo_lora.plan import FIXED_OVERHEAD
+
+    result = dpo_lora("plan", *[arg for arg in (*BASE, *overrides) if arg != "--overwrite"], "--json")
+    if result.returncode != 0:
+        return {"plan_error": result.stderr.strip().splitlines()[-1:]}
+    plan = json.loads(result.stdout)
+    return {"plan_gb_without_fixed_overhead": (plan["total_bytes"] - FIXED_OVERHEAD) / 2**30}
 
 
 def fp16_kill_and_resume() -> dict:
