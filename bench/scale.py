@@ -204,6 +204,12 @@ def main() -> None:
                  "s_per_step": sum(step_seconds) / len(step_seconds), "peak": sampler.peak(start=load_end),
                  "losses": [row["loss"] for row in steps]})  # fmt: skip
 
+    plan_args = [arg for arg in train[len(DPO_LORA) + 1 :] if arg != "--overwrite"]
+    planned = subprocess.run([*DPO_LORA, "plan", *plan_args, "--json"], capture_output=True, text=True, cwd=REPO)
+    if planned.returncode == 0:
+        rows[-1]["plan_total_gib"] = json.loads(planned.stdout)["total_bytes"] / 2**30
+        rows[-1]["plan_components"] = json.loads(planned.stdout)["components"]
+
     for target in ("dequantized", "original"):
         out = work / f"export-{target}"
         export = [
@@ -240,7 +246,7 @@ def print_report(name: str, geometry: dict, billions: float, rows: list[dict]) -
     for row in rows:
         anon, rss = row.get("peak", (None, None))
         notes = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in row.items() if k not in ("stage", "seconds", "peak"))  # fmt: skip
+                          for k, v in row.items() if k not in ("stage", "seconds", "peak", "plan_components"))  # fmt: skip
         memory = f"{anon / 1024:.2f} | {rss / 1024:.2f}" if anon is not None else "- | -"
         lines.append(f"| {row['stage']} | {row['seconds']:.0f} | {memory} | {notes} |")
     text = "\n".join(lines)
