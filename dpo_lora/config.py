@@ -20,6 +20,7 @@ LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "robust", "bco_pair", "exo_pair",
     "nca_pair", "sppo_hard", "apo_zero", "apo_down",
 )  # fmt: skip
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair")  # the losses dpo.label_smoothing changes
 
 
 def knob(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -63,12 +64,18 @@ class DataConfig:
     eval: str | None = knob(None, "held-out pairs (same formats); if unset, eval_fraction of train is held out")
     eval_fraction: float = knob(0.0, "fraction of train held out for eval when data.eval is unset")
     max_length: int = knob(512, "max tokens of prompt + completion")
-    max_prompt_length: int = knob(256, "max prompt tokens; longer prompts keep their end")
+    max_prompt_length: int | None = knob(
+        None, "max prompt tokens; longer prompts keep their end; unset: half of max_length (as TRL users expect)"
+    )
     group_by_length: bool = knob(False, "fill each global batch with pairs of similar length (less padding)")
     num_proc: int | None = knob(None, "worker processes for tokenization (datasets.map)")
     on_bad_rows: str = knob(
         "error", "bad rows stop the run before training, or are dropped and reported", ("error", "skip")
     )
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_length is None:  # only max_length was given (TRL 1.x style)
+            self.max_prompt_length = self.max_length // 2
 
 
 @dataclass
@@ -227,6 +234,8 @@ def validate(config: Config) -> None:
     data, train = config.data, config.train
     if data.max_prompt_length >= data.max_length:
         raise UserError("config key 'data.max_prompt_length' must be smaller than 'data.max_length'")
+    if data.max_prompt_length < 1:
+        raise UserError("config key 'data.max_prompt_length' must be >= 1")
     if not 0.0 <= data.eval_fraction < 1.0:
         raise UserError("config key 'data.eval_fraction' must be in [0, 1)")
     for key in ("micro_batch_size", "grad_accum", "log_every", "eval_batch_size", "max_bad_steps"):
@@ -238,6 +247,11 @@ def validate(config: Config) -> None:
         raise UserError("config key 'dpo.beta' must be > 0")
     if not 0.0 <= config.dpo.label_smoothing < 0.5:
         raise UserError("config key 'dpo.label_smoothing' must be in [0, 0.5)")
+    if config.dpo.label_smoothing > 0 and config.dpo.loss not in SMOOTHED_LOSSES:
+        raise UserError(
+            f"config key 'dpo.label_smoothing' has no effect on dpo.loss '{config.dpo.loss}' "
+            f"(only {', '.join(SMOOTHED_LOSSES)} use it); set it to 0"
+        )
     if config.lora.r < 1:
         raise UserError("config key 'lora.r' must be >= 1")
     if not 0 <= train.cpu_mmap_threshold_mb <= 32:

@@ -51,6 +51,22 @@ def test_bad_values_name_the_key(override, message):
         load_config(None, [override])
 
 
+def test_prompt_limit_is_derived_from_max_length_when_unset():
+    assert load_config(None, ["data.max_length=256"]).data.max_prompt_length == 128  # was an error
+    assert load_config(None).data.max_prompt_length == 256
+    assert load_config(None, ["data.max_length=256", "data.max_prompt_length=200"]).data.max_prompt_length == 200
+    with pytest.raises(UserError, match="'data.max_prompt_length' must be >= 1"):
+        load_config(None, ["data.max_length=1"])
+
+
+@pytest.mark.parametrize("loss", ["hinge", "ipo", "bco_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down"])
+def test_label_smoothing_on_a_loss_that_ignores_it_is_an_error(loss):
+    with pytest.raises(UserError, match=f"'dpo.label_smoothing' has no effect on dpo.loss '{loss}'"):
+        load_config(None, [f"dpo.loss={loss}", "dpo.label_smoothing=0.1"])
+    for smoothed in ("sigmoid", "robust", "exo_pair"):
+        assert load_config(None, [f"dpo.loss={smoothed}", "dpo.label_smoothing=0.1"]).dpo.label_smoothing == 0.1
+
+
 def test_bad_yaml_file_is_a_user_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
