@@ -86,6 +86,10 @@ def _split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     n = len(os.path.commonprefix([chosen, rejected]))
     while n > 0 and not chosen[n - 1].isspace():
         n -= 1
+    # The whitespace goes with the completions, where the tokenizer joins it to the first word
+    # (' blue' is one token; a prompt ending in ' ' gives a lone space token, off-distribution).
+    while n > 0 and chosen[n - 1] in " \t":
+        n -= 1
     return chosen[:n], chosen[n:], rejected[n:]
 
 
@@ -186,6 +190,9 @@ def check_row(row: dict, tokenizer) -> dict:
         raise BadRow("empty completion")
     if normalized["chosen"] == normalized["rejected"]:
         raise BadRow("identical completions", "'chosen' and 'rejected' are the same")
+    if not tokenizer(normalized["prompt"], add_special_tokens=not normalized["chat"])["input_ids"]:
+        # Nothing would predict the first completion token (this tokenizer adds no BOS).
+        raise BadRow("empty prompt", "the prompt tokenizes to no tokens")
     return normalized
 
 

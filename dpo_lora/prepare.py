@@ -16,7 +16,7 @@ from pathlib import Path
 from dpo_lora.data import collect_rows
 from dpo_lora.errors import UserError
 
-CACHE_VERSION = "1"  # bump when tokenization or normalization changes
+CACHE_VERSION = "2"  # bump when tokenization or normalization changes (2: HH whitespace, empty prompts)
 
 
 def cache_root() -> Path:

@@ -37,6 +37,8 @@ def collate_shared(features: list[dict], pad_token_id: int) -> dict[str, torch.T
     chosen_index, rejected_index = [], []
     for i, f in enumerate(features):
         n_prompt, n_chosen, n_rejected = len(f["prompt_ids"]), len(f["chosen_ids"]), len(f["rejected_ids"])
+        if n_prompt < 1:  # the first completion token would be scored from outside its sequence
+            raise ValueError("a pair with no prompt token reached collation (data.check_row drops them)")
         n_total = n_prompt + n_chosen + n_rejected
         input_ids[i, :n_total] = torch.tensor(f["prompt_ids"] + f["chosen_ids"] + f["rejected_ids"])
         attention_mask[i, :n_total] = 1

@@ -67,6 +67,8 @@ def collate_pairs(
         start = 0
         for prompt, completion in row:
             n_prompt, n_total = len(prompt), len(prompt) + len(completion)
+            if n_prompt < 1:  # the first completion token would be scored from outside its sequence
+                raise ValueError("a pair with no prompt token reached collation (data.check_row drops them)")
             span = slice(start, start + n_total)
             input_ids[r, span] = torch.tensor(prompt + completion, dtype=torch.long)
             attention_mask[r, span] = 1

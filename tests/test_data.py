@@ -40,8 +40,9 @@ def test_anthropic_hh_strings_split_at_shared_prefix_on_a_word_boundary(tiny_tok
         },
         tiny_tokenizer,
     )
-    assert row["prompt"] == "\n\nHuman: sky colour?\n\nAssistant: "
-    assert (row["chosen"], row["rejected"]) == ("blue", "black")
+    # The space stays with the completions, as the model saw it in pretraining (' blue').
+    assert row["prompt"] == "\n\nHuman: sky colour?\n\nAssistant:"
+    assert (row["chosen"], row["rejected"]) == (" blue", " black")
 
 
 def test_anthropic_hh_message_lists(tiny_tokenizer):
@@ -63,6 +64,7 @@ BAD_ROWS = [
     ({"prompt": 7, "chosen": "a", "rejected": "b"}, "wrong type or shape", "'prompt' must be"),
     ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "empty completion", "empty completion"),
     ({"prompt": "p", "chosen": "same", "rejected": "same"}, "identical completions", "are the same"),
+    ({"prompt": "", "chosen": "a", "rejected": "b"}, "empty prompt", "the prompt tokenizes to no tokens"),
     ({"chosen": "abc", "rejected": "xyz"}, "wrong type or shape", "share no prompt"),
     (b'{"prompt": "p", "chosen": "a", "rejected": "caf\xe9"}', "undecodable bytes", "not UTF-8"),
     (b'{"prompt": "p", "chosen": ', "malformed JSON", "malformed JSON"),
@@ -125,3 +127,21 @@ def test_jsonl_parquet_and_save_to_disk_folders_give_the_same_rows(tmp_path, tin
 def test_unreadable_sources_are_user_errors(tmp_path, tiny_tokenizer, source, message):
     with pytest.raises(UserError, match=message):
         collect_rows(str(tmp_path / source), tiny_tokenizer, on_bad_rows="error")
+
+
+def test_hh_completions_start_with_the_word_token_of_the_real_tokenizer():
+    from transformers import AutoTokenizer
+
+    from dpo_lora.tokenization import tokenize_pair
+
+    from .conftest import REPO
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "models" / "SmolLM2-135M-Instruct")
+    raw = {
+        "chosen": "\n\nHuman: sky colour?\n\nAssistant: blue",
+        "rejected": "\n\nHuman: sky colour?\n\nAssistant: black",
+    }
+    ids = tokenize_pair(normalize_row(raw, tokenizer), tokenizer, max_length=64, max_prompt_length=32)
+    first = tokenizer.convert_ids_to_tokens(ids["chosen_ids"][:1])
+    assert first == tokenizer.tokenize(" blue")[:1] == ["Ġblue"], "one word token, not a lone space"
+    assert tokenizer.convert_ids_to_tokens(ids["prompt_ids"])[-1] != "Ġ"

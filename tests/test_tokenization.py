@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dpo_lora.tokenization import collate_pairs, tokenize_pair
@@ -71,3 +72,22 @@ def test_packed_collate_puts_every_sequence_in_one_row_with_restarting_positions
     assert flat[batch["score_index"] + 1].tolist() == batch["score_target"].tolist()
     assert batch["score_index"].tolist() == [1, 2, 3, 5, 8, 10, 11]
     assert batch["completion_lengths"].tolist() == [3, 1, 1, 2]
+
+
+@pytest.mark.parametrize("layout", [{}, {"pack": True}, {"share_prompt": True}])
+def test_every_score_position_lies_inside_its_own_sequence(layout):
+    features = [
+        {"prompt_ids": [5, 6], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2]},
+        {"prompt_ids": [4], "chosen_ids": [3, 2], "rejected_ids": [8, 8, 8, 2]},
+    ]
+    batch = collate_pairs(features, pad_token_id=0, **layout)
+    ids, index = batch["input_ids"].flatten(), batch["score_index"]
+    assert (index >= 0).all() and (batch["attention_mask"].flatten()[index] == 1).all(), "never padding"
+    if "branch" in batch:  # shared: a rejected token's first predictor is the last prompt token
+        rows = index // batch["input_ids"].shape[1]
+        pairs = torch.arange(len(features)).repeat(2)  # completion_lengths: all chosen, then all rejected
+        assert torch.equal(rows, pairs.repeat_interleave(batch["completion_lengths"]))
+    else:  # each scored position is followed, in the same sequence, by its target
+        assert torch.equal(ids[index + 1], batch["score_target"])
+    with pytest.raises(ValueError, match="no prompt token"):
+        collate_pairs([{**features[0], "prompt_ids": []}, features[1]], pad_token_id=0, **layout)
