@@ -54,7 +54,8 @@ def pair_report(model, pairs, collate, dpo_config, batch_size: int) -> dict:
         "policy_logps_rejected": s["logps/rejected"].mean().item(),
         "reference_logps_chosen": (s["logps/chosen"] - s["rewards/chosen"] / beta).mean().item(),
         "reference_logps_rejected": (s["logps/rejected"] - s["rewards/rejected"] / beta).mean().item(),
-        "kl_chosen_estimate": (s["rewards/chosen"] / beta).mean().item(),
+        # Not a KL estimate: the pairs are not samples of the policy (generate estimates the KL).
+        "mean_chosen_logratio": (s["rewards/chosen"] / beta).mean().item(),
     }
 
 

@@ -14,7 +14,7 @@ from .test_trainer import tiny_config
 
 KEYS = {
     "data", "pairs", "reward_accuracy", "mean_margin", "loss", "policy_logps_chosen", "policy_logps_rejected",
-    "reference_logps_chosen", "reference_logps_rejected", "kl_chosen_estimate",
+    "reference_logps_chosen", "reference_logps_rejected", "mean_chosen_logratio",
 }  # fmt: skip
 
 
@@ -36,8 +36,8 @@ def test_eval_reproduces_the_trainers_final_eval_and_writes_json(trained_run):
     assert report["policy_logps_chosen"] == pytest.approx(after["eval/logps/chosen"], rel=1e-5)
     # The reference is the untouched base: its log-probs are the policy's before training.
     assert report["reference_logps_chosen"] == pytest.approx(results["before"]["eval/logps/chosen"], rel=1e-5)
-    expected_kl = report["policy_logps_chosen"] - report["reference_logps_chosen"]
-    assert report["kl_chosen_estimate"] == pytest.approx(expected_kl, rel=1e-6)
+    expected_ratio = report["policy_logps_chosen"] - report["reference_logps_chosen"]
+    assert report["mean_chosen_logratio"] == pytest.approx(expected_ratio, rel=1e-6)
 
 
 def test_eval_on_other_data_and_a_checkpoint(trained_run, tmp_path):
