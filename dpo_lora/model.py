@@ -141,6 +141,7 @@ def _with_adapter(base, lora_config):
     if lora_config.init_adapter:
         if not (Path(lora_config.init_adapter) / "adapter_config.json").is_file():
             raise UserError(f"config key 'lora.init_adapter': no PEFT adapter at {lora_config.init_adapter}")
+        _report_adapter_settings(lora_config)
         model = PeftModel.from_pretrained(
             base, lora_config.init_adapter, adapter_name=POLICY_ADAPTER, is_trainable=True
         )
@@ -157,19 +158,40 @@ def _with_adapter(base, lora_config):
     return get_peft_model(base, peft_config)
 
 
+def _report_adapter_settings(lora_config) -> None:
+    """A continued adapter keeps its own shape: say so where the config asks for another."""
+    import json
+
+    saved = json.loads((Path(lora_config.init_adapter) / "adapter_config.json").read_text())
+    pairs = (("r", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"))
+    differing = [f"lora.{key}={getattr(lora_config, key)} -> {saved.get(name)}" for key, name in pairs
+                 if saved.get(name) is not None and saved.get(name) != getattr(lora_config, key)]  # fmt: skip
+    wanted = lora_config.target_modules
+    if isinstance(wanted, list) and sorted(wanted) != sorted(saved.get("target_modules") or []):
+        differing.append(f"lora.target_modules={wanted} -> {sorted(saved.get('target_modules') or [])}")
+    if differing:
+        print(f"dpo-lora: lora.init_adapter keeps its own settings: {', '.join(differing)}", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def reference_mode(model):
-    """Run `model` (a PeftModel) as the reference: adapter disabled, or the frozen initial adapter."""
-    if REFERENCE_ADAPTER not in model.peft_config:
-        with model.disable_adapter():
-            yield
-        return
-    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.set_adapter(REFERENCE_ADAPTER)
+    """Run `model` (a PeftModel) as the reference: adapter disabled, or the frozen initial adapter.
+    Always without dropout: the reference is a fixed function (as a precomputed one is)."""
+    was_training = model.training
+    model.eval()
     try:
-        yield
+        if REFERENCE_ADAPTER not in model.peft_config:
+            with model.disable_adapter():
+                yield
+            return
+        trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.set_adapter(REFERENCE_ADAPTER)
+        try:
+            yield
+        finally:
+            model.set_adapter(POLICY_ADAPTER)
+            # set_adapter toggles requires_grad; restore exactly what the optimizer was built on.
+            for name, p in model.named_parameters():
+                p.requires_grad_(trainable[name])
     finally:
-        model.set_adapter(POLICY_ADAPTER)
-        # set_adapter toggles requires_grad; restore exactly what the optimizer was built on.
-        for name, p in model.named_parameters():
-            p.requires_grad_(trainable[name])
+        model.train(was_training)

@@ -12,10 +12,10 @@ from dpo_lora.model import POLICY_ADAPTER, attach_adapter, load_base, reference_
 CPU = torch.device("cpu")
 
 
-def policy(model_dir, quantization="nf4", init_adapter=None, seed=0):
+def policy(model_dir, quantization="nf4", init_adapter=None, seed=0, dropout=0.0):
     torch.manual_seed(seed)
     model_config = ModelConfig(path=str(model_dir), quantization=quantization, dtype="float32")
-    model = attach_adapter(load_base(model_config, CPU), LoraConfig(dropout=0.0, init_adapter=init_adapter))
+    model = attach_adapter(load_base(model_config, CPU), LoraConfig(dropout=dropout, init_adapter=init_adapter))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # make the adapter change the function
             torch.nn.init.normal_(p, std=0.05)
@@ -103,6 +103,41 @@ def test_init_adapter_is_the_reference_and_stays_frozen(tiny_model_dir, tmp_path
     assert not torch.allclose(moved, initial)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(f".{POLICY_ADAPTER}." in n for n in trainable)
+
+
+def test_reference_runs_without_dropout_in_a_training_model(tiny_model_dir, tmp_path):
+    start = policy(tiny_model_dir, "nf4", seed=3, dropout=0.5)  # the continued adapter's own dropout
+    start.save_pretrained(tmp_path / "start")
+    model = attach_adapter(
+        load_base(ModelConfig(path=str(tiny_model_dir), dtype="float32"), CPU),
+        LoraConfig(dropout=0.5, init_adapter=str(tmp_path / "start")),
+    )
+    model.train()
+    x = tokens(model.config.vocab_size, seed=2)
+    with torch.no_grad():
+        policy_twice = [model(input_ids=x).logits for _ in range(2)]
+        assert not torch.equal(*policy_twice), "the policy's LoRA dropout is on in training"
+        with reference_mode(model):
+            reference_twice = [model(input_ids=x).logits for _ in range(2)]
+        assert model.training, "training mode is restored"
+        model.eval()
+        with reference_mode(model):
+            deterministic = model(input_ids=x).logits
+    torch.testing.assert_close(reference_twice[0], reference_twice[1], rtol=0, atol=0)
+    torch.testing.assert_close(reference_twice[0], deterministic, rtol=0, atol=0)
+
+
+def test_init_adapter_settings_that_differ_from_the_config_are_named(tiny_model_dir, tmp_path, capsys):
+    start = policy(tiny_model_dir, "nf4", seed=3)  # r=16, alpha=32, dropout 0
+    start.save_pretrained(tmp_path / "start")
+    model = attach_adapter(
+        load_base(ModelConfig(path=str(tiny_model_dir), dtype="float32"), CPU),
+        LoraConfig(r=8, alpha=32, dropout=0.0, target_modules=["q_proj"], init_adapter=str(tmp_path / "start")),
+    )
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("dpo-lora: lora.init_adapter keeps its own settings: lora.r=8 -> 16")
+    assert "lora.target_modules=['q_proj'] -> [" in line and "alpha" not in line
+    assert model.peft_config[POLICY_ADAPTER].r == 16, "the adapter's own rank is what trains"
 
 
 def test_missing_model_and_adapter_are_user_errors(tmp_path, tiny_model_dir):
