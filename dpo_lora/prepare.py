@@ -16,7 +16,7 @@ from pathlib import Path
 from dpo_lora.data import collect_rows
 from dpo_lora.errors import UserError
 
-CACHE_VERSION = "2"  # bump when tokenization or normalization changes (2: HH whitespace, empty prompts)
+CACHE_VERSION = "3"  # bump when tokenization or normalization changes (3: turn-end by token id)
 
 
 def cache_root() -> Path:

@@ -16,12 +16,12 @@ VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
 
 def completion_ids(tokenizer, text: str, chat: bool) -> list[int]:
     """Token ids of a completion, ending with EOS exactly once."""
-    eos = tokenizer.eos_token
     if chat:
-        # Chat templates close a turn with their own end token (often EOS) plus a newline.
-        text = text.rstrip()
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids if text.endswith(eos) else ids + [tokenizer.eos_token_id]
+        # Chat templates close a turn with their own end token plus a newline: EOS (ChatML, Llama-3's
+        # <|eot_id|>) or another special token (Gemma's <end_of_turn>). Either ends the completion;
+        # decided by token id, since an EOS appended after <end_of_turn> is off the model's distribution.
+        ids = tokenizer(text.rstrip(), add_special_tokens=False)["input_ids"]
+        return ids if ids and ids[-1] in set(tokenizer.all_special_ids) else ids + [tokenizer.eos_token_id]
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 

@@ -30,6 +30,24 @@ def test_chat_completion_keeps_the_template_end_token_once(tiny_tokenizer):
     assert tok.decode(ids["prompt_ids"] + ids["chosen_ids"]) == row["prompt"] + "hello<|im_end|>"
 
 
+def test_a_template_end_of_turn_token_other_than_eos_ends_the_completion(tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})  # Gemma's turn end
+    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    row = {
+        "prompt": "<start>user\nhi\n",
+        "chosen": "hello<end_of_turn>\n",
+        "rejected": "no<end_of_turn>\n",
+        "chat": True,
+    }
+    ids = tokenize_pair(row, tok, max_length=64, max_prompt_length=32)
+    assert ids["chosen_ids"][-1] == end_of_turn and tok.eos_token_id not in ids["chosen_ids"]
+    plain = tokenize_pair({**row, "chosen": "hello", "rejected": "no"}, tok, max_length=64, max_prompt_length=32)
+    assert plain["chosen_ids"][-1] == tok.eos_token_id, "a turn without an end token still gets EOS"
+
+
 def test_truncation_keeps_prompt_end_then_cuts_completions(tiny_tokenizer):
     tok = tiny_tokenizer
     prompt = " ".join(["word"] * 40)
