@@ -65,7 +65,8 @@ class DataConfig:
     eval_fraction: float = knob(0.0, "fraction of train held out for eval when data.eval is unset")
     max_length: int = knob(512, "max tokens of prompt + completion")
     max_prompt_length: int | None = knob(
-        None, "max prompt tokens; longer prompts keep their end; unset: half of max_length (as TRL users expect)"
+        None,
+        "max prompt tokens; longer prompts keep their leading special tokens and their end; unset: half of max_length",
     )
     group_by_length: bool = knob(False, "fill each global batch with pairs of similar length (less padding)")
     num_proc: int | None = knob(None, "worker processes for tokenization (datasets.map)")

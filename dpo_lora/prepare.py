@@ -16,7 +16,7 @@ from pathlib import Path
 from dpo_lora.data import collect_rows
 from dpo_lora.errors import UserError
 
-CACHE_VERSION = "3"  # bump when tokenization or normalization changes (3: turn-end by token id)
+CACHE_VERSION = "4"  # bump when tokenization or normalization changes (4: middle-cut prompts, counted)
 
 
 def cache_root() -> Path:
@@ -52,7 +52,7 @@ def _tokenizer_digest(tokenizer) -> str:
 def _tokenize(batch: dict, *, tokenizer, max_length: int, max_prompt_length: int) -> dict:
     from dpo_lora.tokenization import tokenize_pair
 
-    out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "prompt_truncated": []}
     for i in range(len(batch["prompt"])):
         row = {key: batch[key][i] for key in ("prompt", "chosen", "rejected", "chat")}
         ids = tokenize_pair(row, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
@@ -87,6 +87,7 @@ def tokenized_split(source: str, tokenizer, data_config):
         _tokenize, batched=True, fn_kwargs=fn_kwargs, remove_columns=["prompt", "chosen", "rejected", "chat"],
         num_proc=data_config.num_proc,
     )  # fmt: skip
+    report["prompts_truncated"] = sum(pairs["prompt_truncated"])  # cut to data.max_prompt_length
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     pairs.save_to_disk(str(tmp / "pairs"))
@@ -99,7 +100,8 @@ def tokenized_split(source: str, tokenizer, data_config):
 
 
 def prepare_splits(data_config, tokenizer, seed: int, report_dir: Path | None = None):
-    """(train, eval or None) tokenized datasets; writes REPORT_DIR/data_report.json when rows were dropped."""
+    """(train, eval or None) tokenized datasets; writes REPORT_DIR/data_report.json when rows were
+    dropped or prompts truncated."""
     train_set, train_report = tokenized_split(data_config.train, tokenizer, data_config)
     eval_set, eval_report = None, None
     if data_config.eval:
@@ -110,7 +112,7 @@ def prepare_splits(data_config, tokenizer, seed: int, report_dir: Path | None = 
         split = train_set.train_test_split(test_size=data_config.eval_fraction, seed=seed)
         train_set, eval_set = split["train"], split["test"]
     reports = {"train": train_report, "eval": eval_report}
-    if report_dir is not None and any(r and r["dropped"] for r in reports.values()):
+    if report_dir is not None and any(r and (r["dropped"] or r.get("prompts_truncated")) for r in reports.values()):
         report_dir.mkdir(parents=True, exist_ok=True)
         (report_dir / "data_report.json").write_text(json.dumps(reports, indent=2))
     return train_set, eval_set

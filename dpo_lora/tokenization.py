@@ -2,8 +2,8 @@
 
 Prompt and completions are tokenized separately, so no token ever spans the prompt/completion
 boundary and the completion tokens are exactly the tokens the model is scored on. Completions
-end with EOS. Truncation keeps the end of the prompt (`max_prompt_length`), then cuts the
-completions to fit `max_length`.
+end with EOS. A prompt over `max_prompt_length` keeps its leading special tokens and its end,
+then the completions are cut to fit `max_length`.
 """
 
 from __future__ import annotations
@@ -29,12 +29,21 @@ def tokenize_pair(row: dict, tokenizer, *, max_length: int, max_prompt_length: i
     """A normalized row ({"prompt", "chosen", "rejected", "chat"}) -> prompt/chosen/rejected ids."""
     # A rendered chat prompt already carries its special tokens; a plain one gets the tokenizer's.
     prompt_ids = tokenizer(row["prompt"], add_special_tokens=not row["chat"])["input_ids"]
-    prompt_ids = prompt_ids[-max_prompt_length:]
+    truncated = len(prompt_ids) > max_prompt_length
+    if truncated:
+        # Keep the leading special tokens (BOS, the template's first turn marker) and the end; the
+        # middle goes. Cutting from the left would start the model mid-text with no BOS.
+        special = set(tokenizer.all_special_ids)
+        head = 0
+        while head < min(len(prompt_ids), max_prompt_length // 2) and prompt_ids[head] in special:
+            head += 1
+        prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - (max_prompt_length - head) :]
     budget = max_length - len(prompt_ids)
     return {
         "prompt_ids": prompt_ids,
         "chosen_ids": completion_ids(tokenizer, row["chosen"], row["chat"])[:budget],
         "rejected_ids": completion_ids(tokenizer, row["rejected"], row["chat"])[:budget],
+        "prompt_truncated": truncated,
     }
 
 

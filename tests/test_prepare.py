@@ -21,7 +21,7 @@ def test_eval_file_and_eval_fraction(tiny_tokenizer, own_cache):
     config = DataConfig(train=str(SENTIMENT_TRAIN), eval=str(SENTIMENT_EVAL), max_length=64, max_prompt_length=48)
     train, held_out = prepare.prepare_splits(config, tiny_tokenizer, seed=0)
     assert (len(train), len(held_out)) == (320, 64)
-    assert set(train.column_names) == {"prompt_ids", "chosen_ids", "rejected_ids", "row_index"}
+    assert set(train.column_names) == {"prompt_ids", "chosen_ids", "rejected_ids", "prompt_truncated", "row_index"}
     config = DataConfig(train=str(SENTIMENT_TRAIN), eval_fraction=0.25, max_length=64, max_prompt_length=48)
     train, held_out = prepare.prepare_splits(config, tiny_tokenizer, seed=0)
     assert (len(train), len(held_out)) == (240, 80)
@@ -58,3 +58,11 @@ def test_skipped_rows_are_written_to_the_data_report(tiny_tokenizer, own_cache, 
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["train"]["dropped_rows"] == {"identical completions": [4], "malformed JSON": [7]}
     assert report["eval"] is None
+    assert report["train"]["prompts_truncated"] == sum(train["prompt_truncated"])
+
+
+def test_truncated_prompts_are_counted_in_the_data_report(tiny_tokenizer, own_cache, tmp_path):
+    config = DataConfig(train=str(SENTIMENT_TRAIN), max_length=64, max_prompt_length=4)
+    train, _ = prepare.prepare_splits(config, tiny_tokenizer, seed=0, report_dir=tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["train"]["prompts_truncated"] == sum(train["prompt_truncated"]) > 0

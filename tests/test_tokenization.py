@@ -54,9 +54,21 @@ def test_truncation_keeps_prompt_end_then_cuts_completions(tiny_tokenizer):
     row = {"prompt": prompt, "chosen": " good " * 30, "rejected": " bad", "chat": False}
     ids = tokenize_pair(row, tok, max_length=24, max_prompt_length=10)
     full_prompt = tok(prompt)["input_ids"]
-    assert ids["prompt_ids"] == full_prompt[-10:]
+    assert ids["prompt_ids"] == full_prompt[-10:] and ids["prompt_truncated"]
     assert len(ids["prompt_ids"]) + len(ids["chosen_ids"]) == 24
     assert ids["rejected_ids"][-1] == tok.eos_token_id  # short completions are untouched
+    assert not tokenize_pair({**row, "prompt": "word"}, tok, max_length=24, max_prompt_length=10)["prompt_truncated"]
+
+
+def test_a_long_chat_prompt_keeps_its_leading_special_tokens_and_its_end(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt = "<|im_start|>user\n" + " ".join(["word"] * 40) + " last<|im_end|>\n<|im_start|>assistant\n"
+    row = {"prompt": prompt, "chosen": "yes<|im_end|>\n", "rejected": "no<|im_end|>\n", "chat": True}
+    ids = tokenize_pair(row, tok, max_length=32, max_prompt_length=12)
+    full = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert len(ids["prompt_ids"]) == 12 and ids["prompt_truncated"]
+    assert ids["prompt_ids"][0] == tok.convert_tokens_to_ids("<|im_start|>"), "the prompt still starts a turn"
+    assert ids["prompt_ids"][1:] == full[-11:], "and ends where the reply begins"
 
 
 def test_collate_puts_chosen_then_rejected_and_scores_only_completion_tokens():
