@@ -43,7 +43,9 @@ class ModelConfig:
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory (non-reentrant)")
     trust_remote_code: bool = knob(False, "allow model code from the model folder/hub to run (off: safer)")
     attn_implementation: str = knob(
-        "sdpa", "attention kernel passed to transformers", ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+        "auto",
+        "attention kernel: auto (sdpa where the model supports it, else eager) or one passed to transformers",
+        ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"),
     )
 
 

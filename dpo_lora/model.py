@@ -43,6 +43,18 @@ def _hub_errors(path: str):
         raise UserError(f"config key 'model.path': cannot load {path}: {first_line}") from None
 
 
+@contextlib.contextmanager
+def _kernel_errors(kernel: str | None):
+    """An attention kernel the model or this machine cannot run: one line naming the key."""
+    try:
+        yield
+    except (ValueError, ImportError) as err:
+        if kernel is None or (kernel not in str(err) and "attention" not in str(err).lower()):
+            raise
+        first_line = str(err).strip().splitlines()[0]
+        raise UserError(f"config key 'model.attn_implementation': {kernel!r} cannot run here: {first_line}") from None
+
+
 def load_tokenizer(model_config):
     from transformers import AutoTokenizer
 
@@ -78,13 +90,14 @@ def load_base(model_config, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     _check_model_path(model_config.path)
-    with _hub_errors(model_config.path):
+    kernel = None if model_config.attn_implementation == "auto" else model_config.attn_implementation
+    with _hub_errors(model_config.path), _kernel_errors(kernel):
         model = AutoModelForCausalLM.from_pretrained(
             model_config.path,
             dtype=torch_dtype(model_config.dtype),
             quantization_config=quantization_config(model_config),
             device_map={"": device},
-            attn_implementation=model_config.attn_implementation,
+            attn_implementation=kernel,  # None: transformers picks sdpa where supported, else eager
             trust_remote_code=model_config.trust_remote_code,
         )
     model.requires_grad_(False)

@@ -215,7 +215,8 @@ def _text_config(config):
 
     model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
     text_config = model_config.get_text_config()
-    text_config._attn_implementation = config.model.attn_implementation
+    kernel = config.model.attn_implementation
+    text_config._attn_implementation = "sdpa" if kernel == "auto" else kernel  # what auto picks for these models
     return text_config
 
 

@@ -155,3 +155,20 @@ def test_4bit_weights_are_stored_in_the_compute_dtype_so_zero3_can_partition_the
 
     config = quantization_config(load_config(None, ["model.quantization=nf4", f"model.dtype={dtype}"]).model)
     assert config.bnb_4bit_quant_storage == config.bnb_4bit_compute_dtype == getattr(torch, dtype)
+
+
+def test_auto_attention_is_the_models_choice_and_an_unrunnable_kernel_names_the_key(tiny_model_dir, tmp_path):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    auto = load_base(ModelConfig(path=str(tiny_model_dir), quantization="none", dtype="float32"), CPU)
+    assert auto.config._attn_implementation == "sdpa"
+    BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4)).save_pretrained(
+        tmp_path / "bloom"
+    )
+    bloom = load_base(ModelConfig(path=str(tmp_path / "bloom"), quantization="none", dtype="float32"), CPU)
+    expected = "sdpa" if BloomForCausalLM._supports_sdpa else "eager"  # no crash either way
+    assert bloom.config._attn_implementation == expected
+    with pytest.raises(UserError, match="config key 'model.attn_implementation': 'flash_attention_2' cannot run here"):
+        load_base(
+            ModelConfig(path=str(tiny_model_dir), quantization="none", attn_implementation="flash_attention_2"), CPU
+        )
