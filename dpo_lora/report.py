@@ -27,7 +27,8 @@ def load_trained(source: str, scratch: Path):
     if config is None:
         raise UserError(f"{source}: its run's config.yaml is missing (needed for the base and its quantization)")
     tokenizer = load_tokenizer(config.model)
-    return load_policy(adapter_dir, config.model, inference_device()), tokenizer, config
+    policy = load_policy(adapter_dir, config.model, inference_device(), reference_adapter=config.lora.init_adapter)
+    return policy, tokenizer, config
 
 
 def pair_report(model, pairs, collate, dpo_config, batch_size: int) -> dict:

@@ -120,15 +120,21 @@ def lora_settings(adapter_dir: Path) -> dict:
     return settings
 
 
-def load_policy(adapter_dir: Path, model_config, device: torch.device):
+def load_policy(adapter_dir: Path, model_config, device: torch.device, reference_adapter: str | None = None):
     """The trained policy as it ran in training: the quantized base plus the adapter, with the
     adapter's parameters in the compute dtype. Like DeepSpeed's mixed precision this casts
-    parameters only: buffers such as rotary frequencies stay in float32."""
+    parameters only: buffers such as rotary frequencies stay in float32. A run that continued
+    from `reference_adapter` (its lora.init_adapter) gets it back as its reference, as in training."""
     from peft import PeftModel
 
-    from dpo_lora.model import load_base, torch_dtype
+    from dpo_lora.model import POLICY_ADAPTER, REFERENCE_ADAPTER, load_base, torch_dtype
 
-    model = PeftModel.from_pretrained(load_base(model_config, device), str(adapter_dir))
+    model = PeftModel.from_pretrained(load_base(model_config, device), str(adapter_dir), adapter_name=POLICY_ADAPTER)
+    if reference_adapter:
+        if not (Path(reference_adapter) / "adapter_config.json").is_file():
+            raise UserError(f"config key 'lora.init_adapter': the run's reference adapter {reference_adapter} is gone")
+        model.load_adapter(reference_adapter, adapter_name=REFERENCE_ADAPTER)
+        model.set_adapter(POLICY_ADAPTER)
     dtype = torch_dtype(model_config.dtype)
     for name, p in model.named_parameters():
         if "lora_" in name and p.dtype != dtype:
