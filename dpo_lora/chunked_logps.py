@@ -81,8 +81,14 @@ def _head(model):
     config = getattr(base, "config", None)
     if type(head) is not torch.nn.Linear:
         return None
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1.0):
-        return None
+    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    for c in configs:
+        if getattr(c, "final_logit_softcapping", None):  # Gemma-2/3
+            return None
+        # Cohere's logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier
+        for key in ("logit_scale", "logits_scaling", "lm_head_multiplier"):
+            if getattr(c, key, None) not in (None, 1, 1.0):
+                return None
     return head
 
 
@@ -105,13 +111,26 @@ def install(model, chunk_size: int) -> bool:
     return True
 
 
+def uninstall(model) -> None:
+    """Back to plain logits (the self-check found the chunked head wrong for this model)."""
+    head = _installed_head(model)
+    if head is not None:
+        del head.forward, head.dpo_lora_targets, head.dpo_lora_chunk_size
+
+
+def _installed_head(model):
+    head = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_output_embeddings()
+    return head if hasattr(head, "dpo_lora_targets") else None
+
+
 @contextlib.contextmanager
-def scoring(model, index: torch.Tensor, targets: torch.Tensor):
+def scoring(model, index: torch.Tensor, targets: torch.Tensor, enabled: bool = True):
     """Within the block the model's `.logits` are the [N] log-probs of `targets` at flat positions
-    `index` (see label_logps_at); yields False (and does nothing) when install() was not applied."""
+    `index` (see label_logps_at); yields False (and does nothing) when install() was not applied
+    or `enabled` is False."""
     peft_model = getattr(model, "module", model)
-    head = _head(peft_model)
-    if head is None or not hasattr(head, "dpo_lora_targets"):
+    head = _installed_head(peft_model)
+    if head is None or not enabled:
         yield False
         return
     head.dpo_lora_targets = (index, targets)

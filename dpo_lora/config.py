@@ -117,6 +117,9 @@ class TrainConfig:
     pack_sequences: bool = knob(
         False, "padding-free: a micro-batch's sequences in one row (flash_attention_2/3 only; else padded rows)"
     )
+    self_check: bool = knob(
+        True, "before training, score one micro-batch by the fast paths and the plain path; turn off any that differ"
+    )
     cpu_mmap_threshold_mb: int = knob(
         0, "CPU runs: tensors of at least this many MB get their own pages (lower peak RSS, slower steps); 0 = off"
     )

@@ -23,15 +23,16 @@ def forward_inputs(batch: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def concatenated_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score chosen and rejected in one forward (any collate layout).
+def concatenated_logps(model, batch: dict, chunked_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score chosen and rejected in one forward (any collate layout); `chunked_head=False` takes
+    full logits even where the chunked head is installed (the plain path).
 
     Returns (completion log-probs [2B], completion lengths [2B]), chosen then rejected.
     """
     peft_model = getattr(model, "module", model)
     inputs = forward_inputs(batch, peft_model.get_input_embeddings().weight.dtype)
     index, targets = batch["score_index"], batch["score_target"]
-    with scoring(model, index, targets) as chunked:
+    with scoring(model, index, targets, enabled=chunked_head) as chunked:
         output = model(**inputs, use_cache=False).logits
     # Chunked, the head already returned each target's log-prob ([N]); plain, it gave logits.
     token_logps = output if chunked else token_logps_at(output, index, targets)

@@ -25,6 +25,7 @@ from dpo_lora.evaluation import EvalShard, evaluate, to_device
 from dpo_lora.guards import LOSS_SCALE_OVERFLOW, NumericGuard, SkippableAdamW, StopRequest
 from dpo_lora.layout import batch_layout
 from dpo_lora.metrics import MetricsWriter, MetricWindow
+from dpo_lora.self_check import self_check
 from dpo_lora.step import preference_step
 
 ADAPTER_DIR = "adapter"
@@ -145,6 +146,10 @@ def train(config: Config) -> dict:
 
     engine, scheduler, trainable = _build_engine(config, dist, ds_config, total_steps)
     collate, notices = batch_layout(config, engine.module, tokenizer.pad_token_id)
+    if train_cfg.self_check:
+        first = [train_set[i] for i in range(min(train_cfg.micro_batch_size, len(train_set)))]
+        collate, failed = self_check(engine, first, collate, tokenizer.pad_token_id, dist.device)
+        notices += failed
     batches.collate = collate
     for notice in notices if dist.is_main else []:
         print(f"dpo-lora: {notice}", file=sys.stderr)

@@ -1,0 +1,82 @@
+"""Startup self-check: each fast path against the plain computation, on the first micro-batch.
+
+The chunked LM head, the shared-prompt layout and packing are exact on the architectures the
+tests build, and are chosen per model by a static check of its config. A model that check does not
+know (a head that rescales its logits, ALiBi positions that ignore position_ids) would train on
+wrong log-probs with no error. So before the first step the first micro-batch is scored with no
+grad and no dropout, as training will score it and as the plain path does (full logits, one row
+per sequence), with the adapter on and as the reference. A fast path whose log-probs differ beyond
+the tolerance is switched off for the run, with one line naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+# Largest accepted per-token difference of a sequence's log-prob, by compute dtype: the fast paths
+# only reorder sums (fp32 ~1e-5 measured); a wrong path is off by whole nats.
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.05, torch.float16: 0.02}
+
+
+def self_check(engine, features: list[dict], collate, pad_token_id: int, device) -> tuple[object, list[str]]:
+    """(collate to train with, notices): `collate` itself, or the plain one where the layout failed.
+    The chunked head is uninstalled from the model where it failed."""
+    from dpo_lora import chunked_logps
+    from dpo_lora.distributed import all_reduce_sum
+    from dpo_lora.evaluation import to_device
+    from dpo_lora.model import reference_mode
+    from dpo_lora.tokenization import collate_pairs
+
+    model = engine.module
+    plain_collate = functools.partial(collate_pairs, pad_token_id=pad_token_id)
+    plain = to_device(plain_collate(features), device)
+    fast = to_device(collate(features), device)
+    tolerance = TOLERANCE[model.get_input_embeddings().weight.dtype]
+    name = type(model.get_base_model()).__name__
+    checks = [("train.logps_chunk_size", plain, True)] if chunked_logps._installed_head(model) else []
+    if collate.keywords.get("share_prompt") or collate.keywords.get("pack"):
+        key = "train.share_prompt" if collate.keywords.get("share_prompt") else "train.pack_sequences"
+        checks.append((key, fast, False))
+    notices = []
+    was_training = engine.training
+    engine.eval()
+    with torch.no_grad():
+        for key, batch, chunked in checks:
+            worst = 0.0
+            for reference in (False, True):
+                context = reference_mode(model) if reference else contextlib.nullcontext()
+                with context:
+                    expected = _per_token(engine, plain, chunked_head=False)
+                    fast_path = functools.partial(_per_token, engine, batch, chunked_head=chunked)
+                    worst = max(worst, _gap(fast_path, expected))
+            # Every rank checks the same pairs; any rank's failure switches the path off everywhere.
+            worst = all_reduce_sum(torch.tensor([worst], dtype=torch.float64)).item()
+            if worst > tolerance:
+                notices.append(f"self-check: {key} off for {name}: its log-probs differ from the plain path by "
+                               f"{worst:.3g} per token (tolerance {tolerance})")  # fmt: skip
+                if key == "train.logps_chunk_size":
+                    chunked_logps.uninstall(model)
+                else:
+                    collate = plain_collate
+    engine.train(was_training)
+    return collate, notices
+
+
+def _per_token(engine, batch: dict, chunked_head: bool) -> torch.Tensor:
+    from dpo_lora.step import concatenated_logps
+
+    logps, lengths = concatenated_logps(engine, batch, chunked_head=chunked_head)
+    return logps.float() / lengths.clamp(min=1)
+
+
+def _gap(score, expected: torch.Tensor) -> float:
+    """Largest per-token gap, or infinity when the fast path fails outright (or gives NaN)."""
+    try:
+        got = score()
+    except Exception:  # a layout the model cannot run (e.g. a 4D mask it does not take) is a failure
+        return float("inf")
+    gap = (got - expected).abs().max().item()
+    return gap if gap == gap else float("inf")
