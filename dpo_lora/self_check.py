@@ -17,8 +17,9 @@ import functools
 import torch
 
 # Largest accepted per-token difference of a sequence's log-prob, by compute dtype: the fast paths
-# only reorder sums (fp32 ~1e-5 measured); a wrong path is off by whole nats.
+# only reorder sums (fp32: ~1e-5 in tests/test_parity.py); a wrong path is off by whole nats.
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.05, torch.float16: 0.02}
+PAIRS = 1  # one pair: its chosen and rejected rows differ in length, so padding and packing are exercised
 
 
 def self_check(engine, features: list[dict], collate, pad_token_id: int, device) -> tuple[object, list[str]]:
@@ -31,37 +32,41 @@ def self_check(engine, features: list[dict], collate, pad_token_id: int, device)
     from dpo_lora.tokenization import collate_pairs
 
     model = engine.module
+    features = features[:PAIRS]
     plain_collate = functools.partial(collate_pairs, pad_token_id=pad_token_id)
     plain = to_device(plain_collate(features), device)
-    fast = to_device(collate(features), device)
     tolerance = TOLERANCE[model.get_input_embeddings().weight.dtype]
-    name = type(model.get_base_model()).__name__
-    checks = [("train.logps_chunk_size", plain, True)] if chunked_logps._installed_head(model) else []
-    if collate.keywords.get("share_prompt") or collate.keywords.get("pack"):
-        key = "train.share_prompt" if collate.keywords.get("share_prompt") else "train.pack_sequences"
-        checks.append((key, fast, False))
-    notices = []
+    head_key = "train.logps_chunk_size" if chunked_logps._installed_head(model) else None
+    layout_key = {"share_prompt": "train.share_prompt", "pack": "train.pack_sequences"}
+    layout_key = next((key for flag, key in layout_key.items() if collate.keywords.get(flag)), None)
+    fast = to_device(collate(features), device) if layout_key else None
+    gaps = dict.fromkeys(filter(None, (head_key, layout_key)), 0.0)
     was_training = engine.training
     engine.eval()
     with torch.no_grad():
-        for key, batch, chunked in checks:
-            worst = 0.0
-            for reference in (False, True):
-                context = reference_mode(model) if reference else contextlib.nullcontext()
-                with context:
-                    expected = _per_token(engine, plain, chunked_head=False)
-                    fast_path = functools.partial(_per_token, engine, batch, chunked_head=chunked)
-                    worst = max(worst, _gap(fast_path, expected))
-            # Every rank checks the same pairs; any rank's failure switches the path off everywhere.
-            worst = all_reduce_sum(torch.tensor([worst], dtype=torch.float64)).item()
-            if worst > tolerance:
-                notices.append(f"self-check: {key} off for {name}: its log-probs differ from the plain path by "
-                               f"{worst:.3g} per token (tolerance {tolerance})")  # fmt: skip
-                if key == "train.logps_chunk_size":
-                    chunked_logps.uninstall(model)
-                else:
-                    collate = plain_collate
+        for reference in (False, True):
+            with reference_mode(model) if reference else contextlib.nullcontext():
+                expected = _per_token(engine, plain, chunked_head=False)
+                # The head is the same module with the adapter on or off: checked once.
+                if head_key and not reference:
+                    chunked = functools.partial(_per_token, engine, plain, chunked_head=True)
+                    gaps[head_key] = max(gaps[head_key], _gap(chunked, expected))
+                if layout_key:
+                    laid_out = functools.partial(_per_token, engine, fast, chunked_head=False)
+                    gaps[layout_key] = max(gaps[layout_key], _gap(laid_out, expected))
     engine.train(was_training)
+    notices = []
+    name = type(model.get_base_model()).__name__
+    for key, gap in gaps.items():
+        # Every rank checks the same pairs; any rank's failure switches the path off everywhere.
+        gap = all_reduce_sum(torch.tensor([gap], dtype=torch.float64)).item()
+        if gap > tolerance:
+            notices.append(f"self-check: {key} off for {name}: its log-probs differ from the plain path by "
+                           f"{gap:.3g} per token (tolerance {tolerance})")  # fmt: skip
+            if key == head_key:
+                chunked_logps.uninstall(model)
+            else:
+                collate = plain_collate
     return collate, notices
 
 
