@@ -59,8 +59,8 @@ def self_check(engine, features: list[dict], collate, pad_token_id: int, device)
     name = type(model.get_base_model()).__name__
     for key, gap in gaps.items():
         # Every rank checks the same pairs; any rank's failure switches the path off everywhere.
-        gap = all_reduce_sum(torch.tensor([gap], dtype=torch.float64)).item()
-        if gap > tolerance:
+        failed_ranks = all_reduce_sum(torch.tensor([float(gap > tolerance)], dtype=torch.float64)).item()
+        if failed_ranks > 0:
             notices.append(f"self-check: {key} off for {name}: its log-probs differ from the plain path by "
                            f"{gap:.3g} per token (tolerance {tolerance})")  # fmt: skip
             if key == head_key:
