@@ -26,7 +26,6 @@ class WeightFolder:
     def __init__(self, folder: Path) -> None:
         from safetensors import safe_open
 
-        self.folder = folder
         self.shard_of = {}
         for file in tensor_files(folder):
             shard = safe_open(str(file), framework="pt")
@@ -40,9 +39,6 @@ class WeightFolder:
 
     def names(self) -> list[str]:
         return list(self.shard_of)
-
-    def close(self) -> None:
-        self.shard_of.clear()
 
 
 class ShardWriter:
