@@ -5,7 +5,9 @@ Accepted rows (the format is detected per row):
   (b) conversational: `prompt` a list of chat messages, `chosen`/`rejected` lists of assistant
       messages (or strings), rendered with the tokenizer's chat template;
   (c) Anthropic-HH style: `chosen`/`rejected` full dialogues (strings or message lists) and no
-      `prompt`; their shared prefix becomes the prompt.
+      `prompt`; their shared prefix becomes the prompt;
+  (d) OpenAI's DPO fine-tuning rows: `input.messages` (+ optional `input.tools`), `preferred_output`
+      and `non_preferred_output` lists of assistant messages; rendered like (b), tools included.
 Every row becomes `{"prompt": str, "chosen": str, "rejected": str, "chat": bool}`; `chat` marks
 text rendered by a chat template (which carries its own special tokens). JSON files are parsed line
 by line here so that one malformed, undecodable or mistyped row is reported by its number instead
@@ -70,11 +72,15 @@ def _as_assistant_messages(value: Any) -> list[dict] | None:
     return value if _is_messages(value) else None
 
 
-def _render_chat(tokenizer, prompt_messages: list[dict], completion_messages: list[dict]) -> tuple[str, str]:
+def _render_chat(
+    tokenizer, prompt_messages: list[dict], completion_messages: list[dict], tools: list | None = None
+) -> tuple[str, str]:
     """Render prompt and completion with the chat template; the completion is the text the
     template adds after the prompt (with the generation prompt) when the reply is appended."""
-    prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(prompt_messages + completion_messages, tokenize=False)
+    prompt_text = tokenizer.apply_chat_template(
+        prompt_messages, tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    full_text = tokenizer.apply_chat_template(prompt_messages + completion_messages, tools=tools, tokenize=False)
     if not full_text.startswith(prompt_text):
         raise ValueError("the chat template does not render the prompt as a prefix of the full dialogue")
     return prompt_text, full_text[len(prompt_text) :]
@@ -93,8 +99,34 @@ def _split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+OPENAI_KEYS = ("input", "preferred_output", "non_preferred_output")
+
+
+def _from_openai_row(row: dict) -> tuple[dict, list | None]:
+    """(d) -> a conversational row (b) and its tools."""
+    for key in OPENAI_KEYS:
+        if row.get(key) is None:
+            raise ValueError(f"missing field '{key}'")
+    source = row["input"]
+    if not isinstance(source, dict) or not _is_messages(source.get("messages")) or not source["messages"]:
+        raise ValueError("'input.messages' must be a non-empty list of {role, content} messages")
+    tools = source.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError("'input.tools' must be a list of tool objects")
+    for key in OPENAI_KEYS[1:]:
+        if not _is_messages(row[key]) or not row[key]:
+            raise ValueError(f"'{key}' must be a non-empty list of {{role, content}} messages")
+    return {"prompt": source["messages"], "chosen": row[OPENAI_KEYS[1]], "rejected": row[OPENAI_KEYS[2]]}, tools
+
+
 def normalize_row(row: dict, tokenizer) -> dict:
-    """One raw row -> {"prompt", "chosen", "rejected", "chat"}; ValueError says what is wrong."""
+    """One raw row -> {"prompt", "chosen", "rejected", "chat"}; ValueError says what is wrong.
+
+    With `tokenizer=None` only the shape is checked: conversational rows come back as unrendered
+    message lists (what an upload is checked with before any model is chosen)."""
+    tools = None
+    if any(key in row for key in OPENAI_KEYS):
+        row, tools = _from_openai_row(row)
     for key in ("chosen", "rejected"):
         if row.get(key) is None:
             raise ValueError(f"missing field '{key}'")
@@ -126,10 +158,12 @@ def normalize_row(row: dict, tokenizer) -> dict:
     chosen_messages, rejected_messages = _as_assistant_messages(chosen), _as_assistant_messages(rejected)
     if chosen_messages is None or rejected_messages is None:
         raise ValueError("'chosen' and 'rejected' must be strings or lists of {role, content} messages")
+    if tokenizer is None:
+        return {"prompt": prompt, "chosen": chosen_messages, "rejected": rejected_messages, "chat": True}
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("conversational rows need a tokenizer with a chat template")
-    prompt_text, chosen_text = _render_chat(tokenizer, prompt, chosen_messages)
-    _, rejected_text = _render_chat(tokenizer, prompt, rejected_messages)
+    prompt_text, chosen_text = _render_chat(tokenizer, prompt, chosen_messages, tools)
+    _, rejected_text = _render_chat(tokenizer, prompt, rejected_messages, tools)
     return {"prompt": prompt_text, "chosen": chosen_text, "rejected": rejected_text, "chat": True}
 
 
@@ -179,13 +213,7 @@ def read_rows(source: str):
 
 def check_row(row: dict, tokenizer) -> dict:
     """normalize_row plus the checks on its result; raises BadRow."""
-    try:
-        normalized = normalize_row(row, tokenizer)
-    except BadRow:
-        raise
-    except ValueError as err:
-        reason = "missing field" if str(err).startswith("missing field") else "wrong type or shape"
-        raise BadRow(reason, str(err)) from None
+    normalized = _normalized_or_bad(row, tokenizer)
     if not normalized["chosen"].strip() or not normalized["rejected"].strip():
         raise BadRow("empty completion")
     if normalized["chosen"] == normalized["rejected"]:
@@ -194,6 +222,43 @@ def check_row(row: dict, tokenizer) -> dict:
         # Nothing would predict the first completion token (this tokenizer adds no BOS).
         raise BadRow("empty prompt", "the prompt tokenizes to no tokens")
     return normalized
+
+
+def _normalized_or_bad(row: dict, tokenizer) -> dict:
+    try:
+        return normalize_row(row, tokenizer)
+    except BadRow:
+        raise
+    except ValueError as err:
+        reason = "missing field" if str(err).startswith("missing field") else "wrong type or shape"
+        raise BadRow(reason, str(err)) from None
+
+
+def check_row_shape(row: dict) -> None:
+    """The row checks that need no tokenizer; raises BadRow."""
+    normalized = _normalized_or_bad(row, None)
+    texts = [
+        "".join(m["content"] for m in value) if isinstance(value, list) else value
+        for value in (normalized["chosen"], normalized["rejected"])
+    ]
+    if not texts[0].strip() or not texts[1].strip():
+        raise BadRow("empty completion")
+    if normalized["chosen"] == normalized["rejected"]:
+        raise BadRow("identical completions", "'chosen' and 'rejected' are the same")
+
+
+def shape_problems(source: str) -> tuple[int, list[tuple[int, str]]]:
+    """(rows read, [(1-based row number, what is wrong)]) of a JSON/JSONL file, without a tokenizer."""
+    rows, problems = 0, []
+    for number, row in read_rows(source):
+        rows += 1
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            check_row_shape(row)
+        except BadRow as err:
+            problems.append((number, str(err)))
+    return rows, problems
 
 
 def collect_rows(source: str, tokenizer, on_bad_rows: str) -> tuple[list[dict], dict]:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 
-from dpo_lora.data import collect_rows, normalize_row
+from dpo_lora.data import collect_rows, normalize_row, shape_problems
 from dpo_lora.errors import UserError
 
-from .conftest import SENTIMENT_TRAIN
+from .conftest import CHATML, SENTIMENT_TRAIN
 
 
 def write_jsonl(path, rows):
@@ -145,3 +146,48 @@ def test_hh_completions_start_with_the_word_token_of_the_real_tokenizer():
     first = tokenizer.convert_ids_to_tokens(ids["chosen_ids"][:1])
     assert first == tokenizer.tokenize(" blue")[:1] == ["Ġblue"], "one word token, not a lone space"
     assert tokenizer.convert_ids_to_tokens(ids["prompt_ids"])[-1] != "Ġ"
+
+
+OPENAI_ROW = {
+    "input": {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}]},
+    "preferred_output": [{"role": "assistant", "content": "Hello, friend."}],
+    "non_preferred_output": [{"role": "assistant", "content": "Go away."}],
+}
+
+
+def test_openai_dpo_rows_render_like_the_same_conversational_row(tiny_tokenizer):
+    conversational = {
+        "prompt": OPENAI_ROW["input"]["messages"],
+        "chosen": OPENAI_ROW["preferred_output"],
+        "rejected": OPENAI_ROW["non_preferred_output"],
+    }
+    assert normalize_row(OPENAI_ROW, tiny_tokenizer) == normalize_row(conversational, tiny_tokenizer)
+
+
+def test_openai_dpo_rows_hand_their_tools_to_the_chat_template(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = "{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}" + CHATML
+    tool = {"type": "function", "function": {"name": "lookup_weather", "parameters": {"type": "object"}}}
+    row = {**OPENAI_ROW, "input": {**OPENAI_ROW["input"], "tools": [tool]}}
+    normalized = normalize_row(row, tokenizer)
+    assert normalized["prompt"].startswith("[tool lookup_weather]<|im_start|>system")
+    assert normalized["chosen"].startswith("Hello, friend.")
+
+
+def test_upload_shape_check_names_each_bad_row_without_a_tokenizer(tmp_path):
+    rows = [
+        OPENAI_ROW,
+        {**OPENAI_ROW, "preferred_output": OPENAI_ROW["non_preferred_output"]},  # identical
+        {"input": {"messages": []}, "preferred_output": [], "non_preferred_output": []},
+        {k: v for k, v in OPENAI_ROW.items() if k != "non_preferred_output"},
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+    ]
+    path = tmp_path / "upload.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    count, problems = shape_problems(str(path))
+    assert count == 6
+    assert [number for number, _ in problems] == [2, 3, 4, 6]
+    assert "identical completions" in problems[0][1]
+    assert "input.messages" in problems[1][1]
+    assert "missing field 'non_preferred_output'" in problems[2][1]
+    assert "malformed JSON" in problems[3][1]
