@@ -3,6 +3,7 @@
 Layout: OUTPUT_DIR/checkpoints/step-00000010/
     deepspeed/          DeepSpeed's checkpoint (adapter + optimizer + scheduler, every ZeRO stage;
                         the frozen quantized base is not written)
+    adapter/            the PEFT adapter at this step (load it like the final one)
     rank-00000.pt       per-rank state: RNG streams and the unlogged part of the metric window
     trainer_state.json  step, data position, config, metrics so far
     COMPLETE            written last; the folder is renamed from `.tmp-step-...` only after it
@@ -26,6 +27,7 @@ CHECKPOINTS = "checkpoints"
 DEEPSPEED_TAG = "deepspeed"
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+ADAPTER = "adapter"
 
 
 def step_name(step: int) -> str:
@@ -80,9 +82,10 @@ def _trainable_state_dict(module, **_ignored) -> dict:
 
 
 def save_checkpoint(
-    engine, output_dir: Path, step: int, trainer_state: dict, rank_state: dict, dist, keep: int
+    engine, output_dir: Path, step: int, trainer_state: dict, rank_state: dict, dist, keep: int, save_adapter=None
 ) -> Path:
-    """Write a checkpoint for `step` on every rank; returns its final path (same on all ranks)."""
+    """Write a checkpoint for `step` on every rank; returns its final path (same on all ranks).
+    `save_adapter(folder)`, called on every rank, adds the step's PEFT adapter."""
     root = Path(output_dir) / CHECKPOINTS
     final = root / step_name(step)
     tmp = root / f".tmp-{step_name(step)}"
@@ -93,6 +96,8 @@ def save_checkpoint(
     engine.module_state_dict = functools.partial(_trainable_state_dict, engine.module)
     engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
     torch.save({**rank_state, "rng": _rng_state()}, tmp / f"rank-{dist.rank:05d}.pt")
+    if save_adapter is not None:
+        save_adapter(tmp / ADAPTER)
     barrier()
     if dist.is_main:
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state))

@@ -188,6 +188,13 @@ def train(config: Config) -> dict:
             results["before"] = evaluate(engine, eval_loader, config.dpo, dist.device)
             log({"step": 0, "epoch": 0.0, **results["before"]})
 
+    def save_adapter(folder: Path) -> None:
+        """The PEFT adapter (and tokenizer) as `PeftModel.from_pretrained` reads it; every rank calls it."""
+        with gathered(trainable):  # ZeRO-3 holds a shard of the adapter on each rank
+            if dist.is_main:
+                engine.module.save_pretrained(str(folder), selected_adapters=["default"])
+                tokenizer.save_pretrained(str(folder))
+
     stop = StopRequest()
     stream = iter(batches)
     progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not dist.is_main, dynamic_ncols=True)
@@ -219,6 +226,7 @@ def train(config: Config) -> dict:
                 "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "pairs_per_s": reduced["pairs"] / elapsed,
+                "tokens": reduced["tokens"],  # of this window, all ranks (prompt once per pair)
                 "tokens_per_s": reduced["tokens"] / elapsed,
                 "pairs_per_s_per_rank": reduced["pairs"] / elapsed / dist.world_size,
                 "world_size": dist.world_size,
@@ -247,7 +255,7 @@ def train(config: Config) -> dict:
             }  # fmt: skip
             rank_state = {"window": window.state()}
             path = save_checkpoint(
-                engine, output_dir, step, trainer_state, rank_state, dist, train_cfg.keep_checkpoints
+                engine, output_dir, step, trainer_state, rank_state, dist, train_cfg.keep_checkpoints, save_adapter
             )
             log({"step": step, "checkpoint": str(path)})
         if stopped:
@@ -258,10 +266,7 @@ def train(config: Config) -> dict:
     stop.restore()
 
     if not stopped:
-        with gathered(trainable):  # ZeRO-3 holds a shard of the adapter on each rank
-            if dist.is_main:
-                engine.module.save_pretrained(str(output_dir / ADAPTER_DIR), selected_adapters=["default"])
-                tokenizer.save_pretrained(str(output_dir / ADAPTER_DIR))
+        save_adapter(output_dir / ADAPTER_DIR)
     if writer is not None:
         writer.close()
         _plot_if_possible(output_dir)

@@ -10,6 +10,8 @@ import sys
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from dpo_lora.checkpoint import COMPLETE, STATE_FILE, latest_checkpoint, resume_point, step_name
 from dpo_lora.config import dump_yaml, to_dict
@@ -113,6 +115,19 @@ def test_keep_checkpoints_prunes_old_ones(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(tiny_model_dir, out, *RUN, "train.max_steps=20", "train.keep_checkpoints=2"))
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [step_name(15), step_name(20)]
+
+
+def test_every_checkpoint_holds_its_steps_peft_adapter(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, out, *RUN, "train.max_steps=10"))
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    at_step = {step: load_file(out / "checkpoints" / step_name(step) / "adapter" / "adapter_model.safetensors")
+               for step in (5, 10)}  # fmt: skip
+    assert final.keys() == at_step[10].keys() == at_step[5].keys()
+    assert all(torch.equal(final[name], at_step[10][name]) for name in final)
+    assert not all(torch.equal(final[name], at_step[5][name]) for name in final)
+    rows = train_rows(out)
+    assert all(row["tokens"] > 0 and row["tokens"] == int(row["tokens"]) for row in rows.values())
 
 
 def test_resume_refuses_a_changed_config_unless_forced_and_output_dir_is_not_clobbered(tiny_model_dir, tmp_path):
