@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: a CPU wheel here, the matching CUDA wheel elsewhere.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,plot,demo]"
+	$(PY) -m pip install --quiet -e ".[test,plot,demo,serve]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -38,6 +38,12 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from dpo_lora.serve.server import serve
+
+    return serve(args)
+
+
 def _cmd_fetch(args) -> int:
     from dpo_lora.default_model import fetch_default_model
 
@@ -207,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="PNG charts of a run's metrics into RUN/plots/")
     plot.add_argument("run", help="run folder")
     plot.set_defaults(handler=_cmd_plot)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible fine-tuning jobs API over this machine's GPUs")
+    serve.add_argument("--state-dir", default="serve-state", help="job store, uploaded files and job folders")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback needs DPO_LORA_API_KEY)")
+    serve.add_argument("--port", type=int, default=8000, help="port to bind")
+    serve.add_argument("--gpus", default="all", help="GPUs jobs may use: all, or indices like 0,1")
+    serve.add_argument("--cpu-slots", type=int, default=1, help="without GPUs: CPU ranks that may run at once")
+    serve.add_argument("--models", nargs="+", default=["models"], help="base model folders (or folders of them)")
+    serve.add_argument("--config", help="base YAML config of every job (default: dpo-lora's defaults)")
+    serve.add_argument("--db", help="SQLAlchemy URL of the job store (default: SQLite in --state-dir)")
+    serve.add_argument("--grace-seconds", type=float, default=120.0, help="cancel/pause: SIGKILL after this long")
+    serve.set_defaults(handler=_cmd_serve)
 
     fetch = commands.add_parser("fetch-default-model", help="make a model folder of SmolLM2-135M-Instruct")
     fetch.add_argument("dir", help="target folder (kept as a cache: a complete folder is reused)")

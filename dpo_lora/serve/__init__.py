@@ -1,0 +1,15 @@
+"""`dpo-lora serve`: an OpenAI-compatible fine-tuning jobs service.
+
+The service talks to runs only through the config it writes, the process it starts and the files
+a run writes (metrics.jsonl, checkpoints, adapter); it never imports the trainer.
+
+    store.py      the durable job store (SQLAlchemy; SQLite in WAL mode by default)
+    wire.py       request bodies, response objects and errors in OpenAI's shapes
+    jobspec.py    a create request -> the run's config (validated by the config tree)
+    runfiles.py   what a run wrote: metrics rows, checkpoints, adapter, its last error
+    processes.py  starting, identifying, signalling a run's process group
+    supervise.py  the process that waits for a run and records its exit status
+    scheduler.py  validate, queue, dispatch onto free devices, watch, stop, recover
+    app.py        the HTTP routes (FastAPI)
+    server.py     `dpo-lora serve`: wires them together under uvicorn
+"""

@@ -1,0 +1,72 @@
+"""What a run wrote, read without importing the trainer: metrics rows, checkpoints, the adapter,
+the last error line of its log, and the metrics as a results CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+ERROR_PREFIX = "dpo-lora: error: "
+RANK_FAILURE = "dpo-lora: rank"  # the trainer's one-line message when a rank dies or times out
+
+
+def new_rows(metrics_file: Path, offset: int) -> tuple[list[dict], int]:
+    """Complete rows appended since byte `offset`, and the new offset. A file shorter than `offset`
+    was truncated by a resume (rows after its checkpoint are written again): read it from the start."""
+    try:
+        with open(metrics_file, "rb") as handle:
+            handle.seek(0, io.SEEK_END)
+            if handle.tell() < offset:
+                offset = 0
+            handle.seek(offset)
+            data = handle.read()
+    except FileNotFoundError:
+        return [], 0
+    complete = data[: data.rfind(b"\n") + 1]  # a row still being written waits for the next read
+    rows = []
+    for line in complete.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows, offset + len(complete)
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    found = []
+    for marker in (Path(run_dir) / "checkpoints").glob("step-*/COMPLETE"):
+        found.append((int(marker.parent.name.split("-")[1]), marker.parent))
+    return sorted(found)
+
+
+def has_adapter(folder: Path) -> bool:
+    return (Path(folder) / "adapter" / "adapter_config.json").is_file()
+
+
+def last_error(log_file: Path, limit: int = 500) -> str:
+    """The trainer's one-line error from its log, else the log's last line."""
+    try:
+        lines = [line.strip() for line in Path(log_file).read_text(errors="replace").splitlines() if line.strip()]
+    except FileNotFoundError:
+        return "the run wrote no log"
+    for line in reversed(lines):
+        if line.startswith(ERROR_PREFIX):
+            return line[len(ERROR_PREFIX) :][:limit]
+        if line.startswith(RANK_FAILURE):
+            return line[len("dpo-lora: ") :][:limit]
+    return (lines[-1] if lines else "the run ended with no output")[:limit]
+
+
+def results_csv(metrics_file: Path) -> bytes:
+    """Every training and eval row of the run as CSV (the job's result file), by step."""
+    rows, _ = new_rows(metrics_file, 0)
+    rows = [row for row in rows if "loss" in row or "eval/loss" in row]
+    columns = ["step"] + sorted({key for row in rows for key in row} - {"step"})
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().encode()

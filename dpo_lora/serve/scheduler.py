@@ -1,0 +1,255 @@
+"""The local backend: validate files, queue FIFO, give each job its devices, watch its run, stop it.
+
+One `tick()` does everything that touches processes, so the HTTP routes only record requests
+(committed first) and a request survives a restart that happens before it is carried out. The
+tick reads the same rows on a fresh server: a job whose process is alive is re-adopted, one whose
+process died is queued again and resumes from its newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+
+from dpo_lora.serve import processes, runfiles
+from dpo_lora.serve.store import Checkpoint, Export, File, Job, Store, new_id, now
+
+MAX_ATTEMPTS = 3  # a job whose process dies this many times without finishing fails
+
+
+class Scheduler:
+    def __init__(self, store: Store, devices: list[str], on_gpu: bool, grace_s: float = 120.0) -> None:
+        self.store, self.devices, self.on_gpu, self.grace_s = store, devices, on_gpu, grace_s
+        self._adopted_checked = False
+
+    def run_forever(self, stopping, interval_s: float = 0.5) -> None:
+        while not stopping.is_set():
+            try:
+                self.tick()
+            except Exception as err:  # a bad tick must not end the service; the next one retries
+                print(f"dpo-lora serve: scheduler: {type(err).__name__}: {err}", file=sys.stderr)
+            stopping.wait(interval_s)
+
+    def tick(self) -> None:
+        if not self._adopted_checked:
+            self._announce_recovery()
+        self._validate()
+        self._watch()
+        self._dispatch()
+        self._watch_exports()
+
+    # -- states before running -------------------------------------------------------------------
+    def _announce_recovery(self) -> None:
+        with self.store.session() as s:
+            for job in s.scalars(select(Job).where(Job.pid.is_not(None))):
+                alive = processes.is_alive(job.pid, job.pid_start)
+                self.store.add_event(
+                    s, job.id, "Server restarted: the job's process is alive and was re-adopted"
+                    if alive else "Server restarted: the job's process is gone",
+                )  # fmt: skip
+        self._adopted_checked = True
+
+    def _validate(self) -> None:
+        with self.store.session() as s:
+            for job in s.scalars(select(Job).where(Job.status == "validating_files").order_by(Job.created_at)):
+                problem = None
+                for param, file_id, name in (("training_file", job.training_file, "train.jsonl"),
+                                             ("validation_file", job.validation_file, "eval.jsonl")):  # fmt: skip
+                    if file_id is None:
+                        continue
+                    file = s.get(File, file_id)
+                    if file is None or file.status != "processed":
+                        details = file.status_details if file is not None else "the file was deleted"
+                        problem = {"code": f"invalid_{param}", "param": param, "message": f"{file_id}: {details}"}
+                        break
+                    shutil.copyfile(file.path, Path(job.directory) / name)
+                if problem:
+                    job.status, job.error, job.finished_at = "failed", problem, now()
+                    self.store.add_event(s, job.id, f"Validation failed: {problem['message']}", level="error")
+                else:
+                    job.status, job.queue_seq = "queued", self.store.next_queue_seq(s)
+                    self.store.add_event(s, job.id, "Files validated; the job is queued")
+
+    def _dispatch(self) -> None:
+        """Start queued jobs in FIFO order while the head of the queue fits on the free devices."""
+        while True:
+            with self.store.session() as s:
+                held = {d for job in s.scalars(select(Job).where(Job.devices.is_not(None))) for d in job.devices}
+                head = s.scalars(select(Job).where(Job.status == "queued").order_by(Job.queue_seq).limit(1)).first()
+            free = [d for d in self.devices if d not in held]
+            if head is None or head.devices_wanted > len(free):
+                return
+            devices = free[: head.devices_wanted]
+            if not self.store.claim(head.id, devices, head.attempt + 1):
+                continue  # another server on this database took it
+            self._launch(head.id, devices, head.attempt + 1)
+
+    def _launch(self, job_id: str, devices: list[str], attempt: int) -> None:
+        with self.store.session() as s:
+            job = s.get(Job, job_id)
+            directory = Path(job.directory)
+        resume = ["train.resume=auto"] if runfiles.checkpoints(directory / "run") else ["overwrite=true"]
+        train = ["--module", "dpo_lora", "train", str(directory / "config.yaml"), *resume]
+        if self.on_gpu:
+            command = [sys.executable, "-m", "deepspeed.launcher.runner", "--include",
+                       f"localhost:{','.join(devices)}", "--master_port", str(processes.free_port()), *train]  # fmt: skip
+        elif len(devices) > 1:  # CPU ranks over gloo
+            command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(len(devices)),
+                       "--master_port", str(processes.free_port()), *train]  # fmt: skip
+        else:
+            command = [sys.executable, "-m", *train[1:]]
+        try:
+            pid, started = processes.start(command, directory, attempt)
+        except OSError as err:
+            with self.store.session() as s:
+                job = s.get(Job, job_id)
+                job.status, job.devices, job.finished_at = "failed", None, now()
+                job.error = {"code": "launch_failed", "param": None, "message": str(err)}
+            return
+        with self.store.session() as s:
+            job = s.get(Job, job_id)
+            job.pid, job.pid_start = pid, started
+
+    # -- running jobs ----------------------------------------------------------------------------
+    def _watch(self) -> None:
+        with self.store.session() as s:
+            ids = list(s.scalars(select(Job.id).where(Job.devices.is_not(None))))
+        for job_id in ids:
+            with self.store.session() as s:
+                job = s.get(Job, job_id)
+                self._ingest(s, job)
+                if job.pid is None:
+                    continue  # claimed, not started yet (or its start is being recorded)
+                if processes.is_alive(job.pid, job.pid_start):
+                    self._carry_out_stop(s, job)
+                else:
+                    self._ingest(s, job)  # rows written just before the end
+                    self._finish(s, job)
+
+    def _carry_out_stop(self, s, job: Job) -> None:
+        if job.stop_request is None:
+            return
+        if job.signalled_at is None:
+            processes.request_stop(job.pid)  # the trainer checkpoints at its next step and exits
+            job.signalled_at = time.time()
+        elif time.time() - job.signalled_at > self.grace_s:
+            processes.kill_group(job.pid)
+            self.store.add_event(s, job.id, f"The job did not stop within {self.grace_s:.0f} s; killed", "warn")
+
+    def _ingest(self, s, job: Job) -> None:
+        """Turn the run's new metrics rows into events, checkpoints and the token count."""
+        run_dir = Path(job.directory) / "run"
+        rows, job.metrics_offset = runfiles.new_rows(run_dir / "metrics.jsonl", job.metrics_offset)
+        for row in rows:
+            step = int(row.get("step", 0))
+            if "checkpoint" in row and s.scalar(
+                select(Checkpoint.id).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step)
+            ) is None:  # fmt: skip
+                self._add_checkpoint(s, job, step)
+            elif "loss" in row and step > job.last_step:
+                job.last_step, job.trained_tokens = step, (job.trained_tokens or 0) + int(row.get("tokens", 0))
+                message = (
+                    f"Step {step}: training loss={row['loss']:.4f}, reward accuracy={row['rewards/accuracies']:.2f}"
+                )
+                self.store.add_event(s, job.id, message, data=row)
+            elif "eval/loss" in row and not _has_eval_event(s, job.id, step):
+                self.store.add_event(s, job.id, f"Step {step}: validation loss={row['eval/loss']:.4f}", data=row)
+            elif "skipped" in row and step > job.last_step:
+                job.last_step = step
+                self.store.add_event(s, job.id, f"Step {step} skipped: {row['skipped']}", level="warn")
+
+    def _add_checkpoint(self, s, job: Job, step: int) -> None:
+        metrics = {"step": float(step)}
+        for event in s.scalars(_metrics_events(job.id)):
+            if event.data.get("step") == step and "loss" in event.data:
+                metrics.update(
+                    train_loss=event.data["loss"], train_mean_reward_accuracy=event.data["rewards/accuracies"]
+                )
+            if event.data.get("step") == step and "eval/loss" in event.data:
+                metrics.update(valid_loss=event.data["eval/loss"], valid_mean_reward_accuracy=event.data["eval/rewards/accuracies"])  # fmt: skip
+        folder = Path(job.directory) / "run" / "checkpoints" / f"step-{step:08d}"
+        s.add(Checkpoint(id=new_id("ftckpt"), job_id=job.id, step_number=step, created_at=now(), metrics=metrics,
+                         path=str(folder)))  # fmt: skip
+        self.store.add_event(s, job.id, f"Checkpoint created at step {step}")
+
+    def _finish(self, s, job: Job) -> None:
+        """The job's process ended: decide what that means, from its exit status and its files."""
+        directory = Path(job.directory)
+        returncode = processes.returncode(directory, job.attempt)
+        job.pid = job.pid_start = job.devices = None
+        job.signalled_at = None
+        newest = runfiles.checkpoints(directory / "run")
+        at_step = f"step {newest[-1][0]}" if newest else "the start (no checkpoint yet)"
+        if job.stop_request == "cancel":
+            self.store.add_event(s, job.id, "The job was cancelled")
+        elif job.stop_request == "pause":
+            job.status = "paused"
+            self.store.add_event(s, job.id, f"The job is paused; resume continues from {at_step}")
+        elif returncode == 0 and runfiles.has_adapter(directory / "run"):
+            job.status, job.finished_at = "succeeded", now()
+            job.fine_tuned_model = fine_tuned_name(job)
+            results = directory / "results.csv"
+            results.write_bytes(runfiles.results_csv(directory / "run" / "metrics.jsonl"))
+            file_id = new_id("file")
+            s.add(File(id=file_id, filename="step_metrics.csv", bytes=results.stat().st_size,
+                       purpose="fine-tune-results", created_at=now(), status="processed", path=str(results)))  # fmt: skip
+            job.result_files = [file_id]
+            self.store.add_event(s, job.id, f"The job has successfully completed: {job.fine_tuned_model}")
+        elif returncode not in (None, 0) and returncode != -9:
+            job.status, job.finished_at = "failed", now()
+            message = runfiles.last_error(directory / "run.log")
+            job.error = {"code": "training_failed", "param": None, "message": message}
+            self.store.add_event(s, job.id, f"The job failed: {message}", level="error")
+        elif job.attempt >= MAX_ATTEMPTS:
+            job.status, job.finished_at = "failed", now()
+            job.error = {"code": "process_lost", "param": None,
+                         "message": f"the job's process ended without finishing {job.attempt} times"}  # fmt: skip
+            self.store.add_event(s, job.id, job.error["message"], level="error")
+        else:  # killed or stopped from outside: continue where it stopped
+            job.status, job.queue_seq = "queued", self.store.next_queue_seq(s)
+            how = "was killed" if returncode in (None, -9) else "stopped before finishing"
+            self.store.add_event(s, job.id, f"The job's process {how}; re-queued to resume from {at_step}", "warn")
+        job.stop_request = None
+
+    # -- exports ---------------------------------------------------------------------------------
+    def _watch_exports(self) -> None:
+        with self.store.session() as s:
+            for export in s.scalars(select(Export).where(Export.status.in_(("queued", "running")))):
+                directory = Path(export.directory)
+                if export.status == "queued":
+                    export.attempt += 1
+                    command = [sys.executable, "-m", "dpo_lora", "export", *export.options["argv"]]
+                    export.pid, export.pid_start = processes.start(command, directory, export.attempt)
+                    export.status = "running"
+                elif not processes.is_alive(export.pid, export.pid_start):
+                    returncode = processes.returncode(directory, export.attempt)
+                    export.pid = export.pid_start = None
+                    if returncode == 0:
+                        export.status, export.finished_at = "succeeded", now()
+                    elif returncode is None and export.attempt < MAX_ATTEMPTS:
+                        export.status = "queued"  # killed with the server's machine: run it again
+                    else:
+                        export.status, export.finished_at = "failed", now()
+                        message = runfiles.last_error(directory / "run.log")
+                        export.error = {"code": "export_failed", "param": None, "message": message}
+
+
+def fine_tuned_name(job: Job) -> str:
+    suffix = f":{job.suffix}" if job.suffix else ""
+    return f"ft:{job.model}:dpo-lora{suffix}:{job.id.removeprefix('ftjob-')[:8]}"
+
+
+def _metrics_events(job_id: str):
+    from dpo_lora.serve.store import Event
+
+    return select(Event).where(Event.job_id == job_id, Event.type == "metrics").order_by(Event.seq.desc()).limit(50)
+
+
+def _has_eval_event(s, job_id: str, step: int) -> bool:
+    return any(
+        event.data.get("step") == step and "eval/loss" in event.data for event in s.scalars(_metrics_events(job_id))
+    )

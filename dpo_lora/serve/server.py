@@ -1,0 +1,88 @@
+"""`dpo-lora serve`: the job store, the scheduler thread and the HTTP app under uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+from pathlib import Path
+
+from dpo_lora.errors import UserError
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def find_models(folders: list[str]) -> dict[str, str]:
+    """Model id -> folder: each folder is a model (holds config.json) or a folder of models."""
+    models = {}
+    for folder in map(Path, folders):
+        candidates = [folder] if (folder / "config.json").is_file() else sorted(folder.glob("*/config.json"))
+        for found in candidates:
+            model_dir = found if found.is_dir() else found.parent
+            models[model_dir.name] = str(model_dir.resolve())
+    return models
+
+
+def find_devices(gpus: str, cpu_slots: int) -> tuple[list[str], bool]:
+    """(device names, on_gpu): CUDA indices from --gpus, or CPU slots where there is no GPU."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        if gpus != "all":
+            raise UserError(f"--gpus {gpus}: this machine has no CUDA GPU (use --cpu-slots for CPU jobs)")
+        return [f"cpu{i}" for i in range(cpu_slots)], False
+    if gpus == "all":
+        return [str(i) for i in range(count)], True
+    chosen = [part.strip() for part in gpus.split(",") if part.strip()]
+    if not chosen or any(not p.isdigit() or int(p) >= count for p in chosen):
+        raise UserError(f"--gpus {gpus}: expected 'all' or indices below {count}, e.g. 0,1")
+    return chosen, True
+
+
+def serve(args) -> int:
+    try:
+        import uvicorn
+
+        from dpo_lora.serve.app import ServerState, create_app
+        from dpo_lora.serve.scheduler import Scheduler
+        from dpo_lora.serve.store import Store
+    except ImportError as err:
+        raise UserError(f"the service needs its extra: pip install 'dpo-lora[serve]' ({err.name} is missing)") from None
+
+    api_key = os.environ.get("DPO_LORA_API_KEY") or None
+    if api_key is None and not _is_loopback(args.host):
+        raise UserError(f"--host {args.host}: set DPO_LORA_API_KEY to serve beyond loopback (no key: 127.0.0.1 only)")
+    if args.config is not None and not Path(args.config).is_file():
+        raise UserError(f"--config {args.config}: file not found")
+    state_dir = Path(args.state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(args.db or f"sqlite:///{state_dir / 'jobs.db'}")
+    devices, on_gpu = find_devices(args.gpus, args.cpu_slots)
+    models = find_models(args.models)
+    state = ServerState(
+        store=store, state_dir=state_dir, models=models, devices=len(devices),
+        base_config=str(Path(args.config).resolve()) if args.config else None, api_key=api_key,
+    )  # fmt: skip
+    scheduler = Scheduler(store, devices, on_gpu, grace_s=args.grace_seconds)
+    stopping = threading.Event()
+    thread = threading.Thread(target=scheduler.run_forever, args=(stopping,), name="scheduler", daemon=True)
+    thread.start()
+    print(f"dpo-lora serve: http://{args.host}:{args.port}/v1  state {state_dir}  devices {', '.join(devices)}  "
+          f"models {', '.join(sorted(models)) or 'none'}  auth {'on' if api_key else 'off (loopback)'}", flush=True)  # fmt: skip
+    try:
+        uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
+    finally:
+        stopping.set()  # running jobs keep running: their process groups outlive the server
+        thread.join(timeout=5)
+        store.dispose()
+    return 0

@@ -1,0 +1,179 @@
+"""The durable job store: files, jobs, events, checkpoints and idempotency keys.
+
+Every state change is committed before it is acted on (a job is marked running before its process
+starts; a stop is recorded before the signal is sent), so a server killed at any point finds on
+restart what it was doing. SQLite in WAL mode is the embedded default; any SQLAlchemy URL
+(`postgresql+psycopg://...`) works with the same code. Queued jobs are claimed with a conditional
+UPDATE, so two servers on one database can't both start the same job.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from contextlib import contextmanager
+
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, event, func, select, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+ACTIVE = ("validating_files", "queued", "running")  # statuses a job can still leave
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class File(Base):
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    filename: Mapped[str] = mapped_column(String(512))
+    bytes: Mapped[int] = mapped_column(Integer)
+    purpose: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))  # uploaded | processed | error
+    status_details: Mapped[str | None] = mapped_column(Text, nullable=True)
+    path: Mapped[str] = mapped_column(Text)
+    rows: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(256))
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    hyperparameters: Mapped[dict] = mapped_column(JSON)  # resolved: batch_size, beta, lr multiplier, n_epochs
+    seed: Mapped[int] = mapped_column(Integer)
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    extra: Mapped[dict] = mapped_column(JSON)  # the request's `dpo_lora` knobs, as given
+    job_metadata: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    status: Mapped[str] = mapped_column(String(24), index=True)
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    trained_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    result_files: Mapped[list] = mapped_column(JSON, default=list)
+    directory: Mapped[str] = mapped_column(Text)  # config.yaml, data, run/, logs
+    devices_wanted: Mapped[int] = mapped_column(Integer, default=1)
+    queue_seq: Mapped[int] = mapped_column(Integer, default=0)  # FIFO position while queued
+    # The running attempt: which devices it holds and which process is it (pid + start time, so a
+    # reused pid is never taken for it). Null when nothing runs.
+    devices: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pid_start: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    stop_request: Mapped[str | None] = mapped_column(String(16), nullable=True)  # cancel | pause
+    signalled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    metrics_offset: Mapped[int] = mapped_column(Integer, default=0)  # bytes of metrics.jsonl read
+    last_step: Mapped[int] = mapped_column(Integer, default=0)  # newest step turned into an event
+    total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    created_at: Mapped[int] = mapped_column(Integer)
+    level: Mapped[str] = mapped_column(String(8))
+    message: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(String(8))  # message | metrics
+    data: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    step_number: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    path: Mapped[str] = mapped_column(Text)
+
+
+class Export(Base):
+    """A merged model made from a finished job by `dpo-lora export`, run like a job's process."""
+
+    __tablename__ = "exports"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    created_at: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))  # queued | running | succeeded | failed
+    options: Mapped[dict] = mapped_column(JSON)
+    directory: Mapped[str] = mapped_column(Text)
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pid_start: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+    key: Mapped[str] = mapped_column(String(256), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    object_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(Integer)
+
+
+class Store:
+    """One database; `with store.session() as s:` commits on success and rolls back on error."""
+
+    def __init__(self, url: str) -> None:
+        sqlite = url.startswith("sqlite")
+        self.engine = create_engine(url, connect_args={"timeout": 30} if sqlite else {}, pool_pre_ping=not sqlite)
+        if sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self):
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def add_event(self, session: Session, job_id: str, message: str, level: str = "info", data=None) -> None:
+        session.flush()  # a job added in this session is inserted before its event (no ORM relationships)
+        session.add(
+            Event(
+                id=new_id("ftevent"), job_id=job_id, created_at=now(), level=level, message=message,
+                type="metrics" if data is not None else "message", data=data,
+            )
+        )  # fmt: skip
+
+    def next_queue_seq(self, session: Session) -> int:
+        return (session.scalar(select(func.max(Job.queue_seq))) or 0) + 1
+
+    def claim(self, job_id: str, devices: list, attempt: int) -> bool:
+        """Atomically move a queued job to running on `devices`; False if another server took it."""
+        with self.session() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == "queued")
+                .values(status="running", devices=devices, attempt=attempt, stop_request=None, signalled_at=None)
+            )
+            if result.rowcount == 1:
+                self.add_event(session, job_id, f"Fine-tuning job started (attempt {attempt}, devices {devices})")
+            return result.rowcount == 1
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    cursor.execute("PRAGMA synchronous=FULL")  # a committed change survives a power cut
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,46 @@
+"""The leader of a run's process group: starts the run, waits for it, records its exit status.
+
+    python -m dpo_lora.serve.supervise EXIT_FILE LOG_FILE -- COMMAND...
+
+It outlives the server (its own session), so a restarted server can tell a run that finished
+(EXIT_FILE holds {"returncode": N}) from one that died with its group (no EXIT_FILE). A SIGTERM
+is forwarded once to the run (the trainer checkpoints and exits; DeepSpeed's launcher forwards it
+to every rank), never delivered twice: a second SIGTERM would make the trainer exit at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+
+def main(argv: list[str]) -> int:
+    exit_file, log_file, separator, *command = argv
+    assert separator == "--" and command, __doc__
+    with open(log_file, "ab", buffering=0) as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        forwarded = False
+
+        def forward(signum, _frame) -> None:
+            nonlocal forwarded
+            if not forwarded:
+                forwarded = True
+                child.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        returncode = child.wait()
+    tmp = f"{exit_file}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump({"returncode": returncode}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, exit_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

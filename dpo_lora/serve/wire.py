@@ -1,0 +1,125 @@
+"""The wire format: request bodies (pydantic), response objects and errors in OpenAI's shapes.
+
+Every object carries each field the `openai` client's types declare, so `client.fine_tuning.jobs`
+and `client.files` parse them unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dpo_lora.serve.store import Checkpoint, Event, Export, File, Job
+
+ORGANIZATION = "dpo-lora"
+
+
+class ApiError(Exception):
+    """An error response: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def not_found(kind: str, object_id: str) -> ApiError:
+    return ApiError(404, f"No {kind} found with id '{object_id}'", param="id", code="not_found")
+
+
+class DpoHyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    beta: float | Literal["auto"] | None = None
+    batch_size: int | Literal["auto"] | None = None
+    learning_rate_multiplier: float | Literal["auto"] | None = None
+    n_epochs: float | Literal["auto"] | None = None
+
+
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
+class Method(BaseModel):
+    type: Literal["supervised", "dpo", "reinforcement"]
+    dpo: DpoMethod | None = None
+
+
+class JobCreate(BaseModel):
+    """POST /v1/fine_tuning/jobs; `dpo_lora` holds this server's own knobs (the client's extra_body)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: DpoHyperparameters | None = None  # deprecated by OpenAI in favour of method
+    method: Method | None = None
+    seed: int | None = None
+    suffix: str | None = Field(default=None, max_length=64)
+    metadata: dict[str, str] | None = None
+    integrations: list[Any] | None = None
+    dpo_lora: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExportCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merge_into: Literal["original", "dequantized"] = "original"
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    checkpoint: str | None = None  # an ftckpt- id; the final adapter when unset
+
+
+def file_object(file: File) -> dict:
+    return {
+        "id": file.id, "object": "file", "bytes": file.bytes, "created_at": file.created_at,
+        "filename": file.filename, "purpose": file.purpose, "status": file.status,
+        "status_details": file.status_details, "expires_at": None,
+    }  # fmt: skip
+
+
+def job_object(job: Job) -> dict:
+    hyper = job.hyperparameters
+    return {
+        "id": job.id, "object": "fine_tuning.job", "created_at": job.created_at, "model": job.model,
+        "organization_id": ORGANIZATION, "status": job.status, "training_file": job.training_file,
+        "validation_file": job.validation_file, "fine_tuned_model": job.fine_tuned_model,
+        "finished_at": job.finished_at, "error": job.error, "result_files": job.result_files or [],
+        "trained_tokens": job.trained_tokens, "seed": job.seed, "estimated_finish": None, "integrations": [],
+        "metadata": job.job_metadata, "suffix": job.suffix,
+        "hyperparameters": {k: hyper[k] for k in ("batch_size", "learning_rate_multiplier", "n_epochs")},
+        "method": {"type": "dpo", "dpo": {"hyperparameters": hyper}},
+        "dpo_lora": {**job.extra, "devices": job.devices_wanted},
+    }  # fmt: skip
+
+
+def event_object(event: Event) -> dict:
+    return {
+        "id": event.id, "object": "fine_tuning.job.event", "created_at": event.created_at, "level": event.level,
+        "message": event.message, "type": event.type, "data": event.data or {},
+    }  # fmt: skip
+
+
+def checkpoint_object(checkpoint: Checkpoint, job: Job) -> dict:
+    model = job.fine_tuned_model or f"ft:{job.model}:dpo-lora:{job.id.removeprefix('ftjob-')[:8]}"
+    return {
+        "id": checkpoint.id, "object": "fine_tuning.job.checkpoint", "created_at": checkpoint.created_at,
+        "fine_tuning_job_id": job.id, "step_number": checkpoint.step_number, "metrics": checkpoint.metrics,
+        "fine_tuned_model_checkpoint": f"{model}:ckpt-step-{checkpoint.step_number}",
+    }  # fmt: skip
+
+
+def export_object(export: Export) -> dict:
+    return {
+        "id": export.id, "object": "fine_tuning.job.export", "created_at": export.created_at,
+        "fine_tuning_job_id": export.job_id, "status": export.status, "error": export.error,
+        "finished_at": export.finished_at, "merge_into": export.options["merge_into"],
+        "path": export.options["out"],
+    }  # fmt: skip
+
+
+def page(items: list[dict], has_more: bool) -> dict:
+    return {"object": "list", "data": items, "has_more": has_more,
+            "first_id": items[0]["id"] if items else None, "last_id": items[-1]["id"] if items else None}  # fmt: skip
