@@ -56,9 +56,9 @@ class Job(Base):
     seed: Mapped[int] = mapped_column(Integer)
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     extra: Mapped[dict] = mapped_column(JSON)  # the request's `dpo_lora` knobs, as given
-    job_metadata: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    job_metadata: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     status: Mapped[str] = mapped_column(String(24), index=True)
-    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(256), nullable=True)
     finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     trained_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -68,7 +68,7 @@ class Job(Base):
     queue_seq: Mapped[int] = mapped_column(Integer, default=0)  # FIFO position while queued
     # The running attempt: which devices it holds and which process is it (pid + start time, so a
     # reused pid is never taken for it). Null when nothing runs.
-    devices: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    devices: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     pid_start: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -88,7 +88,7 @@ class Event(Base):
     level: Mapped[str] = mapped_column(String(8))
     message: Mapped[str] = mapped_column(Text)
     type: Mapped[str] = mapped_column(String(8))  # message | metrics
-    data: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    data: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class Checkpoint(Base):
@@ -111,7 +111,7 @@ class Export(Base):
     status: Mapped[str] = mapped_column(String(16))  # queued | running | succeeded | failed
     options: Mapped[dict] = mapped_column(JSON)
     directory: Mapped[str] = mapped_column(Text)
-    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -1,0 +1,145 @@
+"""A real `dpo-lora serve` process on loopback, driven through the real `openai` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import REPO, SENTIMENT_EVAL, SENTIMENT_TRAIN
+
+API_KEY = "test-key-1234"
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`dpo-lora serve` in its own process; `kill9()` then `start()` is a crash and a restart."""
+
+    def __init__(self, state_dir: Path, models: Path, config: Path, *extra: str, api_key: str | None = API_KEY):
+        self.state_dir, self.models, self.config, self.extra, self.api_key = state_dir, models, config, extra, api_key
+        self.port = free_port()
+        self.process = None
+
+    def start(self) -> Server:
+        env = {k: v for k, v in os.environ.items() if k != "DPO_LORA_API_KEY"}
+        if self.api_key:
+            env["DPO_LORA_API_KEY"] = self.api_key
+        self.log = open(self.state_dir.parent / f"server-{self.port}.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dpo_lora", "serve", "--state-dir", str(self.state_dir), "--port", str(self.port),
+             "--models", str(self.models), "--config", str(self.config), "--grace-seconds", "60", *self.extra],
+            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.process.poll() is None, self.output()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+
+    def output(self) -> str:
+        return (self.state_dir.parent / f"server-{self.port}.log").read_text()[-4000:]
+
+    def client(self, api_key: str | None = None, **options):
+        import openai
+
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=api_key or self.api_key or "none",
+                             max_retries=0, **options)  # fmt: skip
+
+    def kill9(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def job_pids(self) -> list[int]:
+        """Process-group leaders of the jobs the store says are running (read from the database)."""
+        import sqlite3
+
+        with sqlite3.connect(self.state_dir / "jobs.db") as db:
+            return [pid for (pid,) in db.execute("SELECT pid FROM jobs WHERE pid IS NOT NULL")]
+
+
+def wait_for_status(client, job_id: str, statuses, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        assert job.status not in FINAL or job.status in statuses, (job.status, job.error)
+        assert time.monotonic() < deadline, f"job {job_id} stayed {job.status}"
+        time.sleep(0.3)
+
+
+def all_events(client, job_id: str) -> list:
+    """Every event of the job, oldest first, read page by page through the `after` cursor."""
+    return list(reversed(list(client.fine_tuning.jobs.list_events(job_id, limit=7))))
+
+
+def openai_rows(source: Path, count: int | None = None) -> list[dict]:
+    """The conversational test pairs rewritten as OpenAI DPO rows."""
+    rows = [json.loads(line) for line in source.read_text().splitlines()][:count]
+    return [{"input": {"messages": r["prompt"]}, "preferred_output": r["chosen"],
+             "non_preferred_output": r["rejected"]} for r in rows]  # fmt: skip
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_setup(tmp_path, tiny_model_dir):
+    """(models folder, base config, training file, eval file) for fast jobs on the tiny Llama."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny-llama").symlink_to(tiny_model_dir)
+    config = tmp_path / "base.yaml"
+    config.write_text(
+        "model: {dtype: float32}\nlora: {dropout: 0.0}\n"
+        "data: {max_length: 96, max_prompt_length: 64}\n"
+        "train: {micro_batch_size: 2, lr: 5.0e-3, warmup_ratio: 0, save_every: 2, keep_checkpoints: 0, max_steps: 6}\n"
+        f"deepspeed: {REPO / 'deepspeed_configs' / 'zero2.json'}\n"
+    )
+    train = write_jsonl(tmp_path / "train.jsonl", openai_rows(SENTIMENT_TRAIN, 64))
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", openai_rows(SENTIMENT_EVAL, 8))
+    return models, config, train, evaluation
+
+
+@pytest.fixture
+def servers(tmp_path):
+    """Start servers with `servers(...)`; every one and every job process they started ends after the test."""
+    started = []
+
+    def start(models, config, *extra, state_dir=None, api_key=API_KEY) -> Server:
+        server = Server(state_dir or tmp_path / "state", models, config, *extra, api_key=api_key)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+        for pid in server.job_pids() if (server.state_dir / "jobs.db").exists() else []:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass

@@ -1,0 +1,158 @@
+"""The HTTP surface through the real `openai` client: files, errors, auth, idempotency, concurrency."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from ..conftest import REPO
+from .conftest import all_events, wait_for_status
+
+
+def test_a_bad_upload_names_its_rows_and_a_job_on_it_fails_validating_without_running(servers, tiny_setup, tmp_path):
+    models, config, train, _ = tiny_setup
+    server = servers(models, config)
+    client = server.client()
+    rows = [json.loads(line) for line in train.read_text().splitlines()[:6]]
+    rows[1] = {**rows[1], "non_preferred_output": rows[1]["preferred_output"]}  # identical completions
+    del rows[4]["input"]  # row 5
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+
+    uploaded = client.files.create(file=bad.open("rb"), purpose="fine-tune")
+    assert uploaded.status == "error"
+    details = uploaded.status_details
+    assert details.startswith("3 bad row(s): row 2: identical completions"), details
+    assert "; row 5: missing field 'input'; row 7: malformed JSON" in details
+    assert client.files.retrieve(uploaded.id).status_details == uploaded.status_details
+
+    job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, method={"type": "dpo"})
+    assert job.status == "validating_files"
+    job = wait_for_status(client, job.id, ("failed",), timeout=30)
+    assert job.error.param == "training_file" and "row 2: identical completions" in job.error.message
+    assert any(e.level == "error" and "Validation failed" in e.message for e in all_events(client, job.id))
+    assert not (server.state_dir / "jobs" / job.id / "run.log").exists()  # no process was started
+
+
+def test_config_errors_are_400s_naming_the_key_and_say_not_to_retry(servers, tiny_setup):
+    models, config, train, _ = tiny_setup
+    client = servers(models, config).client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    cases = [
+        ({"extra_body": {"dpo_lora": {"lora": {"rnak": 8}}}}, "lora.rnak", "unknown config key 'lora.rnak'"),
+        ({"extra_body": {"dpo_lora": {"train.lr": "fast"}}}, "train.lr", "config key 'train.lr' must be float"),
+        ({"extra_body": {"dpo_lora": {"output_dir": "/tmp/x"}}}, "output_dir", "set by the service"),
+        ({"extra_body": {"dpo_lora": {"gpus": 2}}}, "gpus", "from 1 to 1"),
+        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 0}}}}, "batch_size", "positive"),
+        ({"method": {"type": "supervised"}}, "method", "not supported"),
+        ({"model": "gpt-4o-mini"}, "model", "known: tiny-llama"),
+        ({"training_file": "file-nope"}, "training_file", "no file 'file-nope'"),
+    ]
+    for options, param, message in cases:
+        request = {"model": "tiny-llama", "training_file": file_id, **options}
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.fine_tuning.jobs.create(**request)
+        error = caught.value.body
+        assert error["param"] == param and message in error["message"], (options, error)
+        assert caught.value.response.headers["x-should-retry"] == "false"
+    assert client.fine_tuning.jobs.list().data == []
+
+
+def test_hyperparameters_auto_resolve_and_are_echoed(servers, tiny_setup):
+    models, config, train, _ = tiny_setup
+    client = servers(models, config).client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    hyper = {"beta": 0.25, "batch_size": 8, "learning_rate_multiplier": 2, "n_epochs": "auto"}
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=file_id, seed=7, method={"type": "dpo", "dpo": {"hyperparameters": hyper}},
+        extra_body={"dpo_lora": {"lora": {"r": 4}, "train.max_steps": 1}},
+    )  # fmt: skip
+    assert job.method.dpo.hyperparameters.model_dump() == {
+        "beta": 0.25, "batch_size": 8, "learning_rate_multiplier": 2.0, "n_epochs": 1.0,
+    }  # fmt: skip
+    assert job.hyperparameters.batch_size == 8 and job.seed == 7
+    client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_wrong_or_missing_token_gets_401(servers, tiny_setup):
+    models, config, _, _ = tiny_setup
+    server = servers(models, config)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        server.client(api_key="wrong-key").fine_tuning.jobs.list()
+    assert caught.value.body["code"] == "invalid_api_key"
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"http://127.0.0.1:{server.port}/v1/fine_tuning/jobs")
+    assert missing.value.code == 401
+    assert server.client().fine_tuning.jobs.list().data == []
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz") as health:
+        assert json.load(health)["status"] == "ok"
+
+
+def test_without_a_key_the_server_refuses_to_bind_beyond_loopback(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "DPO_LORA_API_KEY"}
+    result = subprocess.run(
+        [sys.executable, "-m", "dpo_lora", "serve", "--host", "0.0.0.0", "--state-dir", str(tmp_path / "s")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "dpo-lora: error: --host 0.0.0.0: set DPO_LORA_API_KEY to serve beyond loopback (no key: 127.0.0.1 only)"
+    ]
+
+
+def test_an_idempotent_create_queues_the_job_once(servers, tiny_setup):
+    models, config, train, _ = tiny_setup
+    client = servers(models, config).client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    request = {"model": "tiny-llama", "training_file": file_id, "extra_body": {"dpo_lora": {"train.max_steps": 1}}}
+    first = client.fine_tuning.jobs.create(**request, extra_headers={"Idempotency-Key": "retry-1"})
+    again = client.fine_tuning.jobs.create(**request, extra_headers={"Idempotency-Key": "retry-1"})
+    assert again.id == first.id
+    with pytest.raises(openai.ConflictError) as caught:
+        client.fine_tuning.jobs.create(**{**request, "seed": 3}, extra_headers={"Idempotency-Key": "retry-1"})
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert [job.id for job in client.fine_tuning.jobs.list().data] == [first.id]
+
+
+def test_fifty_parallel_creates_lists_and_event_reads_leave_the_store_consistent(servers, tiny_setup):
+    models, config, train, _ = tiny_setup
+    server = servers(models, config)
+    client = server.client(timeout=120)
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    request = {"model": "tiny-llama", "training_file": file_id, "extra_body": {"dpo_lora": {"train.max_steps": 1}}}
+    first = client.fine_tuning.jobs.create(**request)
+
+    def call(i: int):
+        if i % 5 == 0:  # the same retried request: one job for all of them
+            return client.fine_tuning.jobs.create(**request, extra_headers={"Idempotency-Key": "shared"}).id
+        if i % 5 == 1:
+            return client.fine_tuning.jobs.list(limit=100).data
+        if i % 5 == 2:
+            return client.fine_tuning.jobs.list_events(first.id).data
+        return client.fine_tuning.jobs.create(**request).id
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(call, range(50)))
+    created = [results[i] for i in range(50) if i % 5 in (3, 4)]
+    shared = {results[i] for i in range(50) if i % 5 == 0}
+    assert len(shared) == 1 and len(set(created)) == len(created) == 20
+    listed = [job.id for job in client.fine_tuning.jobs.list(limit=7)]
+    assert sorted(listed) == sorted([first.id, *created, *shared])  # every job once, across pages
+    for job_id in listed:
+        messages = [e.message for e in all_events(client, job_id)]
+        assert messages[0] == f"Created fine-tuning job: {job_id}"
+        assert len(messages) == len(set(messages)) or "Step" in " ".join(messages)
+    for job_id in listed:
+        client.fine_tuning.jobs.cancel(job_id)
+    deadline = time.monotonic() + 120
+    while server.job_pids() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert server.job_pids() == []
+    assert {job.status for job in client.fine_tuning.jobs.list(limit=100).data} <= {"cancelled", "succeeded"}

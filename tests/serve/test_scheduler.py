@@ -1,0 +1,127 @@
+"""Job lifecycles on the tiny Llama through the real client: FIFO on one slot, cancel, pause and
+resume, and a server killed with kill -9 mid-job (alone, and with its job), each finishing with the
+adapter of an uninterrupted job, bit for bit."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import tarfile
+import time
+
+import torch
+from safetensors.torch import load
+
+from .conftest import all_events, wait_for_status
+
+LONG = {"train": {"max_steps": 40, "save_every": 2}}  # long enough to interrupt after a checkpoint
+
+
+def create(client, file_id: str, extra: dict | None = None):
+    return client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=file_id, method={"type": "dpo"}, extra_body={"dpo_lora": extra or LONG}
+    )
+
+
+def wait_for_event(client, job_id: str, text: str, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while not any(text in event.message for event in all_events(client, job_id)):
+        assert time.monotonic() < deadline, f"no event '{text}' for {job_id}"
+        time.sleep(0.2)
+
+
+def final_adapter(client, job_id: str) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's adapter, downloaded as the archive the extension route serves."""
+    newest = client.fine_tuning.jobs.checkpoints.list(job_id).data[0]
+    archive = client.get(f"/fine_tuning/jobs/{job_id}/checkpoints/{newest.id}/adapter", cast_to=bytes)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        return load(tar.extractfile("adapter/adapter_model.safetensors").read())
+
+
+def assert_same_adapter(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_two_jobs_on_one_slot_run_one_after_the_other_and_cancel_frees_it(servers, tiny_setup):
+    models, config, train, _ = tiny_setup
+    client = servers(models, config).client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    first, second = create(client, file_id, {"train.max_steps": 4}), create(client, file_id, {"train.max_steps": 4})
+    third = create(client, file_id, {"train.max_steps": 400})
+    wait_for_status(client, first.id, ("running",))
+    assert client.fine_tuning.jobs.retrieve(second.id).status == "queued"
+    first = wait_for_status(client, first.id, ("succeeded",))
+    second = wait_for_status(client, second.id, ("succeeded",))
+    started = [e for e in all_events(client, second.id) if e.message.startswith("Fine-tuning job started")]
+    assert len(started) == 1 and started[0].created_at >= first.finished_at
+
+    wait_for_event(client, third.id, "Step 1:")
+    cancelled = client.fine_tuning.jobs.cancel(third.id)
+    assert cancelled.status == "cancelled"
+    wait_for_event(client, third.id, "The job was cancelled", timeout=90)  # its process ended
+    fourth = create(client, file_id, {"train.max_steps": 1})
+    assert wait_for_status(client, fourth.id, ("succeeded",)).status == "succeeded"  # the slot is free again
+    assert client.fine_tuning.jobs.retrieve(third.id).status == "cancelled"
+
+
+def test_pause_then_resume_finishes_with_the_uninterrupted_adapter(servers, tiny_setup):
+    models, config, train, _ = tiny_setup
+    client = servers(models, config).client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    uninterrupted = create(client, file_id)
+    paused = create(client, file_id)
+    wait_for_status(client, uninterrupted.id, ("succeeded",))
+
+    wait_for_event(client, paused.id, "Checkpoint created at step 2")
+    client.fine_tuning.jobs.pause(paused.id)
+    job = wait_for_status(client, paused.id, ("paused",), timeout=120)
+    stopped_at = client.fine_tuning.jobs.checkpoints.list(paused.id).data[0].step_number
+    assert 2 <= stopped_at < 40, stopped_at
+    assert job.fine_tuned_model is None
+    client.fine_tuning.jobs.resume(paused.id)
+    job = wait_for_status(client, paused.id, ("succeeded",))
+    messages = [e.message for e in all_events(client, paused.id)]
+    assert f"The job is paused; resume continues from step {stopped_at}" in messages
+    steps = [e.data["step"] for e in all_events(client, paused.id) if e.type == "metrics" and "loss" in e.data]
+    assert steps == list(range(1, 41))  # each step reported once, across the pause
+    assert_same_adapter(final_adapter(client, paused.id), final_adapter(client, uninterrupted.id))
+
+
+def test_a_server_killed_mid_job_finds_it_again_and_it_finishes_with_the_same_adapter(servers, tiny_setup):
+    models, config, train, _ = tiny_setup
+    server = servers(models, config)
+    client = server.client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    uninterrupted = create(client, file_id)
+    wait_for_status(client, uninterrupted.id, ("succeeded",))
+    expected = final_adapter(client, uninterrupted.id)
+
+    # 1. Only the server dies: its job keeps training and is re-adopted.
+    adopted = create(client, file_id)
+    wait_for_event(client, adopted.id, "Checkpoint created at step 2")
+    (job_pid,) = server.job_pids()
+    server.kill9()
+    os.kill(job_pid, 0)  # the job's process group outlived the server
+    server.start()
+    client = server.client()
+    assert wait_for_status(client, adopted.id, ("succeeded",)).status == "succeeded"
+    assert any("re-adopted" in e.message for e in all_events(client, adopted.id))
+    assert_same_adapter(final_adapter(client, adopted.id), expected)
+
+    # 2. The server and the job's whole process group die: it is queued again and resumes.
+    resumed = create(client, file_id)
+    wait_for_event(client, resumed.id, "Checkpoint created at step 2")
+    (job_pid,) = server.job_pids()
+    server.kill9()
+    os.killpg(job_pid, signal.SIGKILL)
+    server.start()
+    client = server.client()
+    job = wait_for_status(client, resumed.id, ("succeeded",))
+    messages = [e.message for e in all_events(client, resumed.id)]
+    assert "Server restarted: the job's process is gone" in messages
+    assert any(m.startswith("The job's process was killed; re-queued to resume from step") for m in messages)
+    assert sum(m.startswith("Fine-tuning job started") for m in messages) == 2
+    assert job.trained_tokens == client.fine_tuning.jobs.retrieve(uninterrupted.id).trained_tokens
+    assert_same_adapter(final_adapter(client, resumed.id), expected)
