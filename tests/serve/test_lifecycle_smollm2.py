@@ -1,0 +1,108 @@
+"""The whole life of a DPO job on the real SmolLM2-135M-Instruct (CPU rank), through the `openai`
+client: upload, create, metrics events, checkpoints, success, result file, the adapter downloaded
+and loaded with PEFT, the event stream, and a merged export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+import time
+import urllib.request
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ..conftest import REPO
+from .conftest import all_events, openai_rows, wait_for_status, write_jsonl
+
+pytestmark = pytest.mark.slow
+MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def smollm2_models(tmp_path_factory):
+    from dpo_lora.default_model import fetch_default_model
+
+    fetch_default_model(MODEL_DIR)
+    models = tmp_path_factory.mktemp("models")
+    (models / "SmolLM2-135M-Instruct").symlink_to(MODEL_DIR)
+    return models
+
+
+def test_a_dpo_job_on_smollm2_from_upload_to_a_peft_adapter_and_an_export(servers, smollm2_models, tmp_path):
+    config = tmp_path / "base.yaml"
+    config.write_text((REPO / "configs" / "demo.yaml").read_text())
+    server = servers(smollm2_models, config)
+    client = server.client()
+    train = write_jsonl(tmp_path / "train.jsonl", openai_rows(REPO / "data" / "sentiment" / "train.jsonl", 32))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", openai_rows(REPO / "data" / "sentiment" / "eval.jsonl", 4))
+    train_file = client.files.create(file=train.open("rb"), purpose="fine-tune")
+    eval_file = client.files.create(file=held_out.open("rb"), purpose="fine-tune")
+    assert (train_file.status, eval_file.status) == ("processed", "processed")
+
+    job = client.fine_tuning.jobs.create(
+        model="SmolLM2-135M-Instruct", training_file=train_file.id, validation_file=eval_file.id, suffix="sentiment",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "batch_size": 4, "learning_rate_multiplier": 2}}},
+        extra_body={"dpo_lora": {"lora": {"r": 8}, "data.max_length": 96, "data.max_prompt_length": 72,
+                                 "train": {"max_steps": 4, "save_every": 2, "log_every": 1, "eval_batch_size": 4}}},
+    )  # fmt: skip
+    job = wait_for_status(client, job.id, ("succeeded",), timeout=600)
+    assert job.fine_tuned_model.startswith("ft:SmolLM2-135M-Instruct:dpo-lora:sentiment:")
+    assert job.fine_tuned_model in [model.id for model in client.models.list()]
+
+    events = all_events(client, job.id)
+    metrics = [e.data for e in events if e.type == "metrics" and "loss" in e.data]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for row in metrics:
+        assert {"loss", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected", "pairs_per_s"} <= set(
+            row
+        )
+    assert metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as its reference
+    assert metrics[0]["global_batch"] == 4 and metrics[0]["lr"] == pytest.approx(1e-3)  # 2 x demo's 5e-4
+    assert job.trained_tokens == sum(m["tokens"] for m in metrics) > 0
+    assert any(e.type == "metrics" and "eval/loss" in e.data for e in events)
+
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [4, 2]
+    assert checkpoints[0].metrics.train_loss == pytest.approx(metrics[-1]["loss"])
+    assert checkpoints[0].metrics.valid_loss is not None
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-4"
+
+    (result_id,) = job.result_files
+    table = list(csv.DictReader(io.StringIO(client.files.content(result_id).text)))
+    assert [float(r["loss"]) for r in table if r["loss"]] == pytest.approx([m["loss"] for m in metrics])
+
+    archive = client.get(f"/fine_tuning/jobs/{job.id}/checkpoints/{checkpoints[0].id}/adapter", cast_to=bytes)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tmp_path / "download", filter="data")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    policy = PeftModel.from_pretrained(base, tmp_path / "download" / "adapter")
+    trained = load_file(server.state_dir / "jobs" / job.id / "run" / "adapter" / "adapter_model.safetensors")
+    loaded = {name: p for name, p in policy.named_parameters() if "lora_" in name}
+    assert len(loaded) == len(trained) > 0
+    for name, tensor in trained.items():
+        assert torch.equal(loaded[name.replace(".weight", ".default.weight")], tensor)
+
+    request = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/fine_tuning/jobs/{job.id}/events/stream",
+                                     headers={"Authorization": f"Bearer {server.api_key}"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as stream:  # server-sent events; ends with the job
+        lines = [line.decode().rstrip("\n") for line in stream]
+    streamed = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert [e["id"] for e in streamed[:-1]] == [e.id for e in events]
+    assert "event: end" in lines and streamed[-1] == {"status": "succeeded"}
+
+    export = client.post(f"/fine_tuning/jobs/{job.id}/export", cast_to=object, body={"dtype": "float32"})
+    deadline = time.monotonic() + 300
+    while export["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(1)
+        export = client.get(f"/fine_tuning/jobs/{job.id}/exports/{export['id']}", cast_to=object)
+    assert export["status"] == "succeeded", export
+    merged = AutoModelForCausalLM.from_pretrained(export["path"], dtype=torch.float32)
+    assert merged.config.architectures == base.config.architectures
