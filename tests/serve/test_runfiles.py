@@ -1,0 +1,46 @@
+"""Reading what a run writes while it writes it."""
+
+from __future__ import annotations
+
+import json
+
+from dpo_lora.serve.runfiles import checkpoints, last_error, new_rows, results_csv
+
+
+def test_new_rows_waits_for_a_complete_line_and_rereads_a_truncated_file(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 1, "loss": 0.7}) + "\n" + '{"step": 2, "lo')
+    rows, offset = new_rows(metrics, 0)
+    assert rows == [{"step": 1, "loss": 0.7}]
+    with metrics.open("a") as handle:
+        handle.write('ss": 0.6}\n')
+    rows, offset = new_rows(metrics, offset)
+    assert rows == [{"step": 2, "loss": 0.6}] and offset == metrics.stat().st_size
+    metrics.write_text(json.dumps({"step": 1, "loss": 0.7}) + "\n")  # a resume truncated it
+    rows, _ = new_rows(metrics, offset)
+    assert rows == [{"step": 1, "loss": 0.7}]
+    assert new_rows(tmp_path / "missing.jsonl", 5) == ([], 0)
+
+
+def test_only_complete_checkpoints_count(tmp_path):
+    for step, complete in ((2, True), (4, False), (10, True)):
+        folder = tmp_path / "checkpoints" / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / "COMPLETE").write_text(f"{step}\n")
+    assert [step for step, _ in checkpoints(tmp_path)] == [2, 10]
+
+
+def test_last_error_is_the_trainers_one_line_error(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("loading\ndpo-lora: error: data.jsonl: 2 bad row(s)\nTraceback? no\n")
+    assert last_error(log) == "data.jsonl: 2 bad row(s)"
+    log.write_text("something\nKilled\n")
+    assert last_error(log) == "Killed"
+
+
+def test_results_csv_has_every_train_and_eval_row(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "eval/loss": 0.69}, {"step": 1, "loss": 0.7, "lr": 1e-4}, {"step": 1, "checkpoint": "x"}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert results_csv(metrics).decode().splitlines() == ["step,eval/loss,loss,lr", "0,0.69,,", "1,,0.7,0.0001"]
