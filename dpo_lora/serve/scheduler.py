@@ -8,6 +8,8 @@ process died is queued again and resumes from its newest complete checkpoint.
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 import sys
 import time
@@ -93,15 +95,17 @@ class Scheduler:
             job = s.get(Job, job_id)
             directory = Path(job.directory)
         resume = ["train.resume=auto"] if runfiles.checkpoints(directory / "run") else ["overwrite=true"]
-        train = ["--module", "dpo_lora", "train", str(directory / "config.yaml"), *resume]
-        if self.on_gpu:
-            command = [sys.executable, "-m", "deepspeed.launcher.runner", "--include",
-                       f"localhost:{','.join(devices)}", "--master_port", str(processes.free_port()), *train]  # fmt: skip
-        elif len(devices) > 1:  # CPU ranks over gloo
-            command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(len(devices)),
-                       "--master_port", str(processes.free_port()), *train]  # fmt: skip
+        train = ["dpo_lora", "train", str(directory / "config.yaml"), *resume]
+        if self.on_gpu or len(devices) > 1:
+            # DeepSpeed's per-node launcher (what `deepspeed --include localhost:...` runs): it gives
+            # each rank one SIGTERM when it gets one. Its `deepspeed` front end would not pass the
+            # signal on for a single node, leaving the ranks running.
+            ids = [int(d) for d in devices] if self.on_gpu else list(range(len(devices)))
+            world = base64.urlsafe_b64encode(json.dumps({"localhost": ids}).encode()).decode()
+            command = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+                       "--master_addr=127.0.0.1", f"--master_port={processes.free_port()}", "--module", *train]  # fmt: skip
         else:
-            command = [sys.executable, "-m", *train[1:]]
+            command = [sys.executable, "-m", *train]
         try:
             pid, started = processes.start(command, directory, attempt)
         except OSError as err:

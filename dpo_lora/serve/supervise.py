@@ -3,7 +3,9 @@
     python -m dpo_lora.serve.supervise EXIT_FILE LOG_FILE -- COMMAND...
 
 It outlives the server (its own session), so a restarted server can tell a run that finished
-(EXIT_FILE holds {"returncode": N}) from one that died with its group (no EXIT_FILE). A SIGTERM
+(EXIT_FILE holds {"returncode": N}) from one that died with its group (no EXIT_FILE). Before it
+writes EXIT_FILE it kills whatever of the group is left (a rank orphaned by its launcher), so a
+recorded exit means nothing of the run still writes to its folder. A SIGTERM
 is forwarded once to the run (the trainer checkpoints and exits; DeepSpeed's launcher forwards it
 to every rank), never delivered twice: a second SIGTERM would make the trainer exit at once.
 """
@@ -33,6 +35,7 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
         returncode = child.wait()
+    _kill_rest_of_group()
     tmp = f"{exit_file}.tmp"
     with open(tmp, "w") as handle:
         json.dump({"returncode": returncode}, handle)
@@ -40,6 +43,18 @@ def main(argv: list[str]) -> int:
         os.fsync(handle.fileno())
     os.replace(tmp, exit_file)
     return 0
+
+
+def _kill_rest_of_group() -> None:
+    me, group = os.getpid(), os.getpgrp()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            if os.getpgid(int(entry)) == group:
+                os.kill(int(entry), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 if __name__ == "__main__":

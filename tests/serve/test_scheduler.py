@@ -125,3 +125,41 @@ def test_a_server_killed_mid_job_finds_it_again_and_it_finishes_with_the_same_ad
     assert sum(m.startswith("Fine-tuning job started") for m in messages) == 2
     assert job.trained_tokens == client.fine_tuning.jobs.retrieve(uninterrupted.id).trained_tokens
     assert_same_adapter(final_adapter(client, resumed.id), expected)
+
+
+def test_a_failing_run_fails_the_job_with_the_trainers_one_line_error(servers, tiny_setup, tmp_path):
+    models, config, train, _ = tiny_setup
+    client = servers(models, config).client()
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(train.read_text().splitlines(keepends=True)[:3]))
+    file_id = client.files.create(file=few.open("rb"), purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=file_id, method={"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 8}}}
+    )
+    job = wait_for_status(client, job.id, ("failed",))
+    assert job.error.code == "training_failed"
+    assert job.error.message.endswith(
+        "3 pairs are fewer than one global batch (8 = micro_batch_size x grad_accum x 1 ranks)"
+    )
+    errors = [e for e in all_events(client, job.id) if e.level == "error"]
+    assert len(errors) == 1 and job.error.message in errors[0].message
+
+
+def test_a_two_rank_job_pauses_at_a_checkpoint_through_deepspeeds_launcher_and_resumes(servers, tiny_setup):
+    models, config, train, _ = tiny_setup
+    client = servers(models, config, "--cpu-slots", "2").client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    job = create(client, file_id, {**LONG, "gpus": 2})
+    wait_for_event(client, job.id, "Checkpoint created at step 2", timeout=300)
+    client.fine_tuning.jobs.pause(job.id)
+    wait_for_status(client, job.id, ("paused",), timeout=120)
+    stopped_at = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number
+    assert stopped_at < 40
+    client.fine_tuning.jobs.resume(job.id)
+    wait_for_status(client, job.id, ("succeeded",))
+    rows = [e.data for e in all_events(client, job.id) if e.type == "metrics" and "loss" in e.data]
+    assert [row["step"] for row in rows] == list(range(1, 41))
+    assert {row["world_size"] for row in rows} == {2}
+    assert f"The job is paused; resume continues from step {stopped_at}" in [
+        e.message for e in all_events(client, job.id)
+    ]
