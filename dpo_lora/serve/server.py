@@ -66,7 +66,12 @@ def serve(args) -> int:
         raise UserError(f"--config {args.config}: file not found")
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(args.db or f"sqlite:///{state_dir / 'jobs.db'}")
+    lock = _lock_state_dir(state_dir)
+    _check_port_free(args.host, args.port)
+    try:
+        store = Store(args.db or f"sqlite:///{state_dir / 'jobs.db'}")
+    except Exception as err:  # SQLAlchemy: a bad URL, a missing driver, a database that refuses us
+        raise UserError(f"--db: cannot open the job store: {str(err).splitlines()[0]}") from None
     devices, on_gpu = find_devices(args.gpus, args.cpu_slots)
     models = find_models(args.models)
     state = ServerState(
@@ -85,4 +90,34 @@ def serve(args) -> int:
         stopping.set()  # running jobs keep running: their process groups outlive the server
         thread.join(timeout=5)
         store.dispose()
+        lock.close()
     return 0
+
+
+def _lock_state_dir(state_dir: Path):
+    """One server per state dir: a second scheduler would watch (and restart) the same jobs."""
+    import fcntl
+
+    handle = open(state_dir / "serve.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise UserError(
+            f"--state-dir {state_dir}: another dpo-lora serve uses it (pid {handle.read().strip()})"
+        ) from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise UserError(f"--host {host} --port {port}: cannot bind ({err.strerror})") from None

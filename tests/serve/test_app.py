@@ -156,3 +156,17 @@ def test_fifty_parallel_creates_lists_and_event_reads_leave_the_store_consistent
         time.sleep(0.5)
     assert server.job_pids() == []
     assert {job.status for job in client.fine_tuning.jobs.list(limit=100).data} <= {"cancelled", "succeeded"}
+
+
+def test_a_second_server_on_the_same_state_dir_or_port_is_refused_in_one_line(servers, tiny_setup):
+    models, config, _, _ = tiny_setup
+    server = servers(models, config)
+    for extra, message in (
+        (["--state-dir", str(server.state_dir), "--port", "0"], "another dpo-lora serve uses it"),
+        (["--state-dir", str(server.state_dir.parent / "other"), "--port", str(server.port)], "cannot bind"),
+        (["--state-dir", str(server.state_dir.parent / "other"), "--port", "0", "--db", "nosuchdb://x"], "job store"),
+    ):
+        result = subprocess.run([sys.executable, "-m", "dpo_lora", "serve", "--models", str(models), *extra],
+                                cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
