@@ -12,18 +12,23 @@ ERROR_PREFIX = "dpo-lora: error: "
 RANK_FAILURE = "dpo-lora: rank"  # the trainer's one-line message when a rank dies or times out
 
 
-def new_rows(metrics_file: Path, offset: int) -> tuple[list[dict], int]:
-    """Complete rows appended since byte `offset`, and the new offset. A file shorter than `offset`
-    was truncated by a resume (rows after its checkpoint are written again): read it from the start."""
+def new_rows(metrics_file: Path, offset: int, last_line: str = "") -> tuple[list[dict], int, str]:
+    """Complete rows appended since byte `offset`, the new offset and the last line read.
+
+    A resumed run rewrites the file from its checkpoint on (rows after it are written again, with
+    new timings), possibly past the old offset before the next read. So unless the file still holds
+    `last_line` just before `offset`, it is read again from the start; callers drop rows they have.
+    """
     try:
         with open(metrics_file, "rb") as handle:
-            handle.seek(0, io.SEEK_END)
-            if handle.tell() < offset:
+            tail = last_line.encode()
+            handle.seek(max(offset - len(tail), 0))
+            if offset and handle.read(len(tail)) != tail:
                 offset = 0
             handle.seek(offset)
             data = handle.read()
     except FileNotFoundError:
-        return [], 0
+        return [], 0, ""
     complete = data[: data.rfind(b"\n") + 1]  # a row still being written waits for the next read
     rows = []
     for line in complete.splitlines():
@@ -31,7 +36,10 @@ def new_rows(metrics_file: Path, offset: int) -> tuple[list[dict], int]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    return rows, offset + len(complete)
+    if not complete:
+        return rows, offset, last_line if offset else ""
+    newest = complete.rstrip(b"\n").rsplit(b"\n", 1)[-1] + b"\n"
+    return rows, offset + len(complete), newest.decode()
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -62,7 +70,7 @@ def last_error(log_file: Path, limit: int = 500) -> str:
 
 def results_csv(metrics_file: Path) -> bytes:
     """Every training and eval row of the run as CSV (the job's result file), by step."""
-    rows, _ = new_rows(metrics_file, 0)
+    rows, _, _ = new_rows(metrics_file, 0)
     rows = [row for row in rows if "loss" in row or "eval/loss" in row]
     columns = ["step"] + sorted({key for row in rows for key in row} - {"step"})
     out = io.StringIO()

@@ -147,7 +147,9 @@ class Scheduler:
     def _ingest(self, s, job: Job) -> None:
         """Turn the run's new metrics rows into events, checkpoints and the token count."""
         run_dir = Path(job.directory) / "run"
-        rows, job.metrics_offset = runfiles.new_rows(run_dir / "metrics.jsonl", job.metrics_offset)
+        rows, job.metrics_offset, job.metrics_last_line = runfiles.new_rows(
+            run_dir / "metrics.jsonl", job.metrics_offset, job.metrics_last_line
+        )
         for row in rows:
             step = int(row.get("step", 0))
             if "checkpoint" in row and s.scalar(

@@ -75,6 +75,7 @@ class Job(Base):
     stop_request: Mapped[str | None] = mapped_column(String(16), nullable=True)  # cancel | pause
     signalled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     metrics_offset: Mapped[int] = mapped_column(Integer, default=0)  # bytes of metrics.jsonl read
+    metrics_last_line: Mapped[str] = mapped_column(Text, default="")  # tells a rewritten file (resume)
     last_step: Mapped[int] = mapped_column(Integer, default=0)  # newest step turned into an event
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
 

@@ -7,19 +7,23 @@ import json
 from dpo_lora.serve.runfiles import checkpoints, last_error, new_rows, results_csv
 
 
-def test_new_rows_waits_for_a_complete_line_and_rereads_a_truncated_file(tmp_path):
+def test_new_rows_waits_for_a_complete_line_and_rereads_a_rewritten_file(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(json.dumps({"step": 1, "loss": 0.7}) + "\n" + '{"step": 2, "lo')
-    rows, offset = new_rows(metrics, 0)
+    rows, offset, last = new_rows(metrics, 0)
     assert rows == [{"step": 1, "loss": 0.7}]
     with metrics.open("a") as handle:
         handle.write('ss": 0.6}\n')
-    rows, offset = new_rows(metrics, offset)
+    rows, offset, last = new_rows(metrics, offset, last)
     assert rows == [{"step": 2, "loss": 0.6}] and offset == metrics.stat().st_size
-    metrics.write_text(json.dumps({"step": 1, "loss": 0.7}) + "\n")  # a resume truncated it
-    rows, _ = new_rows(metrics, offset)
-    assert rows == [{"step": 1, "loss": 0.7}]
-    assert new_rows(tmp_path / "missing.jsonl", 5) == ([], 0)
+    assert new_rows(metrics, offset, last) == ([], offset, last)
+    # A resume truncated the file to step 1 and has already written more than was read before.
+    rewritten = [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6, "pairs_per_s": 3.1}, {"step": 3, "loss": 0.5}]
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rewritten))
+    assert metrics.stat().st_size > offset
+    rows, _, _ = new_rows(metrics, offset, last)
+    assert rows == rewritten  # read again from the start (the caller skips steps it has)
+    assert new_rows(tmp_path / "missing.jsonl", 5, "x") == ([], 0, "")
 
 
 def test_only_complete_checkpoints_count(tmp_path):
