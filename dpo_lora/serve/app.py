@@ -382,7 +382,8 @@ def _extension_routes(api: APIRouter, state: ServerState) -> None:
             export_id = new_id("ftexport")
             directory = Path(job.directory) / "exports" / export_id
             directory.mkdir(parents=True)
-            argv = [str(source), "--out", str(directory / "model"), "--merge-into", body.merge_into]
+            # --overwrite: an export rerun after a crash replaces the partial folder
+            argv = [str(source), "--out", str(directory / "model"), "--merge-into", body.merge_into, "--overwrite"]
             argv += ["--dtype", body.dtype] if body.dtype else []
             export = Export(id=export_id, job_id=job_id, created_at=now(), status="queued", directory=str(directory),
                             options={"argv": argv, "merge_into": body.merge_into, "out": str(directory / "model")})  # fmt: skip

@@ -19,7 +19,16 @@ from pathlib import Path
 from dpo_lora.config import Config, flat_items, load_config
 from dpo_lora.errors import UserError
 
-SERVICE_KEYS = ("output_dir", "overwrite", "model.path", "data.train", "data.eval", "train.resume")
+# Set per job by the service, or (trust_remote_code) only by the operator's --config.
+SERVICE_KEYS = (
+    "output_dir",
+    "overwrite",
+    "model.path",
+    "data.train",
+    "data.eval",
+    "train.resume",
+    "model.trust_remote_code",
+)
 HYPERPARAMETER_KEYS = {"beta": "dpo.beta", "n_epochs": "train.epochs"}
 
 

@@ -60,6 +60,15 @@ def start(command: list[str], directory: Path, attempt: int, env: dict | None = 
     return child.pid, start_time(child.pid)
 
 
+def started_record(directory: Path, attempt: int) -> tuple[int, int | None] | None:
+    """(pid, start time) the attempt's supervisor wrote when it started, or None."""
+    try:
+        record = json.loads(Path(f"{exit_path(directory, attempt)}.started").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return record["pid"], record["start_time"]
+
+
 def exit_path(directory: Path, attempt: int) -> Path:
     return Path(directory) / f"exit-{attempt}.json"
 

@@ -47,6 +47,17 @@ class Scheduler:
     # -- states before running -------------------------------------------------------------------
     def _announce_recovery(self) -> None:
         with self.store.session() as s:
+            # Claimed but with no process recorded: the server died between the claim and storing
+            # the pid. The supervisor's own record tells whether the process started.
+            for job in s.scalars(select(Job).where(Job.devices.is_not(None), Job.pid.is_(None))):
+                started = processes.started_record(Path(job.directory), job.attempt)
+                if started is not None:
+                    job.pid, job.pid_start = started
+                else:
+                    job.devices = None
+                    if job.stop_request is None and job.status == "running":
+                        job.status, job.queue_seq = "queued", self.store.next_queue_seq(s)
+                    self.store.add_event(s, job.id, "Server restarted before the job's process started; re-queued")
             for job in s.scalars(select(Job).where(Job.pid.is_not(None))):
                 alive = processes.is_alive(job.pid, job.pid_start)
                 self.store.add_event(

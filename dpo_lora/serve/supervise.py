@@ -22,6 +22,7 @@ import sys
 def main(argv: list[str]) -> int:
     exit_file, log_file, separator, *command = argv
     assert separator == "--" and command, __doc__
+    _write_json(f"{exit_file}.started", {"pid": os.getpid(), "start_time": _start_time()})
     with open(log_file, "ab", buffering=0) as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         forwarded = False
@@ -36,13 +37,23 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGINT, forward)
         returncode = child.wait()
     _kill_rest_of_group()
-    tmp = f"{exit_file}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump({"returncode": returncode}, handle)
+    _write_json(exit_file, {"returncode": returncode})
+    return 0
+
+
+def _write_json(path: str, value: dict) -> None:
+    """Atomically: a reader sees the whole file or none."""
+    with open(f"{path}.tmp", "w") as handle:
+        json.dump(value, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, exit_file)
-    return 0
+    os.replace(f"{path}.tmp", path)
+
+
+def _start_time() -> int:
+    from dpo_lora.serve.processes import start_time
+
+    return start_time(os.getpid())
 
 
 def _kill_rest_of_group() -> None:

@@ -163,3 +163,33 @@ def test_a_two_rank_job_pauses_at_a_checkpoint_through_deepspeeds_launcher_and_r
     assert f"The job is paused; resume continues from step {stopped_at}" in [
         e.message for e in all_events(client, job.id)
     ]
+
+
+def test_a_job_claimed_but_without_a_recorded_process_is_adopted_or_queued_again(tmp_path):
+    """The server died between claiming a job and storing its pid: the supervisor's own start
+    record decides (adopt the process it names), and without one the job is queued again."""
+    import json
+    import subprocess
+    import sys
+
+    from dpo_lora.serve import processes
+    from dpo_lora.serve.scheduler import Scheduler
+    from dpo_lora.serve.store import Job, Store
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with store.session() as s:
+            for name in ("started", "never-started"):
+                (tmp_path / name).mkdir()
+                s.add(Job(id=name, created_at=1, model="m", training_file="f", hyperparameters={}, seed=1, extra={},
+                          status="running", directory=str(tmp_path / name), devices=["cpu0"], attempt=1))  # fmt: skip
+        record = {"pid": sleeper.pid, "start_time": processes.start_time(sleeper.pid)}
+        (tmp_path / "started" / "exit-1.json.started").write_text(json.dumps(record))
+        Scheduler(store, ["cpu0"], on_gpu=False)._announce_recovery()
+        with store.session() as s:
+            adopted, requeued = s.get(Job, "started"), s.get(Job, "never-started")
+            assert (adopted.status, adopted.pid, adopted.devices) == ("running", sleeper.pid, ["cpu0"])
+            assert (requeued.status, requeued.pid, requeued.devices) == ("queued", None, None)
+    finally:
+        sleeper.kill()
