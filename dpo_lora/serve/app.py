@@ -135,11 +135,11 @@ def _files_routes(api: APIRouter, state: ServerState) -> None:
         query = select(StoredFile)
         if purpose:
             query = query.where(StoredFile.purpose == purpose)
-        key = tuple_(StoredFile.created_at, StoredFile.id)
+        key = tuple_(StoredFile.created_ns, StoredFile.id)
         with state.store.session() as s:
             if after:
                 anchor = s.get(StoredFile, after) or _raise(not_found("file", after))
-                mark = tuple_(anchor.created_at, anchor.id)
+                mark = tuple_(anchor.created_ns, anchor.id)
                 query = query.where(key < mark if order == "desc" else key > mark)
             query = query.order_by(*(c.desc() for c in key.clauses) if order == "desc" else key.clauses)
             found = list(s.scalars(query.limit(_limit(limit) + 1)))
@@ -197,13 +197,13 @@ def _job_routes(api: APIRouter, state: ServerState) -> None:
 
     @api.get("/fine_tuning/jobs")
     def list_jobs(after: str | None = None, limit: int = 20) -> dict:
-        key = tuple_(Job.created_at, Job.id)
+        key = tuple_(Job.created_ns, Job.id)
         query = select(Job)
         with state.store.session() as s:
             if after:
                 anchor = s.get(Job, after) or _raise(not_found("fine-tuning job", after))
-                query = query.where(key < tuple_(anchor.created_at, anchor.id))
-            found = list(s.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(_limit(limit) + 1)))
+                query = query.where(key < tuple_(anchor.created_ns, anchor.id))
+            found = list(s.scalars(query.order_by(Job.created_ns.desc(), Job.id.desc()).limit(_limit(limit) + 1)))
         return wire.page([wire.job_object(j) for j in found[:limit]], len(found) > limit)
 
     @api.get("/fine_tuning/jobs/{job_id}")

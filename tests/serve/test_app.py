@@ -170,3 +170,21 @@ def test_a_second_server_on_the_same_state_dir_or_port_is_refused_in_one_line(se
                                 cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_files_list_by_cursor_read_back_and_delete(servers, tiny_setup):
+    models, config, train, evaluation = tiny_setup
+    client = servers(models, config).client()
+    uploaded = [client.files.create(file=path.open("rb"), purpose="fine-tune") for path in (train, evaluation, train)]
+    first_page = client.files.list(limit=2)
+    assert [f.id for f in first_page.data] == [uploaded[2].id, uploaded[1].id] and first_page.has_more
+    assert [f.id for f in client.files.list(limit=2)] == [f.id for f in reversed(uploaded)]  # across pages
+    assert [f.id for f in client.files.list(order="asc")] == [f.id for f in uploaded]
+    assert client.files.content(uploaded[1].id).content == evaluation.read_bytes()
+    assert uploaded[1].bytes == len(evaluation.read_bytes()) and uploaded[1].filename == "eval.jsonl"
+    deleted = client.files.delete(uploaded[0].id)
+    assert deleted.deleted and deleted.id == uploaded[0].id
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.files.retrieve(uploaded[0].id)
+    assert caught.value.body["code"] == "not_found"
+    assert [f.id for f in client.files.list()] == [uploaded[2].id, uploaded[1].id]
