@@ -137,3 +137,13 @@ def test_rewards_are_detached_and_ipo_requires_lengths():
     assert not chosen.requires_grad and not rejected.requires_grad
     with pytest.raises(ValueError, match="lengths"):
         dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo")
+
+
+def test_ipo_rewards_are_per_token():
+    """IPO compares per-token average log-ratios, and its reported rewards are those too."""
+    (pc, pr, rc, rr), _ = random_logps(6, seed=11)
+    chosen_lengths, rejected_lengths = torch.tensor([3.0, 7, 1, 12, 5, 9]), torch.tensor([4.0, 2, 8, 1, 6, 10])
+    _, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type="ipo", chosen_lengths=chosen_lengths,
+                                   rejected_lengths=rejected_lengths)  # fmt: skip
+    torch.testing.assert_close(chosen, 0.3 * (pc - rc) / chosen_lengths)
+    torch.testing.assert_close(rejected, 0.3 * (pr - rr) / rejected_lengths)

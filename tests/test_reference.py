@@ -42,6 +42,22 @@ def test_precomputed_reference_trains_like_the_online_one_and_is_reused(tiny_mod
     assert [r["loss"] for r in train_rows(again)] == [r["loss"] for r in train_rows(first)]
 
 
+def test_an_init_adapter_reference_with_dropout_trains_the_same_online_and_precomputed(tiny_model_dir, tmp_path):
+    """The reference is the init adapter, whose LoRA dropout must not apply to reference forwards:
+    online (during training) and precomputed (before it) then give the same reference log-probs."""
+    start = tmp_path / "start"
+    train(tiny_config(tiny_model_dir, start, *RUN, "train.max_steps=2"))
+    rows = {}
+    for mode in ("online", "precompute"):
+        out = tmp_path / mode
+        train(tiny_config(tiny_model_dir, out, *RUN, f"dpo.reference={mode}", "lora.dropout=0.2",
+                          f"lora.init_adapter={start / 'adapter'}"))  # fmt: skip
+        rows[mode] = train_rows(out)
+    for row, want in zip(rows["precompute"], rows["online"], strict=True):
+        for name in ("loss", "rewards/chosen", "rewards/rejected", "grad_norm"):
+            assert row[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), (row["step"], name)
+
+
 def test_the_fingerprint_follows_what_the_reference_depends_on(tiny_model_dir, tmp_path):
     from dpo_lora.model import load_tokenizer
     from dpo_lora.prepare import prepare_splits
