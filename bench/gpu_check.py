@@ -16,7 +16,7 @@ WORK = REPO / "runs" / "gpu-check"
 BASE = ["configs/demo.yaml", "--overwrite", "model.dtype=bfloat16", "train.max_steps=20", "train.log_every=5"]
 CUDA_TESTS = [  # tests whose engines, models and kernels run on the GPU when one is present
     "tests/test_step.py", "tests/test_trainer.py", "tests/test_guards.py", "tests/test_checkpoint.py",
-    "tests/test_chunked_logps.py", "tests/test_prompt_sharing.py", "tests/test_model.py",
+    "tests/test_chunked_logps.py", "tests/test_layout.py", "tests/test_model.py",
 ]  # fmt: skip
 
 

@@ -221,7 +221,7 @@ def _text_config(config):
 
 
 def _activations(config, text_config) -> tuple[dict[str, int], int, int]:
-    from dpo_lora.prompt_sharing import unsupported_reason
+    from dpo_lora.layout import unsupported_reason
 
     # The layout training will use (dpo_lora.layout.batch_layout decides it the same way).
     reason = unsupported_reason(SimpleNamespace(config=text_config), config.data.max_length)

@@ -28,8 +28,8 @@ def self_check(engine, features: list[dict], collate, pad_token_id: int, device)
     from dpo_lora import chunked_logps
     from dpo_lora.distributed import all_reduce_sum
     from dpo_lora.evaluation import to_device
+    from dpo_lora.layout import collate_pairs
     from dpo_lora.model import reference_mode
-    from dpo_lora.tokenization import collate_pairs
 
     model = engine.module
     features = features[:PAIRS]

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from dpo_lora.chunked_logps import scoring
+from dpo_lora.layout import attention_bias
 from dpo_lora.logprobs import sum_by_sequence, token_logps_at
 from dpo_lora.losses import dpo_loss
 from dpo_lora.model import reference_mode
-from dpo_lora.prompt_sharing import attention_bias
 
 
 def forward_inputs(batch: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's keyword inputs for a collated batch of any layout (dpo_lora.tokenization)."""
+    """The model's keyword inputs for a collated batch of any layout (dpo_lora.layout)."""
     if "branch" in batch:  # shared prompt: the branch mask and restarted positions
         mask = attention_bias(batch["branch"], dtype)
         return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}

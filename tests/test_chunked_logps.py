@@ -53,8 +53,8 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_on_the_model_it_equals_plain_logits_in_values_and_lora_gradients(tiny_model_dir, tiny_tokenizer, dtype):
     from dpo_lora.config import LoraConfig, ModelConfig
+    from dpo_lora.layout import collate_pairs
     from dpo_lora.model import attach_adapter, load_base
-    from dpo_lora.tokenization import collate_pairs
 
     torch.manual_seed(0)
     model = attach_adapter(

@@ -92,7 +92,7 @@ def test_readme_config_table_matches_the_config_tree():
 
 
 def test_every_varlen_kernel_can_be_configured():
-    from dpo_lora.tokenization import VARLEN_KERNELS
+    from dpo_lora.layout import VARLEN_KERNELS
 
     for kernel in VARLEN_KERNELS:  # pack_sequences runs only on these, so each must be choosable
         assert load_config(None, [f"model.attn_implementation={kernel}"]).model.attn_implementation == kernel

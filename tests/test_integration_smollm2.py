@@ -66,11 +66,11 @@ def test_single_process_trains_and_the_adapter_reloads_with_peft(smollm2, tmp_pa
     # exactly as the trainer did at the end of training.
     from torch.utils.data import DataLoader
 
+    from dpo_lora.layout import collate_pairs
     from dpo_lora.model import load_tokenizer
     from dpo_lora.prepare import prepare_splits
     from dpo_lora.runs import load_policy
     from dpo_lora.step import preference_step
-    from dpo_lora.tokenization import collate_pairs
 
     config = load_config(out / "config.yaml")
     tokenizer = load_tokenizer(config.model)

@@ -7,9 +7,9 @@ import math
 import torch
 
 from dpo_lora.config import DpoConfig, LoraConfig, ModelConfig
+from dpo_lora.layout import collate_pairs
 from dpo_lora.model import attach_adapter, load_base
 from dpo_lora.step import preference_step
-from dpo_lora.tokenization import collate_pairs
 
 
 def batch_of(vocab: int) -> dict:
