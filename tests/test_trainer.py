@@ -80,7 +80,7 @@ def test_training_writes_metrics_adapter_and_config_and_improves(tiny_model_dir,
     assert [r["step"] for r in rows if "loss" in r] == [3, 6, 9, 12]
     expected_keys = {
         "step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-        "logps/chosen", "logps/rejected", "lr", "grad_norm", "pairs_per_s", "tokens_per_s",
+        "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens", "pairs_per_s", "tokens_per_s",
         "pairs_per_s_per_rank", "world_size", "global_batch", "peak_memory_gb",
     }  # fmt: skip
     assert all(set(r) == expected_keys for r in rows if "loss" in r)
