@@ -73,3 +73,24 @@ def test_self_check_turns_off_prompt_sharing_for_alibi_then_trains_like_the_plai
     assert "self-check: train.share_prompt off for BloomForCausalLM" in capsys.readouterr().err
     plain = logged(bloom_dir, tmp_path / "plain", *PLAIN)
     assert checked == pytest.approx(plain, rel=1e-4, abs=1e-5)
+
+
+class HeadOnly(torch.nn.Module):
+    """Just what the static check reads: a config and a plain linear LM head."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config, self.head = config, torch.nn.Linear(8, 16, bias=False)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_the_static_check_reads_falcon_h1_multipliers_and_softcaps_under_text_config():
+    from transformers import FalconH1Config, Gemma3Config
+
+    assert chunked_logps._head(HeadOnly(FalconH1Config())) is not None  # multiplier 1: the plain head
+    assert chunked_logps._head(HeadOnly(FalconH1Config(lm_head_multiplier=0.5))) is None
+    assert chunked_logps._head(HeadOnly(Gemma3Config())) is not None
+    softcapped = Gemma3Config(text_config={"final_logit_softcapping": 30.0})
+    assert chunked_logps._head(HeadOnly(softcapped)) is None  # found under text_config
