@@ -150,6 +150,9 @@ class Store:
         self.engine = create_engine(url, connect_args={"timeout": 30} if sqlite else {}, pool_pre_ping=not sqlite)
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            # Every transaction takes SQLite's write lock when it begins, so a read-modify-write
+            # (cancel a job the scheduler is claiming, the next queue position) is never interleaved.
+            event.listen(self.engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -187,6 +190,7 @@ class Store:
 
 
 def _sqlite_pragmas(connection, _record) -> None:
+    connection.isolation_level = None  # transactions are begun by the "begin" listener, not by pysqlite
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
     cursor.execute("PRAGMA synchronous=FULL")  # a committed change survives a power cut
