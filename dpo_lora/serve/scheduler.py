@@ -18,7 +18,8 @@ from pathlib import Path
 from sqlalchemy import select
 
 from dpo_lora.serve import processes, runfiles
-from dpo_lora.serve.store import Checkpoint, Export, File, Job, Store, new_id, now
+from dpo_lora.serve.store import Checkpoint, Event, Export, File, Job, Store, new_id, now
+from dpo_lora.serve.wire import fine_tuned_name
 
 MAX_ATTEMPTS = 3  # a job whose process dies this many times without finishing fails
 
@@ -255,14 +256,8 @@ class Scheduler:
                         export.error = {"code": "export_failed", "param": None, "message": message}
 
 
-def fine_tuned_name(job: Job) -> str:
-    suffix = f":{job.suffix}" if job.suffix else ""
-    return f"ft:{job.model}:dpo-lora{suffix}:{job.id.removeprefix('ftjob-')[:8]}"
-
-
 def _metrics_events(job_id: str):
-    from dpo_lora.serve.store import Event
-
+    """The job's newest metrics events (where a checkpoint's and an eval's rows are looked up)."""
     return select(Event).where(Event.job_id == job_id, Event.type == "metrics").order_by(Event.seq.desc()).limit(50)
 
 

@@ -29,7 +29,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-ACTIVE = ("validating_files", "queued", "running")  # statuses a job can still leave
 FINAL = ("succeeded", "failed", "cancelled")
 
 

@@ -102,8 +102,14 @@ def event_object(event: Event) -> dict:
     }  # fmt: skip
 
 
+def fine_tuned_name(job: Job) -> str:
+    """`ft:BASE:dpo-lora[:SUFFIX]:ID`, the shape of OpenAI's fine-tuned model names."""
+    suffix = f":{job.suffix}" if job.suffix else ""
+    return f"ft:{job.model}:dpo-lora{suffix}:{job.id.removeprefix('ftjob-')[:8]}"
+
+
 def checkpoint_object(checkpoint: Checkpoint, job: Job) -> dict:
-    model = job.fine_tuned_model or f"ft:{job.model}:dpo-lora:{job.id.removeprefix('ftjob-')[:8]}"
+    model = job.fine_tuned_model or fine_tuned_name(job)
     return {
         "id": checkpoint.id, "object": "fine_tuning.job.checkpoint", "created_at": checkpoint.created_at,
         "fine_tuning_job_id": job.id, "step_number": checkpoint.step_number, "metrics": checkpoint.metrics,
