@@ -45,6 +45,8 @@ def init_distributed() -> DistInfo:
     invented = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     invented = {key: value for key, value in invented.items() if key not in os.environ}
     os.environ.update(invented)
+    if os.environ["WORLD_SIZE"] == "1":
+        _skip_shared_memory_allreduce()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     for key in invented:  # processes started later must not inherit a port this one holds
         del os.environ[key]
@@ -60,6 +62,18 @@ def init_distributed() -> DistInfo:
         world_size=int(os.environ["WORLD_SIZE"]),
         device=device,
     )
+
+
+def _skip_shared_memory_allreduce() -> None:
+    """A world of one never reduces across processes, yet DeepSpeed's CPU backend JIT-compiles its
+    shared-memory allreduce kernel at every start: ~55 s on a fresh install (2 cores), ~4 s after.
+    Its backend falls back to torch.distributed when the kernel is absent, as on GPUs."""
+    import importlib
+
+    # By name: the package's `torch` attribute is PyTorch itself, which `import ... as` would bind.
+    torch_comm = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(torch_comm, "build_shm_op"):
+        torch_comm.build_shm_op = lambda: None
 
 
 def peak_memory_bytes() -> int:

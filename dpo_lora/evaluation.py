@@ -7,7 +7,7 @@ import math
 import torch
 
 from dpo_lora.metrics import MetricWindow
-from dpo_lora.step import preference_step
+from dpo_lora.step import pair_losses, preference_step, reference_logps
 
 
 class EvalShard(torch.utils.data.Dataset):
@@ -31,14 +31,23 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def evaluate(engine, loader, dpo_config, device) -> dict[str, float]:
-    """Pair metrics over the whole eval set (all ranks), named `eval/...`."""
+def evaluate(engine, loader, dpo_config, device, policy_is_reference: bool = False) -> dict[str, float]:
+    """Pair metrics over the whole eval set (all ranks), named `eval/...`.
+
+    `policy_is_reference`: the policy computes the reference's function (a run's first step, whose
+    adapter is the reference's: zero LoRA B, or the init adapter), so its log-probs are the
+    reference's and one forward per batch (none with precomputed reference scores) gives them.
+    """
     engine.eval()
     window = MetricWindow()
     with torch.no_grad():
         for batch in loader:
             batch = to_device(batch, device)
-            _, stats = preference_step(engine, batch, dpo_config)
+            if policy_is_reference and not dpo_config.reference_free:
+                ref_logps = reference_logps(engine, batch, dpo_config)
+                _, stats = pair_losses(ref_logps, ref_logps, batch["completion_lengths"], dpo_config)
+            else:
+                _, stats = preference_step(engine, batch, dpo_config)
             window.add(stats, tokens=int(batch["attention_mask"].sum()), weight=batch["weight"])
     engine.train()
     reduced = window.reduce()

@@ -1,4 +1,5 @@
-"""Reference log-probs computed once (`dpo.reference: precompute`).
+"""Reference log-probs computed once: the eval set's always, the training set's with
+`dpo.reference: precompute`.
 
 The reference is the frozen base (or the frozen initial adapter), so each training pair's
 reference score never changes: compute it once, with no grad, and cache it on disk under a

@@ -22,6 +22,7 @@ from dpo_lora.evaluation import EvalShard, evaluate
 from dpo_lora.guards import NumericGuard, SkippableAdamW
 from dpo_lora.layout import batch_layout
 from dpo_lora.metrics import MetricsWriter, MetricWindow
+from dpo_lora.reference import with_reference_logps
 from dpo_lora.self_check import self_check
 
 
@@ -55,8 +56,8 @@ class Run:
     def bco_delta(self) -> float:
         return self.reward_sums[0] / self.reward_sums[1] if self.reward_sums[1] else 0.0
 
-    def evaluate(self) -> dict:
-        return evaluate(self.engine, self.eval_loader, self.config.dpo, self.dist.device)
+    def evaluate(self, policy_is_reference: bool = False) -> dict:
+        return evaluate(self.engine, self.eval_loader, self.config.dpo, self.dist.device, policy_is_reference)
 
     def save_adapter(self, folder: Path) -> None:
         """The PEFT adapter (and tokenizer) as `PeftModel.from_pretrained` reads it; every rank calls it."""
@@ -115,12 +116,13 @@ def setup_run(config: Config) -> Run:
     for notice in notices if dist.is_main else []:
         print(f"dpo-lora: {notice}", file=sys.stderr)
     eval_loader = None
+    if eval_set is not None and not config.dpo.reference_free:
+        # Every eval scores the same pairs against the same reference: score them once (cached).
+        eval_set = with_reference_logps(engine, eval_set, config, collate, dist)
     if eval_set is not None:
         eval_shard = EvalShard(eval_set, dist.rank, dist.world_size)
         eval_loader = torch.utils.data.DataLoader(eval_shard, batch_size=train_cfg.eval_batch_size, collate_fn=collate)
     if config.dpo.reference == "precompute" and not config.dpo.reference_free:
-        from dpo_lora.reference import with_reference_logps
-
         batches.dataset = with_reference_logps(engine, train_set, config, collate, dist)
     run = Run(
         config=config, dist=dist, output_dir=output_dir, ds_config=ds_config, tokenizer=tokenizer, batches=batches,
@@ -146,7 +148,8 @@ def _resume_or_begin(run: Run, resume_from: Path | None) -> None:
     if run.dist.is_main:
         (run.output_dir / "config.yaml").write_text(dump_yaml(run.config))
     if run.eval_loader is not None:
-        run.results["before"] = run.evaluate()
+        # Before any update the policy is the reference (zero LoRA B, or the init adapter itself).
+        run.results["before"] = run.evaluate(policy_is_reference=True)
         run.log({"step": 0, "epoch": 0.0, **run.results["before"]})
 
 

@@ -14,10 +14,11 @@ import torch
 from dpo_lora.errors import UserError
 
 
-def read_prompts(path: str, tokenizer) -> list[str]:
-    """Prompt texts from a .txt file (one per line) or a .jsonl file with a `prompt` field (a
-    string, used as is, or chat messages). Plain lines are user messages when the tokenizer has a
-    chat template."""
+def read_prompts(path: str, tokenizer) -> list[tuple[str, str]]:
+    """(shown, rendered) prompts from a .txt file (one per line) or a .jsonl file with a `prompt`
+    field (a string, used as is, or chat messages). Plain lines are user messages when the tokenizer
+    has a chat template. `rendered` is what the model sees; `shown` is what a person wrote (the last
+    user message of a chat), without the template's system prompt and special tokens."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--prompts: file not found: {path}")
@@ -33,9 +34,12 @@ def read_prompts(path: str, tokenizer) -> list[str]:
                 raise UserError(f"{path}: row {number}: expected a JSON object with a 'prompt'") from None
         else:
             prompt = [{"role": "user", "content": line}] if chat else line
+        shown = prompt
         if isinstance(prompt, list):
+            users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+            shown = users[-1] if users and isinstance(users[-1], str) else json.dumps(prompt)
             prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        prompts.append(prompt)
+        prompts.append((shown, prompt))
     if not prompts:
         raise UserError(f"{path}: no prompts")
     return prompts
@@ -89,7 +93,7 @@ def generate_run(source: str, prompts_file: str, *, n: int = 4, temperature: flo
     reward_fn = load_reward(reward) if reward else None
     tokenizer.padding_side = "left"
     eos = tokenizer.eos_token_id
-    texts = read_prompts(prompts_file, tokenizer)
+    shown_texts, texts = map(list, zip(*read_prompts(prompts_file, tokenizer), strict=True))
     rows, kl_terms, wins = [], [], []
     torch.manual_seed(seed)
     kwargs = dict(do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens, num_return_sequences=n,
@@ -109,8 +113,8 @@ def generate_run(source: str, prompts_file: str, *, n: int = 4, temperature: flo
         policy_texts = tokenizer.batch_decode(policy_seqs[:, width:], skip_special_tokens=True)
         reference_texts = tokenizer.batch_decode(reference_seqs[:, width:], skip_special_tokens=True)
         for i, prompt in enumerate(chunk):
-            row = {"prompt": prompt, "policy": policy_texts[i * n : (i + 1) * n],
-                   "reference": reference_texts[i * n : (i + 1) * n]}  # fmt: skip
+            row = {"prompt": prompt, "prompt_text": shown_texts[start + i],
+                   "policy": policy_texts[i * n : (i + 1) * n], "reference": reference_texts[i * n : (i + 1) * n]}  # fmt: skip
             if reward_fn is not None:
                 row["policy_rewards"] = [float(reward_fn(text)) for text in row["policy"]]
                 row["reference_rewards"] = [float(reward_fn(text)) for text in row["reference"]]
@@ -137,7 +141,7 @@ def side_by_side(result: dict, prompts: int = 3, width: int = 100) -> str:
     column = (width - 3) // 2
     blocks = []
     for row in result["samples"][:prompts]:
-        prompt = " ".join(row["prompt"].split())
+        prompt = " ".join(row.get("prompt_text", row["prompt"]).split())
         lines = textwrap.wrap(f"prompt: {prompt}", width) or ["prompt:"]
         heads = []
         for side in ("reference", "policy"):

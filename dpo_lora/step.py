@@ -45,17 +45,24 @@ def preference_step(model, batch: dict, dpo_config, bco_delta: float = 0.0) -> t
 
     `model` is the DeepSpeed engine (or a PeftModel); its PEFT module provides the reference.
     """
-    peft_model = getattr(model, "module", model)
-    if dpo_config.reference_free:
-        ref_logps = torch.zeros(batch["completion_lengths"].shape, device=batch["input_ids"].device)
-    elif "reference_logps" in batch:  # precomputed once (dpo_lora.reference)
-        ref_logps = batch["reference_logps"]
-    else:
-        # Reference first: its activations are freed before the policy's graph is built.
-        with torch.no_grad(), reference_mode(peft_model):
-            ref_logps, _ = concatenated_logps(model, batch)
+    ref_logps = reference_logps(model, batch, dpo_config)
     policy_logps, lengths = concatenated_logps(model, batch)
+    return pair_losses(policy_logps, ref_logps, lengths, dpo_config, bco_delta)
 
+
+def reference_logps(model, batch: dict, dpo_config) -> torch.Tensor:
+    """Reference log-probs [2B] (chosen then rejected): zero, precomputed, or a no-grad forward."""
+    if dpo_config.reference_free:
+        return torch.zeros(batch["completion_lengths"].shape, device=batch["input_ids"].device)
+    if "reference_logps" in batch:  # precomputed once (dpo_lora.reference)
+        return batch["reference_logps"]
+    # Reference first: its activations are freed before the policy's graph is built.
+    with torch.no_grad(), reference_mode(getattr(model, "module", model)):
+        return concatenated_logps(model, batch)[0]
+
+
+def pair_losses(policy_logps, ref_logps, lengths, dpo_config, bco_delta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The mean loss and per-pair statistics ([B]) from log-probs and lengths [2B], chosen first."""
     n = policy_logps.shape[0] // 2
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy_logps[:n],

@@ -100,6 +100,29 @@ def test_every_collective_of_the_trainer_runs_on_the_ranks_device(two_rank_world
     assert len(two_rank_world_on) == len(callers)
 
 
+def test_a_world_of_one_starts_without_compiling_the_shared_memory_allreduce():
+    """One rank has nothing to reduce across processes; the kernel's JIT build cost ~55 s per fresh
+    install. The process group still works (a collective runs) without it."""
+    code = (
+        "import importlib, torch, deepspeed.comm\n"
+        "from dpo_lora.distributed import init_distributed\n"
+        "info = init_distributed()\n"
+        "cdb = importlib.import_module('deepspeed.comm.comm').cdb\n"
+        "value = torch.tensor([2.0])\n"
+        "deepspeed.comm.all_reduce(value)  # DeepSpeed's own collective, through its backend\n"
+        "print('shm', cdb.shm_comm_op, info.world_size, float(value[0]))\n"
+    )
+    env = venv_env()
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "shm None 1 2.0" in result.stdout
+    assert "built successfully" not in result.stdout + result.stderr
+
+
 def test_gathered_is_a_no_op_for_unpartitioned_parameters():
     weight = torch.nn.Parameter(torch.arange(4.0))
     with gathered([weight]):

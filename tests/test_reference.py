@@ -11,7 +11,7 @@ import torch
 import dpo_lora.reference as reference_module
 from dpo_lora.trainer import train
 
-from .test_trainer import tiny_config, train_rows
+from .test_trainer import read_metrics, tiny_config, train_rows
 
 RUN = ["train.max_steps=4", "train.micro_batch_size=2", "train.grad_accum=2", "data.eval=null", "train.log_every=1"]
 
@@ -116,3 +116,22 @@ def test_rank_0_decides_whether_the_reference_cache_is_used(tmp_path, cached_on)
         assert report["computed"] == (cached_on != "rank 0")
         assert report["logps"] == [[expected_value] * 2] * 3
     assert (dirs[0] / "ref.safetensors").is_file()  # rank 0 caches what it computed
+
+
+def test_eval_reference_scores_are_computed_once_and_reused(tiny_model_dir, tmp_path, monkeypatch):
+    """Every eval of a run, and every run on the same eval set, reads one cached reference scoring."""
+    monkeypatch.setenv("DPO_LORA_CACHE", str(tmp_path / "cache"))
+    run = ["train.max_steps=2", "train.micro_batch_size=2", "train.eval_every=1", "train.log_every=1"]
+    first = tmp_path / "first"
+    train(tiny_config(tiny_model_dir, first, *run))
+    assert len(list((tmp_path / "cache" / "reference").glob("*.safetensors"))) == 1
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("eval reference log-probs recomputed despite the cache")
+
+    monkeypatch.setattr(reference_module, "compute_reference_logps", no_forward)
+    again = tmp_path / "again"
+    train(tiny_config(tiny_model_dir, again, *run))
+    evals = [[row for row in read_metrics(out) if "eval/loss" in row] for out in (first, again)]
+    assert len(evals[0]) == 3 and evals[0] == evals[1]  # before, step 1, step 2
+    assert evals[0][-1]["eval/loss"] != evals[0][0]["eval/loss"]  # the policy moved: evals are not all the same

@@ -43,6 +43,8 @@ def test_generate_writes_samples_rewards_and_kl(trained_run, tmp_path):  # noqa:
         assert row["policy_rewards"] == [float(len(t)) for t in row["policy"]]
     assert json.loads((tmp_path / "g.json").read_text()) == result
     assert result["samples"][0]["prompt"].endswith("<|im_start|>assistant\n"), "chat prompts use the template"
+    shown = [row["prompt_text"] for row in result["samples"]]
+    assert shown == ["Continue this movie review with one sentence", "The plot was"], "people read their own text"
 
 
 def test_bad_reward_and_prompts_are_user_errors(tmp_path):
@@ -85,6 +87,7 @@ def test_cli_generate_shows_samples_side_by_side_and_eval_and_export_are_quiet(t
     samples = json.loads((tmp_path / "g.json").read_text())["samples"]
     assert shown.count("reference (reward ") == 2 and shown.count("| policy (reward ") == 2
     assert all(len(line) <= 100 for line in shown.splitlines())
+    assert "prompt: Continue this movie review with one sentence" in shown and "<|im_start|>" not in shown
     first_policy = " ".join(samples[0]["policy"][0].split())
     right_column = " ".join(
         line.split(" | ", 1)[1] for line in shown.splitlines()[3:] if " | " in line and line[0] != "-"
