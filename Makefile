@@ -10,6 +10,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: a CPU wheel here, the matching CUDA wheel elsewhere.
 	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[plot,demo]"
+	touch $@
+
+# The tests also need the service's packages and the test tools (the demo does not wait for them).
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[test,plot,demo,serve]"
 	touch $@
 
@@ -25,7 +30,7 @@ demo: setup $(MODEL_DIR)/.dpo-lora-complete
 	$(VENV)/bin/dpo-lora generate runs/demo --prompts data/sentiment/eval.jsonl --n 1 --max-new-tokens 32 --batch-size 64 \
 		--reward data.sentiment_scorer:score
 
-test: setup $(MODEL_DIR)/.dpo-lora-complete
+test: $(VENV)/.installed-test $(MODEL_DIR)/.dpo-lora-complete
 	$(VENV)/bin/ruff check dpo_lora tests data bench && $(VENV)/bin/ruff format --check dpo_lora tests data bench
 	$(PY) -m pytest -q -p no:cacheprovider
 
@@ -39,7 +44,7 @@ bench: setup $(MODEL_DIR)/.dpo-lora-complete
 scale: setup
 	$(PY) bench/scale.py --geometry $(or $(GEOMETRY),llama2-7b)
 
-lint: setup
+lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check dpo_lora tests data bench && $(VENV)/bin/ruff format --check dpo_lora tests data bench
 
 clean:
