@@ -22,8 +22,10 @@ def _cmd_train(args) -> int:
         overrides.append("overwrite=true")
     config = load_config(args.config, overrides)
     results = train(config)
-    if "before" in results and "after" in results and _is_main_rank():
-        print(_before_after_table(results["before"], results["after"]))
+    if _is_main_rank():
+        if "before" in results and "after" in results:
+            print(_before_after_table(results["before"], results["after"]))
+        print(f"dpo-lora: the adapter is in {config.output_dir}/adapter")
     return 0
 
 

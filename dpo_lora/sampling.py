@@ -74,9 +74,33 @@ def completion_logps(model, prompt_mask: torch.Tensor, sequences: torch.Tensor, 
     labels[:, :prompt_length] = IGNORE_INDEX
     labels[:, prompt_length:][after_eos] = IGNORE_INDEX
     positions = (attention.cumsum(1) - 1).clamp(min=0)  # as generate() numbered them under left padding
+    # Only the generated tokens are scored: the LM head runs on the last G + 1 positions (whose
+    # logits predict them), not on the prompt's (a third of the head's work on the demo).
+    keep = generated.shape[1] + 1
     with torch.no_grad():
-        logits = model(input_ids=sequences, attention_mask=attention, position_ids=positions).logits
-    return sequence_logps(logits, labels)[0]
+        logits = model(
+            input_ids=sequences, attention_mask=attention, position_ids=positions, logits_to_keep=keep
+        ).logits
+    return sequence_logps(logits, labels[:, -keep:])[0]
+
+
+def sample_both(model, prompts: dict, n: int, **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` samples per prompt from the policy and from the reference, in one generate call: PEFT runs
+    each row with its own adapter (policy rows: the adapter; reference rows: none, or the init
+    adapter), so both share every decoding step (on the demo, half the sampling time of two calls).
+
+    prompts: input_ids / attention_mask [b, P], left-padded. Returns two [b*n, P+G] tensors.
+    """
+    from dpo_lora.model import POLICY_ADAPTER, REFERENCE_ADAPTER
+
+    reference = REFERENCE_ADAPTER if REFERENCE_ADAPTER in model.peft_config else "__base__"
+    rows = {key: value.repeat_interleave(n, dim=0) for key, value in prompts.items()}
+    count = rows["input_ids"].shape[0]
+    both = {key: torch.cat([value, value]) for key, value in rows.items()}
+    with torch.no_grad():
+        sequences = model.generate(**both, adapter_names=[POLICY_ADAPTER] * count + [reference] * count,
+                                   **generate_kwargs)  # fmt: skip
+    return sequences[:count], sequences[count:]
 
 
 def generate_run(source: str, prompts_file: str, *, n: int = 4, temperature: float = 1.0, max_new_tokens: int = 64,
@@ -96,17 +120,15 @@ def generate_run(source: str, prompts_file: str, *, n: int = 4, temperature: flo
     shown_texts, texts = map(list, zip(*read_prompts(prompts_file, tokenizer), strict=True))
     rows, kl_terms, wins = [], [], []
     torch.manual_seed(seed)
-    kwargs = dict(do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                  pad_token_id=eos, eos_token_id=eos, use_cache=True)  # fmt: skip
+    kwargs = dict(do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens, pad_token_id=eos,
+                  eos_token_id=eos, use_cache=True)  # fmt: skip
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         prompts = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         mask = prompts["attention_mask"]
-        with torch.no_grad():
-            policy_seqs = model.generate(**prompts, **kwargs)
-            with reference_mode(model):
-                reference_seqs = model.generate(**prompts, **kwargs)
-                reference_logps_of_policy = completion_logps(model, mask, policy_seqs, eos)
+        policy_seqs, reference_seqs = sample_both(model, prompts, n, **kwargs)
+        with reference_mode(model):
+            reference_logps_of_policy = completion_logps(model, mask, policy_seqs, eos)
         # Samples come from the policy, so the mean log-ratio estimates KL(policy || reference).
         kl_terms.append(completion_logps(model, mask, policy_seqs, eos) - reference_logps_of_policy)
         width = mask.shape[1]

@@ -119,3 +119,67 @@ def test_left_padded_batch_scores_each_sample_as_alone(tiny_tokenizer):
         own = torch.cat([sequences[2 * i : 2 * i + 2, width - real : width], sequences[2 * i : 2 * i + 2, width:]], 1)
         expected = completion_logps(model, alone["attention_mask"], own, eos)
         torch.testing.assert_close(batched[2 * i : 2 * i + 2], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scoring_only_the_generated_positions_equals_scoring_every_position(tiny_tokenizer):
+    """completion_logps keeps logits for the generated tail only; the full-logits sum is the oracle."""
+    import torch
+
+    from dpo_lora.logprobs import IGNORE_INDEX, sequence_logps
+    from dpo_lora.sampling import completion_logps
+
+    from .conftest import build_tiny_model
+
+    model = build_tiny_model(len(tiny_tokenizer)).eval()
+    eos = tiny_tokenizer.eos_token_id
+    tiny_tokenizer.padding_side = "left"
+    batch = tiny_tokenizer(["The plot was", "Continue this movie review"], return_tensors="pt", padding=True,
+                           add_special_tokens=False)  # fmt: skip
+    torch.manual_seed(1)
+    sequences = model.generate(**batch, do_sample=True, max_new_tokens=7, num_return_sequences=1, pad_token_id=eos)
+    width = batch["input_ids"].shape[1]
+    attention = torch.cat([batch["attention_mask"], torch.ones_like(sequences[:, width:])], dim=1)
+    labels = sequences.clone()
+    labels[:, :width] = IGNORE_INDEX
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(input_ids=sequences, attention_mask=attention, position_ids=positions).logits
+    expected = sequence_logps(full.double(), labels)[0].double()
+    assert not (sequences[:, width:] == eos).any(), "the oracle above assumes no early EOS in these samples"
+    scored = completion_logps(model, batch["attention_mask"], sequences, eos).double()
+    torch.testing.assert_close(scored, expected, rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("reference", ["base", "init_adapter"])
+def test_one_mixed_generate_call_equals_separate_policy_and_reference_calls(tiny_tokenizer, reference):
+    """sample_both runs policy and reference rows in one batch (a PEFT adapter per row); greedy
+    decoding makes the oracle exact: the policy alone, then the reference alone."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from dpo_lora.model import REFERENCE_ADAPTER, reference_mode
+    from dpo_lora.sampling import sample_both
+
+    from .conftest import build_tiny_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(build_tiny_model(len(tiny_tokenizer)), lora)
+    if reference == "init_adapter":
+        model.add_adapter(REFERENCE_ADAPTER, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                        init_lora_weights=False))  # fmt: skip
+        model.set_adapter("default")
+    model.eval()
+    eos = tiny_tokenizer.eos_token_id
+    tiny_tokenizer.padding_side = "left"
+    prompts = tiny_tokenizer(["The plot was", "Continue this movie review with one sentence"], return_tensors="pt",
+                             padding=True, add_special_tokens=False)  # fmt: skip
+    greedy = dict(do_sample=False, max_new_tokens=6, pad_token_id=eos)
+    policy, reference_samples = sample_both(model, dict(prompts), 2, **greedy)
+    rows = {key: value.repeat_interleave(2, dim=0) for key, value in prompts.items()}
+    with torch.no_grad():
+        alone = model.generate(**rows, **greedy)
+        with reference_mode(model):
+            reference_alone = model.generate(**rows, **greedy)
+    assert not torch.equal(alone, reference_alone), "policy and reference differ: the comparison can fail"
+    assert torch.equal(policy, alone) and torch.equal(reference_samples, reference_alone)
