@@ -82,6 +82,14 @@ def evaluate_run(source: str, data: str | None = None, batch_size: int = 8, out:
     # Scored as in training: prompt shared where the model allows, LM head on completions only.
     chunked_logps.install(model, config.train.logps_chunk_size)
     collate, _ = batch_layout(config, model, tokenizer.pad_token_id)
+    if not config.dpo.reference_free:
+        from dpo_lora.distributed import DistInfo
+        from dpo_lora.reference import with_reference_logps
+
+        # The reference never changes: scored once per eval set and cached (as training's evals
+        # are), so evaluating several checkpoints of a run costs one policy forward each.
+        one_process = DistInfo(rank=0, local_rank=0, world_size=1, device=model.device)
+        pairs = with_reference_logps(model, pairs, config, collate, one_process)
     report = {"data": data, **pair_report(model, pairs, collate, config.dpo, batch_size)}
     target = Path(out) if out else Path(source) / "eval.json"
     if target.parent.is_dir():

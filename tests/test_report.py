@@ -46,3 +46,24 @@ def test_eval_on_other_data_and_a_checkpoint(trained_run, tmp_path):
     data.write_text("".join(SENTIMENT_EVAL.read_text().splitlines(keepends=True)[:5]))
     report = evaluate_run(str(out / "checkpoints" / "step-00000008"), data=str(data), out=str(tmp_path / "r.json"))
     assert report["pairs"] == 5 and (tmp_path / "r.json").is_file()
+
+
+def test_eval_reads_the_reference_scores_training_cached(trained_run, tmp_path, monkeypatch):
+    """The run's evals scored the eval set's reference once; `dpo-lora eval` reads that, and equals
+    an eval that scores the reference itself (fresh cache)."""
+    import dpo_lora.reference as reference_module
+
+    out, _ = trained_run
+    real = reference_module.compute_reference_logps
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("reference log-probs recomputed despite the cache")
+
+    monkeypatch.setattr(reference_module, "compute_reference_logps", refuse)
+    cached = evaluate_run(str(out), out=str(tmp_path / "cached.json"))
+    monkeypatch.setattr(reference_module, "compute_reference_logps", real)
+    monkeypatch.setenv("DPO_LORA_CACHE", str(tmp_path / "fresh-cache"))
+    fresh = evaluate_run(str(out), out=str(tmp_path / "fresh.json"))
+    assert list((tmp_path / "fresh-cache" / "reference").glob("*.safetensors")), "the fresh eval cached its scores"
+    for key, value in fresh.items():
+        assert cached[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-5, abs=1e-6)), key
