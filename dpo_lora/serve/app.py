@@ -214,7 +214,7 @@ def _job_routes(api: APIRouter, state: ServerState) -> None:
     @api.post("/fine_tuning/jobs/{job_id}/cancel")
     def cancel_job(job_id: str) -> dict:
         with state.store.session() as s:
-            job = _job(s, job_id)
+            job = _job(s, job_id, for_update=True)
             if job.status in FINAL:
                 raise ApiError(400, f"Job {job_id} has already {job.status}", param="fine_tuning_job_id")
             if job.devices is not None:
@@ -226,7 +226,7 @@ def _job_routes(api: APIRouter, state: ServerState) -> None:
     @api.post("/fine_tuning/jobs/{job_id}/pause")
     def pause_job(job_id: str) -> dict:
         with state.store.session() as s:
-            job = _job(s, job_id)
+            job = _job(s, job_id, for_update=True)
             if job.status == "running" and job.stop_request is None:
                 job.stop_request = "pause"  # ends in `paused` once the checkpoint is written
                 state.store.add_event(s, job.id, "Pause requested: the job checkpoints at its next step")
@@ -241,7 +241,7 @@ def _job_routes(api: APIRouter, state: ServerState) -> None:
     @api.post("/fine_tuning/jobs/{job_id}/resume")
     def resume_job(job_id: str) -> dict:
         with state.store.session() as s:
-            job = _job(s, job_id)
+            job = _job(s, job_id, for_update=True)
             if job.status != "paused":
                 raise ApiError(400, f"Job {job_id} is {job.status}; only a paused job can be resumed",
                                param="fine_tuning_job_id")  # fmt: skip
@@ -272,8 +272,10 @@ def _job_routes(api: APIRouter, state: ServerState) -> None:
             return wire.page([wire.checkpoint_object(c, job) for c in found[:limit]], len(found) > limit)
 
 
-def _job(s, job_id: str) -> Job:
-    return s.get(Job, job_id) or _raise(not_found("fine-tuning job", job_id))
+def _job(s, job_id: str, for_update: bool = False) -> Job:
+    """The job; `for_update` locks its row for a read-modify-write (cancel, pause, resume)."""
+    job = Store.for_update(s, Job, job_id) if for_update else s.get(Job, job_id)
+    return job or _raise(not_found("fine-tuning job", job_id))
 
 
 def _replayed(state: ServerState, key: str, request_hash: str) -> dict | None:

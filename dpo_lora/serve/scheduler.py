@@ -25,8 +25,11 @@ MAX_ATTEMPTS = 3  # a job whose process dies this many times without finishing f
 
 
 class Scheduler:
-    def __init__(self, store: Store, devices: list[str], on_gpu: bool, grace_s: float = 120.0) -> None:
-        self.store, self.devices, self.on_gpu, self.grace_s = store, devices, on_gpu, grace_s
+    """`runner` names this server in the rows it claims (stable across its restarts): servers that
+    share a database each watch, stop and recover only their own runs."""
+
+    def __init__(self, store: Store, devices: list[str], on_gpu: bool, runner: str, grace_s: float = 120.0) -> None:
+        self.store, self.devices, self.on_gpu, self.runner, self.grace_s = store, devices, on_gpu, runner, grace_s
         self._adopted_checked = False
 
     def run_forever(self, stopping, interval_s: float = 0.5) -> None:
@@ -50,7 +53,10 @@ class Scheduler:
         with self.store.session() as s:
             # Claimed but with no process recorded: the server died between the claim and storing
             # the pid. The supervisor's own record tells whether the process started.
-            for job in s.scalars(select(Job).where(Job.devices.is_not(None), Job.pid.is_(None))):
+            mine = Job.runner == self.runner
+            for job in s.scalars(
+                select(Job).where(mine, Job.devices.is_not(None), Job.pid.is_(None)).with_for_update()
+            ):
                 started = processes.started_record(Path(job.directory), job.attempt)
                 if started is not None:
                     job.pid, job.pid_start = started
@@ -59,7 +65,14 @@ class Scheduler:
                     if job.stop_request is None and job.status == "running":
                         job.status, job.queue_seq = "queued", self.store.next_queue_seq(s)
                     self.store.add_event(s, job.id, "Server restarted before the job's process started; re-queued")
-            for job in s.scalars(select(Job).where(Job.pid.is_not(None))):
+            for export in s.scalars(select(Export).where(Export.runner == self.runner, Export.status == "running",
+                                                         Export.pid.is_(None)).with_for_update()):  # fmt: skip
+                started = processes.started_record(Path(export.directory), export.attempt)
+                if started is not None:
+                    export.pid, export.pid_start = started
+                else:
+                    export.status = "queued"
+            for job in s.scalars(select(Job).where(mine, Job.pid.is_not(None))):
                 alive = processes.is_alive(job.pid, job.pid_start)
                 self.store.add_event(
                     s, job.id, "Server restarted: the job's process is alive and was re-adopted"
@@ -69,7 +82,8 @@ class Scheduler:
 
     def _validate(self) -> None:
         with self.store.session() as s:
-            for job in s.scalars(select(Job).where(Job.status == "validating_files").order_by(Job.created_at)):
+            waiting = select(Job).where(Job.status == "validating_files").order_by(Job.created_at).with_for_update()
+            for job in s.scalars(waiting):
                 problem = None
                 for param, file_id, name in (("training_file", job.training_file, "train.jsonl"),
                                              ("validation_file", job.validation_file, "eval.jsonl")):  # fmt: skip
@@ -92,13 +106,14 @@ class Scheduler:
         """Start queued jobs in FIFO order while the head of the queue fits on the free devices."""
         while True:
             with self.store.session() as s:
-                held = {d for job in s.scalars(select(Job).where(Job.devices.is_not(None))) for d in job.devices}
+                mine = select(Job).where(Job.runner == self.runner, Job.devices.is_not(None))
+                held = {d for job in s.scalars(mine) for d in job.devices}
                 head = s.scalars(select(Job).where(Job.status == "queued").order_by(Job.queue_seq).limit(1)).first()
             free = [d for d in self.devices if d not in held]
             if head is None or head.devices_wanted > len(free):
                 return
             devices = free[: head.devices_wanted]
-            if not self.store.claim(head.id, devices, head.attempt + 1):
+            if not self.store.claim(head.id, devices, head.attempt + 1, self.runner):
                 continue  # another server on this database took it
             self._launch(head.id, devices, head.attempt + 1)
 
@@ -122,21 +137,21 @@ class Scheduler:
             pid, started = processes.start(command, directory, attempt)
         except OSError as err:
             with self.store.session() as s:
-                job = s.get(Job, job_id)
+                job = self.store.for_update(s, Job, job_id)
                 job.status, job.devices, job.finished_at = "failed", None, now()
                 job.error = {"code": "launch_failed", "param": None, "message": str(err)}
             return
         with self.store.session() as s:
-            job = s.get(Job, job_id)
+            job = self.store.for_update(s, Job, job_id)
             job.pid, job.pid_start = pid, started
 
     # -- running jobs ----------------------------------------------------------------------------
     def _watch(self) -> None:
         with self.store.session() as s:
-            ids = list(s.scalars(select(Job.id).where(Job.devices.is_not(None))))
+            ids = list(s.scalars(select(Job.id).where(Job.runner == self.runner, Job.devices.is_not(None))))
         for job_id in ids:
             with self.store.session() as s:
-                job = s.get(Job, job_id)
+                job = self.store.for_update(s, Job, job_id)
                 self._ingest(s, job)
                 if job.pid is None:
                     continue  # claimed, not started yet (or its start is being recorded)
@@ -236,24 +251,31 @@ class Scheduler:
     # -- exports ---------------------------------------------------------------------------------
     def _watch_exports(self) -> None:
         with self.store.session() as s:
-            for export in s.scalars(select(Export).where(Export.status.in_(("queued", "running")))):
-                directory = Path(export.directory)
-                if export.status == "queued":
-                    export.attempt += 1
+            queued = list(s.scalars(select(Export.id).where(Export.status == "queued")))
+        for export_id in queued:
+            if self.store.claim_export(export_id, self.runner):
+                with self.store.session() as s:
+                    export = self.store.for_update(s, Export, export_id)
                     command = [sys.executable, "-m", "dpo_lora", "export", *export.options["argv"]]
-                    export.pid, export.pid_start = processes.start(command, directory, export.attempt)
-                    export.status = "running"
-                elif not processes.is_alive(export.pid, export.pid_start):
-                    returncode = processes.returncode(directory, export.attempt)
-                    export.pid = export.pid_start = None
-                    if returncode == 0:
-                        export.status, export.finished_at = "succeeded", now()
-                    elif returncode is None and export.attempt < MAX_ATTEMPTS:
-                        export.status = "queued"  # killed with the server's machine: run it again
-                    else:
-                        export.status, export.finished_at = "failed", now()
-                        message = runfiles.last_error(directory / "run.log")
-                        export.error = {"code": "export_failed", "param": None, "message": message}
+                    export.pid, export.pid_start = processes.start(command, Path(export.directory), export.attempt)
+        with self.store.session() as s:
+            mine = select(Export).where(
+                Export.runner == self.runner, Export.status == "running", Export.pid.is_not(None)
+            )
+            for export in s.scalars(mine.with_for_update()):
+                if processes.is_alive(export.pid, export.pid_start):
+                    continue
+                directory = Path(export.directory)
+                returncode = processes.returncode(directory, export.attempt)
+                export.pid = export.pid_start = None
+                if returncode == 0:
+                    export.status, export.finished_at = "succeeded", now()
+                elif returncode is None and export.attempt < MAX_ATTEMPTS:
+                    export.status = "queued"  # killed with the server's machine: run it again
+                else:
+                    export.status, export.finished_at = "failed", now()
+                    message = runfiles.last_error(directory / "run.log")
+                    export.error = {"code": "export_failed", "param": None, "message": message}
 
 
 def _metrics_events(job_id: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def serve(args) -> int:
     _check_port_free(args.host, args.port)
     try:
         store = Store(args.db or f"sqlite:///{state_dir / 'jobs.db'}")
+    except ModuleNotFoundError as err:
+        raise UserError(f"--db: its driver is not installed ({err.name}); for PostgreSQL: "
+                        "pip install 'dpo-lora[postgres]'") from None  # fmt: skip
     except Exception as err:  # SQLAlchemy: a bad URL, a missing driver, a database that refuses us
         raise UserError(f"--db: cannot open the job store: {str(err).splitlines()[0]}") from None
     devices, on_gpu = find_devices(args.gpus, args.cpu_slots)
@@ -78,7 +82,10 @@ def serve(args) -> int:
         store=store, state_dir=state_dir, models=models, devices=len(devices),
         base_config=str(Path(args.config).resolve()) if args.config else None, api_key=api_key,
     )  # fmt: skip
-    scheduler = Scheduler(store, devices, on_gpu, grace_s=args.grace_seconds)
+    # Stable across this server's restarts (it recovers its own runs); unique among servers sharing
+    # a database (one server per state dir, and the host tells state dirs on different machines apart).
+    runner = f"{socket.gethostname()}:{state_dir}"
+    scheduler = Scheduler(store, devices, on_gpu, runner, grace_s=args.grace_seconds)
     stopping = threading.Event()
     thread = threading.Thread(target=scheduler.run_forever, args=(stopping,), name="scheduler", daemon=True)
     thread.start()
@@ -113,7 +120,6 @@ def _lock_state_dir(state_dir: Path):
 
 
 def _check_port_free(host: str, port: int) -> None:
-    import socket
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -2,9 +2,13 @@
 
 Every state change is committed before it is acted on (a job is marked running before its process
 starts; a stop is recorded before the signal is sent), so a server killed at any point finds on
-restart what it was doing. SQLite in WAL mode is the embedded default; any SQLAlchemy URL
-(`postgresql+psycopg://...`) works with the same code. Queued jobs are claimed with a conditional
-UPDATE, so two servers on one database can't both start the same job.
+restart what it was doing. SQLite in WAL mode is the embedded default; PostgreSQL
+(`postgresql+psycopg://...`) runs the same code for several servers on one database:
+- queued jobs and exports are claimed with a conditional UPDATE, so two servers never both start one;
+- each claimed row names its runner (the server that started it), and a server watches, stops and
+  recovers only its own runs;
+- a read-modify-write locks its row first (`for_update`: SELECT ... FOR UPDATE on PostgreSQL; SQLite
+  takes its write lock when each transaction begins), so a cancel never interleaves with a claim.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ class File(Base):
     __tablename__ = "files"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     filename: Mapped[str] = mapped_column(String(512))
-    bytes: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
     purpose: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[int] = mapped_column(Integer)
     created_ns: Mapped[int] = mapped_column(BigInteger, default=time.time_ns, index=True)  # list order
@@ -75,7 +79,7 @@ class Job(Base):
     error: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(256), nullable=True)
     finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    trained_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     result_files: Mapped[list] = mapped_column(JSON, default=list)
     directory: Mapped[str] = mapped_column(Text)  # config.yaml, data, run/, logs
     devices_wanted: Mapped[int] = mapped_column(Integer, default=1)
@@ -83,12 +87,13 @@ class Job(Base):
     # The running attempt: which devices it holds and which process is it (pid + start time, so a
     # reused pid is never taken for it). Null when nothing runs.
     devices: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    runner: Mapped[str | None] = mapped_column(String(512), nullable=True, index=True)  # the server running it
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    pid_start: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pid_start: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # clock ticks since boot
     stop_request: Mapped[str | None] = mapped_column(String(16), nullable=True)  # cancel | pause
     signalled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    metrics_offset: Mapped[int] = mapped_column(Integer, default=0)  # bytes of metrics.jsonl read
+    metrics_offset: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes of metrics.jsonl read
     metrics_last_line: Mapped[str] = mapped_column(Text, default="")  # tells a rewritten file (resume)
     last_step: Mapped[int] = mapped_column(Integer, default=0)  # newest step turned into an event
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -128,9 +133,10 @@ class Export(Base):
     directory: Mapped[str] = mapped_column(Text)
     error: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    runner: Mapped[str | None] = mapped_column(String(512), nullable=True)  # the server running it
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    pid_start: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pid_start: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class IdempotencyKey(Base):
@@ -152,7 +158,10 @@ class Store:
             # Every transaction takes SQLite's write lock when it begins, so a read-modify-write
             # (cancel a job the scheduler is claiming, the next queue position) is never interleaved.
             event.listen(self.engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
-        Base.metadata.create_all(self.engine)
+        with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":  # servers starting together create the tables once
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(5417001)")
+            Base.metadata.create_all(connection)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -169,19 +178,43 @@ class Store:
             )
         )  # fmt: skip
 
+    @staticmethod
+    def for_update(session: Session, model, key: str):
+        """The row, locked until the transaction ends (a no-op lock on SQLite, which already holds
+        its write lock): what a read-modify-write reads."""
+        return session.get(model, key, with_for_update=True)
+
     def next_queue_seq(self, session: Session) -> int:
         return (session.scalar(select(func.max(Job.queue_seq))) or 0) + 1
 
-    def claim(self, job_id: str, devices: list, attempt: int) -> bool:
-        """Atomically move a queued job to running on `devices`; False if another server took it."""
+    def claim(self, job_id: str, devices: list, attempt: int, runner: str) -> bool:
+        """Atomically move a queued job to running on `runner`'s `devices`; False if another server
+        took it (or it was cancelled or paused) first."""
         with self.session() as session:
             result = session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == "queued")
-                .values(status="running", devices=devices, attempt=attempt, stop_request=None, signalled_at=None)
+                .values(
+                    status="running",
+                    devices=devices,
+                    runner=runner,
+                    attempt=attempt,
+                    stop_request=None,
+                    signalled_at=None,
+                )  # fmt: skip
             )
             if result.rowcount == 1:
                 self.add_event(session, job_id, f"Fine-tuning job started (attempt {attempt}, devices {devices})")
+            return result.rowcount == 1
+
+    def claim_export(self, export_id: str, runner: str) -> bool:
+        """Atomically take a queued export for `runner`; False if another server took it first."""
+        with self.session() as session:
+            result = session.execute(
+                update(Export)
+                .where(Export.id == export_id, Export.status == "queued")
+                .values(status="running", runner=runner, attempt=Export.attempt + 1, pid=None, pid_start=None)
+            )
             return result.rowcount == 1
 
     def dispose(self) -> None:

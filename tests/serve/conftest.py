@@ -71,12 +71,20 @@ class Server:
             self.process.terminate()
             self.process.wait(timeout=30)
 
+    def db_url(self) -> str:
+        extra = list(self.extra)
+        return extra[extra.index("--db") + 1] if "--db" in extra else f"sqlite:///{self.state_dir / 'jobs.db'}"
+
     def job_pids(self) -> list[int]:
         """Process-group leaders of the jobs the store says are running (read from the database)."""
-        import sqlite3
+        from sqlalchemy import create_engine, text
 
-        with sqlite3.connect(self.state_dir / "jobs.db") as db:
-            return [pid for (pid,) in db.execute("SELECT pid FROM jobs WHERE pid IS NOT NULL")]
+        engine = create_engine(self.db_url())
+        try:
+            with engine.connect() as db:
+                return [pid for (pid,) in db.execute(text("SELECT pid FROM jobs WHERE pid IS NOT NULL"))]
+        finally:
+            engine.dispose()
 
 
 def wait_for_status(client, job_id: str, statuses, timeout: float = 300):
@@ -138,8 +146,92 @@ def servers(tmp_path):
     yield start
     for server in started:
         server.stop()
-        for pid in server.job_pids() if (server.state_dir / "jobs.db").exists() else []:
+        has_store = "--db" in server.extra or (server.state_dir / "jobs.db").exists()
+        for pid in server.job_pids() if has_store else []:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def _postgres_bindir() -> Path | None:
+    """Where PostgreSQL's server programs are (Debian keeps them out of PATH)."""
+    import shutil
+
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        bindir = Path(subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip())
+        if (bindir / "initdb").is_file():
+            return bindir
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+def _unavailable(reason: str):
+    """Skip where PostgreSQL can't run; in CI, where .ci/run installs it, that is a failure."""
+    if os.environ.get("CI"):
+        pytest.fail(f"PostgreSQL must run in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_port():
+    """A real PostgreSQL server for this test session (initdb + pg_ctl in a temp dir, trust auth on
+    127.0.0.1, fsync off: a test server); its port."""
+    import pwd
+    import shutil
+    import tempfile
+
+    bindir = _postgres_bindir()
+    if bindir is None:
+        _unavailable("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _unavailable("the psycopg driver is missing: pip install 'dpo-lora[postgres]'")
+    root = Path(tempfile.mkdtemp(prefix="dpo-lora-postgres-"))
+    as_user = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as Debian's postgres user
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            _unavailable("running as root and there is no 'postgres' user to run the server as")
+        shutil.chown(root, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", free_port()
+
+    def pg(*args: str) -> None:
+        result = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            _unavailable(f"{Path(args[0]).name} failed: {(result.stderr or result.stdout).strip()[-500:]}")
+
+    pg(str(bindir / "initdb"), "-D", str(data), "-U", "dpo", "--auth=trust", "-E", "UTF8", "--no-sync")
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-o", options, "start")
+    try:
+        yield port
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_port) -> str:
+    """A fresh, empty database on the session's PostgreSQL server, as a SQLAlchemy URL."""
+    import secrets
+
+    import psycopg
+
+    name = f"dpo_lora_{secrets.token_hex(6)}"
+    with psycopg.connect(f"host=127.0.0.1 port={postgres_port} user=dpo dbname=postgres", autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    return f"postgresql+psycopg://dpo@127.0.0.1:{postgres_port}/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """The job store's database: embedded SQLite, and a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return request.getfixturevalue("postgres_url")

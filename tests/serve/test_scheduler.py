@@ -165,31 +165,35 @@ def test_a_two_rank_job_pauses_at_a_checkpoint_through_deepspeeds_launcher_and_r
     ]
 
 
-def test_a_job_claimed_but_without_a_recorded_process_is_adopted_or_queued_again(tmp_path):
-    """The server died between claiming a job and storing its pid: the supervisor's own start
-    record decides (adopt the process it names), and without one the job is queued again."""
-    import json
-    import subprocess
-    import sys
+def test_two_servers_on_one_postgresql_database_run_each_job_once(servers, tiny_setup, postgres_url, tmp_path):
+    """Two `dpo-lora serve` processes share a real PostgreSQL job store (as two machines would): they
+    split the queue, no job starts twice, and a cancel sent to one stops the job wherever it is."""
+    from sqlalchemy import create_engine, text
 
-    from dpo_lora.serve import processes
-    from dpo_lora.serve.scheduler import Scheduler
-    from dpo_lora.serve.store import Job, Store
-
-    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    models, config, train, _ = tiny_setup
+    first = servers(models, config, "--db", postgres_url, state_dir=tmp_path / "state-a").client()
+    second = servers(models, config, "--db", postgres_url, state_dir=tmp_path / "state-b").client()
+    file_id = first.files.create(file=train.open("rb"), purpose="fine-tune").id
+    jobs = [create(client, file_id, {"train.max_steps": 2}) for client in (first, second, first, second)]
+    doomed = create(first, file_id, {"train.max_steps": 400})
+    assert second.fine_tuning.jobs.cancel(doomed.id).status == "cancelled"
+    for job in jobs:
+        assert wait_for_status(second, job.id, ("succeeded",)).status == "succeeded"
+        starts = [e for e in all_events(first, job.id) if e.message.startswith("Fine-tuning job started")]
+        assert len(starts) == 1, [e.message for e in starts]
+    engine = create_engine(postgres_url)
     try:
-        with store.session() as s:
-            for name in ("started", "never-started"):
-                (tmp_path / name).mkdir()
-                s.add(Job(id=name, created_at=1, model="m", training_file="f", hyperparameters={}, seed=1, extra={},
-                          status="running", directory=str(tmp_path / name), devices=["cpu0"], attempt=1))  # fmt: skip
-        record = {"pid": sleeper.pid, "start_time": processes.start_time(sleeper.pid)}
-        (tmp_path / "started" / "exit-1.json.started").write_text(json.dumps(record))
-        Scheduler(store, ["cpu0"], on_gpu=False)._announce_recovery()
-        with store.session() as s:
-            adopted, requeued = s.get(Job, "started"), s.get(Job, "never-started")
-            assert (adopted.status, adopted.pid, adopted.devices) == ("running", sleeper.pid, ["cpu0"])
-            assert (requeued.status, requeued.pid, requeued.devices) == ("queued", None, None)
+        deadline = time.monotonic() + 90
+        while True:  # the cancelled job holds no device and no process once it is stopped
+            with engine.connect() as db:
+                runners = {r for (r,) in db.execute(text("SELECT runner FROM jobs WHERE status = 'succeeded'"))}
+                doomed_row = db.execute(text("SELECT status, pid, devices FROM jobs WHERE id = :id"), {"id": doomed.id})
+                status, pid, devices = doomed_row.one()
+            if pid is None and devices is None:
+                break
+            assert time.monotonic() < deadline, (status, pid, devices)
+            time.sleep(0.5)
     finally:
-        sleeper.kill()
+        engine.dispose()
+    assert status == "cancelled"
+    assert len(runners) == 2, f"both servers ran jobs: {runners}"
