@@ -61,7 +61,7 @@ def test_a_dpo_job_on_smollm2_from_upload_to_a_peft_adapter_and_an_export(server
             row
         )
     assert metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as its reference
-    assert metrics[0]["global_batch"] == 4 and metrics[0]["lr"] == pytest.approx(1.2e-3)  # 2 x demo's 6e-4
+    assert metrics[0]["global_batch"] == 4 and metrics[0]["lr"] == pytest.approx(1.4e-3)  # 2 x demo's 7e-4
     assert job.trained_tokens == sum(m["tokens"] for m in metrics) > 0
     assert any(e.type == "metrics" and "eval/loss" in e.data for e in events)
 
