@@ -62,6 +62,7 @@ def compute_reference_logps(engine, dataset, collate, batch_size: int, rank: int
     per_rank = math.ceil(len(dataset) / world_size)
     indices = [(rank + world_size * i) % len(dataset) for i in range(per_rank)]
     scored = []
+    was_training = engine.training
     engine.eval()
     with reference_mode(getattr(engine, "module", engine)):
         for start in range(0, per_rank, batch_size):
@@ -70,7 +71,7 @@ def compute_reference_logps(engine, dataset, collate, batch_size: int, rank: int
             logps, _ = concatenated_logps(engine, batch)
             n = len(chunk)
             scored += [(i, c, r) for i, c, r in zip(chunk, logps[:n].tolist(), logps[n:].tolist(), strict=True)]
-    engine.train()
+    engine.train(was_training)  # `eval` scores its policy next, in eval mode (no LoRA dropout)
     result = torch.empty(len(dataset), 2, dtype=torch.float32)
     for index, chosen, rejected in gather_lists(scored):
         result[index] = torch.tensor([chosen, rejected])

@@ -135,3 +135,21 @@ def test_eval_reference_scores_are_computed_once_and_reused(tiny_model_dir, tmp_
     evals = [[row for row in read_metrics(out) if "eval/loss" in row] for out in (first, again)]
     assert len(evals[0]) == 3 and evals[0] == evals[1]  # before, step 1, step 2
     assert evals[0][-1]["eval/loss"] != evals[0][0]["eval/loss"]  # the policy moved: evals are not all the same
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_scoring_the_reference_leaves_the_model_in_its_mode(tiny_model_dir, tmp_path, training):
+    """`dpo-lora eval` scores the policy right after the reference: a model left in train mode would
+    apply LoRA dropout to the policy's eval scores."""
+    from dpo_lora.layout import batch_layout
+    from dpo_lora.model import attach_adapter, load_base, load_tokenizer
+    from dpo_lora.prepare import prepare_splits
+
+    config = tiny_config(tiny_model_dir, tmp_path / "run", "lora.dropout=0.3")
+    model = attach_adapter(load_base(config.model, torch.device("cpu")), config.lora).train(training)
+    tokenizer = load_tokenizer(config.model)
+    _, eval_set = prepare_splits(config.data, tokenizer, config.train.seed)
+    collate, _ = batch_layout(config, model, tokenizer.pad_token_id)
+    reference_module.compute_reference_logps(model, eval_set, collate, 8, 0, 1, torch.device("cpu"))
+    assert model.training == training
+    assert all(module.training == training for module in model.modules())
