@@ -88,8 +88,10 @@ class DpoConfig:
     label_smoothing: float = knob(0.0, "assumed label-noise rate (cDPO/robust/exo_pair)")
     reference_free: bool = knob(False, "ignore the reference model (reference log-probs are 0)")
     reference: str = knob(
-        "online", "reference log-probs: online (a no-grad forward per step) or precompute (once, cached)",
-        ("online", "precompute"),
+        "auto",
+        "reference log-probs: online (a no-grad forward per step), precompute (once, cached), or auto "
+        "(precompute when the run covers at least one epoch)",
+        ("auto", "online", "precompute"),
     )  # fmt: skip
 
 
@@ -113,6 +115,11 @@ class TrainConfig:
     )
     share_prompt: bool = knob(
         True, "run each prompt once for chosen and rejected (exact; off where the attention kernel can't)"
+    )
+    shared_prompt_attention: str = knob(
+        "split",
+        "shared-prompt attention on sdpa models: split (two fused causal calls, no mask) or mask (one dense 4D mask)",
+        ("split", "mask"),
     )
     pack_sequences: bool = knob(
         False, "padding-free: a micro-batch's sequences in one row (flash_attention_2/3 only; else padded rows)"

@@ -14,8 +14,10 @@ shared, P + C + R. The row is made to compute exactly what the two unshared sequ
   tokens never see chosen ones (a 4D mask built from each token's branch);
 - positions: the rejected branch restarts at P, as if it followed the prompt directly;
 - scoring: the first completion token of both branches is predicted from the last prompt token.
-It needs an attention kernel that takes an arbitrary 4D mask (sdpa, eager) and full attention in
-every layer; elsewhere the plain layout is kept (`unsupported_reason`).
+On sdpa models the attention runs as two fused causal calls with no mask
+(dpo_lora.shared_attention, `train.shared_prompt_attention: split`); elsewhere, or with `mask`, as
+one call with a dense 4D mask built from each token's branch (`attention_bias`). Either needs full
+attention in every layer; elsewhere the plain layout is kept (`unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1  # the branch of each token in the shared layout
 MASK_KERNELS = ("sdpa", "eager")  # attention implementations that take a 4D additive mask as given
+SHARED_KERNELS = (*MASK_KERNELS, "dpo_lora_shared_prompt")  # ... and shared_attention.KERNEL (sdpa's split path)
 # Attention kernels that run packed sequences (found from restarting position_ids) without a dense mask.
 VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
 
@@ -39,6 +42,10 @@ def batch_layout(config, model, pad_token_id: int):
     if share and (reason := unsupported_reason(model, config.data.max_length)):
         share = False
         notices.append(f"train.share_prompt off: {reason}")
+    if share and config.train.shared_prompt_attention == "split" and model.config._attn_implementation == "sdpa":
+        from dpo_lora import shared_attention
+
+        shared_attention.use_on(model)
     if pack and (kernel := model.config._attn_implementation) not in VARLEN_KERNELS:
         pack = False
         notices.append(f"train.pack_sequences off: {kernel!r} has no varlen kernel (use flash_attention_2)")
@@ -49,7 +56,7 @@ def unsupported_reason(model, max_length: int) -> str | None:
     """Why the shared layout would not compute the unshared function on `model`, or None."""
     config = model.config
     kernel = getattr(config, "_attn_implementation", None)
-    if kernel not in MASK_KERNELS:
+    if kernel not in SHARED_KERNELS:
         return f"attention implementation {kernel!r} takes no 4D mask (use sdpa or eager)"
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
     window = getattr(config, "sliding_window", None)
@@ -121,8 +128,9 @@ def collate_shared(features: list[dict], pad_token_id: int) -> dict[str, torch.T
     """B pairs -> B right-padded rows [prompt | chosen | rejected].
 
     Returns input_ids, attention_mask (1 on real tokens), position_ids, branch (PROMPT/CHOSEN/
-    REJECTED/PAD), all [B, T]; score_index [N] (flat positions into B*T), score_target [N] and
-    completion_lengths [2B], ordered like the unshared layout: all chosen, then all rejected.
+    REJECTED/PAD), all [B, T]; branch_lengths [B, 3] (each row's prompt, chosen and rejected token
+    counts, for dpo_lora.shared_attention); score_index [N] (flat positions into B*T), score_target
+    [N] and completion_lengths [2B], ordered like the unshared layout: all chosen, then all rejected.
     """
     width = max(len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in features)
     shape = (len(features), width)
@@ -154,6 +162,9 @@ def collate_shared(features: list[dict], pad_token_id: int) -> dict[str, torch.T
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "branch": branch,
+        "branch_lengths": torch.tensor(
+            [[len(f["prompt_ids"]), len(f["chosen_ids"]), len(f["rejected_ids"])] for f in features], dtype=torch.long
+        ),
         "score_index": torch.tensor(chosen_index + rejected_index, dtype=torch.long),
         "score_target": torch.tensor(
             [t for f in features for t in f["chosen_ids"]] + [t for f in features for t in f["rejected_ids"]],

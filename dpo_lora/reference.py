@@ -1,5 +1,5 @@
 """Reference log-probs computed once: the eval set's always, the training set's with
-`dpo.reference: precompute`.
+`dpo.reference: precompute` (or `auto`, when the run covers at least one epoch).
 
 The reference is the frozen base (or the frozen initial adapter), so each training pair's
 reference score never changes: compute it once, with no grad, and cache it on disk under a
@@ -76,6 +76,31 @@ def compute_reference_logps(engine, dataset, collate, batch_size: int, rank: int
     for index, chosen, rejected in gather_lists(scored):
         result[index] = torch.tensor([chosen, rejected])
     return result
+
+
+def reference_choice(dpo_config, pairs_trained: int, pairs: int) -> tuple[str, str]:
+    """("online" | "precompute" | "none", why in a few words) for a run that trains on
+    `pairs_trained` pairs (steps x global batch) out of a training set of `pairs`.
+
+    Precomputing scores each pair once; online scores each pair every time a step takes it. So
+    precompute costs less when every pair is seen at least once, i.e. from one epoch on (and it frees
+    the reference forward's activations from the step); a shorter run scores fewer pairs online.
+    The reference is the frozen base or the frozen init adapter, so either way gives the same scores.
+    """
+    if dpo_config.reference_free:
+        return "none", "dpo.reference_free"
+    if dpo_config.reference != "auto":
+        return dpo_config.reference, "set in the config"
+    epochs = pairs_trained / pairs
+    if epochs >= 1:
+        return (
+            "precompute",
+            f"the run covers {epochs:.2f} epochs of {pairs} pairs, so scoring each pair once costs least",
+        )
+    return (
+        "online",
+        f"the run covers {epochs:.2f} of an epoch ({pairs_trained} of {pairs} pairs), so scoring online costs least",
+    )
 
 
 def cached_or_computed(path: Path, compute, is_main: bool) -> torch.Tensor:

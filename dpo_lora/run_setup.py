@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from dpo_lora.evaluation import EvalShard, evaluate
 from dpo_lora.guards import NumericGuard, SkippableAdamW
 from dpo_lora.layout import batch_layout
 from dpo_lora.metrics import MetricsWriter, MetricWindow
-from dpo_lora.reference import with_reference_logps
+from dpo_lora.reference import reference_choice, with_reference_logps
 from dpo_lora.self_check import self_check
 
 
@@ -122,8 +123,11 @@ def setup_run(config: Config) -> Run:
     if eval_set is not None:
         eval_shard = EvalShard(eval_set, dist.rank, dist.world_size)
         eval_loader = torch.utils.data.DataLoader(eval_shard, batch_size=train_cfg.eval_batch_size, collate_fn=collate)
-    if config.dpo.reference == "precompute" and not config.dpo.reference_free:
-        batches.dataset = with_reference_logps(engine, train_set, config, collate, dist)
+    reference, why = reference_choice(config.dpo, total_steps * ds_config["train_batch_size"], len(train_set))
+    if reference == "precompute":
+        batches.dataset = _precomputed(engine, train_set, config, collate, dist, why)
+    elif dist.is_main and reference == "online":
+        print(f"dpo-lora: reference online ({why})", file=sys.stderr)
     run = Run(
         config=config, dist=dist, output_dir=output_dir, ds_config=ds_config, tokenizer=tokenizer, batches=batches,
         total_steps=total_steps, engine=engine, scheduler=scheduler, trainable=trainable, eval_loader=eval_loader,
@@ -131,6 +135,17 @@ def setup_run(config: Config) -> Run:
     )  # fmt: skip
     _resume_or_begin(run, resume_from)
     return run
+
+
+def _precomputed(engine, train_set, config, collate, dist, why: str):
+    """The training set with its reference log-probs, saying what they cost up front."""
+    started = time.perf_counter()
+    scored = with_reference_logps(engine, train_set, config, collate, dist)
+    if dist.is_main:
+        seconds = time.perf_counter() - started
+        print(f"dpo-lora: reference precompute ({why}): {len(train_set)} pairs in {seconds:.1f} s up front (less when cached)",
+              file=sys.stderr)  # fmt: skip
+    return scored
 
 
 def _resume_or_begin(run: Run, resume_from: Path | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dpo_lora import shared_attention
 from dpo_lora.chunked_logps import scoring
 from dpo_lora.layout import attention_bias
 from dpo_lora.logprobs import sum_by_sequence, token_logps_at
@@ -11,10 +12,19 @@ from dpo_lora.losses import dpo_loss
 from dpo_lora.model import reference_mode
 
 
-def forward_inputs(batch: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's keyword inputs for a collated batch of any layout (dpo_lora.layout)."""
+def forward_inputs(batch: dict, model) -> dict:
+    """The model's keyword inputs for a collated batch of any layout (dpo_lora.layout); `model` is
+    the PEFT model (its attention kernel and dtype decide how a shared prompt is masked)."""
+    if "branch" in batch and model.config._attn_implementation == shared_attention.KERNEL:
+        # Shared prompt, split attention: each row's lengths instead of a mask; the 2D mask only
+        # keeps transformers from reading the restarted positions as packed sequences.
+        lengths = shared_attention.row_lengths(batch["branch_lengths"])
+        return {
+            "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "position_ids": batch["position_ids"], shared_attention.LENGTHS_KEY: lengths,
+        }  # fmt: skip
     if "branch" in batch:  # shared prompt: the branch mask and restarted positions
-        mask = attention_bias(batch["branch"], dtype)
+        mask = attention_bias(batch["branch"], model.get_input_embeddings().weight.dtype)
         return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
     if "position_ids" in batch:
         # Packed: no mask, so transformers finds the sequences from the restarting positions
@@ -30,7 +40,7 @@ def concatenated_logps(model, batch: dict, chunked_head: bool = True) -> tuple[t
     Returns (completion log-probs [2B], completion lengths [2B]), chosen then rejected.
     """
     peft_model = getattr(model, "module", model)
-    inputs = forward_inputs(batch, peft_model.get_input_embeddings().weight.dtype)
+    inputs = forward_inputs(batch, peft_model)
     index, targets = batch["score_index"], batch["score_target"]
     with scoring(model, index, targets, enabled=chunked_head) as chunked:
         output = model(**inputs, use_cache=False).logits

@@ -39,7 +39,9 @@ def test_the_batch_layout_follows_what_the_attention_kernel_can_do(tmp_path, ker
     model_config = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
     model_config._attn_implementation = kernel
     model = type("Model", (), {"config": model_config})()
-    config = tiny_config("unused", tmp_path, "train.share_prompt=true", f"train.pack_sequences={asked_pack}")
+    # the mask path; the split-attention switch of sdpa models: tests/test_shared_attention.py
+    config = tiny_config("unused", tmp_path, "train.share_prompt=true", f"train.pack_sequences={asked_pack}",
+                         "train.shared_prompt_attention=mask")  # fmt: skip
     collate, notices = batch_layout(config, model, pad_token_id=0)
     assert collate.keywords == {"pad_token_id": 0, "share_prompt": share, "pack": pack}
     assert any(notice in line for line in notices) if notice else notices == []

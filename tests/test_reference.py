@@ -153,3 +153,34 @@ def test_scoring_the_reference_leaves_the_model_in_its_mode(tiny_model_dir, tmp_
     reference_module.compute_reference_logps(model, eval_set, collate, 8, 0, 1, torch.device("cpu"))
     assert model.training == training
     assert all(module.training == training for module in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("run", "chosen"),
+    [
+        (["train.max_steps=0", "train.epochs=1"], "precompute"),  # a full epoch: each pair scored once
+        (["train.max_steps=2"], "online"),  # 8 of the pairs: scoring them online costs less
+    ],
+)
+def test_auto_reference_precomputes_from_one_epoch_on_and_trains_like_online(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, run, chosen
+):
+    monkeypatch.setenv("DPO_LORA_CACHE", str(tmp_path / "cache"))
+    pairs = tmp_path / "pairs.jsonl"
+    from .conftest import SENTIMENT_TRAIN
+
+    pairs.write_text("".join(SENTIMENT_TRAIN.read_text().splitlines(keepends=True)[:16]))
+    common = ["train.micro_batch_size=2", "train.grad_accum=2", "data.eval=null", f"data.train={pairs}", *run]
+    train(tiny_config(tiny_model_dir, tmp_path / "online", *common, "dpo.reference=online"))
+    capsys.readouterr()
+    train(tiny_config(tiny_model_dir, tmp_path / "auto", *common))  # auto is the default
+    said = capsys.readouterr().err
+    assert f"dpo-lora: reference {chosen} (the run covers" in said
+    assert (chosen == "precompute") == ("16 pairs in" in said and "up front" in said)
+    assert bool(list((tmp_path / "cache" / "reference").glob("*.safetensors"))) == (chosen == "precompute")
+
+    expected, got = train_rows(tmp_path / "online"), train_rows(tmp_path / "auto")
+    assert len(got) == (4 if chosen == "precompute" else 2)
+    for row, want in zip(got, expected, strict=True):
+        for name in ("loss", "rewards/chosen", "rewards/rejected", "grad_norm"):
+            assert row[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), (row["step"], name)
