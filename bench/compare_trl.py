@@ -1,12 +1,15 @@
 """dpo-lora against TRL's DPOTrainer (with PEFT) on the same work, side by side in one run.
 
     python bench/compare_trl.py [--workload short|long] [--steps N] [--systems trl,dpo-lora,...]
+                                [--dtype float32|bfloat16|both]
 
 Same model (SmolLM2-135M-Instruct in NF4), LoRA (r=16, all linear layers), data, micro batch,
 max_length, gradient checkpointing and dtype for every system; each runs in its own process so
 its peak RSS is its own. Prints steady-state s/step (median after the first two steps), pairs/s,
 tokens/s, peak RSS and ratios to TRL, and dpo-lora's achieved FLOP/s against this machine's
-measured matmul rate. Results go to bench/results/WORKLOAD-TIMESTAMP.json.
+measured matmul rate. The header names the machine's bf16 capability: on a CPU without
+AVX512-BF16 or AMX, bfloat16 is emulated and every system is slow alike. Results go to
+bench/results/WORKLOAD-DTYPE-TIMESTAMP.json.
 TRL is a bench-only extra: `pip install -e ".[bench]"`.
 """
 
@@ -24,11 +27,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# dpo-lora's unoptimized path (plain logits, no prompt sharing), without prompt sharing, as shipped,
-# with the precomputed reference, and both trainers with a fixed malloc mmap threshold
-# (dpo_lora.cpu_memory; "-lowmem", CPU only).
+# dpo-lora's unoptimized path (plain logits, no prompt sharing), without prompt sharing, as shipped
+# (prompt sharing with split attention), prompt sharing with the dense 4D mask, with the precomputed
+# reference, and both trainers with a fixed malloc mmap threshold (dpo_lora.cpu_memory; "-lowmem", CPU only).
 SYSTEMS = (
-    "trl", "dpo-lora-plain", "dpo-lora-unshared", "dpo-lora", "dpo-lora-precompute", "trl-lowmem", "dpo-lora-lowmem",
+    "trl", "dpo-lora-plain", "dpo-lora-unshared", "dpo-lora", "dpo-lora-mask", "dpo-lora-precompute",
+    "trl-lowmem", "dpo-lora-lowmem",
 )  # fmt: skip
 LOWMEM_MB = 4
 # (prompt tokens, completion tokens, micro batch, max_length), as in the issue's peer figures.
@@ -113,6 +117,7 @@ def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> tuple[list[f
             "train.grad_accum=1", f"train.max_steps={args.steps}", "train.log_every=1", "train.scheduler=constant",
             "train.warmup_ratio=0", f"dpo.reference={reference}", f"output_dir={work / system}", "overwrite=true",
             f"train.share_prompt={not system.endswith(('unshared', 'plain'))}",
+            f"train.shared_prompt_attention={'mask' if system.endswith('mask') else 'split'}",
             f"train.logps_chunk_size={0 if system.endswith('plain') else 1024}",
             f"train.cpu_mmap_threshold_mb={LOWMEM_MB if system.endswith('lowmem') else 0}",
         ],
@@ -167,13 +172,39 @@ def useful_flops_per_token(model_path: str) -> float:
     return 4 * (c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size)
 
 
+def cpu_flags() -> str:
+    """The CPU's SIMD flags that decide matmul speed (lscpu's names), e.g. "avx2 avx512_bf16"."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(flag for flag in wanted if flag in flags.split())
+
+
+def bf16_capability() -> str:
+    """One line: how this machine runs bfloat16."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"bf16: native ({torch.cuda.get_device_name()})"
+    from dpo_lora.model import cpu_has_native_bf16
+
+    if cpu_has_native_bf16():
+        return "bf16: native on this CPU (AVX512-BF16 or AMX)"
+    return "bf16: EMULATED on this CPU (no AVX512-BF16 or AMX): bfloat16 runs are slow for every system alike"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="short")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per system (default 8 short, 4 long)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     parser.add_argument("--model", default=str(REPO / "models/SmolLM2-135M-Instruct"))
-    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 where native)")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "both"), default=None,
+        help="the dtype every system runs in (default: bfloat16 where native, else float32)",
+    )  # fmt: skip
     for hidden in ("--child", "--data", "--work", "--result"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -188,7 +219,13 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    print(bf16_capability(), flush=True)
+    for dtype in ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,):
+        run_workload(args, dtype)
 
+
+def run_workload(args, dtype: str) -> None:
+    """Every system on the workload in `dtype`, one process each; prints the table, writes the JSON."""
     from transformers import AutoTokenizer
 
     prompt_tokens, completion_tokens, micro_batch, _ = WORKLOADS[args.workload]
@@ -204,9 +241,9 @@ def main() -> None:
         for system in args.systems.split(","):
             result_file = work / f"{system}.json"
             command = [sys.executable, __file__, "--child", system, "--workload", args.workload]
-            command += ["--steps", str(args.steps), "--model", args.model, "--dtype", args.dtype]
+            command += ["--steps", str(args.steps), "--model", args.model, "--dtype", dtype]
             command += ["--data", str(data_file), "--work", str(work), "--result", str(result_file)]
-            print(f"running {system} ...", flush=True)
+            print(f"running {system} ({dtype}) ...", flush=True)
             done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"{system} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
@@ -217,11 +254,12 @@ def main() -> None:
             result["tokens_per_s"] = result["pairs_per_s"] * tokens_per_pair
             results[system] = result
 
-    peak = matmul_flops(args.dtype)
+    peak = matmul_flops(dtype)
     flops_per_token = useful_flops_per_token(args.model)
     trl = results.get("trl")
     print(
-        f"\nworkload {args.workload}: {micro_batch} pairs/step, ~{tokens_per_pair} tokens/pair, {args.dtype}, {args.steps} steps"
+        f"\nworkload {args.workload}: {micro_batch} pairs/step, ~{tokens_per_pair} tokens/pair, {dtype}, {args.steps} steps\n"
+        f"{bf16_capability()}; CPU flags: {cpu_flags()}"
     )
     print(
         f"{'system':<22}{'s/step':>8}{'pairs/s':>9}{'tokens/s':>10}{'peak RSS':>10}{'wall s':>8}{'x TRL speed':>13}{'x TRL RSS':>11}"
@@ -234,7 +272,7 @@ def main() -> None:
             f"{r['peak_rss_gb']:>9.2f}G{r['wall_s']:>8.0f}{speed:>13}{memory:>11}"
         )
         r["useful_flops_per_s"] = r["pairs_per_s"] * useful_tokens_per_pair * flops_per_token
-    print(f"machine matmul rate ({args.dtype}): {peak / 1e9:.1f} GFLOP/s")
+    print(f"machine matmul rate ({dtype}): {peak / 1e9:.1f} GFLOP/s")
     for system, r in results.items():
         print(
             f"{system}: {r['useful_flops_per_s'] / 1e9:.2f} useful GFLOP/s = {r['useful_flops_per_s'] / peak:.1%} of it"
@@ -244,11 +282,13 @@ def main() -> None:
         if plain and r["losses"] and system != "dpo-lora-plain":
             r["max_loss_diff_vs_plain"] = max(abs(a - b) for a, b in zip(r["losses"], plain["losses"], strict=True))
             print(f"{system}: per-step losses within {r['max_loss_diff_vs_plain']:.1e} of dpo-lora-plain")
-    out = REPO / "bench/results" / f"{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = REPO / "bench/results" / f"{args.workload}-{dtype}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "workload": args.workload,
-        "dtype": args.dtype,
+        "dtype": dtype,
+        "bf16": bf16_capability(),
+        "cpu_flags": cpu_flags(),
         "steps": args.steps,
         "matmul_flops": peak,
         "results": results,
