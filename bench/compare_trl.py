@@ -5,7 +5,8 @@
 
 Same model (SmolLM2-135M-Instruct in NF4), LoRA (r=16, all linear layers), data, micro batch,
 max_length, gradient checkpointing and dtype for every system; each runs in its own process so
-its peak RSS is its own. Prints steady-state s/step (median after the first two steps), pairs/s,
+its peak RSS is its own. The data is one epoch of the run. Prints steady-state s/step (median after
+the first two steps, plus any up-front reference precompute divided by the steps), pairs/s,
 tokens/s, peak RSS and ratios to TRL, and dpo-lora's achieved FLOP/s against this machine's
 measured matmul rate. The header names the machine's bf16 capability: on a CPU without
 AVX512-BF16 or AMX, bfloat16 is emulated and every system is slow alike. Results go to
@@ -27,11 +28,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# dpo-lora's unoptimized path (plain logits, no prompt sharing), without prompt sharing, as shipped
-# (prompt sharing with split attention), prompt sharing with the dense 4D mask, with the precomputed
-# reference, and both trainers with a fixed malloc mmap threshold (dpo_lora.cpu_memory; "-lowmem", CPU only).
+# dpo-lora's unoptimized path (plain logits, no prompt sharing, online reference), without prompt
+# sharing (online reference), as shipped (defaults: shared prompt with split attention, and
+# `dpo.reference: auto`, which precomputes on this one-epoch run), as shipped but with the online
+# reference, as shipped but with the dense 4D mask, and both trainers with a fixed malloc mmap
+# threshold (dpo_lora.cpu_memory; "-lowmem", CPU only).
 SYSTEMS = (
-    "trl", "dpo-lora-plain", "dpo-lora-unshared", "dpo-lora", "dpo-lora-mask", "dpo-lora-precompute",
+    "trl", "dpo-lora-plain", "dpo-lora-unshared", "dpo-lora", "dpo-lora-online", "dpo-lora-mask",
     "trl-lowmem", "dpo-lora-lowmem",
 )  # fmt: skip
 LOWMEM_MB = 4
@@ -101,13 +104,13 @@ def run_trl(args, data_file: Path, work: Path) -> list[float]:
     return times
 
 
-def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> tuple[list[float], list[float]]:
-    """(seconds per step, loss per step) of one dpo-lora variant."""
+def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> tuple[list[float], list[float], list[float]]:
+    """(seconds per step, loss per step, seconds of reference precompute) of one dpo-lora variant."""
     from dpo_lora.config import load_config
     from dpo_lora.trainer import train
 
     prompt_tokens, _, micro_batch, max_length = WORKLOADS[args.workload]
-    reference = "precompute" if system.endswith("precompute") else "online"
+    reference = "online" if system.endswith(("online", "plain", "unshared")) else "auto"
     config = load_config(
         REPO / "configs/demo.yaml",
         [
@@ -122,18 +125,37 @@ def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> tuple[list[f
             f"train.cpu_mmap_threshold_mb={LOWMEM_MB if system.endswith('lowmem') else 0}",
         ],
     )  # fmt: skip
-    os.environ["DPO_LORA_CACHE"] = str(work / "cache")  # a cold cache: the precompute is paid in this run
+    os.environ["DPO_LORA_CACHE"] = str(work / system / "cache")  # a cold cache: the precompute is paid in this run
+    precompute_s = time_precompute()
     train(config)
     rows = [json.loads(line) for line in (work / system / "metrics.jsonl").read_text().splitlines()]
     rows = [row for row in rows if "pairs_per_s" in row]
-    return [row["global_batch"] / row["pairs_per_s"] for row in rows], [row["loss"] for row in rows]
+    return [row["global_batch"] / row["pairs_per_s"] for row in rows], [row["loss"] for row in rows], precompute_s
+
+
+def time_precompute() -> list[float]:
+    """Seconds the run spends precomputing reference log-probs up front (empty list: none), which
+    the steady-state step time does not show and the table spreads over the run's steps."""
+    from dpo_lora import run_setup
+
+    seconds, precomputed = [], run_setup._precomputed
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return precomputed(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - started)
+
+    run_setup._precomputed = timed
+    return seconds
 
 
 def child(args) -> None:
     """One system in this process; writes its step times, losses, wall time and peak RSS as JSON."""
     work = Path(args.work)
     started = time.perf_counter()
-    losses = None
+    losses, precompute_s = None, []
     if args.child.startswith("trl"):
         if args.child.endswith("lowmem"):
             from dpo_lora.cpu_memory import cap_heap_fragmentation
@@ -141,10 +163,10 @@ def child(args) -> None:
             cap_heap_fragmentation(LOWMEM_MB)
         times = run_trl(args, Path(args.data), work)
     else:
-        times, losses = run_dpo_lora(args, Path(args.data), work, args.child)
+        times, losses, precompute_s = run_dpo_lora(args, Path(args.data), work, args.child)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {"step_times": times, "wall_s": time.perf_counter() - started, "peak_rss_gb": peak_kb / 2**20}
-    result["losses"] = losses
+    result["losses"], result["precompute_s"] = losses, sum(precompute_s)
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -233,7 +255,8 @@ def run_workload(args, dtype: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data_file = work / "pairs.jsonl"
-        pairs = make_pairs(tokenizer, prompt_tokens, completion_tokens, count=micro_batch * (args.steps + 2))
+        # One epoch: the run sees every pair once, as a run of `train.epochs: 1` does.
+        pairs = make_pairs(tokenizer, prompt_tokens, completion_tokens, count=micro_batch * args.steps)
         data_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         tokens_per_pair = prompt_tokens * 2 + completion_tokens * 2  # chosen and rejected each carry the prompt
         useful_tokens_per_pair = prompt_tokens + completion_tokens * 2  # the prompt needs to run only once
@@ -249,7 +272,9 @@ def run_workload(args, dtype: str) -> None:
                 print(f"{system} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
                 continue
             result = json.loads(result_file.read_text())
+            # Steady state, plus any up-front reference precompute spread over the run's steps.
             steady = statistics.median(result["step_times"][2:] or result["step_times"])
+            steady += result.get("precompute_s", 0.0) / args.steps
             result.update(s_per_step=steady, pairs_per_s=micro_batch / steady)
             result["tokens_per_s"] = result["pairs_per_s"] * tokens_per_pair
             results[system] = result
