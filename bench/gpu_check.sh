@@ -4,7 +4,8 @@
 # python it runs with (`PYTHON`, default python3); installs dpo-lora into it, then runs
 # bench/gpu_check.py: the CUDA-capable tests, SmolLM2 NF4 bf16 training (default layout, then
 # packed with flash-attention where flash_attn imports), an fp16 run killed and resumed, ZeRO-3 on
-# one rank, the device's peak memory of each; one JSON file in bench/results/.
+# one rank, the device's peak memory of each; one JSON file in bench/results/. Then, where TRL
+# imports, bench/compare_trl.py on both workloads in bfloat16 (a JSON file each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
@@ -14,4 +15,11 @@ python="${PYTHON:-python3}"
 }
 "$python" -m pip install --quiet -e ".[test]"
 "$python" -m dpo_lora fetch-default-model models/SmolLM2-135M-Instruct >/dev/null
-exec "$python" bench/gpu_check.py "$@"
+"$python" bench/gpu_check.py "$@"
+# Against TRL in bfloat16 on this GPU (issue 17's GPU table), where TRL is installed (`.[bench]`).
+if "$python" -c "import trl" 2>/dev/null; then
+    for workload in short long; do
+        "$python" bench/compare_trl.py --workload "$workload" --dtype bfloat16 \
+            --systems trl,dpo-lora-plain,dpo-lora-unshared,dpo-lora,dpo-lora-online,dpo-lora-mask
+    done
+fi

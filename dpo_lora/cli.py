@@ -25,7 +25,8 @@ def _cmd_train(args) -> int:
     if _is_main_rank():
         if "before" in results and "after" in results:
             print(_before_after_table(results["before"], results["after"]))
-        print(f"dpo-lora: the adapter is in {config.output_dir}/adapter")
+        if not results["stopped"]:  # a stopped run said where its checkpoint is; it has no adapter yet
+            print(f"dpo-lora: the adapter is in {config.output_dir}/adapter")
     return 0
 
 

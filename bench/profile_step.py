@@ -1,0 +1,124 @@
+"""Where one dpo-lora training step's time goes, on compare_trl's workloads.
+
+    python bench/profile_step.py [--workload short|long] [--dtype float32|bfloat16] [--steps N]
+                                 [dotted.key=value ...]
+
+Builds the run exactly as `dpo-lora train` does (dpo_lora.run_setup) with compare_trl's model,
+data shape and settings, then times each part of the step the trainer runs: data (next batch to
+the device), reference forward (adapter off, no grad; none when precomputed), policy forward,
+backward (split into the gradient-checkpointing recompute, i.e. decoder layers run again inside
+backward, and the rest), and the optimizer step. Prints the median of each part over the steps
+after the first two, with the CPU flags and dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_trl import REPO, WORKLOADS, bf16_capability, cpu_flags, make_pairs  # noqa: E402
+
+
+class LayerClock:
+    """Seconds spent in decoder layers' forwards while autograd runs backward (the recompute)."""
+
+    def __init__(self, model):
+        self.seconds, self.started, self.in_backward = 0.0, {}, False
+        for layer in model.get_base_model().model.layers:
+            layer.register_forward_pre_hook(self.enter)
+            layer.register_forward_hook(self.leave)
+
+    def enter(self, module, _):
+        if self.in_backward:
+            self.started[module] = time.perf_counter()
+
+    def leave(self, module, *_):
+        if module in self.started:
+            self.seconds += time.perf_counter() - self.started.pop(module)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="short")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--model", default=str(REPO / "models/SmolLM2-135M-Instruct"))
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. dpo.reference=online")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from dpo_lora.config import load_config
+    from dpo_lora.evaluation import to_device
+    from dpo_lora.model import reference_mode
+    from dpo_lora.run_setup import setup_run
+    from dpo_lora.step import concatenated_logps, pair_losses
+
+    prompt_tokens, completion_tokens, micro_batch, max_length = WORKLOADS[args.workload]
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data_file = work / "pairs.jsonl"
+        pairs = make_pairs(tokenizer, prompt_tokens, completion_tokens, count=micro_batch * args.steps)
+        data_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        config = load_config(
+            REPO / "configs/demo.yaml",
+            [
+                f"model.path={args.model}", f"model.dtype={args.dtype}", "model.gradient_checkpointing=true",
+                "lora.dropout=0.0", f"data.train={data_file}", "data.eval=null", f"data.max_length={max_length}",
+                f"data.max_prompt_length={min(max_length - 1, 2 * prompt_tokens)}",
+                f"train.micro_batch_size={micro_batch}", "train.grad_accum=1", f"train.max_steps={args.steps}",
+                "train.scheduler=constant", "train.warmup_ratio=0", f"output_dir={work / 'run'}", "overwrite=true",
+                *args.overrides,
+            ],
+        )  # fmt: skip
+        run = setup_run(config)
+        engine, stream, parts = run.engine, iter(run.batches), defaultdict(list)
+        clock = LayerClock(engine.module)
+        engine.train()
+        for _ in range(args.steps):
+            marks = [time.perf_counter()]
+            batch = to_device(next(stream), run.dist.device)
+            marks.append(time.perf_counter())
+            if "reference_logps" in batch:
+                ref_logps = batch["reference_logps"]
+            else:
+                with torch.no_grad(), reference_mode(engine.module):
+                    ref_logps = concatenated_logps(engine, batch)[0]
+            marks.append(time.perf_counter())
+            policy_logps, lengths = concatenated_logps(engine, batch)
+            loss, _ = pair_losses(policy_logps, ref_logps, lengths, config.dpo)
+            marks.append(time.perf_counter())
+            clock.seconds, clock.in_backward = 0.0, True
+            engine.backward(loss)
+            clock.in_backward = False
+            marks.append(time.perf_counter())
+            engine.step()
+            marks.append(time.perf_counter())
+            seconds = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+            for name, value in zip(("data", "reference forward", "policy forward"), seconds, strict=False):
+                parts[name].append(value)
+            parts["recompute (in backward)"].append(clock.seconds)
+            parts["backward (rest)"].append(seconds[3] - clock.seconds)
+            parts["optimizer step"].append(seconds[4])
+            parts["step"].append(marks[-1] - marks[0])
+
+    print(f"\nworkload {args.workload}, {args.dtype}, {micro_batch} pairs/step; {bf16_capability()}; "
+          f"CPU flags: {cpu_flags()}; overrides: {' '.join(args.overrides) or 'none'}")  # fmt: skip
+    step = statistics.median(parts["step"][2:])
+    for name, values in parts.items():
+        median = statistics.median(values[2:])
+        print(f"  {name:<26}{median:>8.2f} s{100 * median / step:>6.0f}%")
+
+
+if __name__ == "__main__":
+    main()
