@@ -8,6 +8,7 @@ before the first step (data, engine, layout, resume) is dpo_lora.run_setup.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from dpo_lora.run_setup import Run, setup_run
 from dpo_lora.step import preference_step
 
 ADAPTER_DIR = "adapter"
+# A file rank 0 creates when a signal stopped the run with its checkpoint saved (launch/slurm.sbatch
+# requeues the job when it exists).
+STOPPED_FILE_VARIABLE = "DPO_LORA_STOPPED_FILE"
 
 
 def train(config: Config) -> dict:
@@ -57,6 +61,8 @@ def train(config: Config) -> dict:
         if stopped:
             if run.dist.is_main:
                 print(f"\ndpo-lora: stopped at step {step}; checkpoint {path}; continue with --resume")
+                if marker := os.environ.get(STOPPED_FILE_VARIABLE):  # for a scheduler's wrapper to requeue
+                    Path(marker).touch()
             break
     progress.close()
     stop.restore()
