@@ -104,21 +104,35 @@ def run_trl(args, data_file: Path, work: Path) -> list[float]:
     return times
 
 
+def write_epoch(args, tokenizer, data_file: Path) -> None:
+    """One epoch of the workload's pairs: the run sees every pair once, as `train.epochs: 1` does."""
+    prompt_tokens, completion_tokens, micro_batch, _ = WORKLOADS[args.workload]
+    pairs = make_pairs(tokenizer, prompt_tokens, completion_tokens, count=micro_batch * args.steps)
+    data_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+
+
+def workload_overrides(args, data_file: Path, output_dir: Path) -> list[str]:
+    """dpo-lora's config for the workload, on top of configs/demo.yaml: what every system shares."""
+    prompt_tokens, _, micro_batch, max_length = WORKLOADS[args.workload]
+    return [
+        f"model.path={args.model}", f"model.dtype={args.dtype}", "model.gradient_checkpointing=true",
+        "lora.dropout=0.0", f"data.train={data_file}", "data.eval=null", f"data.max_length={max_length}",
+        f"data.max_prompt_length={min(max_length - 1, 2 * prompt_tokens)}", f"train.micro_batch_size={micro_batch}",
+        "train.grad_accum=1", f"train.max_steps={args.steps}", "train.scheduler=constant", "train.warmup_ratio=0",
+        f"output_dir={output_dir}", "overwrite=true",
+    ]  # fmt: skip
+
+
 def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> tuple[list[float], list[float], list[float]]:
     """(seconds per step, loss per step, seconds of reference precompute) of one dpo-lora variant."""
     from dpo_lora.config import load_config
     from dpo_lora.trainer import train
 
-    prompt_tokens, _, micro_batch, max_length = WORKLOADS[args.workload]
     reference = "online" if system.endswith(("online", "plain", "unshared")) else "auto"
     config = load_config(
         REPO / "configs/demo.yaml",
         [
-            f"model.path={args.model}", f"model.dtype={args.dtype}", "model.gradient_checkpointing=true",
-            "lora.dropout=0.0", f"data.train={data_file}", "data.eval=null", f"data.max_length={max_length}",
-            f"data.max_prompt_length={min(max_length - 1, 2 * prompt_tokens)}", f"train.micro_batch_size={micro_batch}",
-            "train.grad_accum=1", f"train.max_steps={args.steps}", "train.log_every=1", "train.scheduler=constant",
-            "train.warmup_ratio=0", f"dpo.reference={reference}", f"output_dir={work / system}", "overwrite=true",
+            *workload_overrides(args, data_file, work / system), "train.log_every=1", f"dpo.reference={reference}",
             f"train.share_prompt={not system.endswith(('unshared', 'plain'))}",
             f"train.shared_prompt_attention={'mask' if system.endswith('mask') else 'split'}",
             f"train.logps_chunk_size={0 if system.endswith('plain') else 1024}",
@@ -255,9 +269,7 @@ def run_workload(args, dtype: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data_file = work / "pairs.jsonl"
-        # One epoch: the run sees every pair once, as a run of `train.epochs: 1` does.
-        pairs = make_pairs(tokenizer, prompt_tokens, completion_tokens, count=micro_batch * args.steps)
-        data_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        write_epoch(args, tokenizer, data_file)
         tokens_per_pair = prompt_tokens * 2 + completion_tokens * 2  # chosen and rejected each carry the prompt
         useful_tokens_per_pair = prompt_tokens + completion_tokens * 2  # the prompt needs to run only once
         results = {}

@@ -14,7 +14,6 @@ after the first two, with the CPU flags and dtype.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_trl import REPO, WORKLOADS, bf16_capability, cpu_flags, make_pairs  # noqa: E402
+from compare_trl import REPO, WORKLOADS, bf16_capability, cpu_flags, workload_overrides, write_epoch  # noqa: E402
 
 
 class LayerClock:
@@ -63,24 +62,14 @@ def main() -> None:
     from dpo_lora.run_setup import setup_run
     from dpo_lora.step import concatenated_logps, pair_losses
 
-    prompt_tokens, completion_tokens, micro_batch, max_length = WORKLOADS[args.workload]
+    micro_batch = WORKLOADS[args.workload][2]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data_file = work / "pairs.jsonl"
-        pairs = make_pairs(tokenizer, prompt_tokens, completion_tokens, count=micro_batch * args.steps)
-        data_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-        config = load_config(
-            REPO / "configs/demo.yaml",
-            [
-                f"model.path={args.model}", f"model.dtype={args.dtype}", "model.gradient_checkpointing=true",
-                "lora.dropout=0.0", f"data.train={data_file}", "data.eval=null", f"data.max_length={max_length}",
-                f"data.max_prompt_length={min(max_length - 1, 2 * prompt_tokens)}",
-                f"train.micro_batch_size={micro_batch}", "train.grad_accum=1", f"train.max_steps={args.steps}",
-                "train.scheduler=constant", "train.warmup_ratio=0", f"output_dir={work / 'run'}", "overwrite=true",
-                *args.overrides,
-            ],
-        )  # fmt: skip
+        write_epoch(args, tokenizer, data_file)
+        overrides = [*workload_overrides(args, data_file, work / "run"), *args.overrides]
+        config = load_config(REPO / "configs/demo.yaml", overrides)
         run = setup_run(config)
         engine, stream, parts = run.engine, iter(run.batches), defaultdict(list)
         clock = LayerClock(engine.module)
