@@ -26,9 +26,11 @@ import functools
 
 import torch
 
+from dpo_lora import shared_attention
+
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1  # the branch of each token in the shared layout
 MASK_KERNELS = ("sdpa", "eager")  # attention implementations that take a 4D additive mask as given
-SHARED_KERNELS = (*MASK_KERNELS, "dpo_lora_shared_prompt")  # ... and shared_attention.KERNEL (sdpa's split path)
+SHARED_KERNELS = (*MASK_KERNELS, shared_attention.KERNEL)  # ... and sdpa's split path (no mask at all)
 # Attention kernels that run packed sequences (found from restarting position_ids) without a dense mask.
 VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
 
@@ -43,8 +45,6 @@ def batch_layout(config, model, pad_token_id: int):
         share = False
         notices.append(f"train.share_prompt off: {reason}")
     if share and config.train.shared_prompt_attention == "split" and model.config._attn_implementation == "sdpa":
-        from dpo_lora import shared_attention
-
         shared_attention.use_on(model)
     if pack and (kernel := model.config._attn_implementation) not in VARLEN_KERNELS:
         pack = False
