@@ -148,11 +148,16 @@ def test_shared_forward_equals_unshared_in_values_and_lora_gradients(tiny_model_
         )
 
 
-def test_bfloat16_shared_forward_stays_within_bfloat16_rounding(tiny_model_dir, tiny_tokenizer):
+@pytest.mark.parametrize("attention", ["mask", "split"])
+def test_bfloat16_shared_forward_stays_within_bfloat16_rounding(tiny_model_dir, tiny_tokenizer, attention):
+    from dpo_lora import shared_attention
+
     model = lora_model(tiny_model_dir, "sdpa", dtype="bfloat16")
     features = random_pairs(4, len(tiny_tokenizer), seed=3)
     with torch.no_grad():
         want = concatenated_logps(model, collate_pairs(features, tiny_tokenizer.pad_token_id))[0]
+        if attention == "split":  # the mask path is the model's own sdpa with the 4D mask
+            shared_attention.use_on(model)
         got = concatenated_logps(model, collate_pairs(features, tiny_tokenizer.pad_token_id, share_prompt=True))[0]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=2e-2, atol=0.1)
