@@ -227,6 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="base YAML config of every job (default: dpo-lora's defaults)")
     serve.add_argument("--db", help="SQLAlchemy URL of the job store (default: SQLite in --state-dir)")
     serve.add_argument("--grace-seconds", type=float, default=120.0, help="cancel/pause: SIGKILL after this long")
+    serve.add_argument(
+        "--backend",
+        choices=("local", "slurm"),
+        default="local",
+        help="run jobs on this machine, or submit them to SLURM (--state-dir on a shared filesystem)",
+    )
+    serve.add_argument("--slurm-max-ranks", type=int, default=64, help="slurm: ranks submitted at once, all jobs")
+    serve.add_argument("--slurm-gpus-per-rank", type=int, default=1, help="slurm: GPUs per rank (0 on CPU nodes)")
+    serve.add_argument("--slurm-cpus-per-rank", type=int, default=8, help="slurm: CPUs per rank")
+    serve.add_argument(
+        "--slurm-option",
+        action="append",
+        metavar="OPTION",
+        help="slurm: an sbatch option for every job, e.g. --slurm-option=--partition=gpu (repeatable)",
+    )
+    serve.add_argument("--slurm-script", help="slurm: the batch script template (default: launch/slurm.sbatch)")
     serve.set_defaults(handler=_cmd_serve)
 
     fetch = commands.add_parser("fetch-default-model", help="make a model folder of SmolLM2-135M-Instruct")

@@ -150,3 +150,21 @@ def two_hosts():
             pytest.skip(f"network namespaces not permitted here ({' '.join(command)}: {result.stderr.strip()})")
     yield
     cleanup()
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real one-node SLURM cluster for the session (tests/slurm_cluster.py); the environment its
+    clients and jobs need: SLURM_CONF, and this interpreter for the jobs."""
+    import tempfile
+
+    from . import slurm_cluster
+
+    if reason := slurm_cluster.unavailable_reason():
+        if os.environ.get("CI"):
+            pytest.fail(f"the SLURM cluster must start in CI: {reason}")
+        pytest.skip(reason)
+    folder = Path(tempfile.mkdtemp(prefix="dpo-lora-slurm-"))
+    env = slurm_cluster.start(folder)
+    yield venv_env(**env, PYTHON=sys.executable, GLOO_SOCKET_IFNAME="lo")
+    slurm_cluster.stop(folder, env)

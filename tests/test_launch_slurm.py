@@ -4,11 +4,8 @@ requeued and ends with the adapter of an uninterrupted run; scancel leaves no ra
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +14,6 @@ from safetensors.torch import load_file
 
 from dpo_lora.config import dump_yaml
 
-from . import slurm_cluster
 from .conftest import REPO
 from .test_trainer import tiny_config, train_rows
 
@@ -25,22 +21,6 @@ SCRIPT = REPO / "launch" / "slurm.sbatch"
 # Two CPU ranks on one node; sbatch's command line overrides the script's GPU-sized defaults.
 TWO_TASKS = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
 STEPS = 800  # ~55 s of training: the time-limit signal lands mid-run
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    """The cluster's client environment: SLURM_CONF, and this interpreter for the jobs."""
-    if reason := slurm_cluster.unavailable_reason():
-        if os.environ.get("CI"):
-            pytest.fail(f"the SLURM cluster must start in CI: {reason}")
-        pytest.skip(reason)
-    folder = Path(tempfile.mkdtemp(prefix="dpo-lora-slurm-"))
-    env = slurm_cluster.start(folder)
-    yield {
-        **os.environ, **env, "PYTHON": sys.executable, "GLOO_SOCKET_IFNAME": "lo",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }  # fmt: skip
-    slurm_cluster.stop(folder, env)
 
 
 def write_config(tiny_model_dir, folder: Path, *overrides: str) -> Path:

@@ -1,4 +1,7 @@
-"""The local backend: validate files, queue FIFO, give each job its devices, watch its run, stop it.
+"""The scheduler: validate files, queue FIFO, give each job its devices, watch its run, stop it.
+
+Runs start, stop and are watched through a backend (local.py: process groups on this machine;
+slurm.py: SLURM jobs), which the rest of this file never looks inside.
 
 One `tick()` does everything that touches processes, so the HTTP routes only record requests
 (committed first) and a request survives a restart that happens before it is carried out. The
@@ -8,8 +11,6 @@ process died is queued again and resumes from its newest complete checkpoint.
 
 from __future__ import annotations
 
-import base64
-import json
 import shutil
 import sys
 import time
@@ -28,17 +29,18 @@ class Scheduler:
     """`runner` names this server in the rows it claims (stable across its restarts): servers that
     share a database each watch, stop and recover only their own runs."""
 
-    def __init__(self, store: Store, devices: list[str], on_gpu: bool, runner: str, grace_s: float = 120.0) -> None:
-        self.store, self.devices, self.on_gpu, self.runner, self.grace_s = store, devices, on_gpu, runner, grace_s
+    def __init__(self, store: Store, devices: list[str], backend, runner: str, grace_s: float = 120.0) -> None:
+        self.store, self.devices, self.backend, self.runner, self.grace_s = store, devices, backend, runner, grace_s
         self._adopted_checked = False
+        self._reported_state: dict[str, str] = {}  # job id -> the backend state last put in its events
 
-    def run_forever(self, stopping, interval_s: float = 0.5) -> None:
+    def run_forever(self, stopping) -> None:
         while not stopping.is_set():
             try:
                 self.tick()
             except Exception as err:  # a bad tick must not end the service; the next one retries
                 print(f"dpo-lora serve: scheduler: {type(err).__name__}: {err}", file=sys.stderr)
-            stopping.wait(interval_s)
+            stopping.wait(self.backend.interval_s)
 
     def tick(self) -> None:
         if not self._adopted_checked:
@@ -73,7 +75,7 @@ class Scheduler:
                 else:
                     export.status = "queued"
             for job in s.scalars(select(Job).where(mine, Job.pid.is_not(None))):
-                alive = processes.is_alive(job.pid, job.pid_start)
+                alive = self.backend.is_alive(job.pid, job.pid_start)
                 self.store.add_event(
                     s, job.id, "Server restarted: the job's process is alive and was re-adopted"
                     if alive else "Server restarted: the job's process is gone",
@@ -119,31 +121,19 @@ class Scheduler:
 
     def _launch(self, job_id: str, devices: list[str], attempt: int) -> None:
         with self.store.session() as s:
-            job = s.get(Job, job_id)
-            directory = Path(job.directory)
-        resume = ["train.resume=auto"] if runfiles.checkpoints(directory / "run") else ["overwrite=true"]
-        train = ["dpo_lora", "train", str(directory / "config.yaml"), *resume]
-        if self.on_gpu or len(devices) > 1:
-            # DeepSpeed's per-node launcher (what `deepspeed --include localhost:...` runs): it gives
-            # each rank one SIGTERM when it gets one. Its `deepspeed` front end would not pass the
-            # signal on for a single node, leaving the ranks running.
-            ids = [int(d) for d in devices] if self.on_gpu else list(range(len(devices)))
-            world = base64.urlsafe_b64encode(json.dumps({"localhost": ids}).encode()).decode()
-            command = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
-                       "--master_addr=127.0.0.1", f"--master_port={processes.free_port()}", "--module", *train]  # fmt: skip
-        else:
-            command = [sys.executable, "-m", *train]
+            directory = Path(s.get(Job, job_id).directory)
         try:
-            pid, started = processes.start(command, directory, attempt)
+            handle, started = self.backend.start(job_id, directory, devices, attempt)
         except OSError as err:
             with self.store.session() as s:
                 job = self.store.for_update(s, Job, job_id)
                 job.status, job.devices, job.finished_at = "failed", None, now()
                 job.error = {"code": "launch_failed", "param": None, "message": str(err)}
+                self.store.add_event(s, job_id, f"The job could not start: {err}", level="error")
             return
         with self.store.session() as s:
             job = self.store.for_update(s, Job, job_id)
-            job.pid, job.pid_start = pid, started
+            job.pid, job.pid_start = handle, started
 
     # -- running jobs ----------------------------------------------------------------------------
     def _watch(self) -> None:
@@ -155,20 +145,28 @@ class Scheduler:
                 self._ingest(s, job)
                 if job.pid is None:
                     continue  # claimed, not started yet (or its start is being recorded)
-                if processes.is_alive(job.pid, job.pid_start):
+                if self.backend.is_alive(job.pid, job.pid_start):
+                    self._report_state(s, job)
                     self._carry_out_stop(s, job)
                 else:
                     self._ingest(s, job)  # rows written just before the end
                     self._finish(s, job)
 
+    def _report_state(self, s, job: Job) -> None:
+        """An event each time the backend's own state of the run changes (SLURM: PENDING, RUNNING)."""
+        state = self.backend.state(job.pid)
+        if state is not None and self._reported_state.get(job.id) != state:
+            self._reported_state[job.id] = state
+            self.store.add_event(s, job.id, f"{self.backend.name} job {job.pid}: {state}")
+
     def _carry_out_stop(self, s, job: Job) -> None:
         if job.stop_request is None:
             return
         if job.signalled_at is None:
-            processes.request_stop(job.pid)  # the trainer checkpoints at its next step and exits
+            self.backend.request_stop(job.pid, Path(job.directory))  # the trainer checkpoints and exits
             job.signalled_at = time.time()
         elif time.time() - job.signalled_at > self.grace_s:
-            processes.kill_group(job.pid)
+            self.backend.kill(job.pid)
             self.store.add_event(s, job.id, f"The job did not stop within {self.grace_s:.0f} s; killed", "warn")
 
     def _ingest(self, s, job: Job) -> None:
@@ -215,6 +213,7 @@ class Scheduler:
         returncode = processes.returncode(directory, job.attempt)
         job.pid = job.pid_start = job.devices = None
         job.signalled_at = None
+        self._reported_state.pop(job.id, None)
         newest = runfiles.checkpoints(directory / "run")
         at_step = f"step {newest[-1][0]}" if newest else "the start (no checkpoint yet)"
         if job.stop_request == "cancel":

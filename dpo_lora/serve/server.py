@@ -76,7 +76,7 @@ def serve(args) -> int:
                         "pip install 'dpo-lora[postgres]'") from None  # fmt: skip
     except Exception as err:  # SQLAlchemy: a bad URL, a missing driver, a database that refuses us
         raise UserError(f"--db: cannot open the job store: {str(err).splitlines()[0]}") from None
-    devices, on_gpu = find_devices(args.gpus, args.cpu_slots)
+    devices, backend = _backend(args)
     models = find_models(args.models)
     state = ServerState(
         store=store, state_dir=state_dir, models=models, devices=len(devices),
@@ -85,11 +85,12 @@ def serve(args) -> int:
     # Stable across this server's restarts (it recovers its own runs); unique among servers sharing
     # a database (one server per state dir, and the host tells state dirs on different machines apart).
     runner = f"{socket.gethostname()}:{state_dir}"
-    scheduler = Scheduler(store, devices, on_gpu, runner, grace_s=args.grace_seconds)
+    scheduler = Scheduler(store, devices, backend, runner, grace_s=args.grace_seconds)
     stopping = threading.Event()
     thread = threading.Thread(target=scheduler.run_forever, args=(stopping,), name="scheduler", daemon=True)
     thread.start()
-    print(f"dpo-lora serve: http://{args.host}:{args.port}/v1  state {state_dir}  devices {', '.join(devices)}  "
+    where = f"SLURM, up to {len(devices)} ranks at once" if args.backend == "slurm" else ", ".join(devices)
+    print(f"dpo-lora serve: http://{args.host}:{args.port}/v1  state {state_dir}  devices {where}  "
           f"models {', '.join(sorted(models)) or 'none'}  auth {'on' if api_key else 'off (loopback)'}", flush=True)  # fmt: skip
     try:
         uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
@@ -99,6 +100,24 @@ def serve(args) -> int:
         store.dispose()
         lock.close()
     return 0
+
+
+def _backend(args) -> tuple[list[str], object]:
+    """(device slots, backend): this machine's GPUs or CPU slots, or rank slots on SLURM."""
+    if args.backend == "slurm":
+        from dpo_lora.serve.slurm import TEMPLATE, SlurmBackend, environment_problem
+
+        if problem := environment_problem():
+            raise UserError(problem)
+        if args.slurm_max_ranks < 1:
+            raise UserError(f"--slurm-max-ranks {args.slurm_max_ranks}: must be at least 1")
+        backend = SlurmBackend(args.slurm_gpus_per_rank, args.slurm_cpus_per_rank, args.slurm_option or [],
+                               Path(args.slurm_script) if args.slurm_script else TEMPLATE)  # fmt: skip
+        return [f"slurm{i}" for i in range(args.slurm_max_ranks)], backend
+    from dpo_lora.serve.local import LocalBackend
+
+    devices, on_gpu = find_devices(args.gpus, args.cpu_slots)
+    return devices, LocalBackend(on_gpu)
 
 
 def _lock_state_dir(state_dir: Path):

@@ -28,13 +28,15 @@ def free_port() -> int:
 class Server:
     """`dpo-lora serve` in its own process; `kill9()` then `start()` is a crash and a restart."""
 
-    def __init__(self, state_dir: Path, models: Path, config: Path, *extra: str, api_key: str | None = API_KEY):
+    def __init__(self, state_dir: Path, models: Path, config: Path, *extra: str, api_key: str | None = API_KEY,
+                 env: dict | None = None):  # fmt: skip
         self.state_dir, self.models, self.config, self.extra, self.api_key = state_dir, models, config, extra, api_key
+        self.env = env or dict(os.environ)
         self.port = free_port()
         self.process = None
 
     def start(self) -> Server:
-        env = {k: v for k, v in os.environ.items() if k != "DPO_LORA_API_KEY"}
+        env = {k: v for k, v in self.env.items() if k != "DPO_LORA_API_KEY"}
         if self.api_key:
             env["DPO_LORA_API_KEY"] = self.api_key
         self.log = open(self.state_dir.parent / f"server-{self.port}.log", "ab")
@@ -138,8 +140,8 @@ def servers(tmp_path):
     """Start servers with `servers(...)`; every one and every job process they started ends after the test."""
     started = []
 
-    def start(models, config, *extra, state_dir=None, api_key=API_KEY) -> Server:
-        server = Server(state_dir or tmp_path / "state", models, config, *extra, api_key=api_key)
+    def start(models, config, *extra, state_dir=None, api_key=API_KEY, env=None) -> Server:
+        server = Server(state_dir or tmp_path / "state", models, config, *extra, api_key=api_key, env=env)
         started.append(server)
         return server.start()
 
@@ -148,6 +150,9 @@ def servers(tmp_path):
         server.stop()
         has_store = "--db" in server.extra or (server.state_dir / "jobs.db").exists()
         for pid in server.job_pids() if has_store else []:
+            if "slurm" in server.extra:  # the handle is a SLURM job id
+                subprocess.run(["scancel", str(pid)], env=server.env, capture_output=True)
+                continue
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

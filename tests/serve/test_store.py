@@ -9,6 +9,7 @@ import sys
 import threading
 
 from dpo_lora.serve import processes
+from dpo_lora.serve.local import LocalBackend
 from dpo_lora.serve.scheduler import Scheduler
 from dpo_lora.serve.store import Export, Job, Store
 
@@ -113,7 +114,7 @@ def test_a_restarted_server_recovers_only_its_own_claims(store_url, tmp_path):
                              directory=str(tmp_path / name), runner=runner))  # fmt: skip
         record = {"pid": sleeper.pid, "start_time": processes.start_time(sleeper.pid)}
         (tmp_path / "started" / "exit-1.json.started").write_text(json.dumps(record))
-        Scheduler(store, ["cpu0"], on_gpu=False, runner="me")._announce_recovery()
+        Scheduler(store, ["cpu0"], LocalBackend(on_gpu=False), runner="me")._announce_recovery()
         with store.session() as s:
             adopted, requeued = s.get(Job, "started"), s.get(Job, "never-started")
             assert (adopted.status, adopted.pid, adopted.devices) == ("running", sleeper.pid, ["cpu0"])

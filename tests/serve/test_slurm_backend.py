@@ -1,0 +1,104 @@
+"""`dpo-lora serve --backend slurm` on the real one-node SLURM cluster (tests/slurm_cluster.py),
+through the `openai` client: a two-rank job is submitted with sbatch, shows SLURM's states, lives
+through a kill -9 of the server, pauses at a checkpoint (SIGTERM to its ranks, no requeue) and
+resumes to success; a second job is cancelled with no rank left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from dpo_lora.serve.slurm import NO_REQUEUE, render
+
+from ..conftest import REPO
+from .conftest import all_events, wait_for_status
+from .test_scheduler import create, wait_for_event
+
+# Two CPU ranks of one CPU each fill the test node (2 CPUs).
+STEPS = 400
+BACKEND = ["--backend", "slurm", "--slurm-max-ranks", "2", "--slurm-gpus-per-rank", "0", "--slurm-cpus-per-rank", "1"]
+
+
+def test_the_rendered_script_is_the_shipped_one_sized_for_the_job(tmp_path):
+    template = (REPO / "launch" / "slurm.sbatch").read_text()
+    script = render(template, "ftjob-abc", tmp_path, ranks=3, gpus_per_rank=1, cpus_per_rank=4,
+                    exit_file=tmp_path / "exit-2.json")  # fmt: skip
+    sbatch_lines = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert sbatch_lines == [
+        "#SBATCH --job-name=dpo-lora-ftjob-abc", f"#SBATCH --output={tmp_path}/run.log", "#SBATCH --open-mode=append",
+        f"#SBATCH --chdir={tmp_path}", "#SBATCH --ntasks=3", "#SBATCH --cpus-per-task=4", "#SBATCH --signal=TERM@120",
+        "#SBATCH --requeue", "#SBATCH --gpus-per-task=1",
+    ]  # fmt: skip
+    assert f"export DPO_LORA_EXIT_FILE={tmp_path}/exit-2.json" in script
+    assert f"export DPO_LORA_NO_REQUEUE_FILE={tmp_path}/{NO_REQUEUE}" in script
+    template_body = [line for line in template.splitlines()[1:] if not line.startswith("#SBATCH")]
+    assert script.splitlines()[-len(template_body) :] == template_body  # the rest is the shipped script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # and it parses
+
+
+def test_without_slurm_commands_the_server_refuses_to_start_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dpo_lora", "serve", "--backend", "slurm", "--state-dir", str(tmp_path / "state")],
+        env={**os.environ, "PATH": str(tmp_path)}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        "dpo-lora: error: --backend slurm: sbatch not found on PATH (install SLURM's client commands)"
+    )
+
+
+def squeue_states(env) -> list[str]:
+    listed = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=env, capture_output=True, text=True, check=True)
+    return listed.stdout.split()
+
+
+def test_a_slurm_job_pauses_survives_a_server_restart_resumes_and_another_is_cancelled(servers, tiny_setup, slurm):
+    models, config, train, _ = tiny_setup
+    server = servers(models, config, *BACKEND, env=slurm)
+    client = server.client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    # ~7 steps/s: long enough to outlast a server restart and still be paused mid-run.
+    job = create(client, file_id, {"train": {"max_steps": STEPS, "save_every": 20}, "gpus": 2})
+    wait_for_event(client, job.id, ": RUNNING", timeout=120)
+    directory = server.state_dir / "jobs" / job.id
+    assert "#SBATCH --ntasks=2" in (directory / "job.sbatch").read_text()
+
+    # The server dies mid-job: the SLURM job trains on and the restarted server re-adopts it.
+    wait_for_event(client, job.id, "Checkpoint created at step 20", timeout=300)
+    server.kill9()
+    server.start()
+    client = server.client()
+    wait_for_event(client, job.id, "re-adopted", timeout=60)
+
+    # Pause: SIGTERM to both ranks, a checkpoint, and the script does not requeue.
+    client.fine_tuning.jobs.pause(job.id)
+    wait_for_status(client, job.id, ("paused",), timeout=180)
+    stopped_at = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number
+    assert 20 <= stopped_at < STEPS
+    assert json.loads((directory / "exit-1.json").read_text()) == {"returncode": 0}
+    assert "requeueing" not in (directory / "run.log").read_text()
+    client.fine_tuning.jobs.resume(job.id)
+    job = wait_for_status(client, job.id, ("succeeded",), timeout=400)
+    events = all_events(client, job.id)
+    rows = [e.data for e in events if e.type == "metrics" and "loss" in e.data]
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))  # each step once, across the pause
+    assert {row["world_size"] for row in rows} == {2}
+    messages = [e.message for e in events]
+    assert f"The job is paused; resume continues from step {stopped_at}" in messages
+    assert sum(m.startswith("Fine-tuning job started") for m in messages) == 2
+    assert job.fine_tuned_model and (directory / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+    # Cancel: the SLURM job ends and none of its ranks is left.
+    doomed = create(client, file_id, {"train": {"max_steps": 4000}, "gpus": 2})
+    wait_for_event(client, doomed.id, "Step 1:", timeout=180)
+    assert client.fine_tuning.jobs.cancel(doomed.id).status == "cancelled"
+    wait_for_event(client, doomed.id, "The job was cancelled", timeout=120)
+    deadline = time.monotonic() + 60
+    while any(state in ("RUNNING", "COMPLETING") for state in squeue_states(slurm)[1::2]):
+        assert time.monotonic() < deadline, squeue_states(slurm)
+        time.sleep(0.5)
+    ranks = subprocess.run(["pgrep", "-f", f"jobs/{doomed.id}/config.yaml"], capture_output=True, text=True)
+    assert ranks.stdout == "", "a rank of the cancelled job is still running"
