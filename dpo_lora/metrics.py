@@ -72,7 +72,7 @@ class MetricsWriter:
             f.write(json.dumps(row) + "\n")
         if self.tensorboard is not None:
             for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if key not in ("step", "total_steps") and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key, value, row["step"])
 
     def close(self) -> None:

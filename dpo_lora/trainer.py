@@ -98,6 +98,7 @@ def log_window(run: Run, step: int, lr: float, window_start: float, progress) ->
     world_size = run.dist.world_size
     row = {
         "step": step,
+        "total_steps": run.total_steps,  # progress and ETA for whoever watches the file
         "epoch": run.epoch(),
         **{name: reduced[name] for name in reduced if name not in ("pairs", "tokens")},
         "lr": lr,

@@ -79,11 +79,11 @@ def test_training_writes_metrics_adapter_and_config_and_improves(tiny_model_dir,
     rows = read_metrics(out)
     assert [r["step"] for r in rows if "loss" in r] == [3, 6, 9, 12]
     expected_keys = {
-        "step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+        "step", "total_steps", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
         "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens", "pairs_per_s", "tokens_per_s",
         "pairs_per_s_per_rank", "world_size", "global_batch", "peak_memory_gb",
     }  # fmt: skip
-    assert all(set(r) == expected_keys for r in rows if "loss" in r)
+    assert all(set(r) == expected_keys and r["total_steps"] == 12 for r in rows if "loss" in r)
     evals = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in evals] == [0, 12]
     assert evals[0]["eval/rewards/accuracies"] == 0.0 and evals[0]["eval/loss"] == pytest.approx(0.693147, abs=1e-5)

@@ -27,6 +27,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from dpo_lora.serve import wire
+from dpo_lora.serve.dashboard import dashboard_routes
 from dpo_lora.serve.jobspec import SpecError, build_spec
 from dpo_lora.serve.store import FINAL, Checkpoint, Event, Export, IdempotencyKey, Job, Store, new_id, now
 from dpo_lora.serve.store import File as StoredFile
@@ -53,6 +54,7 @@ def create_app(state: ServerState) -> FastAPI:
     _files_routes(api, state)
     _job_routes(api, state)
     _extension_routes(api, state)
+    dashboard_routes(app, api, state)
     app.include_router(api)
 
     @app.get("/healthz")

@@ -1,0 +1,86 @@
+"""The dashboard at GET /: one static page (dashboard.html: no CDN, no JavaScript library) over the
+JSON API, plus the two routes only it reads: every job with its progress, and a job's charts, drawn
+server-side as SVG by the project's own matplotlib code (dpo_lora/plots.py).
+
+The page itself holds no data, so it needs no token; everything it shows comes from /v1 routes
+under the server's auth, with the token typed into the page (kept in the browser's localStorage).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import HTMLResponse, Response
+from sqlalchemy import select
+
+from dpo_lora.plots import CHARTS
+from dpo_lora.serve import runfiles, wire
+from dpo_lora.serve.store import Job
+
+PAGE = Path(__file__).with_name("dashboard.html")
+TAIL_BYTES = 64 * 1024  # the newest training row is read from the end of metrics.jsonl
+
+
+def newest_training_row(metrics_file: Path) -> dict | None:
+    """The last row with a training loss, read from the file's tail (the file may be large)."""
+    try:
+        with open(metrics_file, "rb") as handle:
+            handle.seek(max(handle.seek(0, 2) - TAIL_BYTES, 0))
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the row being written, or a partial first line of the tail
+        if "loss" in row:
+            return row
+    return None
+
+
+def progress(job: Job) -> dict | None:
+    """{step, total_steps, pairs_per_s, eta_seconds} of a job's run, from its newest metrics row."""
+    row = newest_training_row(Path(job.directory) / "run" / "metrics.jsonl")
+    if row is None or "total_steps" not in row:
+        return None
+    remaining_pairs = (row["total_steps"] - row["step"]) * row["global_batch"]
+    running = job.status == "running" and row["pairs_per_s"] > 0
+    return {
+        "step": row["step"], "total_steps": row["total_steps"], "pairs_per_s": row["pairs_per_s"],
+        "eta_seconds": round(remaining_pairs / row["pairs_per_s"]) if running else None,
+    }  # fmt: skip
+
+
+def dashboard_routes(app: FastAPI, api: APIRouter, state) -> None:
+    @app.get("/", include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text())
+
+    @api.get("/dashboard/jobs")
+    def jobs_with_progress(limit: int = 100) -> dict:
+        with state.store.session() as s:
+            jobs = list(s.scalars(select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
+        return {"object": "list", "data": [{**wire.job_object(job), "progress": progress(job)} for job in jobs]}
+
+    @api.get("/fine_tuning/jobs/{job_id}/charts/{name}.svg")
+    def job_chart(job_id: str, name: str) -> Response:
+        from dpo_lora.plots import chart_svg
+
+        if f"{name}.png" not in CHARTS:
+            raise wire.ApiError(404, f"No chart named {name}; charts: {', '.join(c[:-4] for c in CHARTS)}",
+                                param="name", code="not_found")  # fmt: skip
+        with state.store.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise wire.not_found("fine-tuning job", job_id)
+            directory = Path(job.directory)
+        rows, _, _ = runfiles.new_rows(directory / "run" / "metrics.jsonl", 0)
+        latest = {}  # a resumed run may have logged a step twice: its newest row counts
+        for row in rows:
+            if "loss" in row or "eval/loss" in row:
+                latest[(row["step"], "loss" in row)] = row
+        return Response(chart_svg(list(latest.values()), name), media_type="image/svg+xml",
+                        headers={"Cache-Control": "no-store"})  # fmt: skip
