@@ -9,7 +9,10 @@ a run writes (metrics.jsonl, checkpoints, adapter); it never imports the trainer
     runfiles.py   what a run wrote: metrics rows, checkpoints, adapter, its last error
     processes.py  starting, identifying, signalling a run's process group
     supervise.py  the process that waits for a run and records its exit status
+    local.py      the local backend: runs as process groups on this machine's GPUs or CPU slots
+    slurm.py      the SLURM backend: runs as SLURM jobs (sbatch, squeue, scancel)
     scheduler.py  validate, queue, dispatch onto free devices, watch, stop, recover
     app.py        the HTTP routes (FastAPI)
+    dashboard.py  GET / (dashboard.html) and the progress and chart routes it reads
     server.py     `dpo-lora serve`: wires them together under uvicorn
 """
