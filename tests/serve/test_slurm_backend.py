@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 
-from dpo_lora.serve.slurm import NO_REQUEUE, render
+import pytest
+
+from dpo_lora.serve.slurm import NO_REQUEUE, SlurmBackend, SlurmError, render
 
 from ..conftest import REPO
 from .conftest import all_events, wait_for_status
@@ -102,3 +104,38 @@ def test_a_slurm_job_pauses_survives_a_server_restart_resumes_and_another_is_can
         time.sleep(0.5)
     ranks = subprocess.run(["pgrep", "-f", f"jobs/{doomed.id}/config.yaml"], capture_output=True, text=True)
     assert ranks.stdout == "", "a rank of the cancelled job is still running"
+
+
+def fake_squeue(folder, stdout: str, stderr: str = "", status: int = 0) -> dict:
+    """PATH with an `squeue` that answers as SLURM's would."""
+    script = folder / "squeue"
+    script.write_text(f"#!/bin/sh\nprintf '%s' '{stdout}'\nprintf '%s' '{stderr}' >&2\nexit {status}\n")
+    script.chmod(0o755)
+    return {"PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize(
+    "stdout, stderr, status, alive, state",
+    [
+        ("PENDING|Resources\n", "", 0, True, "PENDING (Resources)"),
+        ("RUNNING|None\n", "", 0, True, "RUNNING"),
+        ("COMPLETING|None\n", "", 0, True, "COMPLETING"),
+        ("COMPLETED|None\n", "", 0, False, "COMPLETED"),
+        ("CANCELLED|None\n", "", 0, False, "CANCELLED"),
+        ("", "slurm_load_jobs error: Invalid job id specified", 1, False, None),  # forgotten (MinJobAge)
+    ],
+)
+def test_squeue_states_map_to_alive_or_ended(tmp_path, monkeypatch, stdout, stderr, status, alive, state):
+    for name, value in fake_squeue(tmp_path, stdout, stderr, status).items():
+        monkeypatch.setenv(name, value)
+    backend = SlurmBackend(gpus_per_rank=0, cpus_per_rank=1, sbatch_options=[])
+    assert backend.is_alive(42, None) is alive
+    assert backend.state(42) == state
+
+
+def test_a_controller_that_does_not_answer_is_never_taken_for_a_finished_job(tmp_path, monkeypatch):
+    error = "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"
+    for name, value in fake_squeue(tmp_path, "", error, 1).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SlurmError, match="Unable to contact slurm controller"):
+        SlurmBackend(gpus_per_rank=0, cpus_per_rank=1, sbatch_options=[]).is_alive(42, None)
