@@ -23,6 +23,7 @@ from dpo_lora.serve.store import Checkpoint, Event, Export, File, Job, Store, ne
 from dpo_lora.serve.wire import fine_tuned_name
 
 MAX_ATTEMPTS = 3  # a job whose process dies this many times without finishing fails
+RETRY_S = 30.0  # after a backend could not take a job (its controller is down), before the next try
 
 
 class Scheduler:
@@ -33,6 +34,7 @@ class Scheduler:
         self.store, self.devices, self.backend, self.runner, self.grace_s = store, devices, backend, runner, grace_s
         self._adopted_checked = False
         self._reported_state: dict[str, str] = {}  # job id -> the backend state last put in its events
+        self._dispatch_after = 0.0  # monotonic time before which no job is started (backend down)
 
     def run_forever(self, stopping) -> None:
         while not stopping.is_set():
@@ -106,7 +108,7 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         """Start queued jobs in FIFO order while the head of the queue fits on the free devices."""
-        while True:
+        while time.monotonic() >= self._dispatch_after:
             with self.store.session() as s:
                 mine = select(Job).where(Job.runner == self.runner, Job.devices.is_not(None))
                 held = {d for job in s.scalars(mine) for d in job.devices}
@@ -125,6 +127,9 @@ class Scheduler:
         try:
             handle, started = self.backend.start(job_id, directory, devices, attempt)
         except OSError as err:
+            if getattr(err, "transient", False):
+                self._start_later(job_id, attempt, err)
+                return
             with self.store.session() as s:
                 job = self.store.for_update(s, Job, job_id)
                 job.status, job.devices, job.finished_at = "failed", None, now()
@@ -134,6 +139,20 @@ class Scheduler:
         with self.store.session() as s:
             job = self.store.for_update(s, Job, job_id)
             job.pid, job.pid_start = handle, started
+
+    def _start_later(self, job_id: str, attempt: int, err: OSError) -> None:
+        """The backend could not take the job now (SLURM's controller is down): the job goes back to
+        the head of the queue as it was, and nothing starts for RETRY_S."""
+        self._dispatch_after = time.monotonic() + RETRY_S
+        with self.store.session() as s:
+            job = self.store.for_update(s, Job, job_id)
+            if job.stop_request == "pause":
+                job.status = "paused"
+            elif job.status == "running":  # not cancelled meanwhile
+                job.status = "queued"
+            job.devices, job.attempt, job.stop_request = None, attempt - 1, None
+            self.store.add_event(s, job_id, f"The job could not start yet ({err}); trying again in {RETRY_S:.0f} s",
+                                 level="warn")  # fmt: skip
 
     # -- running jobs ----------------------------------------------------------------------------
     def _watch(self) -> None:

@@ -31,8 +31,17 @@ ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL
 NO_REQUEUE = "slurm-no-requeue"  # in the job folder: the script must not requeue (a stop was asked for)
 
 
+# sbatch's words for a controller that is down or busy: the job is submitted again later.
+TRANSIENT = ("Unable to contact slurm controller", "Socket timed out", "temporarily unable", "Slurm backup controller")
+
+
 class SlurmError(OSError):
-    """A SLURM command failed (the job could not be submitted); its message is SLURM's."""
+    """A SLURM command failed; its message is SLURM's. `transient`: the controller is down or
+    busy (try again later), not a refusal of this job."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.transient = any(text.lower() in message.lower() for text in TRANSIENT)
 
 
 def render(template: str, job_id: str, directory: Path, ranks: int, gpus_per_rank: int, cpus_per_rank: int,
@@ -129,7 +138,8 @@ def _run(command: list[str]) -> str:
     except FileNotFoundError:
         raise SlurmError(f"{command[0]} not found: the SLURM backend needs SLURM's client commands") from None
     if result.returncode != 0:
-        message = re.sub(r"\s+", " ", result.stderr.strip()) or f"exit status {result.returncode}"
+        message = re.sub(r"\s+", " ", result.stderr.strip()).removeprefix(f"{command[0]}: ")
+        message = message or f"exit status {result.returncode}"
         raise SlurmError(f"{command[0]}: {message}")
     return result.stdout
 

@@ -139,3 +139,66 @@ def test_a_controller_that_does_not_answer_is_never_taken_for_a_finished_job(tmp
         monkeypatch.setenv(name, value)
     with pytest.raises(SlurmError, match="Unable to contact slurm controller"):
         SlurmBackend(gpus_per_rank=0, cpus_per_rank=1, sbatch_options=[]).is_alive(42, None)
+
+
+def fake_command(folder, name: str, body: str) -> None:
+    script = folder / name
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+
+
+def test_a_controller_that_is_down_at_submission_leaves_the_job_queued_until_it_is_back(tmp_path, monkeypatch):
+    from dpo_lora.serve import scheduler as scheduler_module
+    from dpo_lora.serve.scheduler import Scheduler
+    from dpo_lora.serve.store import Event, Job, Store
+
+    from .test_store import queued_job
+
+    bin_dir, job_dir = tmp_path / "bin", tmp_path / "job"
+    bin_dir.mkdir()
+    job_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    fake_command(bin_dir, "sbatch", "echo 'sbatch: error: Batch job submission failed: Unable to contact slurm "
+                                    "controller (connect failure)' >&2; exit 1")  # fmt: skip
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    queued_job(store, "ftjob-1", job_dir, queue_seq=1, devices_wanted=1)
+    backend = SlurmBackend(gpus_per_rank=0, cpus_per_rank=1, sbatch_options=[])
+    scheduler = Scheduler(store, ["slurm0"], backend, runner="me")
+    scheduler._dispatch()
+    with store.session() as s:
+        job = s.get(Job, "ftjob-1")
+        assert (job.status, job.devices, job.attempt, job.pid) == ("queued", None, 0, None)
+        messages = [e.message for e in s.query(Event).filter(Event.job_id == "ftjob-1")]
+    assert any("could not start yet" in m and "Unable to contact slurm controller" in m for m in messages)
+    assert scheduler._dispatch_after > 0  # and nothing is submitted again before RETRY_S
+
+    fake_command(bin_dir, "sbatch", "echo '4242;cluster'")  # the controller is back
+    monkeypatch.setattr(scheduler_module.time, "monotonic", lambda: scheduler._dispatch_after + 1)
+    scheduler._dispatch()
+    with store.session() as s:
+        job = s.get(Job, "ftjob-1")
+        assert (job.status, job.pid, job.attempt) == ("running", 4242, 1)
+    assert json.loads((job_dir / "exit-1.json.started").read_text()) == {"pid": 4242, "start_time": None}
+    assert "#SBATCH --ntasks=1" in (job_dir / "job.sbatch").read_text()
+    store.dispose()
+
+
+def test_a_refused_submission_fails_the_job_with_sbatchs_words(tmp_path, monkeypatch):
+    from dpo_lora.serve.scheduler import Scheduler
+    from dpo_lora.serve.store import Job, Store
+
+    from .test_store import queued_job
+
+    bin_dir, job_dir = tmp_path / "bin", tmp_path / "job"
+    bin_dir.mkdir()
+    job_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    fake_command(bin_dir, "sbatch", "echo 'sbatch: error: invalid partition specified: gpux' >&2; exit 1")
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    queued_job(store, "ftjob-2", job_dir, queue_seq=1, devices_wanted=1)
+    Scheduler(store, ["slurm0"], SlurmBackend(0, 1, ["--partition=gpux"]), runner="me")._dispatch()
+    with store.session() as s:
+        job = s.get(Job, "ftjob-2")
+        assert job.status == "failed" and job.error["code"] == "launch_failed"
+        assert job.error["message"] == "sbatch: error: invalid partition specified: gpux"
+    store.dispose()
