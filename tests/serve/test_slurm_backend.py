@@ -20,7 +20,7 @@ from .conftest import all_events, wait_for_status
 from .test_scheduler import create, wait_for_event
 
 # Two CPU ranks of one CPU each fill the test node (2 CPUs).
-STEPS = 400
+STEPS = 240
 BACKEND = ["--backend", "slurm", "--slurm-max-ranks", "2", "--slurm-gpus-per-rank", "0", "--slurm-cpus-per-rank", "1"]
 
 
