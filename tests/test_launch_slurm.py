@@ -41,6 +41,10 @@ def job_field(env, job: str, name: str) -> str:
     return found.group(1) if found else ""
 
 
+def node_state(env) -> str:
+    return subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()
+
+
 def wait_until(condition, seconds: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -83,6 +87,10 @@ def test_a_job_at_its_time_limit_checkpoints_requeues_and_ends_like_an_uninterru
     # its next time-limit check (every 30 s), with the hard limit over a minute away.
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=2"], env=slurm, check=True)
     wait_until(lambda: job_field(slurm, job, "Restarts") == "1", 180, "the requeue", log)
+    # Started again within the second of its requeue, SLURM refuses the job ("Job credential
+    # revoked": revocation is kept to the second) and fails it: let the old instance leave first.
+    wait_until(lambda: node_state(slurm) == "idle", 60, "the node to be free of the old run", log)
+    time.sleep(2)
     # The requeued run gets its full limit back; SLURM holds a requeued job ~2 min before it
     # may start again, which StartTime=now lifts.
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10", "StartTime=now"], env=slurm, check=True)

@@ -224,8 +224,24 @@ class Store:
 def _sqlite_pragmas(connection, _record) -> None:
     connection.isolation_level = None  # transactions are begun by the "begin" listener, not by pysqlite
     cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-    cursor.execute("PRAGMA synchronous=FULL")  # a committed change survives a power cut
     cursor.execute("PRAGMA busy_timeout=30000")
+    _switch_to_wal(cursor)  # readers never block the writer
+    cursor.execute("PRAGMA synchronous=FULL")  # a committed change survives a power cut
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _switch_to_wal(cursor, seconds: float = 30.0) -> None:
+    """Connections opening a new database at once (a server's threads, several stores): the switch
+    to WAL needs the file to itself, and SQLite answers "locked" at once there instead of waiting."""
+    import sqlite3
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
