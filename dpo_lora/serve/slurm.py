@@ -63,7 +63,7 @@ def render(template: str, job_id: str, directory: Path, ranks: int, gpus_per_ran
         "DPO_LORA_NO_REQUEUE_FILE": str(directory / NO_REQUEUE),
     }
     header = [f"#SBATCH {option}" for option in options]
-    header.append(f"# Rendered by dpo-lora serve from {TEMPLATE.name} for job {job_id}.")
+    header.append(f"# Rendered by dpo-lora serve for job {job_id} from its batch script template.")
     header += [f"export {name}={shlex.quote(value)}" for name, value in variables.items()]
     return "\n".join([shebang, *header, *rest]) + "\n"
 
