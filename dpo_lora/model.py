@@ -85,21 +85,28 @@ def quantization_config(model_config):
     return None
 
 
-def load_base(model_config, device: torch.device):
-    """The frozen base model on `device`, quantized as configured."""
+def load_base(model_config, device: torch.device, ds_config: dict | None = None):
+    """The frozen base model on `device`, quantized as configured. Under ZeRO-3 (`ds_config`'s
+    stage 3) it is loaded a tensor at a time straight into this rank's partitions."""
     from transformers import AutoModelForCausalLM
 
     _check_model_path(model_config.path)
     kernel = None if model_config.attn_implementation == "auto" else model_config.attn_implementation
+    model = None
     with _hub_errors(model_config.path), _kernel_errors(kernel):
-        model = AutoModelForCausalLM.from_pretrained(
-            model_config.path,
-            dtype=torch_dtype(model_config.dtype),
-            quantization_config=quantization_config(model_config),
-            device_map={"": device},
-            attn_implementation=kernel,  # None: transformers picks sdpa where supported, else eager
-            trust_remote_code=model_config.trust_remote_code,
-        )
+        if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+            from dpo_lora.zero3_loading import load_partitioned
+
+            model = load_partitioned(model_config, device, ds_config)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_config.path,
+                dtype=torch_dtype(model_config.dtype),
+                quantization_config=quantization_config(model_config),
+                device_map={"": device},
+                attn_implementation=kernel,  # None: transformers picks sdpa where supported, else eager
+                trust_remote_code=model_config.trust_remote_code,
+            )
     model.requires_grad_(False)
     model.config.use_cache = False
     if device.type == "cpu" and model_config.dtype == "bfloat16" and not cpu_has_native_bf16():

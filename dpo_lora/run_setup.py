@@ -177,7 +177,7 @@ def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):
 
     train_cfg = config.train
     set_seed(train_cfg.seed)  # same LoRA init on every rank
-    model = attach_adapter(load_base(config.model, dist.device), config.lora)
+    model = attach_adapter(load_base(config.model, dist.device, ds_config), config.lora)
     chunked_logps.install(model, train_cfg.logps_chunk_size)  # before DeepSpeed wraps the head
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = _adamw(ds_config["zero_optimization"])(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)

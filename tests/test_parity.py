@@ -13,6 +13,7 @@ included, is really partitioned (the tiny model's tensors are all below the ship
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def launch(model_dir, output_dir, nproc: int, deepspeed_config: str, dtype: str,
     env = venv_env(**({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (output_dir.parent / f"{output_dir.name}.stderr").write_text(result.stderr)
 
 
 def adapter(output_dir) -> dict[str, torch.Tensor]:
@@ -141,6 +143,16 @@ def test_every_stage_and_world_size_gives_the_same_losses_and_rewards(runs):
     assert_same_training(
         train_rows(tmp / "1rank-zero0-float32"), train_rows(tmp / "1rank-zero2-float32"), "zero0", rel=1e-4, abs=1e-5
     )
+
+
+def test_zero3_loads_the_base_straight_into_each_ranks_partition(runs):
+    tmp, _ = runs
+    for name, ranks in (("1rank-zero3", 1), ("2rank-zero3", 2), ("1rank-zero3_offload", 1)):
+        said = re.search(r"rank 0 holds ([0-9.]+) KiB of its ([0-9.]+) KiB", (tmp / f"{name}.stderr").read_text())
+        assert said is not None, name  # the tiny model's base is a few hundred KiB
+        assert float(said[1]) == pytest.approx(float(said[2]) / ranks, rel=0.02), name
+    for name in ("1rank-zero2", "2rank-zero2"):  # ZeRO-2 replicates the base: loaded whole
+        assert "holds" not in (tmp / f"{name}.stderr").read_text(), name
 
 
 def test_zero3_saves_the_full_adapter_equal_to_zero2(runs):
