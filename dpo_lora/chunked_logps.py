@@ -103,7 +103,9 @@ def install(model, chunk_size: int) -> bool:
         if head.dpo_lora_targets is None:
             return plain_forward(hidden_states)
         index, targets = head.dpo_lora_targets
-        return label_logps_at(hidden_states, head.weight, head.bias, index, targets, head.dpo_lora_chunk_size)
+        # Outside autocast: its backward recomputes the logits, which must round as the forward did.
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return label_logps_at(hidden_states, head.weight, head.bias, index, targets, head.dpo_lora_chunk_size)
 
     head.forward = forward
     head.dpo_lora_targets = None

@@ -51,13 +51,14 @@ def quantized_bytes(numel: int, out_features: int, quantization: str) -> int:
     return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 * 16
 
 
-def _skeleton(config, layers: int | None = None):
-    """The model (PEFT-wrapped as configured) on the meta device, LoRA in float32 as in training."""
+def _skeleton(config, layers: int | None = None, dtype=None):
+    """The model (PEFT-wrapped as configured) on the meta device, LoRA in float32 as in training;
+    unquantized weights in `dtype` (default: what training holds them in)."""
     from accelerate import init_empty_weights
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dpo_lora.model import torch_dtype
+    from dpo_lora.model import weights_dtype
 
     model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
     if layers is not None:
@@ -66,7 +67,7 @@ def _skeleton(config, layers: int | None = None):
             model_config.layer_types = model_config.layer_types[:layers]
     model_config._attn_implementation = "sdpa"
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(model_config, dtype=torch_dtype(config.model.dtype))
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype or weights_dtype(config.model))
         lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                           target_modules=config.lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
         model = get_peft_model(model, lora)
@@ -153,7 +154,7 @@ def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, i
 
     from dpo_lora.model import torch_dtype
 
-    model = _skeleton(config, layers=2)
+    model = _skeleton(config, layers=2, dtype=torch_dtype(config.model.dtype))  # the compute dtype
     model.train()
     params = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
     layers = model.get_base_model().model.layers
@@ -183,7 +184,7 @@ def activation_components(
     config, hidden: int, vocab: int, layers: int, shared: bool
 ) -> tuple[dict[str, int], int, int]:
     """(components, tokens per row, rows) for one micro-batch's policy forward and backward."""
-    from dpo_lora.model import torch_dtype
+    from dpo_lora.model import float32_residual, torch_dtype
 
     micro, max_length = config.train.micro_batch_size, config.data.max_length
     # Worst case: the longest pair fills max_length; shared, a row holds the prompt once and both
@@ -191,6 +192,10 @@ def activation_components(
     rows, tokens = (micro, 2 * max_length) if shared else (2 * micro, max_length)
     per_layer, layer_input = saved_by_layer(config, rows, tokens, shared)
     element = torch.tensor([], dtype=torch_dtype(config.model.dtype)).element_size()
+    if float32_residual(config.model):
+        # The residual stream (each layer's input) and the head run in float32; inside a layer
+        # autocast keeps what backward saves in bf16, as the bf16 meta forward counts it.
+        layer_input, element = layer_input * 4 // element, 4
     if config.model.gradient_checkpointing:
         components = {"checkpointed activations (layer inputs)": layers * layer_input,
                       "one-layer recompute peak": per_layer}  # fmt: skip

@@ -20,9 +20,9 @@ class Requantizer:
     """weight name -> the dequantized float32 weight the quantized run used, for quantized layers."""
 
     def __init__(self, base: Path, model_config) -> None:
-        from dpo_lora.model import quantization_config, torch_dtype
+        from dpo_lora.model import quantization_config, weights_dtype
 
-        self.load_dtype = torch_dtype(model_config.dtype)
+        self.load_dtype = weights_dtype(model_config)  # what training cast each tensor to before quantizing
         self.layers = quantized_layers(base, quantization_config(model_config))
 
     def __contains__(self, name: str) -> bool:
@@ -32,19 +32,28 @@ class Requantizer:
         """`tensor` [out, in] as stored in the checkpoint -> dequant(quant(tensor)) [out, in] float32."""
         import bitsandbytes as bnb
 
-        layer = self.layers[name]
         value = tensor.to(self.load_dtype)
-        if isinstance(layer, bnb.nn.Linear4bit):
-            settings = {k: v for k, v in layer.weight.__dict__.items() if k != "module"}
-            quantized = bnb.nn.Params4bit(value, requires_grad=False, **settings).to(value.device)
+        # Not linked to the empty layer: it would keep every quantization state for the export's life.
+        quantized = quantized_like(self.layers[name].weight, value, value.device, link_module=False)
+        if isinstance(quantized, bnb.nn.Params4bit):
             # Dequantized in float32 rather than the compute dtype, so the merge adds no rounding of
             # its own before the export dtype.
             state = copy.copy(quantized.quant_state)
             state.dtype = torch.float32
             return bnb.functional.dequantize_4bit(quantized.data, state)
-        settings = {k: v for k, v in layer.weight.__dict__.items() if k != "SCB"}
-        quantized = bnb.nn.Int8Params(value.to("cpu"), requires_grad=False, **settings).to(value.device)
         return bnb.functional.int8_vectorwise_dequant(quantized.data, quantized.SCB)
+
+
+def quantized_like(empty, value: torch.Tensor, device: torch.device, link_module: bool = True):
+    """The bitsandbytes parameter transformers' loader makes of checkpoint tensor `value` (already
+    in the load dtype) for the empty quantized parameter `empty`: built from its settings and
+    quantized by moving it to `device`. `link_module`: the new parameter knows the empty one's layer."""
+    import bitsandbytes as bnb
+
+    settings = {k: v for k, v in empty.__dict__.items() if k != "SCB" and (link_module or k != "module")}
+    if isinstance(empty, bnb.nn.Params4bit):
+        return bnb.nn.Params4bit(value, requires_grad=False, **settings).to(device)
+    return bnb.nn.Int8Params(value.to("cpu"), requires_grad=False, **settings).to(device)
 
 
 def quantized_layers(base: Path, quantization) -> dict[str, torch.nn.Module]:

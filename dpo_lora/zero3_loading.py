@@ -25,6 +25,7 @@ import torch
 
 from dpo_lora.cpu_memory import release_free_heap
 from dpo_lora.errors import UserError
+from dpo_lora.requantize import quantized_like
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,11 @@ def load_partitioned(model_config, device: torch.device, ds_config: dict):
     """The base with every parameter already partitioned by ZeRO-3 over the world, or None (with
     the reason printed) where the checkpoint's tensor names are not the model's own (architectures
     whose weights transformers renames or fuses on load): the caller then loads it whole."""
-    from dpo_lora.model import torch_dtype
+    from dpo_lora.model import weights_dtype
 
     files = _checkpoint_files(model_config.path)
     location = _tensor_locations(files)
-    dtype = torch_dtype(model_config.dtype)
+    dtype = weights_dtype(model_config)
     model, quantizer = _empty_model(model_config, dtype, device)
     holders = _parameter_holders(model)
     missing = [names[0][2] for names in holders.values() if not any(name in location for _, _, name in names)]
@@ -60,7 +61,7 @@ def load_partitioned(model_config, device: torch.device, ds_config: dict):
         old = module._parameters[local_name]
         value = _read(location[full_name], full_name).to(device)
         if quantizer is not None and quantizer.param_needs_quantization(model, full_name):
-            new = _quantized(old, value.to(dtype), device)
+            new = quantized_like(old, value.to(dtype), device)
         else:
             float32 = any(pattern.search(full_name) for pattern in keep_float32)
             new = torch.nn.Parameter(value.to(torch.float32 if float32 else old.dtype), requires_grad=False)
@@ -176,18 +177,6 @@ def _dtype_plan(model, dtype: torch.dtype) -> dict:
     """Name patterns transformers keeps in float32 for this dtype (`_keep_in_fp32_modules`)."""
     plan = getattr(model, "_get_dtype_plan", None)
     return plan(dtype) if plan is not None else {}
-
-
-def _quantized(old, value: torch.Tensor, device: torch.device):
-    """The bitsandbytes parameter `from_pretrained` makes of `value`: built from the empty one's
-    settings and quantized by moving it to `device`."""
-    import bitsandbytes as bnb
-
-    settings = dict(old.__dict__)
-    if isinstance(old, bnb.nn.Params4bit):
-        return bnb.nn.Params4bit(value, requires_grad=False, **settings).to(device)
-    settings.pop("SCB", None)
-    return bnb.nn.Int8Params(value.to("cpu"), requires_grad=False, **settings).to(device)
 
 
 def _stat_bytes(param) -> int:

@@ -172,3 +172,46 @@ def test_auto_attention_is_the_models_choice_and_an_unrunnable_kernel_names_the_
         load_base(
             ModelConfig(path=str(tiny_model_dir), quantization="none", attn_implementation="flash_attention_2"), CPU
         )
+
+
+@pytest.mark.parametrize("float32_residual", [True, False])
+def test_float32_residual_keeps_sums_and_logits_in_float32_and_matmuls_in_bfloat16(tiny_model_dir, float32_residual):
+    import bitsandbytes as bnb
+
+    config = ModelConfig(path=str(tiny_model_dir), dtype="bfloat16", float32_residual=float32_residual)
+    model = attach_adapter(load_base(config, CPU), LoraConfig(dropout=0.0))
+    outer = torch.float32 if float32_residual else torch.bfloat16
+    base = model.get_base_model()
+    assert base.model.embed_tokens.weight.dtype == base.model.norm.weight.dtype == base.lm_head.weight.dtype == outer
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):
+            seen[name] = (out[0] if isinstance(out, tuple) else out).dtype  # returns None: output unchanged
+
+        return hook
+
+    layer = base.model.layers[0]
+    layer.register_forward_hook(record("residual"))
+    q_proj = layer.self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and q_proj.base_layer.compute_dtype == torch.bfloat16
+    q_proj.lora_A["default"].register_forward_hook(record("lora_matmul"))
+    logits = model(input_ids=tokens(model.config.vocab_size)).logits
+    assert seen == {"residual": outer, "lora_matmul": torch.bfloat16 if float32_residual else torch.float32}
+    assert logits.dtype == outer
+    logits.float().sum().backward()  # through the 4-bit layers and autocast, into the float32 adapter
+    grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]  # lora_A gets none while B is 0
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
+def test_float32_residual_applies_to_quantized_bfloat16_bases_only(tiny_model_dir):
+    from dpo_lora.model import weights_dtype
+
+    def dtype_of(**keys):
+        return weights_dtype(ModelConfig(path=str(tiny_model_dir), **keys))
+
+    assert dtype_of(dtype="bfloat16", quantization="nf4") == torch.float32
+    assert dtype_of(dtype="bfloat16", quantization="int8") == torch.float32
+    assert dtype_of(dtype="bfloat16", quantization="none") == torch.bfloat16  # the whole base would double
+    assert dtype_of(dtype="float16", quantization="nf4") == torch.float16  # DeepSpeed's fp16 mode casts the model
+    assert dtype_of(dtype="bfloat16", quantization="nf4", float32_residual=False) == torch.bfloat16
