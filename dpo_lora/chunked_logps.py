@@ -108,6 +108,7 @@ def install(model, chunk_size: int) -> bool:
             return label_logps_at(hidden_states, head.weight, head.bias, index, targets, head.dpo_lora_chunk_size)
 
     head.forward = forward
+    head.dpo_lora_plain_forward = plain_forward  # what uninstall() puts back (float32_residual's head too)
     head.dpo_lora_targets = None
     head.dpo_lora_chunk_size = chunk_size
     return True
@@ -117,7 +118,8 @@ def uninstall(model) -> None:
     """Back to plain logits (the self-check found the chunked head wrong for this model)."""
     head = _installed_head(model)
     if head is not None:
-        del head.forward, head.dpo_lora_targets, head.dpo_lora_chunk_size
+        head.forward = head.dpo_lora_plain_forward
+        del head.dpo_lora_plain_forward, head.dpo_lora_targets, head.dpo_lora_chunk_size
 
 
 def _installed_head(model):

@@ -215,3 +215,14 @@ def test_float32_residual_applies_to_quantized_bfloat16_bases_only(tiny_model_di
     assert dtype_of(dtype="bfloat16", quantization="none") == torch.bfloat16  # the whole base would double
     assert dtype_of(dtype="float16", quantization="nf4") == torch.float16  # DeepSpeed's fp16 mode casts the model
     assert dtype_of(dtype="bfloat16", quantization="nf4", float32_residual=False) == torch.bfloat16
+
+
+def test_the_float32_head_survives_the_chunked_head_being_removed(tiny_model_dir):
+    from dpo_lora import chunked_logps
+
+    config = ModelConfig(path=str(tiny_model_dir), dtype="bfloat16")  # float32_residual by default
+    model = attach_adapter(load_base(config, CPU), LoraConfig(dropout=0.0))
+    assert chunked_logps.install(model, 4)
+    chunked_logps.uninstall(model)  # what the self-check does where the chunked head is wrong
+    with torch.no_grad():
+        assert model(input_ids=tokens(model.config.vocab_size)).logits.dtype == torch.float32
