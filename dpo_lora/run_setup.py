@@ -69,11 +69,13 @@ class Run:
 
 
 def setup_run(config: Config) -> Run:
+    from dpo_lora.build_locks import clear_stale_build_locks
     from dpo_lora.distributed import init_distributed
     from dpo_lora.dsconfig import fill_deepspeed_config
     from dpo_lora.model import load_tokenizer
     from dpo_lora.prepare import prepare_splits
 
+    clear_stale_build_locks()  # DeepSpeed's kernel builds would wait on a killed build's lock forever
     dist = init_distributed()
     train_cfg = config.train
     if dist.device.type == "cpu":
