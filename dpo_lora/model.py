@@ -149,10 +149,15 @@ def cpu_has_native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+AUTOCAST_DEVICE = "_dpo_lora_autocast_device"  # set on a base whose forward runs under bf16 autocast
+
+
 def _matmuls_in_bfloat16(model, device: torch.device) -> None:
     """Every forward of `model` under bf16 autocast, except the LM head: it keeps float32 logits
-    (its weight and the final hidden state are float32 here). Gradient checkpointing's recompute
+    (its weight and the final hidden state are float32 here), and the LoRA adapters, which
+    `lora_in_float32` takes out of autocast once attached. Gradient checkpointing's recompute
     restores the autocast state of the forward."""
+    setattr(model, AUTOCAST_DEVICE, device.type)
     forward, head = model.forward, model.get_output_embeddings()
     head_forward = head.forward
 
@@ -166,6 +171,33 @@ def _matmuls_in_bfloat16(model, device: torch.device) -> None:
             return head_forward(hidden_states.float())
 
     model.forward, head.forward = autocast_forward, float32_head
+
+
+def lora_in_float32(model) -> None:
+    """Run every LoRA matmul of `model` (a PeftModel) in float32 when its base runs under autocast.
+
+    Autocast would round the float32 adapter to bf16 in each matmul: a LoRA A matrix is ~0.04 in
+    size, where one bf16 step is ~1.2e-4, so an Adam update of lr 3e-4 moves it by 2-3 of those
+    steps and rounding changes each update by up to a fifth. The adapter's matmuls are r/out_features
+    (~0.4% for r=16 at 4096) of a layer's FLOPs; in float32 its updates count in full, as they do
+    without autocast (PEFT casts the input to the adapter's dtype). Idempotent: call after every
+    adapter load."""
+    device_type = getattr(model, AUTOCAST_DEVICE, None)
+    if device_type is None:
+        return
+    for name, module in model.named_modules():
+        if name.split(".")[-2:-1] in (["lora_A"], ["lora_B"]) and not getattr(module, "_float32_forward", False):
+            module.forward, module._float32_forward = _outside_autocast(module, device_type), True
+
+
+def _outside_autocast(module, device_type: str):
+    forward = module.forward
+
+    def float32_forward(x):
+        with torch.autocast(device_type, enabled=False):
+            return forward(x.to(module.weight.dtype))
+
+    return float32_forward
 
 
 def _keep_4bit_layout_trainable(model) -> None:
@@ -190,6 +222,7 @@ def attach_adapter(base, lora_config):
     for name, param in model.named_parameters():
         if "lora_" in name and param.dtype != torch.float32:
             param.data = param.data.float()
+    lora_in_float32(model)
     return model
 
 

@@ -127,7 +127,14 @@ def load_policy(adapter_dir: Path, model_config, device: torch.device, reference
     from `reference_adapter` (its lora.init_adapter) gets it back as its reference, as in training."""
     from peft import PeftModel
 
-    from dpo_lora.model import POLICY_ADAPTER, REFERENCE_ADAPTER, float32_residual, load_base, torch_dtype
+    from dpo_lora.model import (
+        POLICY_ADAPTER,
+        REFERENCE_ADAPTER,
+        float32_residual,
+        load_base,
+        lora_in_float32,
+        torch_dtype,
+    )
 
     model = PeftModel.from_pretrained(load_base(model_config, device), str(adapter_dir), adapter_name=POLICY_ADAPTER)
     if reference_adapter:
@@ -135,9 +142,10 @@ def load_policy(adapter_dir: Path, model_config, device: torch.device, reference
             raise UserError(f"config key 'lora.init_adapter': the run's reference adapter {reference_adapter} is gone")
         model.load_adapter(reference_adapter, adapter_name=REFERENCE_ADAPTER)
         model.set_adapter(POLICY_ADAPTER)
-    # Under float32_residual the adapter stays float32, as it trained (autocast runs its matmuls in bf16).
+    # Under float32_residual the adapter stays float32 and computes in float32, as it trained.
     dtype = torch.float32 if float32_residual(model_config) else torch_dtype(model_config.dtype)
     for name, p in model.named_parameters():
         if "lora_" in name and p.dtype != dtype:
             p.data = p.data.to(dtype)
+    lora_in_float32(model)
     return model.eval()

@@ -175,7 +175,9 @@ def test_auto_attention_is_the_models_choice_and_an_unrunnable_kernel_names_the_
 
 
 @pytest.mark.parametrize("float32_residual", [True, False])
-def test_float32_residual_keeps_sums_and_logits_in_float32_and_matmuls_in_bfloat16(tiny_model_dir, float32_residual):
+def test_float32_residual_keeps_sums_logits_and_lora_in_float32_and_4bit_matmuls_in_bfloat16(
+    tiny_model_dir, float32_residual
+):
     import bitsandbytes as bnb
 
     config = ModelConfig(path=str(tiny_model_dir), dtype="bfloat16", float32_residual=float32_residual)
@@ -195,9 +197,18 @@ def test_float32_residual_keeps_sums_and_logits_in_float32_and_matmuls_in_bfloat
     layer.register_forward_hook(record("residual"))
     q_proj = layer.self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and q_proj.base_layer.compute_dtype == torch.bfloat16
-    q_proj.lora_A["default"].register_forward_hook(record("lora_matmul"))
+    lora_a = q_proj.lora_A["default"]
+    lora_a.register_forward_hook(record("lora_matmul"))
+    exact = []
+
+    def float32_oracle(module, args, out):
+        with torch.autocast("cpu", enabled=False):  # the hook runs inside the model's autocast
+            exact.append(torch.equal(out, torch.nn.functional.linear(args[0].float(), module.weight)))
+
+    lora_a.register_forward_hook(float32_oracle)
     logits = model(input_ids=tokens(model.config.vocab_size)).logits
-    assert seen == {"residual": outer, "lora_matmul": torch.bfloat16 if float32_residual else torch.float32}
+    # The adapter's matmuls stay float32 in both modes (autocast would round the adapter to bf16).
+    assert seen == {"residual": outer, "lora_matmul": torch.float32} and exact == [True]
     assert logits.dtype == outer
     logits.float().sum().backward()  # through the 4-bit layers and autocast, into the float32 adapter
     grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]  # lora_A gets none while B is 0
