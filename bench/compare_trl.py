@@ -32,10 +32,12 @@ REPO = Path(__file__).resolve().parent.parent
 # sharing (online reference), as shipped (defaults: shared prompt with split attention, and
 # `dpo.reference: auto`, which precomputes on this one-epoch run), as shipped but with the online
 # reference, as shipped but with the dense 4D mask, and both trainers with a fixed malloc mmap
-# threshold (dpo_lora.cpu_memory; "-lowmem", CPU only).
+# threshold (dpo_lora.cpu_memory; "-lowmem", CPU only). Every dpo-lora variant puts large CPU
+# tensors on huge pages, as its CLI does; "trl-thp" is TRL given the same (torch's
+# THP_MEM_ALLOC_ENABLE), which TRL does not set itself.
 SYSTEMS = (
     "trl", "dpo-lora-plain", "dpo-lora-unshared", "dpo-lora", "dpo-lora-online", "dpo-lora-mask",
-    "trl-lowmem", "dpo-lora-lowmem",
+    "trl-lowmem", "dpo-lora-lowmem", "trl-thp",
 )  # fmt: skip
 LOWMEM_MB = 4
 # (prompt tokens, completion tokens, micro batch, max_length), as in the peer figures.
@@ -244,6 +246,10 @@ def main() -> None:
     for hidden in ("--child", "--data", "--work", "--result"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and (args.child.startswith("dpo-lora") or args.child == "trl-thp"):
+        from dpo_lora.cpu_memory import huge_pages_for_tensors
+
+        huge_pages_for_tensors()  # as `dpo-lora train` does, before anything imports torch
     if args.steps is None:
         args.steps = 8 if args.workload == "short" else 4
     if args.dtype is None:

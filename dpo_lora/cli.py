@@ -266,6 +266,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dpo_lora.cpu_memory import huge_pages_for_tensors
+
+    huge_pages_for_tensors()  # before torch is imported: torch reads it once
     args = parse_args(argv)
     try:
         from dpo_lora.console import quiet_third_party

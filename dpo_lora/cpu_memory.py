@@ -10,8 +10,10 @@ its own pages, returned to the system when freed; the price is a page fault per 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"  # torch's switch (c10's CPU allocator), read at its first allocation
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 MAX_THRESHOLD_MB = 32  # glibc refuses larger values on 64-bit systems
 
@@ -39,3 +41,15 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def huge_pages_for_tensors() -> None:
+    """Back CPU tensors of 2 MB and more with transparent huge pages, unless the environment
+    already says (`THP_MEM_ALLOC_ENABLE=0` turns it off). Call before torch is imported.
+
+    torch then aligns such tensors to 2 MB and marks them MADV_HUGEPAGE, which the kernel's default
+    THP mode ("madvise") honours. A large tensor is mmap'd fresh and freed whole, so each step
+    faults in its activations again: one fault per 2 MB instead of per 4 KB. Measured here (long
+    workload of bench/compare_trl.py, float32, AVX2 EPYC): 41.2 s/step and 3.08 GB peak RSS against
+    44.6 s and 4.19 GB without; allocating and filling 44 MB 200 times, 2.1 s against 6.0 s."""
+    os.environ.setdefault(HUGE_PAGES_ENV, "1")

@@ -45,3 +45,40 @@ def test_capped_heap_returns_freed_tensors_and_default_keeps_them():
 
 def test_zero_changes_nothing():
     assert cap_heap_fragmentation(0) is False
+
+
+# Allocate a 64 MB tensor and report whether any of the process's memory sits on huge pages.
+HUGE_PAGE_PROBE = """
+import contextlib, io, sys
+from dpo_lora.cli import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    main(["--help"])  # the CLI sets torch's switch before anything imports torch
+assert "torch" not in sys.modules
+import torch
+x = torch.ones(64 << 20, dtype=torch.uint8)
+rollup = open("/proc/self/smaps_rollup").read().splitlines()
+print(next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages")))
+"""
+
+
+def thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+def huge_kb(**env) -> int:
+    from .conftest import venv_env
+
+    out = subprocess.run(
+        [sys.executable, "-c", HUGE_PAGE_PROBE], capture_output=True, text=True, check=True, env=venv_env(**env)
+    )
+    return int(out.stdout)
+
+
+@pytest.mark.skipif(thp_mode() != "madvise", reason="needs the kernel's transparent huge pages in madvise mode")
+def test_the_cli_puts_large_tensors_on_huge_pages_unless_told_not_to():
+    assert huge_kb() >= 32 << 10  # most of the 64 MB tensor
+    assert huge_kb(THP_MEM_ALLOC_ENABLE="0") == 0  # the user's setting wins
