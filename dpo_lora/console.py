@@ -33,3 +33,10 @@ def quiet_third_party() -> None:
             logger.addFilter(_DropKnown(starts))
     hf_logging.disable_progress_bar()  # "Loading weights" bars: dpo-lora shows its own progress
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # DeepSpeed's ZeRO collectives (all_gather_into_tensor, reduce_scatter_tensor) call torch names
+    # that torch 2.13 renamed to *_single, once per step: nothing a user can act on.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.\w+` is deprecated\. Please use `torch\.distributed\.\w+_single`",
+        category=FutureWarning,
+    )

@@ -153,14 +153,16 @@ def test_every_stage_and_world_size_gives_the_same_losses_and_rewards(runs):
     )
 
 
-def test_zero3_loads_the_base_straight_into_each_ranks_partition(runs):
-    tmp, _ = runs
+def test_zero3_loads_the_base_straight_into_each_ranks_partition_quietly(runs):
+    tmp, plans = runs
     for name, ranks in (("1rank-zero3", 1), ("2rank-zero3", 2), ("1rank-zero3_offload", 1)):
         said = re.search(r"rank 0 holds ([0-9.]+) KiB of its ([0-9.]+) KiB", (tmp / f"{name}.stderr").read_text())
         assert said is not None, name  # the tiny model's base is a few hundred KiB
         assert float(said[1]) == pytest.approx(float(said[2]) / ranks, rel=0.02), name
     for name in ("1rank-zero2", "2rank-zero2"):  # ZeRO-2 replicates the base: loaded whole
         assert "holds" not in (tmp / f"{name}.stderr").read_text(), name
+    for name in plans:  # DeepSpeed's per-step calls of collectives torch renamed say nothing
+        assert "is deprecated" not in (tmp / f"{name}.stderr").read_text(), name
 
 
 def test_zero3_saves_the_full_adapter_equal_to_zero2(runs):
