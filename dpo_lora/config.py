@@ -294,9 +294,22 @@ def flat_items(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+# Keys added after runs were saved, with the value that trains as those versions did.
+ADDED_KEYS = {"model.float32_residual": False}
+
+
+def _as_trained(flat: dict) -> dict:
+    """A flat config's values as they act on training: keys older configs lack take the old
+    behaviour, and `model.float32_residual` counts only where it applies (a quantized bf16 base)."""
+    flat = {**ADDED_KEYS, **flat}
+    applies = flat.get("model.dtype") == "bfloat16" and flat.get("model.quantization") != "none"
+    flat["model.float32_residual"] = bool(flat["model.float32_residual"]) and applies
+    return flat
+
+
 def resume_differences(saved: dict, current: Config) -> list[str]:
     """The keys whose change would make a resumed run differ from the uninterrupted one."""
-    old, new = flat_items(saved), flat_items(to_dict(current))
+    old, new = _as_trained(flat_items(saved)), _as_trained(flat_items(to_dict(current)))
     return [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(set(old) | set(new))

@@ -96,3 +96,23 @@ def test_every_varlen_kernel_can_be_configured():
 
     for kernel in VARLEN_KERNELS:  # pack_sequences runs only on these, so each must be choosable
         assert load_config(None, [f"model.attn_implementation={kernel}"]).model.attn_implementation == kernel
+
+
+@pytest.mark.parametrize(
+    ("dtype", "quantization", "refused"),
+    [("float32", "nf4", False), ("bfloat16", "none", False), ("bfloat16", "nf4", True), ("bfloat16", "int8", True)],
+)
+def test_a_run_saved_before_float32_residual_resumes_unless_it_would_now_train_differently(
+    dtype, quantization, refused
+):
+    from dpo_lora.config import resume_differences, to_dict
+
+    current = load_config(None, [f"model.dtype={dtype}", f"model.quantization={quantization}"])
+    saved = to_dict(current)
+    del saved["model"]["float32_residual"]  # as versions before the key wrote it: they trained without it
+    expected = ["model.float32_residual: False -> True"] if refused else []
+    assert resume_differences(saved, current) == expected
+    with_key = load_config(
+        None, [f"model.dtype={dtype}", f"model.quantization={quantization}", "model.float32_residual=false"]
+    )
+    assert resume_differences(saved, with_key) == []  # the way to continue such a run exactly
