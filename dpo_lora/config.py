@@ -42,8 +42,8 @@ class ModelConfig:
     )
     float32_residual: bool = knob(
         True,
-        "bfloat16 + quantized: keep unquantized weights, the residual stream and the head in float32, matmuls in bf16 "
-        "under autocast (small LoRA updates survive; off: all bf16)",
+        "bfloat16 + quantized: keep unquantized weights, the residual stream, the head and LoRA in float32, the base's "
+        "matmuls in bf16 under autocast (small LoRA updates survive; off: all bf16)",
     )
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory (non-reentrant)")
     trust_remote_code: bool = knob(False, "allow model code from the model folder/hub to run (off: safer)")
