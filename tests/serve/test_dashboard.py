@@ -106,7 +106,7 @@ def test_the_dashboard_creates_charts_and_cancels_jobs_in_a_real_browser(servers
     assert points(browser, "eval/loss") == 4  # before training, then at steps 10, 20, 30
     assert points(browser, "rewards/accuracies", "rewards") == 30 and points(browser, "logps/rejected", "logps") == 30
     assert texts(browser, "#checkpoints tr td:first-child") == ["30", "20", "10"]
-    # The events list is fetched on its own cycle, so it may show the ending a refresh after the table.
+    # The events list may show the ending a refresh after the jobs table does.
     wait(browser, lambda d: any("successfully completed" in e for e in texts(d, "#events li")), 30, "the success event")
     assert texts(browser, f'tr[data-job="{finished}"] td')[3] == "30 / 30"
     browser.save_screenshot(str(tmp_path / "dashboard.png"))
