@@ -2,10 +2,12 @@
 
 `install(model, chunk_size)` teaches the model's LM head a second job: while `scoring(model,
 index, targets)` is active, the head returns the log-prob of each target at its position ([N])
-instead of logits. Only positions that are scored (completion tokens) go through the head, `chunk_size` at a
-time, and the backward pass recomputes each chunk's logits instead of keeping them, so peak memory
-is chunk_size x vocab, not batch x length x vocab. The head stays the same module, so DeepSpeed's
-ZeRO-3 hooks still gather its weight for forward and backward.
+instead of logits. Only positions that are scored (completion tokens) go through the head,
+`chunk_size` at a time, and no chunk's logits outlive it, so peak memory is chunk_size x vocab, not
+batch x length x vocab. With a frozen head (the LoRA case) each chunk's gradient with respect to the
+hidden states is formed in the forward, while its softmax is at hand; a trainable head's backward
+recomputes the logits. The head stays the same module, so DeepSpeed's ZeRO-3 hooks still gather its
+weight.
 """
 
 from __future__ import annotations
@@ -16,23 +18,39 @@ import torch
 
 
 class LabelLogps(torch.autograd.Function):
-    """log softmax(hidden @ weight.T + bias)[label], chunk by chunk, recomputed in backward.
+    """log softmax(hidden @ weight.T + bias)[label], chunk by chunk.
 
     hidden [N, H], weight [V, H], bias [V] or None, labels [N] -> float32 [N].
+
+    `gradient_in_forward` (only `hidden` needs a gradient): each chunk's softmax, already computed
+    for the log-normalizer, also gives d logp / d hidden = (onehot(label) - softmax) @ weight, kept
+    as [N, H]; backward only scales it by the incoming gradient. That spares backward a second
+    [chunk, vocab] matmul and softmax per chunk, and it keeps no reference to the head's weight.
+    Otherwise backward recomputes each chunk's logits for the weight's and bias's gradients.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, gradient_in_forward: bool):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        direction = torch.empty_like(hidden) if gradient_in_forward else None
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
-            out[start:end] = _label_logps(_logits(hidden[start:end], weight, bias), labels[start:end])
-        ctx.save_for_backward(hidden, weight, bias, labels)
+            logits = _logits(hidden[start:end], weight, bias)
+            if direction is None:
+                out[start:end] = _label_logps(logits, labels[start:end])
+            else:
+                out[start:end], direction[start:end] = _label_logps_and_direction(logits, labels[start:end], weight)
+            del logits  # before the next chunk's logits exist
+        ctx.gradient_in_forward = gradient_in_forward
+        ctx.save_for_backward(*((direction,) if gradient_in_forward else (hidden, weight, bias, labels)))
         ctx.chunk_size = chunk_size
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.gradient_in_forward:
+            (direction,) = ctx.saved_tensors
+            return (direction * grad_out[:, None]).to(direction.dtype), None, None, None, None, None
         hidden, weight, bias, labels = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -54,7 +72,22 @@ class LabelLogps(torch.autograd.Function):
             del grad_logits  # before the next chunk's logits exist
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _label_logps_and_direction(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor):
+    """([c] log-probs of `labels`, [c, H] their gradients with respect to the hidden states) from float32
+    logits [c, V], which are overwritten. The same rounding points as the recomputing backward:
+    onehot - softmax is formed in float32 before it meets the weight in the weight's dtype."""
+    target_logits = logits.gather(1, labels[:, None]).squeeze(1)
+    shift = logits.amax(1, keepdim=True)
+    unnormalized = logits.sub_(shift).exp_()  # the logits' storage: one [c, V] tensor in all
+    total = unnormalized.sum(1, keepdim=True)
+    log_normalizer = shift.squeeze(1) + total.squeeze(1).log()
+    softmax_minus_onehot = unnormalized.div_(total)
+    softmax_minus_onehot.scatter_add_(1, labels[:, None], torch.full_like(total, -1.0))
+    direction = softmax_minus_onehot.to(weight.dtype) @ weight
+    return target_logits - log_normalizer, direction.neg_()
 
 
 def _label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -70,7 +103,14 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def label_logps_at(hidden, weight, bias, index, targets, chunk_size: int) -> torch.Tensor:
     """hidden [R, T, H]; index [N] flat positions into R*T; targets [N] -> [N] float32 log-probs of
     each target given the hidden state at its position."""
-    return LabelLogps.apply(hidden.flatten(0, 1)[index], weight, bias, targets, chunk_size)
+    # Decided here: inside forward, grad mode is always off.
+    gradient_in_forward = (
+        torch.is_grad_enabled()
+        and hidden.requires_grad
+        and not weight.requires_grad
+        and (bias is None or not bias.requires_grad)
+    )
+    return LabelLogps.apply(hidden.flatten(0, 1)[index], weight, bias, targets, chunk_size, gradient_in_forward)
 
 
 def _head(model):
@@ -103,7 +143,7 @@ def install(model, chunk_size: int) -> bool:
         if head.dpo_lora_targets is None:
             return plain_forward(hidden_states)
         index, targets = head.dpo_lora_targets
-        # Outside autocast: its backward recomputes the logits, which must round as the forward did.
+        # Outside autocast: the logits round in the head's dtype, as a recomputing backward's do.
         with torch.autocast(hidden_states.device.type, enabled=False):
             return label_logps_at(hidden_states, head.weight, head.bias, index, targets, head.dpo_lora_chunk_size)
 

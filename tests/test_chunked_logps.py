@@ -21,11 +21,13 @@ def oracle(hidden, weight, bias, labels):
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 1000])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_values_and_gradients_match_a_float64_oracle(chunk_size, with_bias):
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["head-trained", "head-frozen"])
+def test_values_and_gradients_match_a_float64_oracle(chunk_size, with_bias, frozen_head):
+    """A frozen head takes the gradient-in-forward path, a trained one the recomputing backward."""
     g = torch.Generator().manual_seed(chunk_size)
     hidden = torch.randn(3, 6, 5, generator=g, dtype=torch.float64).float().requires_grad_()
-    weight = torch.randn(13, 5, generator=g).requires_grad_()
-    bias = torch.randn(13, generator=g).requires_grad_() if with_bias else None
+    weight = torch.randn(13, 5, generator=g).requires_grad_(not frozen_head)
+    bias = torch.randn(13, generator=g).requires_grad_(not frozen_head) if with_bias else None
     labels = torch.randint(0, 13, (3, 6), generator=g)
     labels[0, :2] = IGNORE_INDEX  # prompt
     labels[2, 4:] = IGNORE_INDEX  # padding
@@ -35,15 +37,55 @@ def test_values_and_gradients_match_a_float64_oracle(chunk_size, with_bias):
     index = (torch.arange(6)[None, :-1] + 6 * torch.arange(3)[:, None])[mask]
     token_logps = chunked_logps.label_logps_at(hidden, weight, bias, index, labels[:, 1:][mask], chunk_size)
     got = torch.zeros(mask.shape).masked_scatter(mask, token_logps).sum(-1)
-    inputs = [hidden, weight] + ([bias] if with_bias else [])
+    inputs = [hidden] if frozen_head else [hidden, weight] + ([bias] if with_bias else [])
     got_grads = torch.autograd.grad((got * upstream).sum(), inputs)
 
     leaves = [t.detach().double().requires_grad_() for t in inputs]
-    expected = oracle(leaves[0], leaves[1], leaves[2] if with_bias else None, labels)
+    head = [t.detach().double() for t in (weight, bias) if t is not None] if frozen_head else leaves[1:]
+    expected = oracle(leaves[0], head[0], head[1] if with_bias else None, labels)
     expected_grads = torch.autograd.grad((expected * upstream.double()).sum(), leaves)
     torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-5, atol=1e-5)
     for name, a, b in zip(("hidden", "weight", "bias"), got_grads, expected_grads, strict=False):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_in_forward_equals_the_recomputing_backward(dtype):
+    """The fast path (frozen head) against the recomputing one on the same inputs, including
+    confident tokens whose 1 - p is tiny: values bitwise; hidden-state gradients to rounding in
+    float32, and in bf16 (rounded at different points) no further from a float64 oracle."""
+    g = torch.Generator().manual_seed(7)
+    hidden = (torch.randn(40, 16, generator=g) * 3).to(dtype)
+    weight = torch.randn(50, 16, generator=g).to(dtype)
+    labels = (hidden.float() @ weight.float().T).argmax(1)  # mostly confident: 1 - p near 0
+    labels[::3] = torch.randint(0, 50, (14,), generator=g)
+    upstream = torch.randn(40, generator=g)
+    exact = hidden.double().requires_grad_()
+    oracle_logps = torch.log_softmax(exact @ weight.double().T, 1).gather(1, labels[:, None]).squeeze(1)
+    (oracle_grad,) = torch.autograd.grad((oracle_logps * upstream.double()).sum(), [exact])
+    results = []
+    for weight_needs_grad in (True, False):  # True forces the recomputing backward
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_(weight_needs_grad)
+        out = chunked_logps.label_logps_at(h[None], w, None, torch.arange(40), labels, chunk_size=16)
+        (grad,) = torch.autograd.grad((out * upstream).sum(), [h])
+        results.append((out, grad, float((grad.double() - oracle_grad).norm() / oracle_grad.norm())))
+    (recomputed, recomputed_grad, recomputed_error), (fast, fast_grad, fast_error) = results
+    assert torch.equal(fast, recomputed)
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast_grad, recomputed_grad, rtol=1e-5, atol=1e-6)
+        assert fast_error < 1e-6
+    else:
+        assert 0 < fast_error <= 1.25 * recomputed_error, (fast_error, recomputed_error)
+
+
+def test_no_gradient_work_without_grad():
+    """Under no_grad (the reference pass) nothing is kept for a backward."""
+    hidden = torch.randn(1, 4, 3, requires_grad=True)
+    weight = torch.randn(7, 3)
+    with torch.no_grad():
+        out = chunked_logps.label_logps_at(hidden, weight, None, torch.arange(4), torch.arange(4), 2)
+    assert out.grad_fn is None
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:
