@@ -43,7 +43,8 @@ def time_shape(name: str, prompt: int, chosen: int, rejected: int, rows: int, dt
     query = torch.randn(rows, 9, length, 64, dtype=dtype, requires_grad=True)
     key, value = (torch.randn(rows, 3, length, 64, dtype=dtype, requires_grad=True) for _ in range(2))
     module = types.SimpleNamespace(num_key_value_groups=3, is_causal=True, training=True)
-    lengths = {shared_attention.LENGTHS_KEY: shared_attention.row_lengths(batch["branch_lengths"])}
+    plan = shared_attention.layout_plan(shared_attention.row_lengths(batch["branch_lengths"]), length, query.device)
+    lengths = {shared_attention.PLAN_KEY: plan}
 
     def split():
         return shared_attention.shared_prompt_attention(module, query, key, value, None, scaling=0.125, **lengths)

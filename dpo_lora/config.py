@@ -46,6 +46,11 @@ class ModelConfig:
         "matmuls in bf16 under autocast (small LoRA updates survive; off: all bf16)",
     )
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory (non-reentrant)")
+    recompute_attention: bool = knob(
+        False,
+        "with gradient_checkpointing, rerun the attention kernels in backward too (off: keep their outputs, a few MB "
+        "a layer, and skip their second forward; ZeRO-3 always reruns them)",
+    )
     trust_remote_code: bool = knob(False, "allow model code from the model folder/hub to run (off: safer)")
     attn_implementation: str = knob(
         "auto",
@@ -280,6 +285,7 @@ def validate(config: Config) -> None:
 RESUME_MAY_CHANGE = {
     "output_dir", "overwrite", "data.num_proc", "train.log_every", "train.eval_every", "train.eval_batch_size",
     "train.save_every", "train.keep_checkpoints", "train.resume", "train.max_bad_steps", "train.cpu_mmap_threshold_mb",
+    "model.recompute_attention",  # the same gradients, bit for bit (tests/test_model.py)
 }  # fmt: skip
 
 

@@ -25,10 +25,10 @@ import torch
 
 FIXED_OVERHEAD = 1 << 30  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack: ~0.5-1 GiB measured by others
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, float32
-# Live bytes per logit of a head chunk at its peak (backward: float32 logits, their softmax turned
-# into the gradient in place, and kernel temporaries), counted on CPU by tests/test_plan.py:
-# 10-12 with a float32 model, 9-10 with a 16-bit one (its extra copy of the gradient is 16-bit).
-LOGIT_BYTES = {4: 11, 2: 9.5}
+# Live bytes per logit of a head chunk at its peak (the forward: float32 logits turned into
+# softmax - onehot in place, plus, with a 16-bit model, its 16-bit copy for the matmul with the
+# weight), counted on CPU by tests/test_plan.py: 4.0 with a float32 model, 6.0 with a 16-bit one.
+LOGIT_BYTES = {4: 4, 2: 6}
 
 
 @dataclass
@@ -120,14 +120,16 @@ def optimizer_components(lora_numel: int, zero: dict, world_size: int) -> dict[s
 
 
 @contextlib.contextmanager
-def _fused_attention():
-    """sdpa as the fused kernels save for backward (q, k, v, output, log-sum-exp, mask), on meta."""
+def _fused_attention(outputs: list[int]):
+    """sdpa as the fused kernels save for backward (q, k, v, output, log-sum-exp, mask), on meta;
+    appends the bytes of each call's output and log-sum-exp to `outputs`."""
 
     class Fused(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v, mask):
             out = torch.empty_like(q)
             lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+            outputs.append(out.numel() * out.element_size() + lse.numel() * lse.element_size())
             ctx.save_for_backward(q, k, v, out, lse, *([mask] if mask is not None else []))
             return out
 
@@ -147,9 +149,9 @@ def _fused_attention():
         torch.nn.functional.scaled_dot_product_attention = plain
 
 
-def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, int]:
-    """(bytes one decoder layer saves for backward, bytes of one layer's input) for `rows` rows of
-    `tokens` tokens, counted on the meta device."""
+def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, int, int]:
+    """(bytes one decoder layer saves for backward, bytes of one layer's input, bytes of one layer's
+    attention output and log-sum-exp) for `rows` rows of `tokens` tokens, counted on the meta device."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
     from dpo_lora.model import torch_dtype
@@ -174,23 +176,25 @@ def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, i
     dtype = torch_dtype(config.model.dtype)
     # Shared prompts get an additive float mask; padded rows a boolean one (what sdpa receives).
     mask = torch.zeros(rows, 1, tokens, tokens, device="meta", dtype=dtype if shared else torch.bool)
-    with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    attention_outputs = []
+    with _fused_attention(attention_outputs), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.get_base_model().model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     layer_input = inputs[1]
-    return sum(saved.values()), layer_input.numel() * layer_input.element_size()
+    return sum(saved.values()), layer_input.numel() * layer_input.element_size(), attention_outputs[1]
 
 
 def activation_components(
     config, hidden: int, vocab: int, layers: int, shared: bool
 ) -> tuple[dict[str, int], int, int]:
     """(components, tokens per row, rows) for one micro-batch's policy forward and backward."""
-    from dpo_lora.model import float32_residual, torch_dtype
+    from dpo_lora.dsconfig import read_json
+    from dpo_lora.model import float32_residual, keeps_attention_outputs, torch_dtype
 
     micro, max_length = config.train.micro_batch_size, config.data.max_length
     # Worst case: the longest pair fills max_length; shared, a row holds the prompt once and both
     # completions (up to 2 x max_length tokens), unshared chosen and rejected are rows of max_length.
     rows, tokens = (micro, 2 * max_length) if shared else (2 * micro, max_length)
-    per_layer, layer_input = saved_by_layer(config, rows, tokens, shared)
+    per_layer, layer_input, attention_output = saved_by_layer(config, rows, tokens, shared)
     element = torch.tensor([], dtype=torch_dtype(config.model.dtype)).element_size()
     if float32_residual(config.model):
         # The residual stream (each layer's input) and the head run in float32; inside a layer
@@ -199,6 +203,9 @@ def activation_components(
     if config.model.gradient_checkpointing:
         components = {"checkpointed activations (layer inputs)": layers * layer_input,
                       "one-layer recompute peak": per_layer}  # fmt: skip
+        zero_stage = read_json(config.deepspeed).get("zero_optimization", {}).get("stage", 0)
+        if keeps_attention_outputs(config.model, zero_stage):
+            components["kept attention outputs"] = layers * attention_output
     else:
         components = {"activations (every layer's saved tensors)": layers * per_layer}
     scored = 2 * micro * (max_length - 1)  # completion positions scored, at most
@@ -208,11 +215,11 @@ def activation_components(
 
 
 def lm_head_transient(chunk: int, vocab: int, scored: int, positions: int, hidden: int, element: int) -> int:
-    """Peak bytes of the chunked head (dpo_lora/chunked_logps.py) in forward and backward.
-
-    Per chunk of logits: LOGIT_BYTES per logit; plus the scored hidden states it saves and their
-    gradient, and the gradient of every position's final hidden state."""
-    return int(chunk * vocab * LOGIT_BYTES[element]) + 2 * scored * hidden * element + positions * hidden * element
+    """Peak bytes of the chunked head (dpo_lora/chunked_logps.py), a frozen head's: the scored
+    hidden states and their gradient direction ([scored, hidden] each), with either a chunk's
+    logits (forward, LOGIT_BYTES each) or the gradient of every position's final hidden state
+    (backward)."""
+    return 2 * scored * hidden * element + max(int(chunk * vocab * LOGIT_BYTES[element]), positions * hidden * element)
 
 
 def _text_config(config):

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 KERNEL = "dpo_lora_shared_prompt"  # the attention implementation name the model is switched to
-LENGTHS_KEY = "shared_prompt_lengths"  # the forward keyword carrying each row's (P, C, R)
+PLAN_KEY = "shared_prompt_plan"  # the forward keyword carrying the micro-batch's layout_plan
 
 
 def register() -> None:
@@ -56,17 +56,15 @@ def shared_prompt_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query [B, H, T, D], key and value [B, Hkv, T, D] -> ([B, T, H, D], None), transformers'
-    attention-function contract. `kwargs[LENGTHS_KEY]`: one (P, C, R) per row, or absent."""
-    from torch.nn.attention.bias import causal_lower_right
+    attention-function contract. `kwargs[PLAN_KEY]`: the micro-batch's layout_plan, or absent."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    lengths = kwargs.pop(LENGTHS_KEY, None)
-    if lengths is None:
+    plan = kwargs.pop(PLAN_KEY, None)
+    if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise ValueError("shared-prompt attention takes no logit softcap or attention sinks")
     batch, heads, length, dim = query.shape
-    plan = _plan(lengths, length, query.device)
     width = plan.head_width
     # Prompt and chosen: sdpa's own function (GQA, scaling, dropout) with plain causal attention.
     head, _ = sdpa_attention_forward(
@@ -81,9 +79,9 @@ def shared_prompt_attention(
     tails = [
         torch.nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-            attn_mask=causal_lower_right(q.shape[0], k.shape[0]), dropout_p=dropout, scale=scaling,
+            attn_mask=mask, dropout_p=dropout, scale=scaling,
         )[0].transpose(0, 1)  # [R, H, D]
-        for q, k, v in zip(queries, keys, values, strict=True)
+        for q, k, v, mask in zip(queries, keys, values, plan.tail_masks, strict=True)
     ]  # fmt: skip
     pieces = torch.cat([head.flatten(0, 1), *tails])  # [B*width + sum R, H, D]
     return pieces.index_select(0, plan.output).view(batch, length, heads, dim), None
@@ -103,10 +101,18 @@ class _Plan(NamedTuple):
     tail_keys: torch.Tensor  # flat positions of each such row's [prompt | rejected]
     tail_key_lengths: list[int]  # P + R of each such row
     output: torch.Tensor  # [B*T]: where each position's output lies in [head rows | tails]
+    tail_masks: tuple  # each such row's lower-right causal bias, R x (P + R)
 
 
 @functools.lru_cache(maxsize=8)
-def _plan(lengths: tuple[tuple[int, int, int], ...], length: int, device: torch.device) -> _Plan:
+def layout_plan(lengths: tuple[tuple[int, int, int], ...], length: int, device: torch.device) -> _Plan:
+    """The index tensors and masks of a micro-batch of rows of `length` tokens, one (P, C, R) per row.
+
+    Made before the model's forward and handed to every layer as PLAN_KEY: torch refuses to create
+    the masks (tensor subclasses) inside selective checkpointing, which runs the layers' forwards.
+    """
+    from torch.nn.attention.bias import causal_lower_right
+
     head_width = max(p + c for p, c, _ in lengths)
     tail_start = len(lengths) * head_width
     tail_queries, tail_keys, output = [], [], []
@@ -123,6 +129,7 @@ def _plan(lengths: tuple[tuple[int, int, int], ...], length: int, device: torch.
     return _Plan(
         head_width, as_index(tail_queries), [r for _, _, r in lengths if r], as_index(tail_keys),
         [p + r for p, _, r in lengths if r], as_index(output),
+        tuple(causal_lower_right(r, p + r) for p, _, r in lengths if r),
     )  # fmt: skip
 
 

@@ -16,12 +16,15 @@ def forward_inputs(batch: dict, model) -> dict:
     """The model's keyword inputs for a collated batch of any layout (dpo_lora.layout); `model` is
     the PEFT model (its attention kernel and dtype decide how a shared prompt is masked)."""
     if "branch" in batch and model.config._attn_implementation == shared_attention.KERNEL:
-        # Shared prompt, split attention: each row's lengths instead of a mask; the 2D mask only
+        # Shared prompt, split attention: the rows' layout instead of a mask; the 2D mask only
         # keeps transformers from reading the restarted positions as packed sequences.
-        lengths = shared_attention.row_lengths(batch["branch_lengths"])
+        ids = batch["input_ids"]
+        plan = shared_attention.layout_plan(
+            shared_attention.row_lengths(batch["branch_lengths"]), ids.shape[1], ids.device
+        )
         return {
-            "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "position_ids": batch["position_ids"], shared_attention.LENGTHS_KEY: lengths,
+            "input_ids": ids, "attention_mask": batch["attention_mask"],
+            "position_ids": batch["position_ids"], shared_attention.PLAN_KEY: plan,
         }  # fmt: skip
     if "branch" in batch:  # shared prompt: the branch mask and restarted positions
         mask = attention_bias(batch["branch"], model.get_input_embeddings().weight.dtype)

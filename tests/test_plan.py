@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo_lora.config import load_config
 from dpo_lora.model import attach_adapter, load_base
@@ -51,8 +54,25 @@ def quant_state_tensors(weight) -> list[torch.Tensor]:
     return [weight.data, state.absmax, state.code, *nested]
 
 
-def counted_step(config) -> dict[str, int]:
-    """Bytes held by a real policy step at the planned shapes, by component."""
+class AttentionOutputs(TorchDispatchMode):
+    """Bytes of the outputs of fused attention kernels (output and log-sum-exp) that run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from dpo_lora.model import ATTENTION_KERNELS
+
+        result = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ATTENTION_KERNELS:
+            self.bytes += sum(t.numel() * t.element_size() for t in result[:2])
+        return result
+
+
+def counted_step(config, count_attention_outputs: bool = False) -> dict[str, int]:
+    """Bytes held by a real policy step at the planned shapes, by component (with
+    `count_attention_outputs`, also what the attention kernels return in every layer)."""
     import bitsandbytes as bnb
 
     model = attach_adapter(load_base(config.model, torch.device("cpu")), config.lora)
@@ -80,7 +100,8 @@ def counted_step(config) -> dict[str, int]:
     ids = torch.randint(0, 512, (rows, tokens))
     positions = torch.arange(tokens).expand(rows, tokens)
     mask = torch.zeros(rows, 1, tokens, tokens).masked_fill(torch.ones(tokens, tokens).triu(1).bool(), float("-inf"))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    kernels = AttentionOutputs() if count_attention_outputs else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), kernels:
         hidden = (
             model.get_base_model().model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
         )
@@ -96,6 +117,7 @@ def counted_step(config) -> dict[str, int]:
         "optimizer states (AdamW) + ZeRO float32 partition": storage_bytes(states),
         "activations (every layer's saved tensors)": LAYERS * sum(saved.values()),
         "layer input": storage_bytes(inputs[1:2]),
+        **({"attention outputs": kernels.bytes} if count_attention_outputs else {}),
     }
 
 
@@ -104,7 +126,7 @@ def test_each_planned_component_matches_a_real_step_within_two_percent(run_confi
     counted = counted_step(run_config)
     assert counted["activations (every layer's saved tensors)"] > 0
     for name, count in counted.items():
-        if name == "layer input":
+        if name in ("layer input", "attention outputs"):
             continue
         assert predicted[name] == pytest.approx(count, rel=0.02), name
 
@@ -118,6 +140,12 @@ def test_checkpointing_keeps_layer_inputs_and_one_layer_and_zero_splits_optimize
     assert parts["one-layer recompute peak"] * LAYERS == whole["activations (every layer's saved tensors)"]
     layer_input = counted_step(run_config)["layer input"]
     assert parts["checkpointed activations (layer inputs)"] == LAYERS * layer_input
+    kept = counted_step(run_config, count_attention_outputs=True)["attention outputs"]
+    assert parts["kept attention outputs"] == pytest.approx(kept, rel=0.02)
+    recomputed = replace(checkpointed, model=replace(checkpointed.model, recompute_attention=True))
+    assert "kept attention outputs" not in plan(recomputed).components
+    zero3 = replace(checkpointed, deepspeed=str(REPO / "deepspeed_configs" / "zero3.json"))
+    assert "kept attention outputs" not in plan(zero3).components  # ZeRO-3 recomputes attention
     zero2 = replace(run_config, deepspeed=str(REPO / "deepspeed_configs" / "zero2.json"))
     on_four = plan(zero2, world_size=4).components
     optimizer = "optimizer states (AdamW) + ZeRO float32 partition"
@@ -153,11 +181,13 @@ def test_plan_command_json_for_a_70b_config_without_weights(tmp_path, capsys):
 
 
 class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Peak bytes of the tensors created inside the block and still alive, op by op."""
+    """Peak bytes of the tensors created inside the block and still alive, op by op; the storages of
+    `existing` (made before the block, seen again through views) are not counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, existing=()) -> None:
         super().__init__()
         self.live: dict[StorageWeakRef, int] = {}
+        self.existing = {StorageWeakRef(t.untyped_storage()) for t in existing}
         self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -165,7 +195,7 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         for ref in [ref for ref in self.live if ref.expired()]:
             del self.live[ref]
         for tensor in torch.utils._pytree.tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
+            if isinstance(tensor, torch.Tensor) and StorageWeakRef(tensor.untyped_storage()) not in self.existing:
                 self.live.setdefault(StorageWeakRef(tensor.untyped_storage()), tensor.untyped_storage().nbytes())
         self.peak = max(self.peak, sum(self.live.values()))
         return out
@@ -182,7 +212,7 @@ def test_lm_head_transient_is_within_ten_percent_of_the_live_bytes(dtype, rows, 
     states = torch.randn(rows, tokens, hidden, dtype=dtype, requires_grad=True)
     weight = torch.randn(vocab, hidden, dtype=dtype)
     index = torch.arange(0, rows * tokens, 2)
-    with LiveBytes() as counter:
+    with LiveBytes(existing=(states, weight)) as counter:
         logps = label_logps_at(states, weight, None, index, torch.randint(0, vocab, index.shape), chunk)
         logps.sum().backward()
     predicted = lm_head_transient(chunk, vocab, len(index), rows * tokens, hidden, states.element_size())

@@ -46,7 +46,7 @@ def test_split_attention_equals_the_float64_oracle_in_values_and_gradients(seed)
     query = torch.randn(shape, requires_grad=True)
     key, value = (torch.randn(3, 2, length, 8, requires_grad=True) for _ in range(2))  # 2 query heads per KV head
     module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
-    kwargs = {shared_attention.LENGTHS_KEY: tuple(lengths)}
+    kwargs = {shared_attention.PLAN_KEY: shared_attention.layout_plan(tuple(lengths), length, query.device)}
     got, _ = shared_attention.shared_prompt_attention(module, query, key, value, None, scaling=0.3, **kwargs)
     want = oracle_attention(query, key, value, lengths, scaling=0.3)
     real = torch.zeros(3, length, dtype=torch.bool)
@@ -76,18 +76,22 @@ def test_without_the_layouts_lengths_it_is_sdpa():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize(("chunk_size", "checkpointing"), [(0, False), (5, False), (0, True)])
+@pytest.mark.parametrize(
+    ("chunk_size", "checkpointing"), [(0, None), (5, None), (0, "recompute attention"), (0, "keep attention")]
+)
 def test_split_shared_forward_equals_unshared_in_values_and_lora_gradients(
     tiny_model_dir, tiny_tokenizer, chunk_size, checkpointing
 ):
     from dpo_lora import chunked_logps
-    from dpo_lora.model import reference_mode
+    from dpo_lora.config import ModelConfig
+    from dpo_lora.model import checkpoint_options, reference_mode
 
     model = lora_model(tiny_model_dir, "sdpa")
     if chunk_size:
         assert chunked_logps.install(model, chunk_size)
-    if checkpointing:  # the recompute in backward must see the same lengths
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:  # the recompute in backward must see the same layout
+        options = checkpoint_options(ModelConfig(recompute_attention=checkpointing == "recompute attention"))
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
         model.train()
     features = random_pairs(6, len(tiny_tokenizer), seed=10 + chunk_size)
     unshared = collate_pairs(features, tiny_tokenizer.pad_token_id)
