@@ -47,9 +47,9 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory (non-reentrant)")
     recompute_attention: bool = knob(
-        False,
+        True,
         "with gradient_checkpointing, rerun the attention kernels in backward too (off: keep their outputs, a few MB "
-        "a layer, and skip their second forward; ZeRO-3 always reruns them)",
+        "a layer, and skip their second forward; not under ZeRO-3)",
     )
     trust_remote_code: bool = knob(False, "allow model code from the model folder/hub to run (off: safer)")
     attn_implementation: str = knob(
