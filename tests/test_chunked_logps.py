@@ -79,13 +79,23 @@ def test_gradient_in_forward_equals_the_recomputing_backward(dtype):
         assert 0 < fast_error <= 1.25 * recomputed_error, (fast_error, recomputed_error)
 
 
-def test_no_gradient_work_without_grad():
-    """Under no_grad (the reference pass) nothing is kept for a backward."""
+def test_the_gradient_is_formed_in_the_forward_only_when_hidden_needs_one(monkeypatch):
+    """The reference pass (no_grad) and a trained head skip the gradient-in-forward work; a
+    frozen head with grad enabled does it."""
+    calls = []
+    fast = chunked_logps._label_logps_and_direction
+    monkeypatch.setattr(chunked_logps, "_label_logps_and_direction", lambda *a: calls.append(1) or fast(*a))
     hidden = torch.randn(1, 4, 3, requires_grad=True)
-    weight = torch.randn(7, 3)
+
+    def score(weight):
+        return chunked_logps.label_logps_at(hidden, weight, None, torch.arange(4), torch.arange(4), 2)
+
     with torch.no_grad():
-        out = chunked_logps.label_logps_at(hidden, weight, None, torch.arange(4), torch.arange(4), 2)
-    assert out.grad_fn is None
+        assert score(torch.randn(7, 3)).grad_fn is None
+    score(torch.randn(7, 3, requires_grad=True)).sum().backward()
+    assert calls == []
+    score(torch.randn(7, 3)).sum().backward()
+    assert len(calls) == 2  # two chunks of 2
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:
