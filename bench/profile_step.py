@@ -28,13 +28,19 @@ from compare_trl import REPO, WORKLOADS, bf16_capability, cpu_flags, workload_ov
 
 
 class LayerClock:
-    """Seconds spent in decoder layers' forwards while autograd runs backward (the recompute)."""
+    """Seconds spent in decoder layers' forwards while autograd runs backward (the recompute).
+
+    transformers checkpoints a layer's `forward`, not its `__call__`, so a layer's own hooks do not
+    run again in the recompute; its parts' hooks (attention, MLP, norms: called one after another)
+    do. `always_call`: the recompute stops with an exception once it has what backward needs
+    (torch's checkpoint early stop), inside the last part."""
 
     def __init__(self, model):
         self.seconds, self.started, self.in_backward = 0.0, {}, False
         for layer in model.get_base_model().model.layers:
-            layer.register_forward_pre_hook(self.enter)
-            layer.register_forward_hook(self.leave)
+            for part in layer.children():
+                part.register_forward_pre_hook(self.enter)
+                part.register_forward_hook(self.leave, always_call=True)
 
     def enter(self, module, _):
         if self.in_backward:
@@ -45,14 +51,19 @@ class LayerClock:
             self.seconds += time.perf_counter() - self.started.pop(module)
 
 
+WARMUP = 2  # steps left out of the medians (allocator and kernel warm-up)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="short")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6, help=f"steps to run; the median is over those after {WARMUP}")
     parser.add_argument("--model", default=str(REPO / "models/SmolLM2-135M-Instruct"))
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. dpo.reference=online")
     args = parser.parse_args()
+    if args.steps <= WARMUP:
+        parser.error(f"--steps must be more than the {WARMUP} warm-up steps the median leaves out")
 
     from transformers import AutoTokenizer
 
@@ -103,9 +114,9 @@ def main() -> None:
 
     print(f"\nworkload {args.workload}, {args.dtype}, {micro_batch} pairs/step; {bf16_capability()}; "
           f"CPU flags: {cpu_flags()}; overrides: {' '.join(args.overrides) or 'none'}")  # fmt: skip
-    step = statistics.median(parts["step"][2:])
+    step = statistics.median(parts["step"][WARMUP:])
     for name, values in parts.items():
-        median = statistics.median(values[2:])
+        median = statistics.median(values[WARMUP:])
         print(f"  {name:<26}{median:>8.2f} s{100 * median / step:>6.0f}%")
 
 
