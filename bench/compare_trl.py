@@ -187,15 +187,19 @@ def child(args) -> None:
 
 
 def matmul_flops(dtype_name: str) -> float:
-    """This machine's dense matmul rate (FLOP/s) in the training dtype."""
+    """This machine's dense matmul rate (FLOP/s) in the training dtype: the faster of the two
+    operand layouts (on a CPU without native bf16 they differ ~8x in bf16: bench/matmul_layouts.py)."""
     import torch
 
-    a = torch.randn(1024, 1024, dtype=getattr(torch, dtype_name))
-    a @ a
-    start, runs = time.perf_counter(), 10
-    for _ in range(runs):
-        a @ a
-    return runs * 2 * 1024**3 / (time.perf_counter() - start)
+    a, b = (torch.randn(1024, 1024, dtype=getattr(torch, dtype_name)) for _ in range(2))
+    rates = []
+    for right in (b, b.t()):
+        a @ right
+        start, runs = time.perf_counter(), 10
+        for _ in range(runs):
+            a @ right
+        rates.append(runs * 2 * 1024**3 / (time.perf_counter() - start))
+    return max(rates)
 
 
 def useful_flops_per_token(model_path: str) -> float:
