@@ -59,18 +59,20 @@ def _cmd_plan(args) -> int:
 
     from dpo_lora.config import load_config
     from dpo_lora.export import parse_size
-    from dpo_lora.plan import largest_fitting, plan, recommendation
+    from dpo_lora.plan import data_lengths, largest_fitting, plan, recommendation
 
     config = load_config(args.config, args.overrides)
     budget = parse_size(args.gpu_memory, flag="--gpu-memory")
     planned = plan(config, world_size=args.gpus)
+    at_data = plan(config, world_size=args.gpus, lengths=data_lengths(config)) if args.data else None
     fits = planned.total_bytes <= budget
     largest = {key: largest_fitting(config, planned, budget, key) for key in ("micro_batch_size", "max_length")}
     advice = None if fits else recommendation(config, planned, budget)
     if args.json:
         print(json.dumps({"total_bytes": planned.total_bytes, "fits": fits, "gpu_memory_bytes": budget,
                           "components": planned.components, "largest_micro_batch_size": largest["micro_batch_size"],
-                          "largest_max_length": largest["max_length"], "recommendation": advice}, indent=2))  # fmt: skip
+                          "largest_max_length": largest["max_length"], "recommendation": advice,
+                          "data_total_bytes": at_data and at_data.total_bytes}, indent=2))  # fmt: skip
         return 0
     print(f"per-rank device memory of {args.config or 'the defaults'} on {args.gpus} rank(s), "
           f"micro-batch of {planned.rows} row(s) x {planned.tokens_per_row} tokens:")  # fmt: skip
@@ -81,6 +83,10 @@ def _cmd_plan(args) -> int:
     print(f"largest train.micro_batch_size that fits: {largest['micro_batch_size']} (at data.max_length="
           f"{config.data.max_length}); largest data.max_length: {largest['max_length']} (at micro-batch "
           f"{config.train.micro_batch_size})")  # fmt: skip
+    if at_data:
+        print(f"at {config.data.train}'s longest pair ({at_data.rows} row(s) x {at_data.tokens_per_row} tokens): "
+              f"{at_data.total_bytes / 2**30:.2f} GiB (activations "
+              f"{(at_data.total_bytes - planned.total_bytes) / 2**30:+.2f} GiB against the worst case)")  # fmt: skip
     if advice:
         print(f"recommendation: {advice}")
     return 0
@@ -174,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-memory", default="24GiB", help="memory of one GPU, e.g. 24GiB or 80GB")
     plan.add_argument("--gpus", type=int, default=1, help="ranks the run uses (ZeRO splits optimizer state over them)")
     plan.add_argument("--json", action="store_true", help="one JSON object: total_bytes, fits, components, ...")
+    plan.add_argument(
+        "--data",
+        action="store_true",
+        help="also plan at data.train's longest pair (tokenizes it) besides the worst case",
+    )
     plan.set_defaults(handler=_cmd_plan)
 
     export = commands.add_parser("export", help="merge the adapter into its base and write a standalone model folder")

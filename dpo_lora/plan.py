@@ -1,6 +1,6 @@
 """`dpo-lora plan`: the per-rank device memory of a run, predicted from its config alone.
 
-Only the model's config.json is read. Parameter shapes come from an empty (meta) model and the
+Only the model's config.json is read (and, for `data_lengths`, the tokenizer and training data). Parameter shapes come from an empty (meta) model and the
 quantized layers from transformers' own rules (dpo_lora.requantize). The activations are counted,
 not modelled: the policy forward of a two-layer copy of the model runs on the meta device (shapes,
 no memory) under `torch.autograd.graph.saved_tensors_hooks`, and the bytes the second decoder
@@ -40,6 +40,36 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return sum(self.components.values())
+
+
+@dataclass(frozen=True)
+class RowLengths:
+    """Token counts that size a micro-batch's rows: the worst case `data.max_length` allows, or
+    the longest pair of the training data (`data_lengths`)."""
+
+    shared_row: int  # prompt + chosen + rejected (the shared-prompt layout's row)
+    unshared_row: int  # prompt + the longer completion (chosen and rejected as their own rows)
+    completion: int  # the longest completion (scored positions per sequence)
+
+    @classmethod
+    def worst_case(cls, max_length: int) -> RowLengths:
+        # Shared, a row holds the prompt once and both completions: up to 2 x max_length tokens.
+        return cls(shared_row=2 * max_length, unshared_row=max_length, completion=max_length - 1)
+
+
+def data_lengths(config) -> RowLengths:
+    """The longest pair of `data.train`, tokenized and truncated as training does (its cache too)."""
+    from dpo_lora.model import load_tokenizer
+    from dpo_lora.prepare import tokenized_split
+
+    dataset, _ = tokenized_split(config.data.train, load_tokenizer(config.model), config.data)
+    columns = [dataset[name] for name in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    lengths = [(len(p), len(c), len(r)) for p, c, r in zip(*columns, strict=True)]
+    return RowLengths(
+        shared_row=max(p + c + r for p, c, r in lengths),
+        unshared_row=max(p + max(c, r) for p, c, r in lengths),
+        completion=max(max(c, r) for _, c, r in lengths),
+    )
 
 
 def quantized_bytes(numel: int, out_features: int, quantization: str) -> int:
@@ -184,16 +214,16 @@ def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, i
 
 
 def activation_components(
-    config, hidden: int, vocab: int, layers: int, shared: bool
+    config, hidden: int, vocab: int, layers: int, shared: bool, lengths: RowLengths | None = None
 ) -> tuple[dict[str, int], int, int]:
-    """(components, tokens per row, rows) for one micro-batch's policy forward and backward."""
+    """(components, tokens per row, rows) for one micro-batch's policy forward and backward, its
+    rows as long as `lengths` (default: the worst case of `data.max_length`)."""
     from dpo_lora.dsconfig import read_json
     from dpo_lora.model import float32_residual, keeps_attention_outputs, torch_dtype
 
-    micro, max_length = config.train.micro_batch_size, config.data.max_length
-    # Worst case: the longest pair fills max_length; shared, a row holds the prompt once and both
-    # completions (up to 2 x max_length tokens), unshared chosen and rejected are rows of max_length.
-    rows, tokens = (micro, 2 * max_length) if shared else (2 * micro, max_length)
+    micro = config.train.micro_batch_size
+    lengths = lengths or RowLengths.worst_case(config.data.max_length)
+    rows, tokens = (micro, lengths.shared_row) if shared else (2 * micro, lengths.unshared_row)
     per_layer, layer_input, attention_output = saved_by_layer(config, rows, tokens, shared)
     element = torch.tensor([], dtype=torch_dtype(config.model.dtype)).element_size()
     if float32_residual(config.model):
@@ -208,7 +238,7 @@ def activation_components(
             components["kept attention outputs"] = layers * attention_output
     else:
         components = {"activations (every layer's saved tensors)": layers * per_layer}
-    scored = 2 * micro * (max_length - 1)  # completion positions scored, at most
+    scored = 2 * micro * lengths.completion  # completion positions scored, at most
     chunk = min(config.train.logps_chunk_size, scored) if config.train.logps_chunk_size > 0 else scored
     components["LM-head chunk transient"] = lm_head_transient(chunk, vocab, scored, rows * tokens, hidden, element)
     return components, tokens, rows
@@ -232,24 +262,25 @@ def _text_config(config):
     return text_config
 
 
-def _activations(config, text_config) -> tuple[dict[str, int], int, int]:
+def _activations(config, text_config, lengths: RowLengths | None = None) -> tuple[dict[str, int], int, int]:
     from dpo_lora.layout import unsupported_reason
 
     # The layout training will use (dpo_lora.layout.batch_layout decides it the same way).
     reason = unsupported_reason(SimpleNamespace(config=text_config), config.data.max_length)
     shared = config.train.share_prompt and reason is None
     hidden, vocab, layers = text_config.hidden_size, text_config.vocab_size, text_config.num_hidden_layers
-    return activation_components(config, hidden, vocab, layers, shared)
+    return activation_components(config, hidden, vocab, layers, shared, lengths)
 
 
-def plan(config, world_size: int = 1) -> Plan:
-    """The per-rank memory of `config`'s run on `world_size` ranks."""
+def plan(config, world_size: int = 1, lengths: RowLengths | None = None) -> Plan:
+    """The per-rank memory of `config`'s run on `world_size` ranks, its rows as long as `lengths`
+    (default: the worst case of `data.max_length`)."""
     from dpo_lora.dsconfig import read_json
 
     components, lora_numel = weight_components(config)
     zero = read_json(config.deepspeed).get("zero_optimization", {})
     components |= optimizer_components(lora_numel, zero, world_size)
-    activations, tokens, rows = _activations(config, _text_config(config))
+    activations, tokens, rows = _activations(config, _text_config(config), lengths)
     components |= activations
     components["fixed overhead (CUDA context, workspaces)"] = FIXED_OVERHEAD
     return Plan(components, tokens, rows)

@@ -70,9 +70,10 @@ class AttentionOutputs(TorchDispatchMode):
         return result
 
 
-def counted_step(config, count_attention_outputs: bool = False) -> dict[str, int]:
+def counted_step(config, count_attention_outputs: bool = False, tokens: int = 2 * MAX_LENGTH) -> dict[str, int]:
     """Bytes held by a real policy step at the planned shapes, by component (with
-    `count_attention_outputs`, also what the attention kernels return in every layer)."""
+    `count_attention_outputs`, also what the attention kernels return in every layer); rows of
+    `tokens` tokens (default: the worst case the plan assumes, 2 x max_length)."""
     import bitsandbytes as bnb
 
     model = attach_adapter(load_base(config.model, torch.device("cpu")), config.lora)
@@ -96,7 +97,7 @@ def counted_step(config, count_attention_outputs: bool = False) -> dict[str, int
             saved[key] = tensor.untyped_storage().nbytes()
         return tensor
 
-    rows, tokens = MICRO, 2 * MAX_LENGTH  # the shared-prompt layout the plan chose for these models
+    rows = MICRO  # rows of the shared-prompt layout the plan chose for these models
     ids = torch.randint(0, 512, (rows, tokens))
     positions = torch.arange(tokens).expand(rows, tokens)
     mask = torch.zeros(rows, 1, tokens, tokens).masked_fill(torch.ones(tokens, tokens).triu(1).bool(), float("-inf"))
@@ -129,6 +130,51 @@ def test_each_planned_component_matches_a_real_step_within_two_percent(run_confi
         if name in ("layer input", "attention outputs"):
             continue
         assert predicted[name] == pytest.approx(count, rel=0.02), name
+
+
+def test_a_plan_at_shorter_rows_matches_a_real_step_at_that_length(run_config):
+    from dpo_lora.plan import RowLengths
+
+    assert plan(run_config, lengths=RowLengths.worst_case(MAX_LENGTH)) == plan(run_config)
+    activations = "activations (every layer's saved tensors)"
+    shorter = RowLengths(shared_row=29, unshared_row=20, completion=12)  # prompt 8, completions 12 and 9
+    planned = plan(run_config, lengths=shorter)
+    assert (planned.rows, planned.tokens_per_row) == (MICRO, 29)
+    counted = counted_step(run_config, tokens=29)[activations]
+    assert planned.components[activations] == pytest.approx(counted, rel=0.02)
+    assert counted < 0.7 * plan(run_config).components[activations]  # 29 of 48 tokens: the comparison bites
+
+
+def test_data_lengths_are_the_longest_tokenized_pair_within_max_length(tiny_model_dir, tmp_path):
+    import json
+
+    from dpo_lora.plan import data_lengths
+
+    rows = [
+        {"prompt": "a b", "chosen": " c d e", "rejected": " f"},
+        {"prompt": "g h i j", "chosen": " k", "rejected": " l m n o p q"},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = load_config(None, [f"model.path={tiny_model_dir}", f"data.train={path}", "data.max_length=64"])
+    from dpo_lora.model import load_tokenizer
+    from dpo_lora.prepare import tokenized_split
+
+    dataset, _ = tokenized_split(str(path), load_tokenizer(config.model), config.data)
+    prompt, chosen, rejected = (
+        [len(ids) for ids in dataset[name]] for name in ("prompt_ids", "chosen_ids", "rejected_ids")
+    )
+    lengths = data_lengths(config)
+    assert lengths.shared_row == max(p + c + r for p, c, r in zip(prompt, chosen, rejected, strict=True))
+    assert lengths.unshared_row == max(p + max(c, r) for p, c, r in zip(prompt, chosen, rejected, strict=True))
+    assert lengths.completion == max(chosen + rejected)
+    assert lengths.shared_row > lengths.unshared_row > lengths.completion > 0
+    # Truncated as training truncates: a max_length shorter than the pairs bounds every row.
+    short = load_config(
+        None, [f"model.path={tiny_model_dir}", f"data.train={path}", "data.max_length=6", "data.max_prompt_length=3"]
+    )
+    clipped = data_lengths(short)
+    assert clipped.unshared_row <= 6 and clipped.shared_row <= 12 and clipped.shared_row < lengths.shared_row
 
 
 def test_checkpointing_keeps_layer_inputs_and_one_layer_and_zero_splits_optimizer_state(run_config):
@@ -178,6 +224,23 @@ def test_plan_command_json_for_a_70b_config_without_weights(tmp_path, capsys):
     assert large["total_bytes"] == small["total_bytes"]
     assert main([*args, "--gpu-memory", "lots"]) == 2
     assert "--gpu-memory: cannot read 'lots'" in capsys.readouterr().err
+
+
+def test_plan_command_with_data_plans_the_longest_pair_too(tiny_model_dir, capsys):
+    import json
+
+    from dpo_lora.cli import main
+
+    from .conftest import SENTIMENT_TRAIN
+
+    args = ["plan", f"model.path={tiny_model_dir}", f"data.train={SENTIMENT_TRAIN}", "data.max_length=512"]
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data_total_bytes"] is None  # only when asked: it tokenizes
+    assert main([*args, "--json", "--data"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert 0 < planned["data_total_bytes"] < planned["total_bytes"]  # the test pairs are far below 512 tokens
+    assert main([*args, "--data"]) == 0
+    assert f"at {SENTIMENT_TRAIN}'s longest pair" in capsys.readouterr().out
 
 
 class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
