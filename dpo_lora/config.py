@@ -116,6 +116,11 @@ class TrainConfig:
     scheduler: str = knob("cosine", "learning-rate schedule after warmup", ("cosine", "linear", "constant"))
     warmup_ratio: float = knob(0.1, "fraction of steps with linear warmup")
     max_grad_norm: float = knob(1.0, "gradient clipping norm (0 disables)")
+    collective_timeout_s: int = knob(
+        1800,
+        "seconds a rank waits in a collective before the job fails naming this key (a hung rank); must exceed "
+        "the longest work one rank does while others wait: rank 0 tokenizing uncached data, a checkpoint save",
+    )
     seed: int = knob(42, "seed for init, dropout and data order")
     log_every: int = knob(1, "optimizer steps per metrics row")
     eval_every: int = knob(0, "optimizer steps between evals; 0 evaluates only before and after training")
@@ -261,7 +266,14 @@ def validate(config: Config) -> None:
         raise UserError("config key 'data.max_prompt_length' must be >= 1")
     if not 0.0 <= data.eval_fraction < 1.0:
         raise UserError("config key 'data.eval_fraction' must be in [0, 1)")
-    for key in ("micro_batch_size", "grad_accum", "log_every", "eval_batch_size", "max_bad_steps"):
+    for key in (
+        "micro_batch_size",
+        "grad_accum",
+        "log_every",
+        "eval_batch_size",
+        "max_bad_steps",
+        "collective_timeout_s",
+    ):
         if getattr(train, key) < 1:
             raise UserError(f"config key 'train.{key}' must be >= 1")
     if train.max_steps <= 0 and train.epochs <= 0:
@@ -286,6 +298,7 @@ RESUME_MAY_CHANGE = {
     "output_dir", "overwrite", "data.num_proc", "train.log_every", "train.eval_every", "train.eval_batch_size",
     "train.save_every", "train.keep_checkpoints", "train.resume", "train.max_bad_steps", "train.cpu_mmap_threshold_mb",
     "model.recompute_attention",  # the same gradients, bit for bit (tests/test_model.py)
+    "train.collective_timeout_s",
 }  # fmt: skip
 
 

@@ -29,12 +29,16 @@ class DistInfo:
 _collective_device = torch.device("cpu")
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_s: float = 1800) -> DistInfo:
     """Join the process group set up by any launcher (deepspeed, torchrun) or make a 1-rank one.
 
     The backend and device come from DeepSpeed's accelerator: NCCL on CUDA, gloo on the CPU.
+    `timeout_s` (train.collective_timeout_s): how long a collective waits for the other ranks
+    before it fails, so a hung rank ends the job instead of holding every GPU of it.
     """
-    global _collective_device
+    global _collective_device, _timeout_s
+    from datetime import timedelta
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -47,7 +51,10 @@ def init_distributed() -> DistInfo:
     os.environ.update(invented)
     if os.environ["WORLD_SIZE"] == "1":
         _skip_shared_memory_allreduce()
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(), timeout=timedelta(seconds=timeout_s)
+    )
+    _timeout_s = timeout_s
     for key in invented:  # processes started later must not inherit a port this one holds
         del os.environ[key]
     accelerator = get_accelerator()
@@ -161,6 +168,9 @@ def gathered(params):
 
 # How a collective reports that the other end went away (gloo, NCCL, c10d store).
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+# gloo's and NCCL's words for a collective that outlived the process group's timeout.
+_TIMED_OUT = ("Timed out waiting", "before timing out", "Watchdog caught collective operation timeout")
+_timeout_s: float | None = None  # the process group's timeout, set by init_distributed
 
 
 def rank_failure_message(err: BaseException) -> str | None:
@@ -178,6 +188,12 @@ def rank_failure_message(err: BaseException) -> str | None:
     if rank is None or world_size == 1:
         return None
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if any(sign in str(err) for sign in _TIMED_OUT):
+        waited = f"train.collective_timeout_s={_timeout_s:g}" if _timeout_s is not None else "the collective timeout"
+        return (
+            f"dpo-lora: rank {rank} of {world_size}: no reply from another rank within {waited} s; a rank "
+            f"hung (or works alone longer than that: raise the key): {type(err).__name__}: {text}"
+        )
     if isinstance(err, dist.DistError) or any(sign in str(err) for sign in _PEER_LOST):
         return (
             f"dpo-lora: rank {rank} of {world_size}: lost contact with another rank, which failed or was "

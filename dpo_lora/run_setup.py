@@ -76,7 +76,7 @@ def setup_run(config: Config) -> Run:
     from dpo_lora.prepare import prepare_splits
 
     clear_stale_build_locks()  # DeepSpeed's kernel builds would wait on a killed build's lock forever
-    dist = init_distributed()
+    dist = init_distributed(config.train.collective_timeout_s)
     train_cfg = config.train
     if dist.device.type == "cpu":
         cap_heap_fragmentation(train_cfg.cpu_mmap_threshold_mb)

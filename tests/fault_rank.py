@@ -1,7 +1,8 @@
 """`python -m tests.fault_rank ...` is `python -m dpo_lora ...` with one rank failing on purpose.
 
 DPO_LORA_FAULT="MODE:RANK:STEP" makes rank RANK, at its STEP-th micro-batch, either raise
-(MODE=raise) or die at once as under the OOM killer (MODE=kill, SIGKILL).
+(MODE=raise), die at once as under the OOM killer (MODE=kill, SIGKILL), or hang without dying
+(MODE=hang: a stuck kernel, a dead filesystem).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import dpo_lora.trainer
 from dpo_lora.cli import main
@@ -24,6 +26,8 @@ def faulty_step(*args, **kwargs):
     if int(os.environ.get("RANK", "0")) == int(fault_rank) and calls == int(fault_step):
         if mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        while mode == "hang":
+            time.sleep(60)
         raise RuntimeError("planted fault")
     return real_step(*args, **kwargs)
 

@@ -116,3 +116,8 @@ def test_a_run_saved_before_float32_residual_resumes_unless_it_would_now_train_d
         None, [f"model.dtype={dtype}", f"model.quantization={quantization}", "model.float32_residual=false"]
     )
     assert resume_differences(saved, with_key) == []  # the way to continue such a run exactly
+
+
+def test_the_collective_timeout_must_be_positive():
+    with pytest.raises(UserError, match="'train.collective_timeout_s' must be >= 1"):
+        load_config(None, ["train.collective_timeout_s=0"])

@@ -43,6 +43,18 @@ def test_rank_failure_message_names_the_rank(monkeypatch):
     assert rank_failure_message(ValueError("bad\nsecond line")) == "dpo-lora: rank 2 of 4 failed: ValueError: bad"
 
 
+def test_a_collective_timeout_is_named_with_its_key(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed, "_timeout_s", 30)
+    gloo = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms for recv operation")
+    assert rank_failure_message(gloo).startswith(
+        "dpo-lora: rank 0 of 2: no reply from another rank within train.collective_timeout_s=30 s"
+    )
+    nccl = RuntimeError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE)")
+    assert "train.collective_timeout_s=30 s" in rank_failure_message(nccl)
+
+
 class _Handed(Exception):
     """Raised by the fake collective once it has seen the tensor it was handed."""
 
@@ -149,6 +161,31 @@ def test_a_dead_rank_ends_the_whole_job_quickly_and_is_named(tiny_model_dir, tmp
         assert "--local_rank=1" in output and "exits with return code = -9" in output, output[-3000:]
     else:
         assert "dpo-lora: rank 1 of 2 failed: RuntimeError: planted fault" in output, output[-3000:]
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tiny_model_dir, tmp_path):
+    """Rank 1 hangs without dying at its 3rd micro-batch (a stuck kernel, a dead filesystem): rank 0's
+    next collective fails after train.collective_timeout_s, naming the key, and the launcher ends
+    the job, where torch's default would hold every rank for 30 minutes."""
+    timeout = 30
+    config = write_config(
+        tiny_model_dir, tmp_path / "run", "train.max_steps=200", f"train.collective_timeout_s={timeout}"
+    )
+    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29690"]
+    command += ["--module", "tests.fault_rank", "train", config]
+    started = time.monotonic()
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=300, env=venv_env(DPO_LORA_FAULT="hang:1:3")
+    )
+    elapsed = time.monotonic() - started
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    # Start-up (~20-40 s), the timeout, then the launcher's 30 s grace between SIGTERM and SIGKILL
+    # for the rank that still hangs: ~100 s measured, against torch's default of 30 minutes.
+    assert timeout < elapsed < 240, f"took {elapsed:.0f} s"
+    said = f"dpo-lora: rank 0 of 2: no reply from another rank within train.collective_timeout_s={timeout} s"
+    assert said in output, output[-3000:]
     assert not (tmp_path / "run" / "adapter").exists()
 
 
