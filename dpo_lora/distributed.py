@@ -189,9 +189,9 @@ def rank_failure_message(err: BaseException) -> str | None:
         return None
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     if any(sign in str(err) for sign in _TIMED_OUT):
-        waited = f"train.collective_timeout_s={_timeout_s:g}" if _timeout_s is not None else "the collective timeout"
+        waited = f"train.collective_timeout_s={_timeout_s:g} s" if _timeout_s is not None else "the collective timeout"
         return (
-            f"dpo-lora: rank {rank} of {world_size}: no reply from another rank within {waited} s; a rank "
+            f"dpo-lora: rank {rank} of {world_size}: no reply from another rank within {waited}; a rank "
             f"hung (or works alone longer than that: raise the key): {type(err).__name__}: {text}"
         )
     if isinstance(err, dist.DistError) or any(sign in str(err) for sign in _PEER_LOST):
