@@ -1,7 +1,8 @@
 """`dpo-lora plan`: the per-rank device memory of a run, predicted from its config alone.
 
-Only the model's config.json is read (and, for `data_lengths`, the tokenizer and training data). Parameter shapes come from an empty (meta) model and the
-quantized layers from transformers' own rules (dpo_lora.requantize). The activations are counted,
+Only the model's config.json is read (and, for `data_lengths`, the tokenizer and training data).
+Parameter shapes come from an empty (meta) model and the quantized layers from transformers' own
+rules (dpo_lora.requantize). The activations are counted,
 not modelled: the policy forward of a two-layer copy of the model runs on the meta device (shapes,
 no memory) under `torch.autograd.graph.saved_tensors_hooks`, and the bytes the second decoder
 layer saves for backward are one layer's share. Attention is counted as a fused kernel (flash /
