@@ -34,10 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 # reference, as shipped but with the dense 4D mask, and both trainers with a fixed malloc mmap
 # threshold (dpo_lora.cpu_memory; "-lowmem", CPU only). Every dpo-lora variant puts large CPU
 # tensors on huge pages, as its CLI does; "trl-thp" is TRL given the same (torch's
-# THP_MEM_ALLOC_ENABLE), which TRL does not set itself.
+# THP_MEM_ALLOC_ENABLE), which TRL does not set itself. "dpo-lora-allbf16" is as shipped but with
+# `model.float32_residual` off (bf16 runs): what the default's float32 residual stream and head cost.
 SYSTEMS = (
     "trl", "dpo-lora-plain", "dpo-lora-unshared", "dpo-lora", "dpo-lora-online", "dpo-lora-mask",
-    "trl-lowmem", "dpo-lora-lowmem", "trl-thp",
+    "trl-lowmem", "dpo-lora-lowmem", "trl-thp", "dpo-lora-allbf16",
 )  # fmt: skip
 LOWMEM_MB = 4
 # (prompt tokens, completion tokens, micro batch, max_length), as in the issue's peer figures.
@@ -139,6 +140,7 @@ def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> tuple[list[f
             f"train.shared_prompt_attention={'mask' if system.endswith('mask') else 'split'}",
             f"train.logps_chunk_size={0 if system.endswith('plain') else 1024}",
             f"train.cpu_mmap_threshold_mb={LOWMEM_MB if system.endswith('lowmem') else 0}",
+            f"model.float32_residual={not system.endswith('allbf16')}",
         ],
     )  # fmt: skip
     os.environ["DPO_LORA_CACHE"] = str(work / system / "cache")  # a cold cache: the precompute is paid in this run
@@ -182,23 +184,38 @@ def child(args) -> None:
         times, losses, precompute_s = run_dpo_lora(args, Path(args.data), work, args.child)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {"step_times": times, "wall_s": time.perf_counter() - started, "peak_rss_gb": peak_kb / 2**20}
+    result["peak_gpu_gb"] = gpu_peak_gb()
     result["losses"], result["precompute_s"] = losses, sum(precompute_s)
     Path(args.result).write_text(json.dumps(result))
 
 
-def matmul_flops(dtype_name: str) -> float:
-    """This machine's dense matmul rate (FLOP/s) in the training dtype: the faster of the two
-    operand layouts (on a CPU without native bf16 they differ ~8x in bf16: bench/matmul_layouts.py)."""
+def gpu_peak_gb() -> float | None:
+    """The CUDA allocator's peak in this process (None without a GPU): on a GPU the memory that
+    matters, where the process's RSS is mostly the CUDA runtime."""
     import torch
 
-    a, b = (torch.randn(1024, 1024, dtype=getattr(torch, dtype_name)) for _ in range(2))
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def matmul_flops(dtype_name: str) -> float:
+    """This machine's dense matmul rate (FLOP/s) in the training dtype, on the device the systems
+    train on: the faster of the two operand layouts (on a CPU without native bf16 they differ ~8x
+    in bf16: bench/matmul_layouts.py)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = 8192 if device == "cuda" else 1024
+    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype_name), device=device) for _ in range(2))
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None  # GPU matmuls are asynchronous
     rates = []
     for right in (b, b.t()):
         a @ right
+        synchronize()
         start, runs = time.perf_counter(), 10
         for _ in range(runs):
             a @ right
-        rates.append(runs * 2 * 1024**3 / (time.perf_counter() - start))
+        synchronize()
+        rates.append(runs * 2 * size**3 / (time.perf_counter() - start))
     return max(rates)
 
 
@@ -212,6 +229,12 @@ def useful_flops_per_token(model_path: str) -> float:
     per_layer = 4 * c.hidden_size * c.hidden_size * (1 + c.num_key_value_heads / c.num_attention_heads) / 2
     per_layer += 3 * c.hidden_size * c.intermediate_size
     return 4 * (c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size)
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def cpu_flags() -> str:
@@ -308,15 +331,18 @@ def run_workload(args, dtype: str) -> None:
         f"\nworkload {args.workload}: {micro_batch} pairs/step, ~{tokens_per_pair} tokens/pair, {dtype}, {args.steps} steps\n"
         f"{bf16_capability()}; CPU flags: {cpu_flags()}"
     )
+    # On a GPU the device allocator's peak is the memory that decides what fits; on a CPU, RSS.
+    memory_key, memory_name = ("peak_gpu_gb", "GPU") if torch_cuda() else ("peak_rss_gb", "RSS")
     print(
-        f"{'system':<22}{'s/step':>8}{'pairs/s':>9}{'tokens/s':>10}{'peak RSS':>10}{'wall s':>8}{'x TRL speed':>13}{'x TRL RSS':>11}"
+        f"{'system':<22}{'s/step':>8}{'pairs/s':>9}{'tokens/s':>10}{'peak ' + memory_name:>10}{'wall s':>8}"
+        f"{'x TRL speed':>13}{'x TRL ' + memory_name:>11}"
     )
     for system, r in results.items():
         speed = f"{r['pairs_per_s'] / trl['pairs_per_s']:.2f}" if trl else "-"
-        memory = f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}" if trl else "-"
+        memory = f"{r[memory_key] / trl[memory_key]:.2f}" if trl else "-"
         print(
-            f"{system:<22}{r['s_per_step']:>8.2f}{r['pairs_per_s']:>9.3f}{r['tokens_per_s']:>10.1f}"
-            f"{r['peak_rss_gb']:>9.2f}G{r['wall_s']:>8.0f}{speed:>13}{memory:>11}"
+            f"{system:<22}{r['s_per_step']:>8.3f}{r['pairs_per_s']:>9.3f}{r['tokens_per_s']:>10.1f}"
+            f"{r[memory_key]:>9.2f}G{r['wall_s']:>8.0f}{speed:>13}{memory:>11}"
         )
         r["useful_flops_per_s"] = r["pairs_per_s"] * useful_tokens_per_pair * flops_per_token
     print(f"machine matmul rate ({dtype}): {peak / 1e9:.1f} GFLOP/s")

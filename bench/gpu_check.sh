@@ -18,8 +18,5 @@ python="${PYTHON:-python3}"
 "$python" bench/gpu_check.py "$@"
 # Against TRL in bfloat16 on this GPU (issue 17's GPU table), where TRL is installed (`.[bench]`).
 if "$python" -c "import trl" 2>/dev/null; then
-    for workload in short long; do
-        "$python" bench/compare_trl.py --workload "$workload" --dtype bfloat16 \
-            --systems trl,dpo-lora-plain,dpo-lora-unshared,dpo-lora,dpo-lora-online,dpo-lora-mask
-    done
+    PYTHON="$python" bench/gpu_compare.sh
 fi
