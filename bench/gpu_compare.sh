@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
 # Issue 17's GPU table: bench/compare_trl.py on both workloads in bfloat16 on one CUDA GPU, TRL and
-# dpo-lora's variants each in its own process; about 6 minutes on an H200. Needs TRL (`.[bench]`)
-# and a CUDA build of torch in `PYTHON` (default python3); MODEL is the model folder (default the
-# demo's SmolLM2). Each workload writes bench/results/WORKLOAD-bfloat16-TIMESTAMP.json; the peak
-# memory column is the CUDA allocator's peak (torch.cuda.max_memory_allocated) on a GPU.
+# dpo-lora's variants each in its own process. Needs TRL (`.[bench]`) and a CUDA build of torch in
+# `PYTHON` (default python3). MODEL is the model folder (default the demo's SmolLM2; about 6
+# minutes on an H200). GEOMETRY=llama2-7b or llama3-8b instead writes a random-weight model of that
+# geometry (bench/random_model.py, ~14-16 GB under runs/) and compares TRL, dpo-lora and its mask
+# variant on it. Each workload writes bench/results/WORKLOAD-bfloat16-TIMESTAMP.json; the memory
+# column is the CUDA allocator's peak (torch.cuda.max_memory_allocated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
-model="${MODEL:-models/SmolLM2-135M-Instruct}"
-# More steps than the CPU defaults (8 and 4): a GPU step takes well under a second, so the
-# steady-state median needs more of them to settle.
-systems="trl,dpo-lora,dpo-lora-plain,dpo-lora-online,dpo-lora-mask"
-"$python" bench/compare_trl.py --workload short --steps 24 --dtype bfloat16 --model "$model" --systems "$systems,dpo-lora-allbf16"
-"$python" bench/compare_trl.py --workload long --steps 12 --dtype bfloat16 --model "$model" --systems "$systems"
+if [[ -n "${GEOMETRY:-}" ]]; then
+    model="runs/gpu-compare/$GEOMETRY"
+    [[ -f "$model/model.safetensors.index.json" ]] || "$python" bench/random_model.py "$model" --geometry "$GEOMETRY"
+    # A 7B step is arithmetic-bound and steady, so few steps settle; each process loads 13+ GB.
+    short_steps=6 long_steps=4 systems="trl,dpo-lora,dpo-lora-mask" extra=""
+else
+    model="${MODEL:-models/SmolLM2-135M-Instruct}"
+    # More steps than the CPU defaults (8 and 4): a small model's GPU step takes well under a
+    # second and is launch-bound, so its times scatter and the median needs more of them.
+    short_steps=24 long_steps=12 systems="trl,dpo-lora,dpo-lora-plain,dpo-lora-online,dpo-lora-mask"
+    extra=",dpo-lora-allbf16"
+fi
+"$python" bench/compare_trl.py --workload short --steps "$short_steps" --dtype bfloat16 --model "$model" \
+    --systems "$systems$extra"
+"$python" bench/compare_trl.py --workload long --steps "$long_steps" --dtype bfloat16 --model "$model" \
+    --systems "$systems"

@@ -1,41 +1,65 @@
-"""A model folder with a real model's geometry and tokenizer but random weights, for measuring speed
-and memory where the real weights cannot travel (a GPU machine that reaches no hub).
+"""A model folder with a real model's geometry but random weights, for measuring speed and memory
+where the real weights cannot travel (a GPU machine that reaches no hub).
 
-    python bench/random_model.py SOURCE_FOLDER TARGET_FOLDER [--dtype bfloat16]
+    python bench/random_model.py TARGET --like FOLDER [--dtype bfloat16]
+    python bench/random_model.py TARGET --geometry llama2-7b|llama3-8b [--layers N]
 
-SOURCE_FOLDER needs only config.json and the tokenizer files; the weights are the architecture's
-own initialisation (seed 0), saved as safetensors in the dtype given.
+`--like`: FOLDER's config.json and tokenizer files, the architecture's own initialisation (seed 0),
+saved as safetensors in the dtype given. `--geometry`: bench/scale.py's 7B/8B Llama geometries,
+written a layer at a time (never the whole model in memory) with a tokenizer trained on the
+bundled data; `--layers` cuts the depth for a quick check.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("source", type=Path)
-    parser.add_argument("target", type=Path)
-    parser.add_argument("--dtype", default="bfloat16")
-    args = parser.parse_args()
-
+def like(source: Path, target: Path, dtype_name: str) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = AutoConfig.from_pretrained(args.source)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
-    args.target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.target)
+    config = AutoConfig.from_pretrained(source)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype_name))
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
     for name in COPIED:
-        if (args.source / name).is_file():
-            shutil.copy(args.source / name, args.target / name)
-    parameters = sum(p.numel() for p in model.parameters())
-    print(f"{args.target}: {config.model_type}, {parameters / 1e6:.0f}M random parameters in {args.dtype}")
+        if (source / name).is_file():
+            shutil.copy(source / name, target / name)
+    return f"{config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters in {dtype_name}"
+
+
+def geometry(name: str, target: Path, layers: int) -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scale import GEOMETRIES, write_model, write_tokenizer
+
+    shape = dict(GEOMETRIES[name], **({"num_hidden_layers": layers} if layers else {}))
+    target.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(target)
+    billions = write_model(target, shape)
+    return f"{name} geometry, {shape['num_hidden_layers']} layers, {billions:.2f}B parameters in bfloat16"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("target", type=Path)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--like", type=Path, help="a model folder whose config and tokenizer to copy")
+    source.add_argument("--geometry", choices=("llama2-7b", "llama3-8b"))
+    parser.add_argument("--dtype", default="bfloat16", help="weights' dtype with --like")
+    parser.add_argument("--layers", type=int, default=0, help="with --geometry: cut the depth to N layers")
+    args = parser.parse_args()
+    if args.like:
+        made = like(args.like, args.target, args.dtype)
+    else:
+        made = geometry(args.geometry, args.target, args.layers)
+    print(f"{args.target}: {made}, random weights")
 
 
 if __name__ == "__main__":
