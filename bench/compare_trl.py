@@ -231,12 +231,6 @@ def useful_flops_per_token(model_path: str) -> float:
     return 4 * (c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size)
 
 
-def torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def cpu_flags() -> str:
     """The CPU's SIMD flags that decide matmul speed (lscpu's names), e.g. "avx2 avx512_bf16"."""
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -332,7 +326,8 @@ def run_workload(args, dtype: str) -> None:
         f"{bf16_capability()}; CPU flags: {cpu_flags()}"
     )
     # On a GPU the device allocator's peak is the memory that decides what fits; on a CPU, RSS.
-    memory_key, memory_name = ("peak_gpu_gb", "GPU") if torch_cuda() else ("peak_rss_gb", "RSS")
+    on_gpu = any(r["peak_gpu_gb"] is not None for r in results.values())
+    memory_key, memory_name = ("peak_gpu_gb", "GPU") if on_gpu else ("peak_rss_gb", "RSS")
     print(
         f"{'system':<22}{'s/step':>8}{'pairs/s':>9}{'tokens/s':>10}{'peak ' + memory_name:>10}{'wall s':>8}"
         f"{'x TRL speed':>13}{'x TRL ' + memory_name:>11}"
