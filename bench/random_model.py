@@ -17,6 +17,9 @@ import shutil
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import GEOMETRIES  # noqa: E402  (stdlib-only at import: --help stays instant)
+
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -36,8 +39,7 @@ def like(source: Path, target: Path, dtype_name: str) -> str:
 
 
 def geometry(name: str, target: Path, layers: int) -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from scale import GEOMETRIES, write_model, write_tokenizer
+    from scale import write_model, write_tokenizer
 
     shape = dict(GEOMETRIES[name], **({"num_hidden_layers": layers} if layers else {}))
     target.mkdir(parents=True, exist_ok=True)
@@ -51,7 +53,7 @@ def main() -> None:
     parser.add_argument("target", type=Path)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--like", type=Path, help="a model folder whose config and tokenizer to copy")
-    source.add_argument("--geometry", choices=("llama2-7b", "llama3-8b"))
+    source.add_argument("--geometry", choices=sorted(GEOMETRIES))
     parser.add_argument("--dtype", default="bfloat16", help="weights' dtype with --like")
     parser.add_argument("--layers", type=int, default=0, help="with --geometry: cut the depth to N layers")
     args = parser.parse_args()
