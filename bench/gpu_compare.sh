@@ -4,8 +4,9 @@
 # `PYTHON` (default python3). MODEL is the model folder (default the demo's SmolLM2; about 6
 # minutes on an H200). GEOMETRY=llama2-7b or llama3-8b instead writes a random-weight model of that
 # geometry (bench/random_model.py, ~14-16 GB under runs/) and compares TRL, dpo-lora and its mask
-# variant on it. Each workload writes bench/results/WORKLOAD-bfloat16-TIMESTAMP.json; the memory
-# column is the CUDA allocator's peak (torch.cuda.max_memory_allocated).
+# variant on it. WORKLOADS (default "short long") picks the workloads; each writes
+# bench/results/WORKLOAD-bfloat16-TIMESTAMP.json. The memory column is the CUDA allocator's peak
+# (torch.cuda.max_memory_allocated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
@@ -21,7 +22,9 @@ else
     short_steps=24 long_steps=12 systems="trl,dpo-lora,dpo-lora-plain,dpo-lora-online,dpo-lora-mask"
     extra=",dpo-lora-allbf16"
 fi
-"$python" bench/compare_trl.py --workload short --steps "$short_steps" --dtype bfloat16 --model "$model" \
-    --systems "$systems$extra"
-"$python" bench/compare_trl.py --workload long --steps "$long_steps" --dtype bfloat16 --model "$model" \
-    --systems "$systems"
+for workload in ${WORKLOADS:-short long}; do
+    steps="${workload}_steps"
+    [[ $workload == short ]] || extra=""
+    "$python" bench/compare_trl.py --workload "$workload" --steps "${!steps}" --dtype bfloat16 --model "$model" \
+        --systems "$systems$extra"
+done

@@ -6,8 +6,8 @@ where the real weights cannot travel (a GPU machine that reaches no hub).
 
 `--like`: FOLDER's config.json and tokenizer files, the architecture's own initialisation (seed 0),
 saved as safetensors in the dtype given. `--geometry`: bench/scale.py's 7B/8B Llama geometries,
-written a layer at a time (never the whole model in memory) with a tokenizer trained on the
-bundled data; `--layers` cuts the depth for a quick check.
+written a layer at a time (never the whole model in memory; drawn on the GPU where there is one)
+with a tokenizer trained on the bundled data; `--layers` cuts the depth for a quick check.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def geometry(name: str, target: Path, layers: int) -> str:
     shape = dict(GEOMETRIES[name], **({"num_hidden_layers": layers} if layers else {}))
     target.mkdir(parents=True, exist_ok=True)
     write_tokenizer(target)
-    billions = write_model(target, shape)
+    import torch
+
+    billions = write_model(target, shape, "cuda" if torch.cuda.is_available() else "cpu")
     return f"{name} geometry, {shape['num_hidden_layers']} layers, {billions:.2f}B parameters in bfloat16"
 
 

@@ -60,9 +60,10 @@ def write_tokenizer(folder: Path) -> None:
     ).save_pretrained(folder)  # fmt: skip
 
 
-def write_model(folder: Path, geometry: dict) -> float:
+def write_model(folder: Path, geometry: dict, device: str = "cpu") -> float:
     """Random bfloat16 weights (std 0.02, norms 1) in shards: embeddings, one per layer, then the
-    head and final norm. Returns the parameter count in billions."""
+    head and final norm, drawn on `device` (a GPU draws a 7B in seconds, a CPU core in minutes).
+    Returns the parameter count in billions."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -76,7 +77,7 @@ def write_model(folder: Path, geometry: dict) -> float:
         key = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else name.split(".")[-2]
         groups.setdefault(key, []).append(name)
     order = ["embed_tokens", *[k for k in groups if k.startswith("model.layers.")], "norm", "lm_head"]
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device).manual_seed(0)
     weight_map, total = {}, 0
     for index, key in enumerate(order):
         file = f"model-{index + 1:05d}-of-{len(order):05d}.safetensors"
@@ -85,7 +86,8 @@ def write_model(folder: Path, geometry: dict) -> float:
             if name.endswith("norm.weight"):
                 tensors[name] = torch.ones(shapes[name], dtype=torch.bfloat16)
             else:
-                tensors[name] = (torch.randn(shapes[name], generator=generator) * 0.02).to(torch.bfloat16)
+                drawn = torch.randn(shapes[name], generator=generator, device=device)
+                tensors[name] = (drawn * 0.02).to(torch.bfloat16).cpu()
             weight_map[name] = file
             total += tensors[name].numel()
         save_file(tensors, str(folder / file), metadata={"format": "pt"})

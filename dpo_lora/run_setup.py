@@ -182,7 +182,13 @@ def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):
     model = attach_adapter(load_base(config.model, dist.device, ds_config), config.lora)
     chunked_logps.install(model, train_cfg.logps_chunk_size)  # before DeepSpeed wraps the head
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _adamw(ds_config["zero_optimization"])(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    adamw = _adamw(ds_config["zero_optimization"])
+    optimizer = adamw(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    if adamw is SkippableAdamW and not ds_config["fp16"]["enabled"]:
+        # ZeRO-0 clips in the optimizer, as ZeRO-1/2 do (see SkippableAdamW); fp16 keeps
+        # DeepSpeed's loss-scaling optimizer, which unscales before it clips.
+        optimizer.max_grad_norm = ds_config["gradient_clipping"]
+        ds_config = {**ds_config, "gradient_clipping": 0.0}
     schedule = {"constant": "constant_with_warmup"}.get(train_cfg.scheduler, train_cfg.scheduler)
     warmup = int(train_cfg.warmup_ratio * total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
