@@ -111,3 +111,25 @@ def test_a_second_signal_exits_at_once():
     assert process.poll() is None, "the first signal only requests a stop"
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 0.5, 1e3])
+def test_zero0_clipping_scales_to_the_norm_bound_against_a_float64_oracle(max_norm):
+    from dpo_lora.guards import SkippableAdamW, clip_as_zero_stages
+
+    generator = torch.Generator().manual_seed(int(max_norm * 1000))
+    grads = [torch.randn(shape, generator=generator) * 0.1 for shape in ((16, 8), (8,), (3, 5, 7))]
+    norm64 = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+    expected = [g.double() * min(1.0, max_norm / (norm64 + 1e-6)) for g in grads]
+    total_norm = clip_as_zero_stages(grads, max_norm)
+    assert float(total_norm) == pytest.approx(norm64, rel=1e-6)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    # As the optimizer's step: the update is taken from the clipped gradients, the norm kept.
+    weights = [torch.nn.Parameter(torch.zeros(4))]
+    weights[0].grad = torch.full((4,), 3.0)
+    optimizer = SkippableAdamW(weights, lr=0.1)
+    optimizer.max_grad_norm = max_norm
+    optimizer.step()
+    assert float(optimizer._global_grad_norm) == pytest.approx(6.0)
+    torch.testing.assert_close(weights[0].grad, torch.full((4,), 3.0 * min(1.0, max_norm / (6.0 + 1e-6))))

@@ -6,6 +6,7 @@ in float32, ZeRO-0 against ZeRO-2. In bfloat16 the base computes in bf16 while t
 gradients and their reduction stay in float32 at every stage (DeepSpeed's bf16 mode, which rounded
 them differently per stage, is off): every stage lands within bf16 forward rounding of the float32
 run. (Before, ZeRO-0 accumulated bf16 gradients and moved the loss by 1.6e-2 after three steps.)
+Every step clips, and ZeRO-0/1/2 on one rank train the same adapter bit for bit.
 ZeRO-3 runs with a persistence threshold of 0 so that every parameter, the packed 4-bit weights
 included, is really partitioned (the tiny model's tensors are all below the shipped 1e5).
 """
