@@ -36,9 +36,11 @@ REPO = Path(__file__).resolve().parent.parent
 # tensors on huge pages, as its CLI does; "trl-thp" is TRL given the same (torch's
 # THP_MEM_ALLOC_ENABLE), which TRL does not set itself. "dpo-lora-allbf16" is as shipped but with
 # `model.float32_residual` off (bf16 runs): what the default's float32 residual stream and head cost.
+# "dpo-lora-nockpt" is as shipped without gradient checkpointing (every system else checkpoints): the
+# memory dpo-lora saves spent on not recomputing, to compare at TRL's memory rather than its settings.
 SYSTEMS = (
     "trl", "dpo-lora-plain", "dpo-lora-unshared", "dpo-lora", "dpo-lora-online", "dpo-lora-mask",
-    "trl-lowmem", "dpo-lora-lowmem", "trl-thp", "dpo-lora-allbf16",
+    "trl-lowmem", "dpo-lora-lowmem", "trl-thp", "dpo-lora-allbf16", "dpo-lora-nockpt",
 )  # fmt: skip
 LOWMEM_MB = 4
 # (prompt tokens, completion tokens, micro batch, max_length), as in the peer figures.
@@ -141,6 +143,7 @@ def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> tuple[list[f
             f"train.logps_chunk_size={0 if system.endswith('plain') else 1024}",
             f"train.cpu_mmap_threshold_mb={LOWMEM_MB if system.endswith('lowmem') else 0}",
             f"model.float32_residual={not system.endswith('allbf16')}",
+            f"model.gradient_checkpointing={not system.endswith('nockpt')}",
         ],
     )  # fmt: skip
     os.environ["DPO_LORA_CACHE"] = str(work / system / "cache")  # a cold cache: the precompute is paid in this run
