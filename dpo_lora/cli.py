@@ -59,7 +59,7 @@ def _cmd_plan(args) -> int:
 
     from dpo_lora.config import load_config
     from dpo_lora.export import parse_size
-    from dpo_lora.plan import data_lengths, largest_fitting, plan, recommendation
+    from dpo_lora.plan import checkpointing_hint, data_lengths, largest_fitting, plan, recommendation
 
     config = load_config(args.config, args.overrides)
     budget = parse_size(args.gpu_memory, flag="--gpu-memory")
@@ -67,7 +67,7 @@ def _cmd_plan(args) -> int:
     at_data = plan(config, world_size=args.gpus, lengths=data_lengths(config)) if args.data else None
     fits = planned.total_bytes <= budget
     largest = {key: largest_fitting(config, planned, budget, key) for key in ("micro_batch_size", "max_length")}
-    advice = None if fits else recommendation(config, planned, budget)
+    advice = checkpointing_hint(config, planned, budget, args.gpus) if fits else recommendation(config, planned, budget)
     if args.json:
         print(json.dumps({"total_bytes": planned.total_bytes, "fits": fits, "gpu_memory_bytes": budget,
                           "components": planned.components, "largest_micro_batch_size": largest["micro_batch_size"],

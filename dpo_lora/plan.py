@@ -333,3 +333,19 @@ def recommendation(config, planned: Plan, budget: int) -> str:
     if optimizer > 0.1 * budget:
         return "offload the optimizer: deepspeed=deepspeed_configs/zero2_offload.json"
     return "lower data.max_length or train.micro_batch_size (and raise train.grad_accum to keep the batch)"
+
+
+def checkpointing_hint(config, planned: Plan, budget: int, world_size: int = 1) -> str | None:
+    """One line when the run fits `budget` with gradient checkpointing and would fit without it too:
+    then the memory spent on recomputing buys nothing. None otherwise."""
+    from dataclasses import replace
+
+    if not config.model.gradient_checkpointing or planned.total_bytes > budget:
+        return None
+    without = plan(replace(config, model=replace(config.model, gradient_checkpointing=False)), world_size=world_size)
+    if without.total_bytes > budget:
+        return None
+    return (
+        f"model.gradient_checkpointing=false also fits ({without.total_bytes / 2**30:.2f} GiB): it skips the "
+        "recompute in backward, one of the step's three passes through the layers"
+    )

@@ -280,3 +280,22 @@ def test_lm_head_transient_is_within_ten_percent_of_the_live_bytes(dtype, rows, 
         logps.sum().backward()
     predicted = lm_head_transient(chunk, vocab, len(index), rows * tokens, hidden, states.element_size())
     assert predicted == pytest.approx(counter.peak, rel=0.10)
+
+
+def test_plan_says_when_the_run_fits_without_gradient_checkpointing(run_config):
+    from dataclasses import replace
+
+    from dpo_lora.plan import checkpointing_hint
+
+    checkpointed = replace(run_config, model=replace(run_config.model, gradient_checkpointing=True))
+    unchecked = replace(run_config, model=replace(run_config.model, gradient_checkpointing=False))
+    planned, without = plan(checkpointed), plan(unchecked)
+    assert planned.total_bytes < without.total_bytes
+    assert checkpointing_hint(checkpointed, planned, without.total_bytes) == (
+        f"model.gradient_checkpointing=false also fits ({without.total_bytes / 2**30:.2f} GiB): it skips the "
+        "recompute in backward, one of the step's three passes through the layers"
+    )
+    between = (planned.total_bytes + without.total_bytes) // 2
+    assert checkpointing_hint(checkpointed, planned, between) is None  # fits only checkpointed
+    assert checkpointing_hint(checkpointed, planned, planned.total_bytes - 1) is None  # fits not at all
+    assert checkpointing_hint(unchecked, without, 2**40) is None  # nothing to turn off
