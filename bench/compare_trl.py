@@ -242,8 +242,8 @@ def useful_flops_per_token(model_path: str) -> float:
 
 def matmul_flops_per_pair(model_path: str, workload: str) -> dict[str, float]:
     """One pair's matmul FLOPs in a one-epoch run with gradient checkpointing, by what each system
-    runs (attention's score matmuls left out). Per token, the layers cost a forward, a recompute and
-    a backward to the adapter (3 forwards), the head a forward and a backward.
+    runs (attention's score matmuls left out). Per token, the layers cost 4 forwards (the reference
+    forward, the policy forward, its recompute, the backward to the adapter), the head 3 (no recompute).
     - TRL: two rows of prompt + completion; a reference forward and the policy, logits at every
       position.
     - dpo-lora: one row of prompt + both completions; the reference once (precomputed: one forward

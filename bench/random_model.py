@@ -39,13 +39,12 @@ def like(source: Path, target: Path, dtype_name: str) -> str:
 
 
 def geometry(name: str, target: Path, layers: int) -> str:
+    import torch
     from scale import write_model, write_tokenizer
 
     shape = dict(GEOMETRIES[name], **({"num_hidden_layers": layers} if layers else {}))
     target.mkdir(parents=True, exist_ok=True)
     write_tokenizer(target)
-    import torch
-
     billions = write_model(target, shape, "cuda" if torch.cuda.is_available() else "cpu")
     return f"{name} geometry, {shape['num_hidden_layers']} layers, {billions:.2f}B parameters in bfloat16"
 
