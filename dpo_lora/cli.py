@@ -56,13 +56,19 @@ def _cmd_fetch(args) -> int:
 
 def _cmd_plan(args) -> int:
     import json
+    from dataclasses import replace
 
+    from dpo_lora.checkpointing import fewest_fitting
     from dpo_lora.config import load_config
     from dpo_lora.export import parse_size
     from dpo_lora.plan import checkpointing_hint, data_lengths, largest_fitting, plan, recommendation
 
     config = load_config(args.config, args.overrides)
     budget = parse_size(args.gpu_memory, flag="--gpu-memory")
+    auto = None
+    if config.model.gradient_checkpointing and config.model.checkpoint_layers == "auto":  # what a run would pick
+        auto = fewest_fitting(config, budget, args.gpus)
+        config = replace(config, model=replace(config.model, checkpoint_layers=auto[0]))
     planned = plan(config, world_size=args.gpus)
     at_data = plan(config, world_size=args.gpus, lengths=data_lengths(config)) if args.data else None
     fits = planned.total_bytes <= budget
@@ -83,6 +89,8 @@ def _cmd_plan(args) -> int:
     print(f"largest train.micro_batch_size that fits: {largest['micro_batch_size']} (at data.max_length="
           f"{config.data.max_length}); largest data.max_length: {largest['max_length']} (at micro-batch "
           f"{config.train.micro_batch_size})")  # fmt: skip
+    if auto:
+        print(f"model.checkpoint_layers=auto: {auto[0]} of {auto[2]} layers checkpointed (the fewest that fit)")
     if at_data:
         print(f"at {config.data.train}'s longest pair ({at_data.rows} row(s) x {at_data.tokens_per_row} tokens): "
               f"{at_data.total_bytes / 2**30:.2f} GiB (activations "

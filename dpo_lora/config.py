@@ -46,6 +46,11 @@ class ModelConfig:
         "matmuls in bf16 under autocast (small LoRA updates survive; off: all bf16)",
     )
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory (non-reentrant)")
+    checkpoint_layers: int | str = knob(
+        "all",
+        "with gradient_checkpointing, how many decoder layers (the first) recompute: all, a number (the rest keep "
+        "their activations and skip it; same gradients), or auto (the fewest that fit the GPU, by dpo-lora plan)",
+    )
     recompute_attention: bool = knob(
         True,
         "with gradient_checkpointing, rerun the attention kernels in backward too (off: keep their outputs, a few MB "
@@ -177,7 +182,10 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if optional:
             return None
         raise UserError(f"config key '{key}' must not be null")
-    if text.startswith("bool"):
+    if text == "int | str":  # a count or a named setting (model.checkpoint_layers)
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            return value
+    elif text.startswith("bool"):
         if isinstance(value, bool):
             return value
     elif text.startswith("int"):
@@ -197,7 +205,7 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     elif text == "Any":  # lora.target_modules: a string or a list of strings
         if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             return value
-    expected = text.replace(" | None", " or null")
+    expected = "all, auto or a count >= 0" if text == "int | str" else text.replace(" | None", " or null")
     raise UserError(f"config key '{key}' must be {expected}, got {value!r}")
 
 
@@ -289,6 +297,9 @@ def validate(config: Config) -> None:
         )
     if config.lora.r < 1:
         raise UserError("config key 'lora.r' must be >= 1")
+    layers = config.model.checkpoint_layers
+    if layers not in ("all", "auto") and not (isinstance(layers, int) and layers >= 0):
+        raise UserError(f"config key 'model.checkpoint_layers' must be all, auto or a count >= 0; got {layers!r}")
     if not 0 <= train.cpu_mmap_threshold_mb <= 32:
         raise UserError("config key 'train.cpu_mmap_threshold_mb' must be in [0, 32] (glibc's limit)")
 
@@ -297,7 +308,7 @@ def validate(config: Config) -> None:
 RESUME_MAY_CHANGE = {
     "output_dir", "overwrite", "data.num_proc", "train.log_every", "train.eval_every", "train.eval_batch_size",
     "train.save_every", "train.keep_checkpoints", "train.resume", "train.max_bad_steps", "train.cpu_mmap_threshold_mb",
-    "model.recompute_attention",  # the same gradients, bit for bit (tests/test_model.py)
+    "model.recompute_attention", "model.checkpoint_layers",  # the same gradients, bit for bit (tests/test_checkpointing.py)
     "train.collective_timeout_s",
 }  # fmt: skip
 

@@ -137,48 +137,10 @@ def load_base(model_config, device: torch.device, ds_config: dict | None = None)
     if float32_residual(model_config):
         _matmuls_in_bfloat16(model, device)
     if model_config.gradient_checkpointing:
-        options = checkpoint_options(model_config, zero_stage)
-        if hasattr(model, "activation_checkpointing_enable"):  # the newer name; the old one warns
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        from dpo_lora import checkpointing
+
+        checkpointing.enable(model, model_config, zero_stage)
     return model
-
-
-# Fused attention kernels (aten ops), whose outputs gradient checkpointing keeps from the forward.
-ATTENTION_KERNELS = (
-    "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention",
-)
-
-
-def keeps_attention_outputs(model_config, zero_stage: int) -> bool:
-    """Whether gradient checkpointing keeps the attention kernels' outputs (checkpoint_options)."""
-    return model_config.gradient_checkpointing and not model_config.recompute_attention and zero_stage != 3
-
-
-def checkpoint_options(model_config, zero_stage: int = 0) -> dict:
-    """torch.utils.checkpoint's options. Non-reentrant: it needs no input grads and works with PEFT
-    under every ZeRO stage. Selective where keeps_attention_outputs: the fused attention kernels'
-    outputs ([rows, heads, tokens, head_dim] and a float32 [rows, heads, tokens] log-normalizer per
-    call, what their backward reads) are kept from the forward, so the recompute reruns the layer's
-    matmuls but not attention, the only part whose cost grows with the square of the length. The
-    eager (matmul + softmax) path has no such kernel and is recomputed whole. Not under ZeRO-3:
-    selective checkpointing replays the forward's ops in order, and ZeRO-3's parameter gathering
-    runs different ops in the recompute than in the forward."""
-    options = {"use_reentrant": False}
-    if keeps_attention_outputs(model_config, zero_stage):
-        options["context_fn"] = _keep_attention_outputs
-    return options
-
-
-def _keep_attention_outputs():
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    kernels = [getattr(torch.ops.aten, name).default for name in ATTENTION_KERNELS if hasattr(torch.ops.aten, name)]
-    return create_selective_checkpoint_contexts(kernels)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -219,8 +219,9 @@ def activation_components(
 ) -> tuple[dict[str, int], int, int]:
     """(components, tokens per row, rows) for one micro-batch's policy forward and backward, its
     rows as long as `lengths` (default: the worst case of `data.max_length`)."""
+    from dpo_lora.checkpointing import checkpointed_count, keeps_attention_outputs
     from dpo_lora.dsconfig import read_json
-    from dpo_lora.model import float32_residual, keeps_attention_outputs, torch_dtype
+    from dpo_lora.model import float32_residual, torch_dtype
 
     micro = config.train.micro_batch_size
     lengths = lengths or RowLengths.worst_case(config.data.max_length)
@@ -231,14 +232,22 @@ def activation_components(
         # The residual stream (each layer's input) and the head run in float32; inside a layer
         # autocast keeps what backward saves in bf16, as the bf16 meta forward counts it.
         layer_input, element = layer_input * 4 // element, 4
-    if config.model.gradient_checkpointing:
-        components = {"checkpointed activations (layer inputs)": layers * layer_input,
-                      "one-layer recompute peak": per_layer}  # fmt: skip
+    checkpointed = (
+        checkpointed_count(config.model.checkpoint_layers, layers) if config.model.gradient_checkpointing else 0
+    )
+    components = {}
+    if checkpointed:
+        # The first layers checkpoint, so backward frees every later layer's activations before the
+        # first recompute: a recompute adds to the peak only when every layer checkpoints.
+        components = {"checkpointed activations (layer inputs)": checkpointed * layer_input}
+        if checkpointed == layers:
+            components["one-layer recompute peak"] = per_layer
         zero_stage = read_json(config.deepspeed).get("zero_optimization", {}).get("stage", 0)
         if keeps_attention_outputs(config.model, zero_stage):
-            components["kept attention outputs"] = layers * attention_output
-    else:
-        components = {"activations (every layer's saved tensors)": layers * per_layer}
+            components["kept attention outputs"] = checkpointed * attention_output
+    if checkpointed < layers:
+        components["activations (every layer's saved tensors)" if checkpointed == 0
+                   else "activations of the layers not checkpointed"] = (layers - checkpointed) * per_layer  # fmt: skip
     scored = 2 * micro * lengths.completion  # completion positions scored, at most
     chunk = min(config.train.logps_chunk_size, scored) if config.train.logps_chunk_size > 0 else scored
     components["LM-head chunk transient"] = lm_head_transient(chunk, vocab, scored, rows * tokens, hidden, element)
@@ -336,16 +345,21 @@ def recommendation(config, planned: Plan, budget: int) -> str:
 
 
 def checkpointing_hint(config, planned: Plan, budget: int, world_size: int = 1) -> str | None:
-    """One line when the run fits `budget` with gradient checkpointing and would fit without it too:
-    then the memory spent on recomputing buys nothing. None otherwise."""
-    from dataclasses import replace
+    """One line when the run fits `budget` with gradient checkpointing and would fit with fewer
+    checkpointed layers too: the memory spent on recomputing them buys nothing. None otherwise."""
+    from dpo_lora.checkpointing import checkpointed_count, fewest_fitting
 
     if not config.model.gradient_checkpointing or planned.total_bytes > budget:
         return None
-    without = plan(replace(config, model=replace(config.model, gradient_checkpointing=False)), world_size=world_size)
-    if without.total_bytes > budget:
+    fewest, fewest_bytes, layers = fewest_fitting(config, budget, world_size)
+    if fewest >= checkpointed_count(config.model.checkpoint_layers, layers) - 1:  # the last layer's recompute is free
         return None
+    if fewest == 0:
+        return (
+            f"model.gradient_checkpointing=false also fits ({fewest_bytes / 2**30:.2f} GiB): it skips the "
+            "recompute in backward, one of the step's three passes through the layers"
+        )
     return (
-        f"model.gradient_checkpointing=false also fits ({without.total_bytes / 2**30:.2f} GiB): it skips the "
-        "recompute in backward, one of the step's three passes through the layers"
+        f"model.checkpoint_layers={fewest} also fits ({fewest_bytes / 2**30:.2f} GiB): the other {layers - fewest} "
+        "layers keep their activations and skip the recompute (model.checkpoint_layers=auto picks this on the GPU)"
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_lora import chunked_logps
+from dpo_lora import checkpointing, chunked_logps
 from dpo_lora.batches import PairBatches, pair_lengths
 from dpo_lora.checkpoint import clear_run, load_checkpoint, resume_point
 from dpo_lora.config import Config, dump_yaml
@@ -77,6 +77,7 @@ def setup_run(config: Config) -> Run:
 
     clear_stale_build_locks()  # DeepSpeed's kernel builds would wait on a killed build's lock forever
     dist = init_distributed(config.train.collective_timeout_s)
+    config = checkpointing.resolve_auto(config, dist.device, dist.world_size, announce=dist.is_main)
     train_cfg = config.train
     if dist.device.type == "cpu":
         cap_heap_fragmentation(train_cfg.cpu_mmap_threshold_mb)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo_lora.config import LoraConfig, ModelConfig
 from dpo_lora.errors import UserError
@@ -240,46 +237,3 @@ def test_the_float32_head_survives_the_chunked_head_being_removed(tiny_model_dir
     chunked_logps.uninstall(model)  # what the self-check does where the chunked head is wrong
     with torch.no_grad():
         assert model(input_ids=tokens(model.config.vocab_size)).logits.dtype == torch.float32
-
-
-class KernelCounter(TorchDispatchMode):
-    """Counts the aten ops that run. Outermost, it sees only real executions: an op whose output
-    selective checkpointing hands back from its cache never reaches it."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def test_checkpointing_keeps_attention_outputs_and_gives_the_same_gradients(tiny_model_dir):
-    """Selective checkpointing (model.recompute_attention=false) runs each layer's attention kernel
-    once, not again in backward, and the LoRA gradients are those of recomputing everything, bit for bit."""
-    from dpo_lora.model import ATTENTION_KERNELS, checkpoint_options
-
-    results = {}
-    for recompute in (True, False):
-        torch.manual_seed(0)
-        config = ModelConfig(
-            path=str(tiny_model_dir), quantization="nf4", dtype="float32", gradient_checkpointing=True,
-            recompute_attention=recompute,
-        )  # fmt: skip
-        model = attach_adapter(load_base(config, CPU), LoraConfig(dropout=0.0))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
-        model.train()
-        with KernelCounter() as counter:
-            model(input_ids=tokens(model.config.vocab_size)).logits.logsumexp(-1).sum().backward()
-        kernel_calls = sum(counter.calls[name] for name in ATTENTION_KERNELS)
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        results[recompute] = kernel_calls, grads
-    layers = model.config.num_hidden_layers
-    assert results[True][0] == 2 * layers and results[False][0] == layers
-    assert "context_fn" not in checkpoint_options(config, zero_stage=3)  # ZeRO-3 replays differently
-    assert results[True][1].keys() == results[False][1].keys() and results[True][1]
-    for name, grad in results[True][1].items():
-        assert torch.equal(results[False][1][name], grad), name

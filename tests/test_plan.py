@@ -62,7 +62,7 @@ class AttentionOutputs(TorchDispatchMode):
         self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from dpo_lora.model import ATTENTION_KERNELS
+        from dpo_lora.checkpointing import ATTENTION_KERNELS
 
         result = func(*args, **(kwargs or {}))
         if func.overloadpacket.__name__ in ATTENTION_KERNELS:
@@ -220,8 +220,16 @@ def test_plan_command_json_for_a_70b_config_without_weights(tmp_path, capsys):
     assert small["largest_micro_batch_size"] == 0 and "base weights alone" in small["recommendation"]
     assert main([*args, "--json", "--gpu-memory", "80GiB"]) == 0
     large = json.loads(capsys.readouterr().out)
-    assert large["fits"] is True and large["recommendation"] is None and large["largest_micro_batch_size"] >= 4
+    assert large["fits"] is True and large["largest_micro_batch_size"] >= 4
     assert large["total_bytes"] == small["total_bytes"]
+    # 80 GiB holds some layers' activations too: recomputing them buys nothing, and auto plans that.
+    fewest = int(large["recommendation"].split("model.checkpoint_layers=")[1].split()[0])
+    assert 0 < fewest < 80 and "skip the recompute" in large["recommendation"]
+    assert main([*args, "model.checkpoint_layers=auto", "--json", "--gpu-memory", "80GiB"]) == 0
+    auto = json.loads(capsys.readouterr().out)
+    assert large["total_bytes"] < auto["total_bytes"] <= 80 * 2**30 and auto["recommendation"] is None
+    assert auto["components"]["activations of the layers not checkpointed"] > 0
+    assert f"({auto['total_bytes'] / 2**30:.2f} GiB)" in large["recommendation"]
     assert main([*args, "--gpu-memory", "lots"]) == 2
     assert "--gpu-memory: cannot read 'lots'" in capsys.readouterr().err
 
@@ -295,7 +303,13 @@ def test_plan_says_when_the_run_fits_without_gradient_checkpointing(run_config):
         f"model.gradient_checkpointing=false also fits ({without.total_bytes / 2**30:.2f} GiB): it skips the "
         "recompute in backward, one of the step's three passes through the layers"
     )
-    between = (planned.total_bytes + without.total_bytes) // 2
-    assert checkpointing_hint(checkpointed, planned, between) is None  # fits only checkpointed
+    one = plan(replace(checkpointed, model=replace(checkpointed.model, checkpoint_layers=1)))
+    assert without.total_bytes > one.total_bytes > planned.total_bytes
+    assert checkpointing_hint(checkpointed, planned, without.total_bytes - 1) == (
+        f"model.checkpoint_layers=1 also fits ({one.total_bytes / 2**30:.2f} GiB): the other {LAYERS - 1} layers "
+        "keep their activations and skip the recompute (model.checkpoint_layers=auto picks this on the GPU)"
+    )
+    two = plan(replace(checkpointed, model=replace(checkpointed.model, checkpoint_layers=2)))
+    assert checkpointing_hint(checkpointed, planned, two.total_bytes) is None  # saves only the last layer's recompute
     assert checkpointing_hint(checkpointed, planned, planned.total_bytes - 1) is None  # fits not at all
     assert checkpointing_hint(unchecked, without, 2**40) is None  # nothing to turn off

@@ -83,8 +83,9 @@ def test_split_shared_forward_equals_unshared_in_values_and_lora_gradients(
     tiny_model_dir, tiny_tokenizer, chunk_size, checkpointing
 ):
     from dpo_lora import chunked_logps
+    from dpo_lora.checkpointing import checkpoint_options
     from dpo_lora.config import ModelConfig
-    from dpo_lora.model import checkpoint_options, reference_mode
+    from dpo_lora.model import reference_mode
 
     model = lora_model(tiny_model_dir, "sdpa")
     if chunk_size:

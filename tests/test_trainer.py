@@ -115,3 +115,22 @@ def test_length_grouped_batches_train(tiny_model_dir, tmp_path):
                       "data.group_by_length=true", "train.micro_batch_size=4"))  # fmt: skip
     rows = train_rows(out)
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+
+
+def test_checkpointing_some_layers_or_auto_trains_the_adapter_bit_for_bit(tiny_model_dir, tmp_path, capsys):
+    adapters = {}
+    for name, overrides in {
+        "none": ["model.gradient_checkpointing=false"],
+        "first": ["model.gradient_checkpointing=true", "model.checkpoint_layers=1"],
+        "auto": ["model.gradient_checkpointing=true", "model.checkpoint_layers=auto"],
+    }.items():
+        out = tmp_path / name
+        train(tiny_config(tiny_model_dir, out, "train.max_steps=2", "data.eval=null", *overrides))
+        adapters[name] = load_file(out / ADAPTER_DIR / "adapter_model.safetensors")
+        if name == "auto":  # a CPU rank: every layer, said in the run's first lines and kept in its config
+            assert "model.checkpoint_layers=auto -> all (auto sizes to GPU memory" in capsys.readouterr().err
+            assert "checkpoint_layers: all" in (out / "config.yaml").read_text()
+    for name in ("first", "auto"):
+        assert adapters[name].keys() == adapters["none"].keys()
+        for key, tensor in adapters[name].items():
+            assert torch.equal(tensor, adapters["none"][key]), (name, key)
