@@ -78,7 +78,8 @@ def _cmd_plan(args) -> int:
         print(json.dumps({"total_bytes": planned.total_bytes, "fits": fits, "gpu_memory_bytes": budget,
                           "components": planned.components, "largest_micro_batch_size": largest["micro_batch_size"],
                           "largest_max_length": largest["max_length"], "recommendation": advice,
-                          "data_total_bytes": at_data and at_data.total_bytes}, indent=2))  # fmt: skip
+                          "data_total_bytes": at_data and at_data.total_bytes,
+                          "checkpoint_layers": config.model.checkpoint_layers}, indent=2))  # fmt: skip
         return 0
     print(f"per-rank device memory of {args.config or 'the defaults'} on {args.gpus} rank(s), "
           f"micro-batch of {planned.rows} row(s) x {planned.tokens_per_row} tokens:")  # fmt: skip

@@ -230,6 +230,7 @@ def test_plan_command_json_for_a_70b_config_without_weights(tmp_path, capsys):
     assert large["total_bytes"] < auto["total_bytes"] <= 80 * 2**30 and auto["recommendation"] is None
     assert auto["components"]["activations of the layers not checkpointed"] > 0
     assert f"({auto['total_bytes'] / 2**30:.2f} GiB)" in large["recommendation"]
+    assert (auto["checkpoint_layers"], large["checkpoint_layers"]) == (fewest, "all")
     assert main([*args, "--gpu-memory", "lots"]) == 2
     assert "--gpu-memory: cannot read 'lots'" in capsys.readouterr().err
 
