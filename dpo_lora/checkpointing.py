@@ -95,7 +95,8 @@ def fewest_fitting(config, budget: int, world_size: int = 1) -> tuple[int, int, 
     text_config = _text_config(config)
     layers = text_config.num_hidden_layers
     every = replace(config, model=replace(config.model, checkpoint_layers="all"))
-    fixed = plan(every, world_size).total_bytes - sum(_activations(every, text_config)[0].values())  # weights, ...
+    every_bytes = plan(every, world_size).total_bytes
+    fixed = every_bytes - sum(_activations(every, text_config)[0].values())  # weights, optimizer, overhead
 
     def planned(count: int) -> int:
         variant = replace(config, model=replace(config.model, checkpoint_layers=count))
@@ -104,7 +105,7 @@ def fewest_fitting(config, budget: int, world_size: int = 1) -> tuple[int, int, 
     low, high = 0, max(layers - 1, 0)  # planned(high) is the answer when nothing smaller fits
     high_bytes = planned(high)
     if high_bytes > budget:
-        return layers, planned(layers), layers
+        return layers, every_bytes, layers
     while low < high:
         middle = (low + high) // 2
         middle_bytes = planned(middle)

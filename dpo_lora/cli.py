@@ -73,7 +73,10 @@ def _cmd_plan(args) -> int:
     at_data = plan(config, world_size=args.gpus, lengths=data_lengths(config)) if args.data else None
     fits = planned.total_bytes <= budget
     largest = {key: largest_fitting(config, planned, budget, key) for key in ("micro_batch_size", "max_length")}
-    advice = checkpointing_hint(config, planned, budget, args.gpus) if fits else recommendation(config, planned, budget)
+    if not fits:
+        advice = recommendation(config, planned, budget)
+    else:  # auto's count is already the fewest that fit
+        advice = None if auto else checkpointing_hint(config, planned, budget, args.gpus)
     if args.json:
         print(json.dumps({"total_bytes": planned.total_bytes, "fits": fits, "gpu_memory_bytes": budget,
                           "components": planned.components, "largest_micro_batch_size": largest["micro_batch_size"],
