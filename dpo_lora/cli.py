@@ -60,8 +60,8 @@ def _cmd_plan(args) -> int:
 
     from dpo_lora.checkpointing import fewest_fitting
     from dpo_lora.config import load_config
-    from dpo_lora.export import parse_size
     from dpo_lora.plan import checkpointing_hint, data_lengths, largest_fitting, plan, recommendation
+    from dpo_lora.sizes import parse_size
 
     config = load_config(args.config, args.overrides)
     budget = parse_size(args.gpu_memory, flag="--gpu-memory")
@@ -249,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--models", nargs="+", default=["models"], help="base model folders (or folders of them)")
     serve.add_argument("--config", help="base YAML config of every job (default: dpo-lora's defaults)")
     serve.add_argument("--db", help="SQLAlchemy URL of the job store (default: SQLite in --state-dir)")
-    serve.add_argument("--grace-seconds", type=float, default=120.0, help="cancel/pause: SIGKILL after this long")
+    serve.add_argument("--grace-seconds", type=float, default=120.0, help="pause: SIGKILL after this long")
+    serve.add_argument("--max-upload-size", default="1GiB", help="largest upload accepted (413 past it), e.g. 500MB")
+    serve.add_argument("--max-streams", type=int, default=64, help="open event streams per API key (429 past it)")
     serve.add_argument(
         "--backend",
         choices=("local", "slurm"),

@@ -7,14 +7,17 @@ README). Unknown keys and values of the wrong type are errors naming the dotted 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dpo_lora.errors import UserError
+from dpo_lora.errors import ConfigError, UserError
 
 LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "robust", "bco_pair", "exo_pair",
@@ -181,7 +184,7 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if value is None:
         if optional:
             return None
-        raise UserError(f"config key '{key}' must not be null")
+        raise ConfigError(key, f"config key '{key}' must not be null")
     if text == "int | str":  # a count or a named setting (model.checkpoint_layers)
         if isinstance(value, (int, str)) and not isinstance(value, bool):
             return value
@@ -192,13 +195,18 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif text.startswith("float"):
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            raise ConfigError(key, f"config key '{key}' must be a finite number, got {value!r}")
     elif text.startswith("str"):
         if isinstance(value, str):
             return value
@@ -206,17 +214,18 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             return value
     expected = "all, auto or a count >= 0" if text == "int | str" else text.replace(" | None", " or null")
-    raise UserError(f"config key '{key}' must be {expected}, got {value!r}")
+    raise ConfigError(key, f"config key '{key}' must be {expected}, got {value!r}")
 
 
 def _build(cls: type, values: dict, prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise UserError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {values!r}")
+        key = prefix.rstrip(".") or None
+        raise ConfigError(key, f"config key '{key or '<root>'}' must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in values:
         if name not in fields:
-            raise UserError(f"unknown config key '{prefix}{name}' (known: {', '.join(fields)})")
+            raise ConfigError(f"{prefix}{name}", f"unknown config key '{prefix}{name}' (known: {', '.join(fields)})")
     kwargs = {}
     for name, f in fields.items():
         if name not in values:
@@ -228,27 +237,51 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         value = _check_type(key, values[name], f.type)
         choices = f.metadata.get("choices")
         if choices and value not in choices:
-            raise UserError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
+            raise ConfigError(key, f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
         kwargs[name] = value
     return cls(**kwargs)
 
 
-def apply_override(tree: dict, override: str) -> None:
-    """Apply one `dotted.key=value` override to a nested dict; the value is parsed as YAML."""
-    if "=" not in override:
-        raise UserError(f"override '{override}' must look like dotted.key=value")
-    dotted, raw = override.split("=", 1)
-    parts = dotted.strip().split(".")
+KEY_PART = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def split_key(dotted: str) -> tuple[str, ...]:
+    """A dotted key's names, or a ConfigError: the one parser of keys, for the CLI and the service
+    alike, so no spelling (a space, a second `=`, an empty part) names a key another check missed."""
+    parts = tuple(dotted.split(".")) if isinstance(dotted, str) else ()
+    if not parts or not all(KEY_PART.fullmatch(part) for part in parts):
+        raise ConfigError(None, f"config key {dotted!r} is not a dotted name like train.lr")
+    return parts
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """A command-line `dotted.key=value` -> (key, value), the value read as YAML."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' must look like dotted.key=value")
+    dotted, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(dotted.strip(), f"override '{text}': not a YAML value: {str(err).splitlines()[0]}") from None
+    return dotted.strip(), value
+
+
+def set_key(tree: dict, dotted: str, value: Any) -> None:
+    """Set one dotted key in a nested dict, with the key checked by `split_key`."""
+    *sections, leaf = split_key(dotted)
     node = tree
-    for part in parts[:-1]:
+    for depth, part in enumerate(sections):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise UserError(f"override '{dotted}': '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+            section = ".".join(sections[: depth + 1])
+            raise ConfigError(section, f"override '{dotted}': '{section}' is not a section")
+    node[leaf] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML file (or only defaults when `path` is None), apply overrides, validate."""
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Config:
+    """Load a YAML file (or only defaults when `path` is None), apply overrides, validate.
+
+    `overrides` are typed values by dotted key, or command-line `dotted.key=value` strings."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -258,22 +291,27 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    for override in overrides:
-        apply_override(tree, override)
+    items = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
+    for dotted, value in items:
+        set_key(tree, dotted, value)
     config = _build(Config, tree, "")
     validate(config)
     return config
 
 
+def _refuse(key: str, rule: str) -> ConfigError:
+    return ConfigError(key, f"config key '{key}' {rule}")
+
+
 def validate(config: Config) -> None:
-    """Cross-field checks that a per-key type check cannot express."""
-    data, train = config.data, config.train
+    """Cross-field and range checks that a per-key type check cannot express."""
+    data, train, dpo = config.data, config.train, config.dpo
     if data.max_prompt_length >= data.max_length:
-        raise UserError("config key 'data.max_prompt_length' must be smaller than 'data.max_length'")
+        raise _refuse("data.max_prompt_length", "must be smaller than 'data.max_length'")
     if data.max_prompt_length < 1:
-        raise UserError("config key 'data.max_prompt_length' must be >= 1")
+        raise _refuse("data.max_prompt_length", "must be >= 1")
     if not 0.0 <= data.eval_fraction < 1.0:
-        raise UserError("config key 'data.eval_fraction' must be in [0, 1)")
+        raise _refuse("data.eval_fraction", "must be in [0, 1)")
     for key in (
         "micro_batch_size",
         "grad_accum",
@@ -283,25 +321,36 @@ def validate(config: Config) -> None:
         "collective_timeout_s",
     ):
         if getattr(train, key) < 1:
-            raise UserError(f"config key 'train.{key}' must be >= 1")
+            raise _refuse(f"train.{key}", "must be >= 1")
     if train.max_steps <= 0 and train.epochs <= 0:
-        raise UserError("config key 'train.epochs' must be > 0 when 'train.max_steps' is 0")
-    if config.dpo.beta <= 0:
-        raise UserError("config key 'dpo.beta' must be > 0")
-    if not 0.0 <= config.dpo.label_smoothing < 0.5:
-        raise UserError("config key 'dpo.label_smoothing' must be in [0, 0.5)")
-    if config.dpo.label_smoothing > 0 and config.dpo.loss not in SMOOTHED_LOSSES:
-        raise UserError(
-            f"config key 'dpo.label_smoothing' has no effect on dpo.loss '{config.dpo.loss}' "
-            f"(only {', '.join(SMOOTHED_LOSSES)} use it); set it to 0"
+        raise _refuse("train.epochs", "must be > 0 when 'train.max_steps' is 0")
+    if train.lr <= 0:
+        raise _refuse("train.lr", "must be > 0")
+    if not 0.0 <= train.warmup_ratio <= 1.0:
+        raise _refuse("train.warmup_ratio", "must be in [0, 1]")
+    for key in ("weight_decay", "max_grad_norm"):
+        if getattr(train, key) < 0:
+            raise _refuse(f"train.{key}", "must be >= 0")
+    if dpo.beta <= 0:
+        raise _refuse("dpo.beta", "must be > 0")
+    if not 0.0 <= dpo.label_smoothing < 0.5:
+        raise _refuse("dpo.label_smoothing", "must be in [0, 0.5)")
+    if dpo.label_smoothing > 0 and dpo.loss not in SMOOTHED_LOSSES:
+        raise _refuse(
+            "dpo.label_smoothing",
+            f"has no effect on dpo.loss '{dpo.loss}' (only {', '.join(SMOOTHED_LOSSES)} use it); set it to 0",
         )
     if config.lora.r < 1:
-        raise UserError("config key 'lora.r' must be >= 1")
+        raise _refuse("lora.r", "must be >= 1")
+    if not 0.0 <= config.lora.dropout < 1.0:
+        raise _refuse("lora.dropout", "must be in [0, 1)")
     layers = config.model.checkpoint_layers
     if layers not in ("all", "auto") and not (isinstance(layers, int) and layers >= 0):
-        raise UserError(f"config key 'model.checkpoint_layers' must be all, auto or a count >= 0; got {layers!r}")
+        raise _refuse("model.checkpoint_layers", f"must be all, auto or a count >= 0; got {layers!r}")
+    if not 0 <= train.seed < 2**32:
+        raise _refuse("train.seed", "must be in [0, 2**32)")
     if not 0 <= train.cpu_mmap_threshold_mb <= 32:
-        raise UserError("config key 'train.cpu_mmap_threshold_mb' must be in [0, 32] (glibc's limit)")
+        raise _refuse("train.cpu_mmap_threshold_mb", "must be in [0, 32] (glibc's limit)")
 
 
 # Keys that may change between a run and its resume: they do not change what is trained.
@@ -353,6 +402,18 @@ def to_dict(config: Config) -> dict:
 
 def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def knobs(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Dotted key -> its dataclass field (type, default, help, choices), for every knob."""
+    found = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found |= knobs(hints[f.name], prefix + f.name + ".")
+        else:
+            found[prefix + f.name] = f
+    return found
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:

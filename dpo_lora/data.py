@@ -183,6 +183,8 @@ def _json_rows(path: Path):
             rows = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise UserError(f"{path}: not a valid JSON array: {err}") from None
+        except RecursionError:
+            raise UserError(f"{path}: not a valid JSON array: nested too deeply") from None
         for number, row in enumerate(rows, start=1):
             yield number, row if isinstance(row, dict) else BadRow("not a JSON object")
         return
@@ -196,6 +198,9 @@ def _json_rows(path: Path):
             continue
         except json.JSONDecodeError as err:
             yield number, BadRow("malformed JSON", err.msg)
+            continue
+        except RecursionError:
+            yield number, BadRow("malformed JSON", "nested too deeply")
             continue
         yield number, row if isinstance(row, dict) else BadRow("not a JSON object")
 

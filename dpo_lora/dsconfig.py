@@ -31,6 +31,34 @@ def owned_values(config, world_size: int) -> dict[str, object]:
     }
 
 
+ZERO_STAGES = (0, 1, 2, 3)
+_BUCKETS = {"overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 50_000_000}
+_CPU = {"device": "cpu", "pin_memory": True}
+
+
+def zero_config(stage: int, offload: bool = False) -> dict:
+    """The shipped ZeRO configuration `deepspeed_configs/zero{stage}[_offload].json`, as a dict (the
+    service picks one by name for a client, who never names a file). Offload: stages 2 and 3."""
+    if stage not in ZERO_STAGES:
+        raise UserError(f"zero_stage {stage!r}: must be one of 0, 1, 2, 3")
+    if offload and stage < 2:
+        raise UserError(f"offload needs ZeRO stage 2 or 3, not {stage}")
+    zero: dict = {"stage": stage}
+    if offload:
+        zero["offload_optimizer"] = dict(_CPU)
+        if stage == 3:
+            zero["offload_param"] = dict(_CPU)
+    if stage in (1, 2):
+        zero |= {**_BUCKETS, "allgather_bucket_size": 50_000_000}
+    elif stage == 3:
+        zero |= {**_BUCKETS, "stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
+                 "stage3_gather_16bit_weights_on_model_save": False}  # fmt: skip
+    return {
+        **{key: "auto" for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")},
+        "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "zero_optimization": zero,
+    }  # fmt: skip
+
+
 def read_json(path: str) -> dict:
     file = Path(path)
     if not file.is_file():

@@ -7,33 +7,37 @@ false`, so the client never repeats work that a retry would duplicate.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import hmac
 import json
 import shutil
 import tarfile
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from sqlalchemy import select, tuple_
 from sqlalchemy.exc import IntegrityError
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from dpo_lora.serve import wire
 from dpo_lora.serve.dashboard import dashboard_routes
+from dpo_lora.serve.guard import Guard, Limits
 from dpo_lora.serve.jobspec import SpecError, build_spec
 from dpo_lora.serve.store import FINAL, Checkpoint, Event, Export, IdempotencyKey, Job, Store, new_id, now
 from dpo_lora.serve.store import File as StoredFile
 from dpo_lora.serve.wire import ApiError, not_found
 
 MAX_LISTED_ROWS = 20  # bad rows named in a file's status_details
+# OpenAI's upload purposes; only `fine-tune` files are checked as pairs and may be trained on.
+PURPOSES = ("fine-tune", "assistants", "batch", "vision", "user_data", "evals")
+STREAM_POLL_S = 0.5
 
 
 @dataclass
@@ -44,13 +48,21 @@ class ServerState:
     devices: int  # devices (GPUs, or CPU slots) a job may ask for at most
     base_config: str | None = None
     api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_upload: int = 1 << 30
+    max_streams: int = 64  # open event streams per API key
+    backend: object | None = None  # stops a cancelled job's process at once (the scheduler's backend)
+    runner: str | None = None  # this server's name in the rows it claims
     started_at: int = field(default_factory=now)
+    streams: dict[str, int] = field(default_factory=dict)  # API key -> open event streams
 
 
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="dpo-lora", docs_url=None, redoc_url=None)
     app.state.server = state
-    api = APIRouter(prefix="/v1", dependencies=[Depends(_authorized)])
+    app.add_middleware(Guard, limits=Limits(state.api_key, state.host, state.port, state.max_upload))
+    api = APIRouter(prefix="/v1")
     _files_routes(api, state)
     _job_routes(api, state)
     _extension_routes(api, state)
@@ -76,26 +88,26 @@ def create_app(state: ServerState) -> FastAPI:
     def http_error(request: Request, err: HTTPException) -> JSONResponse:
         return _error_response(request, ApiError(err.status_code, str(err.detail), code=str(err.status_code)))
 
+    @app.exception_handler(RecursionError)
+    def too_deep(request: Request, err: RecursionError) -> JSONResponse:
+        return _error_response(request, ApiError(400, "the request nests too deeply", code="too_deep"))
+
+    @app.exception_handler(Exception)
+    def server_error(request: Request, err: Exception) -> JSONResponse:
+        message = f"internal error ({type(err).__name__}); the request was not carried out"
+        return _error_response(request, ApiError(500, message, code="server_error", kind="server_error"))
+
     return app
 
 
 def _error_response(request: Request, err: ApiError) -> JSONResponse:
-    headers = {"x-should-retry": "false"} if request.method == "POST" else {}
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    retry = request.method == "POST" or err.status >= 500
+    return JSONResponse(err.body(), status_code=err.status, headers={"x-should-retry": "false"} if retry else {})
 
 
-def _authorized(request: Request, authorization: str | None = Header(None)) -> None:
-    expected = request.app.state.server.api_key
-    if expected is None:
-        return
-    given = (authorization or "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise ApiError(401, "Incorrect API key provided", code="invalid_api_key", kind="authentication_error")
-
-
-def _limit(limit: int) -> int:
-    if not 1 <= limit <= 100:
-        raise ApiError(400, "limit must be between 1 and 100", param="limit")
+def _limit(limit: int, most: int = 100) -> int:
+    if not 1 <= limit <= most:
+        raise ApiError(400, f"limit must be between 1 and {most}", param="limit")
     return limit
 
 
@@ -106,30 +118,37 @@ def _files_routes(api: APIRouter, state: ServerState) -> None:
         from dpo_lora.data import shape_problems
         from dpo_lora.errors import UserError
 
+        if purpose not in PURPOSES:
+            raise ApiError(400, f"purpose '{purpose}' is not one of {', '.join(PURPOSES)}", param="purpose")
         file_id = new_id("file")
         folder = state.state_dir / "files"
         folder.mkdir(parents=True, exist_ok=True)
         suffix = ".json" if (file.filename or "").endswith(".json") else ".jsonl"
         path = folder / f"{file_id}{suffix}"
-        with open(f"{path}.tmp", "wb") as out:
-            shutil.copyfileobj(file.file, out)
-        Path(f"{path}.tmp").replace(path)
-        status, details, count = "processed", None, 0
-        if purpose == "fine-tune":
-            try:
-                count, problems = shape_problems(str(path))
-            except UserError as err:
-                count, problems = 0, [(0, str(err))]
-            if problems or count == 0:
-                listed = "; ".join(f"row {n}: {text}" for n, text in problems[:MAX_LISTED_ROWS])
-                more = f" (and {len(problems) - MAX_LISTED_ROWS} more)" if len(problems) > MAX_LISTED_ROWS else ""
-                status = "error"
-                details = f"{len(problems)} bad row(s): {listed}{more}" if problems else "the file holds no rows"
-        row = StoredFile(id=file_id, filename=file.filename or "upload.jsonl", bytes=path.stat().st_size,
-                         purpose=purpose, created_at=now(), status=status, status_details=details, path=str(path),
-                         rows=count)  # fmt: skip
-        with state.store.session() as s:
-            s.add(row)
+        try:
+            with open(f"{path}.tmp", "wb") as out:
+                shutil.copyfileobj(file.file, out)
+            Path(f"{path}.tmp").replace(path)
+            status, details, count = "processed", None, 0
+            if purpose == "fine-tune":
+                try:
+                    count, problems = shape_problems(str(path))
+                except UserError as err:
+                    count, problems = 0, [(0, str(err))]
+                if problems or count == 0:
+                    listed = "; ".join(f"row {n}: {text}" for n, text in problems[:MAX_LISTED_ROWS])
+                    more = f" (and {len(problems) - MAX_LISTED_ROWS} more)" if len(problems) > MAX_LISTED_ROWS else ""
+                    status = "error"
+                    details = f"{len(problems)} bad row(s): {listed}{more}" if problems else "the file holds no rows"
+            row = StoredFile(id=file_id, filename=file.filename or "upload.jsonl", bytes=path.stat().st_size,
+                             purpose=purpose, created_at=now(), status=status, status_details=details,
+                             path=str(path), rows=count)  # fmt: skip
+            with state.store.session() as s:
+                s.add(row)
+        except BaseException:  # nothing is left behind by an upload that did not complete
+            Path(f"{path}.tmp").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            raise
         return wire.file_object(row)
 
     @api.get("/files")
@@ -190,9 +209,9 @@ def _job_routes(api: APIRouter, state: ServerState) -> None:
                 if idempotency_key:
                     s.add(IdempotencyKey(key=idempotency_key, request_hash=request_hash, object_id=job.id,
                                          created_at=now()))  # fmt: skip
-        except IntegrityError:
+        except BaseException as err:  # a create that fails leaves no folder behind
             shutil.rmtree(job.directory, ignore_errors=True)
-            if not idempotency_key:
+            if not (isinstance(err, IntegrityError) and idempotency_key):
                 raise
             return _replayed(state, idempotency_key, request_hash)  # a concurrent retry with this key won
         return wire.job_object(job)
@@ -220,7 +239,8 @@ def _job_routes(api: APIRouter, state: ServerState) -> None:
             if job.status in FINAL:
                 raise ApiError(400, f"Job {job_id} has already {job.status}", param="fine_tuning_job_id")
             if job.devices is not None:
-                job.stop_request, job.signalled_at = "cancel", None  # the scheduler stops the process
+                job.stop_request, job.signalled_at = "cancel", None  # the scheduler reaps the process
+                _kill_if_mine(state, job)  # before `cancelled` is reported: no step or checkpoint after it
             job.status, job.finished_at = "cancelled", now()
             state.store.add_event(s, job.id, "Cancellation requested")
             return wire.job_object(job)
@@ -247,9 +267,33 @@ def _job_routes(api: APIRouter, state: ServerState) -> None:
             if job.status != "paused":
                 raise ApiError(400, f"Job {job_id} is {job.status}; only a paused job can be resumed",
                                param="fine_tuning_job_id")  # fmt: skip
-            job.status, job.queue_seq = "queued", state.store.next_queue_seq(s)
-            state.store.add_event(s, job.id, "The job is resumed and queued")
+            if not (Path(job.directory) / "train.jsonl").is_file():  # paused before its files were validated
+                job.status = "validating_files"
+            else:
+                job.status, job.queue_seq = "queued", state.store.next_queue_seq(s)
+            state.store.add_event(s, job.id, f"The job is resumed and {job.status.replace('_', ' ')}")
             return wire.job_object(job)
+
+    @api.delete("/fine_tuning/jobs/{job_id}")
+    def delete_job(job_id: str) -> dict:
+        """dpo-lora's extension: a finished job, its folder (run, checkpoints, exports) and its rows."""
+        with state.store.session() as s:
+            job = _job(s, job_id, for_update=True)
+            if job.status not in FINAL or job.devices is not None:
+                raise ApiError(409, f"Job {job_id} is {job.status}; cancel it and let it stop first",
+                               param="fine_tuning_job_id", code="job_active")  # fmt: skip
+            if s.scalar(select(Export.id).where(Export.job_id == job_id, Export.status.in_(("queued", "running")))):
+                raise ApiError(409, f"Job {job_id} has an export in progress", param="fine_tuning_job_id",
+                               code="export_active")  # fmt: skip
+            for model in (Event, Checkpoint, Export):
+                for row in s.scalars(select(model).where(model.job_id == job_id)):
+                    s.delete(row)
+            for file_id in job.result_files or []:
+                if (result := s.get(StoredFile, file_id)) is not None:
+                    s.delete(result)
+            s.delete(job)
+        shutil.rmtree(job.directory, ignore_errors=True)
+        return {"id": job_id, "object": "fine_tuning.job", "deleted": True}
 
     @api.get("/fine_tuning/jobs/{job_id}/events")
     def list_events(job_id: str, after: str | None = None, limit: int = 20) -> dict:
@@ -272,6 +316,14 @@ def _job_routes(api: APIRouter, state: ServerState) -> None:
                 query = query.where(Checkpoint.step_number < anchor.step_number)
             found = list(s.scalars(query.order_by(Checkpoint.step_number.desc()).limit(_limit(limit) + 1)))
             return wire.page([wire.checkpoint_object(c, job) for c in found[:limit]], len(found) > limit)
+
+
+def _kill_if_mine(state: ServerState, job: Job) -> None:
+    """Stop a cancelled job's process now, where this server started it (others' schedulers stop theirs)."""
+    if state.backend is None or job.runner != state.runner or job.pid is None:
+        return
+    if state.backend.is_alive(job.pid, job.pid_start):
+        state.backend.kill(job.pid)
 
 
 def _job(s, job_id: str, for_update: bool = False) -> Job:
@@ -303,8 +355,12 @@ def _new_job(state: ServerState, body: wire.JobCreate) -> Job:
         raise ApiError(400, f"model '{body.model}' is not one this server trains (known: {known})", param="model")
     with state.store.session() as s:
         for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
-            if file_id is not None and s.get(StoredFile, file_id) is None:
+            file = s.get(StoredFile, file_id) if file_id is not None else None
+            if file_id is not None and file is None:
                 raise ApiError(400, f"invalid {param}: no file '{file_id}'", param=param)
+            if file is not None and file.purpose != "fine-tune":
+                raise ApiError(400, f"invalid {param}: file '{file_id}' has purpose '{file.purpose}', not fine-tune",
+                               param=param)  # fmt: skip
     hyperparameters = body.method.dpo.hyperparameters if body.method and body.method.dpo else body.hyperparameters
     job_id = new_id("ftjob")
     directory = state.state_dir / "jobs" / job_id
@@ -312,13 +368,18 @@ def _new_job(state: ServerState, body: wire.JobCreate) -> Job:
         spec = build_spec(
             state.base_config, state.models[body.model], str(directory / "train.jsonl"),
             str(directory / "eval.jsonl") if body.validation_file else None, str(directory / "run"),
-            hyperparameters.model_dump(exclude_none=True) if hyperparameters else {}, body.dpo_lora, body.seed,
-            state.devices,
+            str(directory / "deepspeed.json"), hyperparameters.model_dump(exclude_none=True) if hyperparameters else {},
+            body.dpo_lora, body.seed, state.devices,
         )  # fmt: skip
     except SpecError as err:
         raise ApiError(400, str(err), param=err.param, code="invalid_config") from None
     directory.mkdir(parents=True)
-    (directory / "config.yaml").write_text(dump_yaml(spec.config))
+    try:  # the job's folder holds everything its run reads besides the base model
+        (directory / "deepspeed.json").write_text(json.dumps(spec.deepspeed, indent=2))
+        (directory / "config.yaml").write_text(dump_yaml(spec.config))
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     return Job(
         id=job_id, created_at=now(), model=body.model, training_file=body.training_file,
         validation_file=body.validation_file, hyperparameters=spec.hyperparameters, seed=spec.config.train.seed,
@@ -330,26 +391,45 @@ def _new_job(state: ServerState, body: wire.JobCreate) -> Job:
 # -- extensions ----------------------------------------------------------------------------------
 def _extension_routes(api: APIRouter, state: ServerState) -> None:
     @api.get("/fine_tuning/jobs/{job_id}/events/stream")
-    def stream_events(job_id: str, after: str | None = None):
-        """Server-sent events: every event of the job from `after` on, oldest first, until it ends."""
-        with state.store.session() as s:
-            _job(s, job_id)
-            start = s.scalar(select(Event.seq).where(Event.id == after)) if after else 0
+    async def stream_events(job_id: str, request: Request, after: str | None = None):
+        """Server-sent events: every event of the job from `after` on, oldest first, until it ends.
 
-        def events():
-            last = start or 0
-            while True:
-                with state.store.session() as s:
-                    found = list(s.scalars(select(Event).where(Event.job_id == job_id, Event.seq > last)
-                                           .order_by(Event.seq)))  # fmt: skip
-                    status = s.get(Job, job_id).status
-                for event in found:
-                    last = event.seq
-                    yield f"id: {event.id}\ndata: {json.dumps(wire.event_object(event))}\n\n"
-                if not found and status in (*FINAL, "paused"):
-                    yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
-                    return
-                time.sleep(0.5)
+        It waits on the event loop, holding no worker thread, and each API key has at most
+        `max_streams` open at once (429 past that)."""
+
+        def first() -> int:
+            with state.store.session() as s:
+                _job(s, job_id)
+                return (s.scalar(select(Event.seq).where(Event.id == after)) if after else 0) or 0
+
+        def newer(last: int) -> tuple[list[tuple[int, dict]], str]:
+            with state.store.session() as s:
+                found = list(
+                    s.scalars(select(Event).where(Event.job_id == job_id, Event.seq > last).order_by(Event.seq))
+                )
+                return [(e.seq, wire.event_object(e)) for e in found], s.get(Job, job_id).status
+
+        start = await run_in_threadpool(first)
+        who = hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()
+        if state.streams.get(who, 0) >= state.max_streams:
+            raise ApiError(429, f"at most {state.max_streams} event streams may be open at once per API key",
+                           code="too_many_streams", kind="rate_limit_error")  # fmt: skip
+        state.streams[who] = state.streams.get(who, 0) + 1
+
+        async def events():
+            last = start
+            try:
+                while True:
+                    found, status = await run_in_threadpool(newer, last)
+                    for seq, event in found:
+                        last = seq
+                        yield f"id: {event['id']}\ndata: {json.dumps(event)}\n\n"
+                    if not found and status in (*FINAL, "paused"):
+                        yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+                        return
+                    await asyncio.sleep(STREAM_POLL_S)
+            finally:
+                state.streams[who] -= 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

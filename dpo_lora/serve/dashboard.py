@@ -20,6 +20,7 @@ from dpo_lora.serve import runfiles, wire
 from dpo_lora.serve.store import Job
 
 PAGE = Path(__file__).with_name("dashboard.html")
+MAX_ROWS = 1000  # jobs one dashboard request may list
 TAIL_BYTES = 64 * 1024  # the newest training row is read from the end of metrics.jsonl
 
 
@@ -61,6 +62,8 @@ def dashboard_routes(app: FastAPI, api: APIRouter, state) -> None:
 
     @api.get("/dashboard/jobs")
     def jobs_with_progress(limit: int = 100) -> dict:
+        if not 1 <= limit <= MAX_ROWS:
+            raise wire.ApiError(400, f"limit must be between 1 and {MAX_ROWS}", param="limit")
         with state.store.session() as s:
             jobs = list(s.scalars(select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
         return {"object": "list", "data": [{**wire.job_object(job), "progress": progress(job)} for job in jobs]}

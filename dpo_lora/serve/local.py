@@ -21,6 +21,13 @@ def train_arguments(directory: Path) -> list[str]:
     return [str(directory / "config.yaml"), "train.resume=auto", "overwrite=true"]
 
 
+def job_environment(directory: Path) -> dict[str, str]:
+    """Variables every run of a job gets: its tokenize and reference caches live in its own folder,
+    so a job reads and writes nothing of the server's user's caches, and deleting it cleans them."""
+    cache = Path(directory) / "cache"
+    return {"DPO_LORA_CACHE": str(cache), "HF_DATASETS_CACHE": str(cache / "datasets")}
+
+
 class LocalBackend:
     name = "local"
     interval_s = 0.5  # between scheduler ticks
@@ -40,7 +47,7 @@ class LocalBackend:
                        "--master_addr=127.0.0.1", f"--master_port={processes.free_port()}", "--module", *train]  # fmt: skip
         else:
             command = [sys.executable, "-m", *train]
-        return processes.start(command, directory, attempt)
+        return processes.start(command, directory, attempt, env=job_environment(directory))
 
     def is_alive(self, handle: int, started: int | None) -> bool:
         return processes.is_alive(handle, started)

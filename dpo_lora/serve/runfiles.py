@@ -6,10 +6,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 ERROR_PREFIX = "dpo-lora: error: "
 RANK_FAILURE = "dpo-lora: rank"  # the trainer's one-line message when a rank dies or times out
+PROGRESS = re.compile(r"\d+%\|.*\||\|\s*\d+/\d+\s*\[")
+EXCEPTION = re.compile(
+    r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b"
+)  # "ValueError: ...", "torch.OutOfMemoryError"
 
 
 def new_rows(metrics_file: Path, offset: int, last_line: str = "") -> tuple[list[dict], int, str]:
@@ -54,18 +59,32 @@ def has_adapter(folder: Path) -> bool:
     return (Path(folder) / "adapter" / "adapter_config.json").is_file()
 
 
-def last_error(log_file: Path, limit: int = 500) -> str:
-    """The trainer's one-line error from its log, else the log's last line."""
+def is_progress_line(line: str) -> bool:
+    """A tqdm bar ("Training:  40%|####  | 4/10 [00:02<00:03, 1.9it/s]"): never an error message."""
+    return PROGRESS.search(line) is not None
+
+
+def last_error(log_file: Path, returncode: int | None = None, limit: int = 500) -> str:
+    """The trainer's one-line error from its log, else the last line that reads like an exception,
+    else its last line, else the exit status; never a progress bar."""
     try:
-        lines = [line.strip() for line in Path(log_file).read_text(errors="replace").splitlines() if line.strip()]
+        text = Path(log_file).read_text(errors="replace")
     except FileNotFoundError:
         return "the run wrote no log"
+    lines = [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
+    lines = [line for line in lines if not is_progress_line(line) and not line.startswith("=== attempt")]
     for line in reversed(lines):
         if line.startswith(ERROR_PREFIX):
             return line[len(ERROR_PREFIX) :][:limit]
         if line.startswith(RANK_FAILURE):
             return line[len("dpo-lora: ") :][:limit]
-    return (lines[-1] if lines else "the run ended with no output")[:limit]
+    for line in reversed(lines):
+        if EXCEPTION.match(line):
+            return line[:limit]
+    if lines:
+        return lines[-1][:limit]
+    status = f"exit status {returncode}" if returncode is not None else "no exit status"
+    return f"the run ended with {status} and no error message (see the job's run.log)"
 
 
 def results_csv(metrics_file: Path) -> bytes:

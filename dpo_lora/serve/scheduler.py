@@ -181,7 +181,9 @@ class Scheduler:
     def _carry_out_stop(self, s, job: Job) -> None:
         if job.stop_request is None:
             return
-        if job.signalled_at is None:
+        if job.stop_request == "cancel":  # nothing of a cancelled run is kept: no last step, no checkpoint
+            self.backend.kill(job.pid)
+        elif job.signalled_at is None:
             self.backend.request_stop(job.pid, Path(job.directory))  # the trainer checkpoints and exits
             job.signalled_at = time.time()
         elif time.time() - job.signalled_at > self.grace_s:
@@ -252,7 +254,7 @@ class Scheduler:
             self.store.add_event(s, job.id, f"The job has successfully completed: {job.fine_tuned_model}")
         elif returncode not in (None, 0) and returncode != -9:
             job.status, job.finished_at = "failed", now()
-            message = runfiles.last_error(directory / "run.log")
+            message = runfiles.last_error(directory / "run.log", returncode)
             job.error = {"code": "training_failed", "param": None, "message": message}
             self.store.add_event(s, job.id, f"The job failed: {message}", level="error")
         elif job.attempt >= MAX_ATTEMPTS:
@@ -292,7 +294,7 @@ class Scheduler:
                     export.status = "queued"  # killed with the server's machine: run it again
                 else:
                     export.status, export.finished_at = "failed", now()
-                    message = runfiles.last_error(directory / "run.log")
+                    message = runfiles.last_error(directory / "run.log", returncode)
                     export.error = {"code": "export_failed", "param": None, "message": message}
 
 

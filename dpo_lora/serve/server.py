@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from dpo_lora.errors import UserError
+from dpo_lora.sizes import parse_size
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -76,15 +77,19 @@ def serve(args) -> int:
                         "pip install 'dpo-lora[postgres]'") from None  # fmt: skip
     except Exception as err:  # SQLAlchemy: a bad URL, a missing driver, a database that refuses us
         raise UserError(f"--db: cannot open the job store: {str(err).splitlines()[0]}") from None
+    if args.max_streams < 1:
+        raise UserError(f"--max-streams {args.max_streams}: must be at least 1")
+    max_upload = parse_size(args.max_upload_size, flag="--max-upload-size")
     devices, backend = _backend(args)
     models = find_models(args.models)
-    state = ServerState(
-        store=store, state_dir=state_dir, models=models, devices=len(devices),
-        base_config=str(Path(args.config).resolve()) if args.config else None, api_key=api_key,
-    )  # fmt: skip
     # Stable across this server's restarts (it recovers its own runs); unique among servers sharing
     # a database (one server per state dir, and the host tells state dirs on different machines apart).
     runner = f"{socket.gethostname()}:{state_dir}"
+    state = ServerState(
+        store=store, state_dir=state_dir, models=models, devices=len(devices),
+        base_config=str(Path(args.config).resolve()) if args.config else None, api_key=api_key, host=args.host,
+        port=args.port, max_upload=max_upload, max_streams=args.max_streams, backend=backend, runner=runner,
+    )  # fmt: skip
     scheduler = Scheduler(store, devices, backend, runner, grace_s=args.grace_seconds)
     stopping = threading.Event()
     thread = threading.Thread(target=scheduler.run_forever, args=(stopping,), name="scheduler", daemon=True)

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from dpo_lora.serve import processes
+from dpo_lora.serve.local import job_environment, train_arguments
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "slurm.sbatch"
 # SLURM states in which the job will not run again (squeue --states=all still lists them a while).
@@ -58,6 +59,7 @@ def render(template: str, job_id: str, directory: Path, ranks: int, gpus_per_ran
     if gpus_per_rank:
         options.append(f"--gpus-per-task={gpus_per_rank}")
     variables = {
+        **job_environment(directory),
         "PYTHON": sys.executable,
         "DPO_LORA_EXIT_FILE": str(exit_file),
         "DPO_LORA_NO_REQUEUE_FILE": str(directory / NO_REQUEUE),
@@ -82,8 +84,6 @@ class SlurmBackend:
         self._seen: dict[int, str | None] = {}  # job id -> its state at the last is_alive
 
     def start(self, job_id: str, directory: Path, devices: list[str], attempt: int) -> tuple[int, None]:
-        from dpo_lora.serve.local import train_arguments
-
         exit_file = processes.exit_path(directory, attempt)
         script = directory / "job.sbatch"
         script.write_text(render(self.template.read_text(), job_id, directory, len(devices), self.gpus_per_rank,

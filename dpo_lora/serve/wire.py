@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dpo_lora.serve.store import Checkpoint, Event, Export, File, Job
 
 ORGANIZATION = "dpo-lora"
+MAX_EXTRA_DEPTH = 4  # dpo_lora {section: {key: [values]}} and a little room for a clear error
 
 
 class ApiError(Exception):
@@ -58,11 +59,24 @@ class JobCreate(BaseModel):
     validation_file: str | None = None
     hyperparameters: DpoHyperparameters | None = None  # deprecated by OpenAI in favour of method
     method: Method | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)  # OpenAI's range
     suffix: str | None = Field(default=None, max_length=64)
     metadata: dict[str, str] | None = None
     integrations: list[Any] | None = None
     dpo_lora: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("dpo_lora")
+    @classmethod
+    def _shallow(cls, value: dict) -> dict:
+        """The config tree is section.key deep: a deeper object is refused before anything reads it."""
+        level, depth = [value], 0
+        while level:
+            depth += 1
+            if depth > MAX_EXTRA_DEPTH:
+                raise ValueError(f"nests deeper than {MAX_EXTRA_DEPTH} levels")
+            level = [v for node in level for v in (node.values() if isinstance(node, dict) else node)
+                     if isinstance(v, (dict, list))]  # fmt: skip
+        return value
 
 
 class ExportCreate(BaseModel):

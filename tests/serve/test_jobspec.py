@@ -6,10 +6,12 @@ import pytest
 
 from dpo_lora.serve.jobspec import SpecError, build_spec
 
+from ..conftest import REPO
+
 
 def spec(hyperparameters=None, extra=None, devices=4, seed=None):
-    return build_spec(None, "/models/m", "/job/train.jsonl", None, "/job/run", hyperparameters or {}, extra or {},
-                      seed, devices)  # fmt: skip
+    return build_spec(None, "/models/m", "/job/train.jsonl", None, "/job/run", "/job/deepspeed.json",
+                      hyperparameters or {}, extra or {}, seed, devices)  # fmt: skip
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 4, 6, 8, 12, 16, 30, 64])
@@ -49,3 +51,83 @@ def test_what_the_config_tree_refuses_names_the_field(extra, hyperparameters, pa
     with pytest.raises(SpecError) as caught:
         spec(hyperparameters, extra)
     assert caught.value.param == param
+
+
+# -- hostile requests (the hardening issue): every path, module or command key is the service's --
+@pytest.mark.parametrize(
+    "key",
+    [" model.trust_remote_code", "model.trust_remote_code ", "model.trust_remote_code=true #", "model..path",
+     "Model.path", "model.path\n", "model.\u0070ath "],
+)  # fmt: skip
+def test_a_key_spelled_past_the_guard_is_refused_not_normalised(key):
+    with pytest.raises(SpecError, match="is not a dotted name"):
+        spec(extra={key: True})
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [({"deepspeed": "../../files/file-x.json"}, "deepspeed"), ({"lora": {"init_adapter": "/etc"}}, "lora.init_adapter"),
+     ({"model": {"trust_remote_code": True}}, "model.trust_remote_code"), ({"data.num_proc": 512}, "data.num_proc"),
+     ({"model.path": "/etc"}, "model.path"), ({"data": {"eval": "/etc/passwd"}}, "data.eval")],
+)  # fmt: skip
+def test_reserved_keys_are_refused_in_every_spelling(extra, key):
+    with pytest.raises(SpecError, match="set by the service") as caught:
+        spec(extra=extra)
+    assert caught.value.param == key
+
+
+def test_every_config_key_a_client_may_set_holds_no_path():
+    """The audit: a client may set numbers, flags, closed choices and two audited strings. A string
+    key added later is the service's until it is added to FREE_STRINGS on purpose."""
+    from dpo_lora.config import knobs
+    from dpo_lora.serve.jobspec import FREE_STRINGS, SERVICE_KEYS, client_may_set
+
+    settable = {key for key in knobs() if client_may_set(key)}
+    for key, field in knobs().items():
+        if key in settable:
+            assert key not in SERVICE_KEYS
+            free_string = "str" in str(field.type) and not field.metadata.get("choices")
+            assert not free_string or key in FREE_STRINGS, key
+    assert {"deepspeed", "output_dir", "model.path", "data.train", "data.eval", "lora.init_adapter"}.isdisjoint(
+        settable
+    )
+    assert {"dpo.beta", "train.lr", "lora.r", "model.quantization", "lora.target_modules"} <= settable
+
+
+def test_a_nested_or_non_finite_value_is_refused_naming_its_key():
+    for extra, param in (({"train": {"lr": {"x": 1}}}, "train.lr"), ({"train.lr": float("nan")}, "train.lr"),
+                         ({"train.max_steps": 2**80}, "train.max_steps"), ({"train.lr": [[1]]}, "train.lr")):  # fmt: skip
+        with pytest.raises(SpecError) as caught:
+            spec(extra=extra)
+        assert caught.value.param == param, extra
+    for hyperparameters, param in (({"beta": float("nan")}, "beta"), ({"learning_rate_multiplier": float("inf")},
+                                   "learning_rate_multiplier"), ({"n_epochs": 0.5}, "n_epochs"), ({"beta": -1}, "beta")):  # fmt: skip
+        with pytest.raises(SpecError) as caught:
+            spec(hyperparameters)
+        assert caught.value.param == param, hyperparameters
+
+
+def test_a_client_picks_a_shipped_zero_configuration_by_name():
+    import json
+
+    from dpo_lora.dsconfig import zero_config
+
+    assert spec(extra={"zero_stage": 3, "offload": True}).deepspeed == zero_config(3, True)
+    assert spec(extra={"zero_stage": 0}).deepspeed == zero_config(0)
+    assert spec().config.deepspeed == "/job/deepspeed.json"  # the job's own copy, whatever the base named
+    assert spec().deepspeed == json.loads((REPO / "deepspeed_configs" / "zero2.json").read_text())
+    for extra, param in (({"zero_stage": 4}, "zero_stage"), ({"zero_stage": True}, "zero_stage"),
+                         ({"zero_stage": 1, "offload": True}, "offload"), ({"offload": "yes"}, "offload")):  # fmt: skip
+        with pytest.raises(SpecError) as caught:
+            spec(extra=extra)
+        assert caught.value.param == param, extra
+
+
+def test_the_shipped_zero_files_are_the_configurations_the_service_writes():
+    import json
+
+    from dpo_lora.dsconfig import zero_config
+
+    for stage, offload in ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True)):
+        name = f"zero{stage}{'_offload' if offload else ''}.json"
+        assert json.loads((REPO / "deepspeed_configs" / name).read_text()) == zero_config(stage, offload), name

@@ -48,3 +48,12 @@ def test_results_csv_has_every_train_and_eval_row(tmp_path):
     rows = [{"step": 0, "eval/loss": 0.69}, {"step": 1, "loss": 0.7, "lr": 1e-4}, {"step": 1, "checkpoint": "x"}]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert results_csv(metrics).decode().splitlines() == ["step,eval/loss,loss,lr", "0,0.69,,", "1,,0.7,0.0001"]
+
+
+def test_last_error_is_never_a_progress_bar(tmp_path):
+    log = tmp_path / "run.log"
+    bar = "Training:  40%|####      | 4/10 [00:02<00:03,  1.90it/s]"
+    log.write_text(f"loading\nValueError: the tokenizer has no chat template\n{bar}\r{bar}\n")
+    assert last_error(log) == "ValueError: the tokenizer has no chat template"
+    log.write_text(f"=== attempt 1: python -m dpo_lora train\n{bar}\r{bar}\r\n")
+    assert last_error(log, -11) == "the run ended with exit status -11 and no error message (see the job's run.log)"

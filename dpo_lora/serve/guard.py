@@ -1,0 +1,112 @@
+"""The gate every request passes before any route reads its body (a plain ASGI middleware).
+
+- With an API key: a /v1 request without `Authorization: Bearer <key>` gets its 401 before a byte
+  of its body is read. Bearer tokens only, never cookies: a browser page can't borrow them (CSRF).
+- Without a key (a loopback-only server): a request whose `Host` is not a loopback name or the bound
+  address (DNS rebinding), or that a browser sends from another site (`Origin`, `Sec-Fetch-Site`),
+  gets a 403.
+- Bodies are capped: uploads (multipart) at `max_upload`, every other body at `max_json`; past the
+  cap a 413, whether or not the client declared its length.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+from dpo_lora.serve.wire import ApiError
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+PUBLIC_PATHS = ("/", "/healthz")  # the dashboard's page (holds no data) and the health check
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` past the cap; an HTTPException, so FastAPI's body parsing passes it on."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(413, f"request body is larger than this server's limit of {cap} bytes")
+
+
+@dataclass(frozen=True)
+class Limits:
+    api_key: str | None
+    bound_host: str
+    port: int
+    max_upload: int
+    max_json: int = 1 << 20
+
+
+def _host_name(host_header: str) -> str:
+    """`Host` without its port: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:8000" -> "::1"."""
+    if host_header.startswith("["):
+        return host_header[1:].split("]", 1)[0]
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+class Guard:
+    def __init__(self, app, limits: Limits) -> None:
+        self.app, self.limits = app, limits
+        hosts = {*LOOPBACK_HOSTS, limits.bound_host}
+        self.hosts = hosts
+        self.origins = {f"http://{h}:{limits.port}" for h in hosts} | {f"http://[{h}]:{limits.port}" for h in hosts}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refused = self._refusal(scope, headers)
+        if refused is not None:
+            return await _reply(refused, scope, receive, send)
+        multipart = headers.get("content-type", "").startswith("multipart/")
+        cap = self.limits.max_upload if multipart else self.limits.max_json
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            return await _reply(_too_large(cap), scope, receive, send)
+        received, started = 0, False
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > cap:
+                raise BodyTooLarge(cap)
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except BodyTooLarge:
+            if not started:
+                await _reply(_too_large(cap), scope, receive, send)
+
+    def _refusal(self, scope, headers: dict) -> ApiError | None:
+        if self.limits.api_key is None:
+            if _host_name(headers.get("host", "")) not in self.hosts:
+                return ApiError(403, "Host is not this server's loopback address (no-key mode)", code="forbidden_host")
+            origin = headers.get("origin")
+            cross_site = headers.get("sec-fetch-site") in ("cross-site", "same-site")
+            if (origin is not None and origin not in self.origins) or cross_site:
+                return ApiError(403, "cross-site requests are refused (no-key mode)", code="forbidden_origin")
+            return None
+        if scope["path"] in PUBLIC_PATHS or not scope["path"].startswith("/v1"):
+            return None
+        given = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.limits.api_key.encode()):
+            return ApiError(401, "Incorrect API key provided", code="invalid_api_key", kind="authentication_error")
+        return None
+
+
+def _too_large(cap: int) -> ApiError:
+    return ApiError(413, f"request body is larger than this server's limit of {cap} bytes", code="body_too_large")
+
+
+async def _reply(err: ApiError, scope, receive, send) -> None:
+    response = JSONResponse(err.body(), status_code=err.status, headers={"x-should-retry": "false"})
+    await response(scope, receive, send)

@@ -1,0 +1,273 @@
+"""`dpo-lora serve` under a hostile client: raw sockets and the real `openai` client against a real
+server on loopback, one test per hole the probes found (each failed before the fix). Every request
+loop is bounded in count and time."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from .conftest import API_KEY, all_events, wait_for_status
+from .test_scheduler import create, wait_for_event
+
+
+def raw(port: int, request: bytes, timeout: float = 10.0) -> tuple[int, dict, bytes]:
+    """Send `request` as it is on a fresh connection; (status, headers, body) of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+        length = int(headers.get("content-length", 0))
+        while len(body) < length:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def http(port: int, method: str, path: str, body: bytes = b"", host: str | None = None, **headers) -> bytes:
+    fields = {"Host": host or f"127.0.0.1:{port}", "Connection": "close"}
+    fields |= {name.replace("_", "-"): value for name, value in headers.items()}
+    if body or method == "POST":
+        fields.setdefault("Content-Length", str(len(body)))
+    head = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+    return f"{method} {path} HTTP/1.1\r\n{head}\r\n".encode() + body
+
+
+def job_folders(server) -> list[Path]:
+    return sorted((server.state_dir / "jobs").glob("*")) if (server.state_dir / "jobs").is_dir() else []
+
+
+# -- 1. no file written outside the state dir --------------------------------------------------
+def test_a_job_cannot_name_a_deepspeed_config_and_picks_a_shipped_one_by_name(servers, tiny_setup, tmp_path):
+    models, config, train, _ = tiny_setup
+    server = servers(models, config)
+    client = server.client()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    exploit = {"flops_profiler": {"enabled": True, "profile_step": 1, "output_file": str(victim)},
+               "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "outside"), "job_name": "x"}}  # fmt: skip
+    uploaded = client.files.create(file=("ds.json", json.dumps(exploit).encode()), purpose="user_data")
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    for extra in ({"deepspeed": f"../../files/{uploaded.id}.json"}, {"deepspeed": str(victim)},
+                  {"lora": {"init_adapter": str(tmp_path)}}, {"data.num_proc": 64}):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as caught:
+            create(client, file_id, extra)
+        assert "set by the service" in caught.value.body["message"], extra
+    job = create(client, file_id, {"train.max_steps": 1, "zero_stage": 1})
+    wait_for_status(client, job.id, ("succeeded",))
+    folder = server.state_dir / "jobs" / job.id
+    written = json.loads((folder / "deepspeed.json").read_text())
+    assert written["zero_optimization"]["stage"] == 1 and "flops_profiler" not in written
+    assert f"deepspeed: {folder / 'deepspeed.json'}" in (folder / "config.yaml").read_text()
+    assert victim.read_text() == "precious" and not (tmp_path / "outside").exists()
+
+
+# -- 2. open event streams do not starve the API -----------------------------------------------
+def test_sixty_open_event_streams_leave_the_api_answering_and_the_next_gets_429(servers, tiny_setup):
+    models, config, train, _ = tiny_setup
+    server = servers(models, config, "--max-streams", "60")
+    client = server.client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    job = create(client, file_id, {"train.max_steps": 10_000})
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    streams = []
+    try:
+        for _ in range(60):
+            conn = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            conn.sendall(http(server.port, "GET", f"/v1/fine_tuning/jobs/{job.id}/events/stream", **auth))
+            streams.append(conn)
+        for conn in streams:  # each one answered and is open
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200"), "a stream was not answered"
+        for path, extra in (("/healthz", {}), (f"/v1/fine_tuning/jobs/{job.id}", auth)):
+            started = time.monotonic()
+            status, _, _ = raw(server.port, http(server.port, "GET", path, **extra), timeout=5)
+            assert status == 200 and time.monotonic() - started < 1.0, path
+        status, _, body = raw(server.port, http(server.port, "GET", f"/v1/fine_tuning/jobs/{job.id}/events/stream",
+                                                **auth))  # fmt: skip
+        assert status == 429 and "at most 60 event streams" in json.loads(body)["error"]["message"]
+    finally:
+        for conn in streams:
+            conn.close()
+    deadline = time.monotonic() + 20  # closed streams give their places back
+    while True:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
+            conn.sendall(http(server.port, "GET", f"/v1/fine_tuning/jobs/{job.id}/events/stream", **auth))
+            if conn.recv(4096).startswith(b"HTTP/1.1 200"):
+                break
+        assert time.monotonic() < deadline, "closed streams still count against the cap"
+        time.sleep(0.5)
+    client.fine_tuning.jobs.cancel(job.id)
+
+
+# -- 3. the reserved-key guard and the loader read keys alike ----------------------------------
+def test_spellings_the_loader_used_to_normalise_are_refused(servers, tiny_setup):
+    models, config, train, _ = tiny_setup
+    server = servers(models, config)
+    client = server.client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    for extra in ({" model.trust_remote_code": True}, {"model.trust_remote_code=true #": 0},
+                  {"model": {" trust_remote_code": True}}, {"model.trust_remote_code ": True}):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as caught:
+            create(client, file_id, extra)
+        assert "is not a dotted name" in caught.value.body["message"], extra
+    assert client.fine_tuning.jobs.list().data == [] and job_folders(server) == []
+
+
+# -- 4. authenticate before reading a body; cap bodies -----------------------------------------
+def test_bodies_are_refused_before_they_are_read_and_capped_after(servers, tiny_setup):
+    models, config, _, _ = tiny_setup
+    server = servers(models, config, "--max-upload-size", "1MiB")
+    boundary = "x" * 16
+    multipart = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    # 50 MB announced, not one byte sent: the 401 comes at once, nothing is spooled.
+    status, headers, _ = raw(
+        server.port, http(server.port, "POST", "/v1/files", Content_Length="50000000", **multipart)
+    )
+    assert status == 401 and headers["x-should-retry"] == "false"
+    status, _, _ = raw(server.port, http(server.port, "POST", "/v1/fine_tuning/jobs", b"{not json",
+                                         Content_Type="application/json"))  # fmt: skip
+    assert status == 401
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    status, _, body = raw(server.port, http(server.port, "POST", "/v1/files", Content_Length="2000000", **auth,
+                                            **multipart))  # fmt: skip
+    assert status == 413 and "limit of 1048576 bytes" in json.loads(body)["error"]["message"]
+    # No length announced (chunked): counted as it arrives.
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--{boundary}\r\n"
+            f"Content-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n").encode() + b"a" * 1_500_000  # fmt: skip
+    chunked = b"".join(f"{len(part[i:i + 65536]):x}\r\n".encode() + part[i:i + 65536] + b"\r\n"
+                       for i in range(0, len(part), 65536)) + b"0\r\n\r\n"  # fmt: skip
+    status, _, _ = raw(server.port, http(server.port, "POST", "/v1/files", chunked, Transfer_Encoding="chunked",
+                                         **auth, **multipart).replace(b"Content-Length: ", b"X-Ignored: "))  # fmt: skip
+    assert status == 413
+    big_json = json.dumps({"model": "tiny-llama", "training_file": "f", "metadata": {"k": "v" * 2_000_000}}).encode()
+    status, _, _ = raw(server.port, http(server.port, "POST", "/v1/fine_tuning/jobs", big_json, **auth,
+                                         Content_Type="application/json"))  # fmt: skip
+    assert status == 413
+    assert list((server.state_dir / "files").glob("*")) == [] if (server.state_dir / "files").exists() else True
+
+
+# -- 5. without a key: loopback Host and same-origin only --------------------------------------
+def test_a_keyless_server_refuses_foreign_hosts_and_cross_site_requests(servers, tiny_setup):
+    models, config, train, _ = tiny_setup
+    server = servers(models, config, api_key=None)
+    port = server.port
+    job_path = "/v1/fine_tuning/jobs"
+    assert raw(port, http(port, "GET", job_path))[0] == 200
+    assert raw(port, http(port, "GET", job_path, host=f"localhost:{port}"))[0] == 200
+    assert raw(port, http(port, "GET", job_path, Origin=f"http://127.0.0.1:{port}"))[0] == 200
+    assert raw(port, http(port, "GET", job_path, host=f"attacker.example:{port}"))[0] == 403  # DNS rebinding
+    status, _, body = raw(port, http(port, "POST", f"{job_path}/ftjob-x/cancel", b"x", Content_Type="text/plain",
+                                     Origin="http://attacker.example"))  # fmt: skip
+    assert status == 403 and json.loads(body)["error"]["code"] == "forbidden_origin"
+    assert raw(port, http(port, "POST", "/v1/files", b"", Sec_Fetch_Site="cross-site"))[0] == 403
+    assert raw(port, http(port, "GET", "/healthz", host="attacker.example"))[0] == 403
+    assert server.client().files.create(file=train.open("rb"), purpose="fine-tune").status == "processed"
+
+
+# -- smaller holes -----------------------------------------------------------------------------
+def test_malformed_requests_are_json_400s_that_say_not_to_retry_and_leave_nothing(servers, tiny_setup, tmp_path):
+    models, config, train, _ = tiny_setup
+    server = servers(models, config)
+    client = server.client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    deep_row = tmp_path / "deep.jsonl"
+    deep_row.write_text("[" * 10_000 + "]" * 10_000 + "\n")
+    uploaded = client.files.create(file=deep_row.open("rb"), purpose="fine-tune")
+    assert uploaded.status == "error" and "row 1: malformed JSON: nested too deeply" in uploaded.status_details
+    deep: dict = {}
+    for _ in range(900):
+        deep = {"a": deep}
+    hyper = '{"type": "dpo", "dpo": {"hyperparameters": {%s}}}'
+    cases = [  # JSON as a hostile client writes it: NaN and Infinity are what Python's json reads
+        (f'"dpo_lora": {json.dumps(deep)}', "dpo_lora"),
+        ('"seed": 1208925819614629174706176', "seed"),
+        ('"method": ' + hyper % '"beta": NaN', "beta"),
+        ('"method": ' + hyper % '"learning_rate_multiplier": Infinity', "learning_rate_multiplier"),
+        ('"method": ' + hyper % '"n_epochs": 0.25', "n_epochs"),
+        ('"dpo_lora": {"dpo.beta": -1}', "dpo.beta"),
+        ('"dpo_lora": {"train.lr": NaN}', "train.lr"),
+    ]
+    auth = {"Authorization": f"Bearer {API_KEY}", "Content_Type": "application/json"}
+    for fragment, param in cases:
+        body = f'{{"model": "tiny-llama", "training_file": "{file_id}", {fragment}}}'.encode()
+        status, headers, answer = raw(server.port, http(server.port, "POST", "/v1/fine_tuning/jobs", body, **auth))
+        assert (status, headers.get("x-should-retry")) == (400, "false"), (fragment, answer[:300])
+        assert json.loads(answer)["error"]["param"] == param, (fragment, answer[:300])
+    for limit in ("-1", "0", "1e20", "100000000000000000000"):
+        with pytest.raises(openai.BadRequestError):
+            client.get(f"/dashboard/jobs?limit={limit}", cast_to=object)
+    batch = client.files.create(file=train.open("rb"), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=batch.id)
+    assert caught.value.body["param"] == "training_file" and "purpose 'batch'" in caught.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.files.create(file=train.open("rb"), purpose="fine-tune-results")
+    assert client.fine_tuning.jobs.list().data == [] and job_folders(server) == []
+
+
+def test_a_job_paused_before_validation_resumes_to_the_end(servers, tiny_setup):
+    models, config, train, _ = tiny_setup
+    server = servers(models, config)
+    client = server.client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    for _ in range(10):  # the scheduler validates within half a second: pause before it does
+        job = create(client, file_id, {"train.max_steps": 2})
+        client.fine_tuning.jobs.pause(job.id)
+        if not (server.state_dir / "jobs" / job.id / "train.jsonl").exists():
+            break
+        client.fine_tuning.jobs.cancel(job.id)
+    else:
+        pytest.fail("the scheduler validated every job before its pause")
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    client.fine_tuning.jobs.resume(job.id)
+    assert wait_for_status(client, job.id, ("succeeded",)).status == "succeeded"
+
+
+def test_cancel_stops_at_once_a_deleted_job_leaves_nothing_and_caches_stay_in_the_state_dir(
+    servers, tiny_setup, tmp_path
+):
+    models, config, train, _ = tiny_setup
+    user_cache = tmp_path / "user-cache"
+    env = {**__import__("os").environ, "DPO_LORA_CACHE": str(user_cache)}
+    server = servers(models, config, env=env)
+    client = server.client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    job = create(client, file_id, {"train": {"max_steps": 10_000, "save_every": 1}})
+    wait_for_event(client, job.id, "Checkpoint created at step 2")
+    run = server.state_dir / "jobs" / job.id / "run"
+    with pytest.raises(openai.ConflictError):  # a running job is not deleted
+        client.delete(f"/fine_tuning/jobs/{job.id}", cast_to=object)
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    at_cancel = sorted(p.name for p in (run / "checkpoints").glob("step-*/COMPLETE"))
+    rows_at_cancel = (run / "metrics.jsonl").read_text().count("\n")
+    wait_for_event(client, job.id, "The job was cancelled", timeout=60)
+    time.sleep(1.0)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*/COMPLETE")) == at_cancel
+    assert (run / "metrics.jsonl").read_text().count("\n") == rows_at_cancel  # no step after `cancelled`
+
+    done = create(client, file_id, {"train.max_steps": 1})
+    wait_for_status(client, done.id, ("succeeded",))
+    folder = server.state_dir / "jobs" / done.id
+    assert any((folder / "cache" / "tokenized").iterdir()) and not user_cache.exists()
+    assert done.id in [e.message.split(": ")[-1] for e in all_events(client, done.id)][0]
+    for job_id in (job.id, done.id):
+        deleted = client.delete(f"/fine_tuning/jobs/{job_id}", cast_to=object)
+        assert deleted == {"id": job_id, "object": "fine_tuning.job", "deleted": True}
+        with pytest.raises(openai.NotFoundError):
+            client.fine_tuning.jobs.retrieve(job_id)
+    assert job_folders(server) == []
+    assert [f.purpose for f in client.files.list().data] == ["fine-tune"]  # its result file went with it
