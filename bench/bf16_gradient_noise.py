@@ -2,7 +2,7 @@
 
     python bench/bf16_gradient_noise.py [--chosen-logps] [dotted.key=value ...]
 
-Builds the run as `dpo-lora train` does (dpo_lora.run_setup; configs/demo.yaml with issue 12's
+Builds the run as `dpo-lora train` does (dpo_lora.train.setup; configs/demo.yaml with issue 12's
 bf16-precision settings: micro-batch 2 x accumulation 2, lr 3e-4, ZeRO-0, online reference) once
 in float32 and once in bfloat16, each in its own process, and takes the LoRA gradients of the
 first optimizer step. At step 1 LoRA B is zero, so only B has gradients, and AdamW's first update
@@ -33,10 +33,10 @@ SETTINGS = [
 
 def first_step_gradients(dtype: str, out: Path, chosen_logps: bool, overrides: list[str]) -> None:
     """Child process: the run's first optimizer step's LoRA gradients, saved to `out`."""
-    from dpo_lora.config import load_config
-    from dpo_lora.evaluation import to_device
-    from dpo_lora.run_setup import setup_run
-    from dpo_lora.step import concatenated_logps, preference_step
+    from dpo_lora.core.config import load_config
+    from dpo_lora.train.evaluation import to_device
+    from dpo_lora.train.setup import setup_run
+    from dpo_lora.train.step import concatenated_logps, preference_step
 
     config = load_config(
         REPO / "configs/demo.yaml",

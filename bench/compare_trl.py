@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 # sharing (online reference), as shipped (defaults: shared prompt with split attention, and
 # `dpo.reference: auto`, which precomputes on this one-epoch run), as shipped but with the online
 # reference, as shipped but with the dense 4D mask, and both trainers with a fixed malloc mmap
-# threshold (dpo_lora.cpu_memory; "-lowmem", CPU only). Every dpo-lora variant puts large CPU
+# threshold (dpo_lora.core.cpu_memory; "-lowmem", CPU only). Every dpo-lora variant puts large CPU
 # tensors on huge pages, as its CLI does; "trl-thp" is TRL given the same (torch's
 # THP_MEM_ALLOC_ENABLE), which TRL does not set itself. "dpo-lora-allbf16" is as shipped but with
 # `model.float32_residual` off (bf16 runs): what the default's float32 residual stream and head cost.
@@ -132,8 +132,8 @@ def workload_overrides(args, data_file: Path, output_dir: Path) -> list[str]:
 
 def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> tuple[list[float], list[float], list[float]]:
     """(seconds per step, loss per step, seconds of reference precompute) of one dpo-lora variant."""
-    from dpo_lora.config import load_config
-    from dpo_lora.trainer import train
+    from dpo_lora.core.config import load_config
+    from dpo_lora.train.loop import train
 
     reference = "online" if system.endswith(("online", "plain", "unshared")) else "auto"
     config = load_config(
@@ -160,7 +160,7 @@ def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> tuple[list[f
 def time_precompute() -> list[float]:
     """Seconds the run spends precomputing reference log-probs up front (empty list: none), which
     the steady-state step time does not show and the table spreads over the run's steps."""
-    from dpo_lora import run_setup
+    from dpo_lora.train import setup as run_setup
 
     seconds, precomputed = [], run_setup._precomputed
 
@@ -182,7 +182,7 @@ def child(args) -> None:
     losses, precompute_s = None, []
     if args.child.startswith("trl"):
         if args.child.endswith("lowmem"):
-            from dpo_lora.cpu_memory import cap_heap_fragmentation
+            from dpo_lora.core.cpu_memory import cap_heap_fragmentation
 
             cap_heap_fragmentation(LOWMEM_MB)
         times = run_trl(args, Path(args.data), work)
@@ -279,7 +279,7 @@ def bf16_capability() -> str:
 
     if torch.cuda.is_available():
         return f"bf16: native ({torch.cuda.get_device_name()})"
-    from dpo_lora.model import cpu_has_native_bf16
+    from dpo_lora.model.load import cpu_has_native_bf16
 
     if cpu_has_native_bf16():
         return "bf16: native on this CPU (AVX512-BF16 or AMX)"
@@ -304,7 +304,7 @@ def main() -> None:
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child and (args.child.startswith("dpo-lora") or args.child == "trl-thp"):
-        from dpo_lora.cpu_memory import huge_pages_for_tensors
+        from dpo_lora.core.cpu_memory import huge_pages_for_tensors
 
         huge_pages_for_tensors()  # as `dpo-lora train` does, before anything imports torch
     if args.steps is None:
@@ -312,7 +312,7 @@ def main() -> None:
     if args.dtype is None:
         import torch
 
-        from dpo_lora.model import cpu_has_native_bf16
+        from dpo_lora.model.load import cpu_has_native_bf16
 
         args.dtype = "bfloat16" if torch.cuda.is_available() or cpu_has_native_bf16() else "float32"
     if args.child:

@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "runs" / "gpu-check"
 BASE = ["configs/demo.yaml", "--overwrite", "model.dtype=bfloat16", "train.max_steps=20", "train.log_every=5"]
 CUDA_TESTS = [  # tests whose engines, models and kernels run on the GPU when one is present
-    "tests/test_step.py", "tests/test_trainer.py", "tests/test_guards.py", "tests/test_checkpoint.py",
-    "tests/test_chunked_logps.py", "tests/test_layout.py", "tests/test_model.py",
+    "tests/train/test_step.py", "tests/train/test_loop.py", "tests/train/test_guards.py", "tests/train/test_checkpoints.py",
+    "tests/model/test_chunked_logps.py", "tests/data/test_layout.py", "tests/model/test_load.py",
 ]  # fmt: skip
 
 
@@ -56,7 +56,7 @@ def train(name: str, *overrides: str) -> dict:
 def planned(*overrides: str) -> dict:
     """`dpo-lora plan`'s prediction for the same run, beside the measured peak_memory_gb (the
     allocator's peak, which leaves out the CUDA context the plan's fixed overhead stands for)."""
-    from dpo_lora.plan import FIXED_OVERHEAD
+    from dpo_lora.model.memory_plan import FIXED_OVERHEAD
 
     result = dpo_lora("plan", *[arg for arg in (*BASE, *overrides) if arg != "--overwrite"], "--json")
     if result.returncode != 0:

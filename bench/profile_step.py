@@ -3,7 +3,7 @@
     python bench/profile_step.py [--workload short|long] [--dtype float32|bfloat16] [--steps N]
                                  [--top N] [dotted.key=value ...]
 
-Builds the run exactly as `dpo-lora train` does (dpo_lora.run_setup) with compare_trl's model,
+Builds the run exactly as `dpo-lora train` does (dpo_lora.train.setup) with compare_trl's model,
 data shape and settings, then times each part of the step the trainer runs: data (next batch to
 the device), reference forward (adapter off, no grad; none when precomputed), policy forward,
 backward (split into the gradient-checkpointing recompute, i.e. decoder layers run again inside
@@ -71,11 +71,11 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from dpo_lora.config import load_config
-    from dpo_lora.evaluation import to_device
-    from dpo_lora.model import reference_mode
-    from dpo_lora.run_setup import setup_run
-    from dpo_lora.step import concatenated_logps, pair_losses
+    from dpo_lora.core.config import load_config
+    from dpo_lora.model.load import reference_mode
+    from dpo_lora.train.evaluation import to_device
+    from dpo_lora.train.setup import setup_run
+    from dpo_lora.train.step import concatenated_logps, pair_losses
 
     micro_batch = WORKLOADS[args.workload][2]
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -16,8 +16,8 @@ import types
 
 import torch
 
-from dpo_lora import shared_attention
-from dpo_lora.layout import attention_bias, collate_shared
+from dpo_lora.data.layout import attention_bias, collate_shared
+from dpo_lora.model import shared_attention
 
 SHAPES = {"short": (64, 60, 60, 4), "long": (300, 480, 480, 2)}  # prompt, chosen, rejected, rows
 

@@ -5,7 +5,7 @@
 Writes a random-weight Llama (hidden 2048, intermediate 5632, vocab 8000, `--layers` layers;
 bfloat16 safetensors), then loads it as NF4 (storage and compute dtype bfloat16; loading only,
 no compute) in three ways, each in fresh processes:
-- `partitioned`, 1 rank and 2 ranks: dpo-lora's ZeRO-3 loader (`dpo_lora/zero3_loading.py`);
+- `partitioned`, 1 rank and 2 ranks: dpo-lora's ZeRO-3 loader (`dpo_lora/model/zero3_loading.py`);
 - `whole`, 2 ranks: `from_pretrained` on every rank, then ZeRO-3 partitioning, as
   `deepspeed.initialize` does it (dpo-lora's path before the loader, and transformers' for every
   quantized model).
@@ -47,11 +47,11 @@ def worker(model_dir: str, mode: str, out: str) -> None:
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    from dpo_lora.config import ModelConfig, TrainConfig
-    from dpo_lora.cpu_memory import cap_heap_fragmentation
-    from dpo_lora.distributed import init_distributed
-    from dpo_lora.model import load_base
-    from dpo_lora.zero3_loading import held_bytes
+    from dpo_lora.core.cpu_memory import cap_heap_fragmentation
+    from dpo_lora.core.distributed import init_distributed
+    from dpo_lora.core.schema import ModelConfig, TrainConfig
+    from dpo_lora.model.load import load_base
+    from dpo_lora.model.zero3_loading import held_bytes
 
     dist = init_distributed()
     cap_heap_fragmentation(TrainConfig().cpu_mmap_threshold_mb)  # as the trainer does on the CPU

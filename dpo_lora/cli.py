@@ -1,169 +1,19 @@
-"""Command line: `dpo-lora train CONFIG [dotted.key=value ...]` and helpers.
+"""Command line: the parser of every verb, and `main`, which runs the verb's module.
 
-Heavy libraries are imported inside the commands so `--help` answers at once.
+Each verb is a module (`dpo_lora/commands/`, and `dpo_lora/serve/server.py` for `serve`) imported
+by name only once it runs: torch, transformers and DeepSpeed load then, so `--help` answers at once
+(the one place the project imports its own modules lazily, by `importlib`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from dpo_lora.errors import UserError
-
-
-def _cmd_train(args) -> int:
-    from dpo_lora.config import load_config
-    from dpo_lora.trainer import train
-
-    overrides = list(args.overrides)
-    if args.resume or args.force_resume:
-        overrides.append(f"train.resume={'force' if args.force_resume else 'auto'}")
-    if args.overwrite:
-        overrides.append("overwrite=true")
-    config = load_config(args.config, overrides)
-    results = train(config)
-    if _is_main_rank():
-        if "before" in results and "after" in results:
-            print(_before_after_table(results["before"], results["after"]))
-        if not results["stopped"]:  # a stopped run said where its checkpoint is; it has no adapter yet
-            print(f"dpo-lora: the adapter is in {config.output_dir}/adapter")
-    return 0
-
-
-def _cmd_config(args) -> int:
-    from dpo_lora.config import describe, dump_yaml, load_config
-
-    if args.list:
-        for key, default, help_text in describe():
-            print(f"{key} = {default!r}  # {help_text}")
-        return 0
-    print(dump_yaml(load_config(args.config, args.overrides)), end="")
-    return 0
-
-
-def _cmd_serve(args) -> int:
-    from dpo_lora.serve.server import serve
-
-    return serve(args)
-
-
-def _cmd_fetch(args) -> int:
-    from dpo_lora.default_model import fetch_default_model
-
-    print(fetch_default_model(args.dir))
-    return 0
-
-
-def _cmd_plan(args) -> int:
-    import json
-    from dataclasses import replace
-
-    from dpo_lora.checkpointing import fewest_fitting
-    from dpo_lora.config import load_config
-    from dpo_lora.plan import checkpointing_hint, data_lengths, largest_fitting, plan, recommendation
-    from dpo_lora.sizes import parse_size
-
-    config = load_config(args.config, args.overrides)
-    budget = parse_size(args.gpu_memory, flag="--gpu-memory")
-    auto = None
-    if config.model.gradient_checkpointing and config.model.checkpoint_layers == "auto":  # what a run would pick
-        auto = fewest_fitting(config, budget, args.gpus)
-        config = replace(config, model=replace(config.model, checkpoint_layers=auto[0]))
-    planned = plan(config, world_size=args.gpus)
-    at_data = plan(config, world_size=args.gpus, lengths=data_lengths(config)) if args.data else None
-    fits = planned.total_bytes <= budget
-    largest = {key: largest_fitting(config, planned, budget, key) for key in ("micro_batch_size", "max_length")}
-    if not fits:
-        advice = recommendation(config, planned, budget)
-    else:  # auto's count is already the fewest that fit
-        advice = None if auto else checkpointing_hint(config, planned, budget, args.gpus)
-    if args.json:
-        print(json.dumps({"total_bytes": planned.total_bytes, "fits": fits, "gpu_memory_bytes": budget,
-                          "components": planned.components, "largest_micro_batch_size": largest["micro_batch_size"],
-                          "largest_max_length": largest["max_length"], "recommendation": advice,
-                          "data_total_bytes": at_data and at_data.total_bytes,
-                          "checkpoint_layers": config.model.checkpoint_layers}, indent=2))  # fmt: skip
-        return 0
-    print(f"per-rank device memory of {args.config or 'the defaults'} on {args.gpus} rank(s), "
-          f"micro-batch of {planned.rows} row(s) x {planned.tokens_per_row} tokens:")  # fmt: skip
-    for name, size in planned.components.items():
-        print(f"  {name:<52}{size / 2**30:>9.2f} GiB")
-    verdict = "fits" if fits else "does NOT fit"
-    print(f"  {'total':<52}{planned.total_bytes / 2**30:>9.2f} GiB  ({verdict} {budget / 2**30:.1f} GiB)")
-    print(f"largest train.micro_batch_size that fits: {largest['micro_batch_size']} (at data.max_length="
-          f"{config.data.max_length}); largest data.max_length: {largest['max_length']} (at micro-batch "
-          f"{config.train.micro_batch_size})")  # fmt: skip
-    if auto:
-        print(f"model.checkpoint_layers=auto: {auto[0]} of {auto[2]} layers checkpointed (the fewest that fit)")
-    if at_data:
-        print(f"at {config.data.train}'s longest pair ({at_data.rows} row(s) x {at_data.tokens_per_row} tokens): "
-              f"{at_data.total_bytes / 2**30:.2f} GiB (activations "
-              f"{(at_data.total_bytes - planned.total_bytes) / 2**30:+.2f} GiB against the worst case)")  # fmt: skip
-    if advice:
-        print(f"recommendation: {advice}")
-    return 0
-
-
-def _cmd_export(args) -> int:
-    import json
-
-    from dpo_lora.export import export_model
-
-    report = export_model(
-        args.source, out=args.out, base=args.base, dtype=args.dtype, max_shard_size=args.max_shard_size,
-        merge_into=args.merge_into, adapter_only=args.adapter_only, overwrite=args.overwrite, push=args.push,
-    )  # fmt: skip
-    print(json.dumps(report, indent=2))
-    return 0
-
-
-def _cmd_eval(args) -> int:
-    from dpo_lora.report import evaluate_run, format_table
-
-    report = evaluate_run(args.run, data=args.data, batch_size=args.batch_size, out=args.out)
-    print(format_table(report))
-    return 0
-
-
-def _cmd_generate(args) -> int:
-    import json
-
-    from dpo_lora.sampling import generate_run, side_by_side
-
-    result = generate_run(
-        args.run, args.prompts, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        reward=args.reward, seed=args.seed, out=args.out, batch_size=args.batch_size,
-    )  # fmt: skip
-    print(side_by_side(result, prompts=args.show) + "\n")
-    print(json.dumps(result["summary"], indent=2))
-    return 0
-
-
-def _cmd_plot(args) -> int:
-    from dpo_lora.plots import plot_run
-
-    for path in plot_run(args.run):
-        print(path)
-    return 0
-
-
-def _is_main_rank() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _before_after_table(before: dict, after: dict) -> str:
-    lines = [f"{'held-out metric':<26}{'before':>10}{'after':>10}"]
-    for key in (
-        "eval/rewards/accuracies",
-        "eval/rewards/margins",
-        "eval/loss",
-        "eval/logps/chosen",
-        "eval/logps/rejected",
-    ):
-        lines.append(f"{key:<26}{before[key]:>10.4f}{after[key]:>10.4f}")
-    return "\n".join(lines)
+from dpo_lora.core.console import quiet_third_party
+from dpo_lora.core.cpu_memory import huge_pages_for_tensors
+from dpo_lora.core.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,13 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     train.add_argument("--force-resume", action="store_true", help="resume even if the config changed")
     train.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
-    train.set_defaults(handler=_cmd_train)
+    train.set_defaults(handler="dpo_lora.commands.train:run")
 
     config = commands.add_parser("config", help="print the resolved config (or --list every knob)")
     config.add_argument("config", nargs="?", help="YAML config file (defaults only when omitted)")
     config.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     config.add_argument("--list", action="store_true", help="list every key with its default and meaning")
-    config.set_defaults(handler=_cmd_config)
+    config.set_defaults(handler="dpo_lora.commands.config:run")
 
     plan = commands.add_parser("plan", help="predict per-rank GPU memory from the config alone (no weights read)")
     plan.add_argument("config", nargs="?", help="YAML config file (defaults only when omitted)")
@@ -197,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also plan at data.train's longest pair (tokenizes it) besides the worst case",
     )
-    plan.set_defaults(handler=_cmd_plan)
+    plan.set_defaults(handler="dpo_lora.commands.plan:run")
 
     export = commands.add_parser("export", help="merge the adapter into its base and write a standalone model folder")
     export.add_argument("source", help="run folder, adapter folder, or checkpoint folder")
@@ -214,14 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--adapter-only", action="store_true", help="copy the adapter with a model card, no merge")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     export.add_argument("--push", metavar="REPO", help="also upload to this Hugging Face Hub repo")
-    export.set_defaults(handler=_cmd_export)
+    export.set_defaults(handler="dpo_lora.commands.export:run")
 
     evaluate = commands.add_parser("eval", help="held-out reward accuracy, margin, log-probs and KL of a run")
     evaluate.add_argument("run", help="run folder, adapter folder, or checkpoint folder")
     evaluate.add_argument("--data", help="held-out pairs (default: the run's data.eval)")
     evaluate.add_argument("--batch-size", type=int, default=8, help="pairs per forward")
     evaluate.add_argument("--out", help="JSON report path (default: RUN/eval.json)")
-    evaluate.set_defaults(handler=_cmd_eval)
+    evaluate.set_defaults(handler="dpo_lora.commands.eval:run")
 
     generate = commands.add_parser("generate", help="sample policy and reference side by side, with rewards and KL")
     generate.add_argument("run", help="run folder, adapter folder, or checkpoint folder")
@@ -234,11 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", help="JSON path (default: RUN/generations.json)")
     generate.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (left-padded)")
     generate.add_argument("--show", type=int, default=3, help="prompts printed side by side (all go to the JSON)")
-    generate.set_defaults(handler=_cmd_generate)
+    generate.set_defaults(handler="dpo_lora.commands.generate:run")
 
     plot = commands.add_parser("plot", help="PNG charts of a run's metrics into RUN/plots/")
     plot.add_argument("run", help="run folder")
-    plot.set_defaults(handler=_cmd_plot)
+    plot.set_defaults(handler="dpo_lora.commands.plot:run")
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible fine-tuning jobs API over this machine's GPUs")
     serve.add_argument("--state-dir", default="serve-state", help="job store, uploaded files and job folders")
@@ -268,11 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="slurm: an sbatch option for every job, e.g. --slurm-option=--partition=gpu (repeatable)",
     )
     serve.add_argument("--slurm-script", help="slurm: the batch script template (default: launch/slurm.sbatch)")
-    serve.set_defaults(handler=_cmd_serve)
+    serve.set_defaults(handler="dpo_lora.serve.server:serve")
 
     fetch = commands.add_parser("fetch-default-model", help="make a model folder of SmolLM2-135M-Instruct")
     fetch.add_argument("dir", help="target folder (kept as a cache: a complete folder is reused)")
-    fetch.set_defaults(handler=_cmd_fetch)
+    fetch.set_defaults(handler="dpo_lora.commands.fetch:run")
     return parser
 
 
@@ -291,15 +141,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dpo_lora.cpu_memory import huge_pages_for_tensors
-
     huge_pages_for_tensors()  # before torch is imported: torch reads it once
     args = parse_args(argv)
     try:
-        from dpo_lora.console import quiet_third_party
-
         quiet_third_party()
-        return args.handler(args)
+        module, function = args.handler.split(":")
+        return getattr(importlib.import_module(module), function)(args)
     except UserError as err:
         print(f"dpo-lora: error: {err}", file=sys.stderr)
         return 2
@@ -307,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print("dpo-lora: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        from dpo_lora.distributed import rank_failure_message
+        from dpo_lora.core.distributed import rank_failure_message  # torch: not loaded for --help
 
         message = rank_failure_message(err)
         if message is None:

@@ -154,11 +154,11 @@ def two_hosts():
 
 @pytest.fixture(scope="session")
 def slurm():
-    """A real one-node SLURM cluster for the session (tests/slurm_cluster.py); the environment its
+    """A real one-node SLURM cluster for the session (tests/launch/slurm_cluster.py); the environment its
     clients and jobs need: SLURM_CONF, and this interpreter for the jobs."""
     import tempfile
 
-    from . import slurm_cluster
+    from .launch import slurm_cluster
 
     if reason := slurm_cluster.unavailable_reason():
         if os.environ.get("CI"):

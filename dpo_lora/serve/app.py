@@ -26,6 +26,9 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from dpo_lora.core.config import dump_yaml
+from dpo_lora.core.errors import UserError
+from dpo_lora.data.rows import shape_problems
 from dpo_lora.serve import wire
 from dpo_lora.serve.dashboard import dashboard_routes
 from dpo_lora.serve.guard import Guard, Limits
@@ -115,8 +118,6 @@ def _limit(limit: int, most: int = 100) -> int:
 def _files_routes(api: APIRouter, state: ServerState) -> None:
     @api.post("/files")
     def create_file(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict:
-        from dpo_lora.data import shape_problems
-        from dpo_lora.errors import UserError
 
         if purpose not in PURPOSES:
             raise ApiError(400, f"purpose '{purpose}' is not one of {', '.join(PURPOSES)}", param="purpose")
@@ -344,7 +345,6 @@ def _replayed(state: ServerState, key: str, request_hash: str) -> dict | None:
 
 
 def _new_job(state: ServerState, body: wire.JobCreate) -> Job:
-    from dpo_lora.config import dump_yaml
 
     if body.method is not None and body.method.type != "dpo":
         raise ApiError(400, f"method '{body.method.type}' is not supported; this server trains DPO", param="method")

@@ -1,6 +1,6 @@
 """The dashboard at GET /: one static page (dashboard.html: no CDN, no JavaScript library) over the
 JSON API, plus the two routes only it reads: every job with its progress, and a job's charts, drawn
-server-side as SVG by the project's own matplotlib code (dpo_lora/plots.py).
+server-side as SVG by the project's own matplotlib code (dpo_lora/train/plots.py).
 
 The page itself holds no data, so it needs no token; everything it shows comes from /v1 routes
 under the server's auth, with the token typed into the page (kept in the browser's localStorage).
@@ -15,9 +15,9 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import select
 
-from dpo_lora.plots import CHARTS
 from dpo_lora.serve import runfiles, wire
 from dpo_lora.serve.store import Job
+from dpo_lora.train.plots import CHARTS, chart_svg
 
 PAGE = Path(__file__).with_name("dashboard.html")
 MAX_ROWS = 1000  # jobs one dashboard request may list
@@ -70,7 +70,6 @@ def dashboard_routes(app: FastAPI, api: APIRouter, state) -> None:
 
     @api.get("/fine_tuning/jobs/{job_id}/charts/{name}.svg")
     def job_chart(job_id: str, name: str) -> Response:
-        from dpo_lora.plots import chart_svg
 
         if f"{name}.png" not in CHARTS:
             raise wire.ApiError(404, f"No chart named {name}; charts: {', '.join(c[:-4] for c in CHARTS)}",

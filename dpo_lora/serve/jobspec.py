@@ -22,9 +22,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from dpo_lora.config import Config, knobs, load_config, split_key
-from dpo_lora.dsconfig import ZERO_STAGES, read_json, zero_config
-from dpo_lora.errors import ConfigError, UserError
+from dpo_lora.core.config import load_config, split_key
+from dpo_lora.core.dsconfig import ZERO_STAGES, read_json, zero_config
+from dpo_lora.core.errors import ConfigError, UserError
+from dpo_lora.core.schema import Config, knobs
 
 # Set per job by the service, or only by the operator's --config: paths (the model, the data, the
 # run folder, the DeepSpeed JSON, an adapter to start from), code (trust_remote_code), the

@@ -8,8 +8,8 @@ import socket
 import threading
 from pathlib import Path
 
-from dpo_lora.errors import UserError
-from dpo_lora.sizes import parse_size
+from dpo_lora.core.errors import UserError
+from dpo_lora.core.sizes import parse_size
 
 LOOPBACK_NAMES = ("localhost",)
 

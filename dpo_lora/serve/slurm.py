@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dpo_lora.core.errors import UserError
 from dpo_lora.serve import processes
 from dpo_lora.serve.local import job_environment, train_arguments
 
@@ -76,8 +77,6 @@ class SlurmBackend:
 
     def __init__(self, gpus_per_rank: int, cpus_per_rank: int, sbatch_options: list[str], template: Path = TEMPLATE):
         if not template.is_file():
-            from dpo_lora.errors import UserError
-
             raise UserError(f"--slurm-script {template}: file not found")
         self.gpus_per_rank, self.cpus_per_rank = gpus_per_rank, cpus_per_rank
         self.sbatch_options, self.template = sbatch_options, template

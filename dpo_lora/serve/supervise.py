@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 
+from dpo_lora.serve.processes import start_time
+
 
 def main(argv: list[str]) -> int:
     exit_file, log_file, separator, *command = argv
@@ -51,7 +53,6 @@ def _write_json(path: str, value: dict) -> None:
 
 
 def _start_time() -> int:
-    from dpo_lora.serve.processes import start_time
 
     return start_time(os.getpid())
 

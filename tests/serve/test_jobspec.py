@@ -79,7 +79,7 @@ def test_reserved_keys_are_refused_in_every_spelling(extra, key):
 def test_every_config_key_a_client_may_set_holds_no_path():
     """The audit: a client may set numbers, flags, closed choices and two audited strings. A string
     key added later is the service's until it is added to FREE_STRINGS on purpose."""
-    from dpo_lora.config import knobs
+    from dpo_lora.core.schema import knobs
     from dpo_lora.serve.jobspec import FREE_STRINGS, SERVICE_KEYS, client_may_set
 
     settable = {key for key in knobs() if client_may_set(key)}
@@ -110,7 +110,7 @@ def test_a_nested_or_non_finite_value_is_refused_naming_its_key():
 def test_a_client_picks_a_shipped_zero_configuration_by_name():
     import json
 
-    from dpo_lora.dsconfig import zero_config
+    from dpo_lora.core.dsconfig import zero_config
 
     assert spec(extra={"zero_stage": 3, "offload": True}).deepspeed == zero_config(3, True)
     assert spec(extra={"zero_stage": 0}).deepspeed == zero_config(0)
@@ -126,7 +126,7 @@ def test_a_client_picks_a_shipped_zero_configuration_by_name():
 def test_the_shipped_zero_files_are_the_configurations_the_service_writes():
     import json
 
-    from dpo_lora.dsconfig import zero_config
+    from dpo_lora.core.dsconfig import zero_config
 
     for stage, offload in ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True)):
         name = f"zero{stage}{'_offload' if offload else ''}.json"

@@ -24,7 +24,7 @@ MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def smollm2_models(tmp_path_factory):
-    from dpo_lora.default_model import fetch_default_model
+    from dpo_lora.commands.fetch import fetch_default_model
 
     fetch_default_model(MODEL_DIR)
     models = tmp_path_factory.mktemp("models")

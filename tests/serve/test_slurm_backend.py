@@ -1,4 +1,4 @@
-"""`dpo-lora serve --backend slurm` on the real one-node SLURM cluster (tests/slurm_cluster.py),
+"""`dpo-lora serve --backend slurm` on the real one-node SLURM cluster (tests/launch/slurm_cluster.py),
 through the `openai` client: a two-rank job is submitted with sbatch, shows SLURM's states, lives
 through a kill -9 of the server, pauses at a checkpoint (SIGTERM to its ranks, no requeue) and
 resumes to success; a second job is cancelled with no rank left behind."""

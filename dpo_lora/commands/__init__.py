@@ -1,0 +1,1 @@
+"""One module per CLI verb: train, config, eval, generate, export, plan, fetch, plot."""

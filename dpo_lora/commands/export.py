@@ -1,0 +1,179 @@
+"""Export: merge a LoRA adapter into its base and write a standalone Hugging Face model folder.
+
+The base is streamed tensor by tensor from its memory-mapped safetensors shards, merged in float32
+(for `dequantized`, first quantized and dequantized exactly as training loaded it) and written out
+in shards as they fill; verification streams the models one module at a time. Peak anonymous
+memory is about one output shard plus a few float32 copies of the largest tensor (README, Export).
+
+Merge targets:
+  original     W + s * B @ A on the unquantized base (the usual choice for serving at 16 bits);
+               departs from the trained function by the base's quantization error.
+  dequantized  dequant(quant(W)) + s * B @ A: exactly the function that was trained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dpo_lora.core.errors import UserError
+from dpo_lora.core.sizes import parse_size
+from dpo_lora.model.requantize import Requantizer
+from dpo_lora.model.verify import verify_export
+from dpo_lora.model.weight_files import ShardWriter, WeightFolder
+from dpo_lora.train.runs import lora_settings, resolve_adapter
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def lora_deltas(adapter_dir: Path, settings: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Base weight name -> (A [r, in], B [out, r], scale) for every adapted layer."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    deltas = {}
+    for name, lora_a in state.items():
+        if ".lora_A." not in name:
+            continue
+        module = name.split(".lora_A.")[0].removeprefix("base_model.model.")
+        lora_b = state[name.replace(".lora_A.", ".lora_B.")]
+        rank = lora_a.shape[0]
+        alpha = settings["lora_alpha"]
+        scale = alpha / rank**0.5 if settings.get("use_rslora") else alpha / rank
+        deltas[module + ".weight"] = (lora_a, lora_b, scale)
+    return deltas
+
+
+def merge(base: Path, adapter_dir: Path, out: Path, *, dtype: str, max_shard_bytes: int, requantize=None) -> dict:
+    """Write merged weights into `out`; returns {"tensors", "merged", "bytes", "files"}.
+    `requantize` (a Requantizer) turns each quantized layer's weight into what training used."""
+    from tqdm.auto import tqdm
+
+    deltas = lora_deltas(adapter_dir, lora_settings(adapter_dir))
+    target_dtype = DTYPES[dtype]
+    writer = ShardWriter(out, max_shard_bytes)
+    base_files = WeightFolder(base)
+    merged = set()
+    for name in tqdm(base_files.names(), desc="merge", unit="tensor", dynamic_ncols=True):
+        tensor = base_files[name]
+        if requantize is not None and name in requantize:
+            tensor = requantize(name, tensor)
+        if name in deltas:
+            lora_a, lora_b, scale = deltas[name]
+            tensor = tensor.float().addmm_(lora_b.float(), lora_a.float(), alpha=scale)
+            merged.add(name)
+        writer.add(name, tensor.to(target_dtype) if tensor.is_floating_point() else tensor)
+        del tensor
+    missing = sorted(set(deltas) - merged)
+    if missing:
+        raise UserError(f"the adapter adapts weights the base does not have, e.g. {missing[0]} (wrong --base?)")
+    files = writer.close()
+    count = len(base_files.names())
+    return {"tensors": count, "merged": len(merged), "bytes": writer.total_bytes, "files": [f.name for f in files]}
+
+
+def write_model_files(base: Path, adapter_dir: Path, out: Path, dtype: str) -> None:
+    """config.json (without quantization), generation config, tokenizer and chat template."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(base))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = DTYPES[dtype]
+    config.save_pretrained(str(out))
+    try:
+        GenerationConfig.from_pretrained(str(base)).save_pretrained(str(out))
+    except OSError:
+        pass  # the base has no generation config; transformers derives one from config.json
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(str(out))
+
+
+def _model_card(adapter_dir: Path, base: str, run_config) -> str:
+    lines = ["# LoRA adapter trained with dpo-lora (DPO)\n", f"- base model: `{base}`"]
+    if run_config is not None:
+        lines += [
+            f"- quantization during training: {run_config.model.quantization}",
+            f"- loss: {run_config.dpo.loss}, beta {run_config.dpo.beta}",
+            f"- LoRA r={run_config.lora.r}, alpha={run_config.lora.alpha}",
+        ]
+    lines += ["", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+              f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "PATH_TO_THIS_FOLDER")',
+              "```", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def push_to_hub(folder: Path, repo: str) -> None:
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo)
+    except Exception as err:  # no network, no token, no permission: all end the same way
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(
+            f"--push {repo}: cannot upload to the Hugging Face Hub ({first_line}); {folder} is complete"
+        ) from None
+
+
+def export_model(
+    source: str, *, out: str, base: str | None = None, dtype: str = "bfloat16", max_shard_size: str = "5GB",
+    merge_into: str = "original", adapter_only: bool = False, overwrite: bool = False, push: str | None = None,
+) -> dict:  # fmt: skip
+    """Export a run/adapter/checkpoint to `out`; returns the export report (also in out/export_report.json)."""
+    import shutil
+    import tempfile
+
+    out_path = Path(out)
+    if out_path.exists() and any(out_path.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
+    staging = out_path.with_name(f".{out_path.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            adapter_dir, run_config = resolve_adapter(source, Path(scratch))
+            base_path = Path(base or (run_config.model.path if run_config else ""))
+            if not (base_path / "config.json").is_file():
+                raise UserError(f"--base: no model folder at '{base_path}' (give --base MODEL_DIR)")
+            if adapter_only:
+                shutil.copytree(adapter_dir, staging, dirs_exist_ok=True)
+                (staging / "README.md").write_text(_model_card(adapter_dir, str(base_path), run_config))
+                report = {"adapter_only": True, "source": source}
+            else:
+                if merge_into == "dequantized" and run_config is None:
+                    raise UserError("--merge-into dequantized needs the run's config.yaml (its quantization settings)")
+                if merge_into == "dequantized" and run_config.model.quantization == "none":
+                    raise UserError("--merge-into dequantized: the run's base was not quantized (use original)")
+                requantize = Requantizer(base_path, run_config.model) if merge_into == "dequantized" else None
+                max_shard_bytes = parse_size(max_shard_size)
+                summary = merge(
+                    base_path, adapter_dir, staging, dtype=dtype, max_shard_bytes=max_shard_bytes, requantize=requantize
+                )
+                write_model_files(base_path, adapter_dir, staging, dtype)
+                report = {**summary, **verify_export(staging, base_path, adapter_dir, run_config, merge_into, dtype)}
+                if report["max_logp_diff_vs_claimed"] > report["tolerance"]:
+                    raise UserError(
+                        f"export failed verification: merged model differs from the {report['claimed']} by "
+                        f"{report['max_logp_diff_vs_claimed']:.4g} in log-prob (tolerance {report['tolerance']}); nothing written"
+                    )
+            (staging / "export_report.json").write_text(json.dumps(report, indent=2))
+        shutil.rmtree(out_path, ignore_errors=True)
+        staging.rename(out_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if push:
+        push_to_hub(out_path, push)
+    return report
+
+
+def run(args) -> int:
+    report = export_model(
+        args.source, out=args.out, base=args.base, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        merge_into=args.merge_into, adapter_only=args.adapter_only, overwrite=args.overwrite, push=args.push,
+    )  # fmt: skip
+    print(json.dumps(report, indent=2))
+    return 0

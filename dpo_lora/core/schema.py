@@ -1,0 +1,192 @@
+"""The config tree: every knob as a typed dataclass field with its default and one-line help
+(`dpo-lora config --list`, docs/configuration.md), and its closed set of choices where it has one.
+Loading, overrides and validation are dpo_lora/core/config.py's."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "robust", "bco_pair", "exo_pair",
+    "nca_pair", "sppo_hard", "apo_zero", "apo_down",
+)  # fmt: skip
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair")  # the losses dpo.label_smoothing changes
+
+
+def knob(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field with its help text (and allowed values, when they are a closed set)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = knob("models/SmolLM2-135M-Instruct", "base model: a local HF model folder or a hub id")
+    quantization: str = knob(
+        "nf4", "base weights: 4-bit nf4/fp4 (bitsandbytes), int8, or none", ("nf4", "fp4", "int8", "none")
+    )
+    dtype: str = knob(
+        "bfloat16", "compute dtype of the base and of DeepSpeed mixed precision", ("bfloat16", "float16", "float32")
+    )
+    float32_residual: bool = knob(
+        True,
+        "bfloat16 + quantized: keep unquantized weights, the residual stream, the head and LoRA in float32, the base's "
+        "matmuls in bf16 under autocast (small LoRA updates survive; off: all bf16)",
+    )
+    gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory (non-reentrant)")
+    checkpoint_layers: int | str = knob(
+        "all",
+        "with gradient_checkpointing, how many decoder layers (the first) recompute: all, a number (the rest keep "
+        "their activations and skip it; same gradients), or auto (the fewest that fit the GPU, by dpo-lora plan)",
+    )
+    recompute_attention: bool = knob(
+        True,
+        "with gradient_checkpointing, rerun the attention kernels in backward too (off: keep their outputs, a few MB "
+        "a layer, and skip their second forward; not under ZeRO-3)",
+    )
+    trust_remote_code: bool = knob(False, "allow model code from the model folder/hub to run (off: safer)")
+    attn_implementation: str = knob(
+        "auto",
+        "attention kernel: auto (sdpa where the model supports it, else eager) or one passed to transformers",
+        ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"),
+    )
+
+
+@dataclass
+class LoraConfig:
+    r: int = knob(16, "LoRA rank")
+    alpha: int = knob(32, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = knob(0.05, "dropout on the LoRA input")
+    target_modules: Any = knob("all-linear", "module names to adapt: a list, or 'all-linear'")
+    init_adapter: str | None = knob(None, "existing PEFT adapter to continue from; it also becomes the reference")
+
+
+@dataclass
+class DataConfig:
+    train: str = knob(
+        "data/sentiment/train.jsonl", "training pairs: .jsonl/.json/.parquet, a save_to_disk folder, or a hub id"
+    )
+    eval: str | None = knob(None, "held-out pairs (same formats); if unset, eval_fraction of train is held out")
+    eval_fraction: float = knob(0.0, "fraction of train held out for eval when data.eval is unset")
+    max_length: int = knob(512, "max tokens of prompt + completion")
+    max_prompt_length: int | None = knob(
+        None,
+        "max prompt tokens; longer prompts keep their leading special tokens and their end; unset: half of max_length",
+    )
+    group_by_length: bool = knob(False, "fill each global batch with pairs of similar length (less padding)")
+    num_proc: int | None = knob(None, "worker processes for tokenization (datasets.map)")
+    on_bad_rows: str = knob(
+        "error", "bad rows stop the run before training, or are dropped and reported", ("error", "skip")
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_length is None:  # only max_length was given (TRL 1.x style)
+            self.max_prompt_length = self.max_length // 2
+
+
+@dataclass
+class DpoConfig:
+    beta: float = knob(0.1, "strength of the KL penalty toward the reference")
+    loss: str = knob("sigmoid", "preference loss", LOSS_TYPES)
+    label_smoothing: float = knob(0.0, "assumed label-noise rate (cDPO/robust/exo_pair)")
+    reference_free: bool = knob(False, "ignore the reference model (reference log-probs are 0)")
+    reference: str = knob(
+        "auto",
+        "reference log-probs: online (a no-grad forward per step), precompute (once, cached), or auto "
+        "(precompute when the run covers at least one epoch)",
+        ("auto", "online", "precompute"),
+    )  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = knob(1, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = knob(0, "optimizer steps to run; 0 means derive from epochs")
+    micro_batch_size: int = knob(4, "pairs per rank per forward")
+    grad_accum: int = knob(1, "micro-batches accumulated per optimizer step")
+    lr: float = knob(5e-5, "peak learning rate")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    scheduler: str = knob("cosine", "learning-rate schedule after warmup", ("cosine", "linear", "constant"))
+    warmup_ratio: float = knob(0.1, "fraction of steps with linear warmup")
+    max_grad_norm: float = knob(1.0, "gradient clipping norm (0 disables)")
+    collective_timeout_s: int = knob(
+        1800,
+        "seconds a rank waits in a collective before the job fails naming this key (a hung rank); must exceed "
+        "the longest work one rank does while others wait: rank 0 tokenizing uncached data, a checkpoint save",
+    )
+    seed: int = knob(42, "seed for init, dropout and data order")
+    log_every: int = knob(1, "optimizer steps per metrics row")
+    eval_every: int = knob(0, "optimizer steps between evals; 0 evaluates only before and after training")
+    eval_batch_size: int = knob(8, "pairs per rank per eval forward")
+    logps_chunk_size: int = knob(
+        1024, "completion tokens per LM-head chunk when scoring (no full logits kept); 0 = plain logits"
+    )
+    share_prompt: bool = knob(
+        True, "run each prompt once for chosen and rejected (exact; off where the attention kernel can't)"
+    )
+    shared_prompt_attention: str = knob(
+        "split",
+        "shared-prompt attention on sdpa models: split (two fused causal calls, no mask) or mask (one dense 4D mask)",
+        ("split", "mask"),
+    )
+    pack_sequences: bool = knob(
+        False, "padding-free: a micro-batch's sequences in one row (flash_attention_2/3 only; else padded rows)"
+    )
+    self_check: bool = knob(
+        True, "before training, score one micro-batch by the fast paths and the plain path; turn off any that differ"
+    )
+    cpu_mmap_threshold_mb: int = knob(
+        0, "CPU runs: tensors of at least this many MB get their own pages (lower peak RSS, slower steps); 0 = off"
+    )
+    save_every: int = knob(0, "optimizer steps between checkpoints; 0 saves only at the end")
+    keep_checkpoints: int = knob(2, "complete checkpoints kept (older ones are deleted); 0 keeps all")
+    resume: str = knob(
+        "never",
+        "auto: continue from the newest complete checkpoint; force: even if the config changed",
+        ("never", "auto", "force"),
+    )
+    max_bad_steps: int = knob(3, "consecutive non-finite steps (skipped) before the run aborts")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: str = knob(
+        "deepspeed_configs/zero2.json", 'DeepSpeed JSON; values set to "auto" are filled from this config'
+    )
+    output_dir: str = knob("runs/dpo", "where the adapter, metrics and resolved config are written")
+    overwrite: bool = knob(False, "allow a new run in an output_dir that already holds one")
+
+
+def knobs(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Dotted key -> its dataclass field (type, default, help, choices), for every knob."""
+    found = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found |= knobs(hints[f.name], prefix + f.name + ".")
+        else:
+            found[prefix + f.name] = f
+    return found
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every knob, in declaration order."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], prefix + f.name + ".")
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((prefix + f.name, default, f.metadata["help"]))
+    return rows

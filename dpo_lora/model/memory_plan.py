@@ -1,0 +1,290 @@
+"""`dpo-lora plan`: the per-rank device memory of a run, predicted from its config alone.
+
+Only the model's config.json is read (and, for `data_lengths`, the tokenizer and training data).
+Parameter shapes come from an empty (meta) model and the quantized layers from transformers' own
+rules (dpo_lora.model.requantize). The activations are counted,
+not modelled: the policy forward of a two-layer copy of the model runs on the meta device (shapes,
+no memory) under `torch.autograd.graph.saved_tensors_hooks`, and the bytes the second decoder
+layer saves for backward are one layer's share. Attention is counted as a fused kernel (flash /
+memory-efficient: q, k, v, output, log-sum-exp and the mask), as CUDA and CPU sdpa both save.
+Nothing is allocated, so a 70B config plans in seconds on any machine.
+
+Not counted: allocator fragmentation and caching (torch reserves more than it allocates), the
+CUDA context and library workspaces (FIXED_OVERHEAD stands for them), the reference forward's
+transients (it runs without grad before the policy forward and frees them), and DeepSpeed's
+communication buckets beyond the gradient partition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from dpo_lora.core.dsconfig import read_json
+from dpo_lora.data.layout import unsupported_reason
+from dpo_lora.data.prepare import tokenized_split
+from dpo_lora.model.checkpointing import checkpointed_count, keeps_attention_outputs
+from dpo_lora.model.load import load_tokenizer
+from dpo_lora.model.precision import float32_residual, quantization_config, torch_dtype, weights_dtype
+from dpo_lora.model.requantize import quantized_layers
+
+FIXED_OVERHEAD = 1 << 30  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack: ~0.5-1 GiB measured by others
+ADAM_STATES = 2  # exp_avg and exp_avg_sq, float32
+# Live bytes per logit of a head chunk at its peak (the forward: float32 logits turned into
+# softmax - onehot in place, plus, with a 16-bit model, its 16-bit copy for the matmul with the
+# weight), counted on CPU by tests/model/test_memory_plan.py: 4.0 with a float32 model, 6.0 with a 16-bit one.
+LOGIT_BYTES = {4: 4, 2: 6}
+
+
+@dataclass
+class Plan:
+    components: dict[str, int]  # name -> bytes per rank
+    tokens_per_row: int
+    rows: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.components.values())
+
+
+@dataclass(frozen=True)
+class RowLengths:
+    """Token counts that size a micro-batch's rows: the worst case `data.max_length` allows, or
+    the longest pair of the training data (`data_lengths`)."""
+
+    shared_row: int  # prompt + chosen + rejected (the shared-prompt layout's row)
+    unshared_row: int  # prompt + the longer completion (chosen and rejected as their own rows)
+    completion: int  # the longest completion (scored positions per sequence)
+
+    @classmethod
+    def worst_case(cls, max_length: int) -> RowLengths:
+        # Shared, a row holds the prompt once and both completions: up to 2 x max_length tokens.
+        return cls(shared_row=2 * max_length, unshared_row=max_length, completion=max_length - 1)
+
+
+def data_lengths(config) -> RowLengths:
+    """The longest pair of `data.train`, tokenized and truncated as training does (its cache too)."""
+
+    dataset, _ = tokenized_split(config.data.train, load_tokenizer(config.model), config.data)
+    columns = [dataset[name] for name in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    lengths = [(len(p), len(c), len(r)) for p, c, r in zip(*columns, strict=True)]
+    return RowLengths(
+        shared_row=max(p + c + r for p, c, r in lengths),
+        unshared_row=max(p + max(c, r) for p, c, r in lengths),
+        completion=max(max(c, r) for _, c, r in lengths),
+    )
+
+
+def quantized_bytes(numel: int, out_features: int, quantization: str) -> int:
+    """Device bytes of one quantized weight: 4-bit codes, blockwise absmax (double-quantized to
+    uint8 with a float32 absmax per 256 blocks and a 256-entry code) or int8 values + row scales."""
+    if quantization == "int8":
+        return numel + 4 * out_features
+    blocks = math.ceil(numel / 64)
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 * 16
+
+
+def _skeleton(config, layers: int | None = None, dtype=None):
+    """The model (PEFT-wrapped as configured) on the meta device, LoRA in float32 as in training;
+    unquantized weights in `dtype` (default: what training holds them in)."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    if layers is not None:
+        model_config.num_hidden_layers = layers
+        if getattr(model_config, "layer_types", None):
+            model_config.layer_types = model_config.layer_types[:layers]
+    model_config._attn_implementation = "sdpa"
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype or weights_dtype(config.model))
+        lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                          target_modules=config.lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+        model = get_peft_model(model, lora)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    return model
+
+
+def weight_components(config) -> tuple[dict[str, int], int]:
+    """(components, LoRA parameter count) for the weights of the whole model."""
+    from pathlib import Path
+
+    model = _skeleton(config)
+    quantized = set()
+    if config.model.quantization != "none":
+        quantized = set(quantized_layers(Path(config.model.path), quantization_config(config.model)))
+    tied = set(getattr(model.get_base_model(), "all_tied_weights_keys", None) or {})  # stored once
+    packed = plain = lora = 0
+    for name, param in model.named_parameters():
+        base_name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if base_name in tied:
+            continue
+        if "lora_" in name:
+            lora += param.numel()
+        elif base_name in quantized:
+            packed += quantized_bytes(param.numel(), param.shape[0], config.model.quantization)
+        else:
+            plain += param.numel() * param.element_size()
+    label = "int8 weights + row scales" if config.model.quantization == "int8" else "4-bit weights + absmax"
+    return {label: packed, "unquantized weights (embeddings, head, norms)": plain}, lora
+
+
+def optimizer_components(lora_numel: int, zero: dict, world_size: int) -> dict[str, int]:
+    """LoRA parameters, gradients and AdamW state (all float32) as the ZeRO stage splits them."""
+    stage = zero.get("stage", 0)
+    offloaded = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+    full, shard = 4 * lora_numel, 4 * math.ceil(lora_numel / world_size)
+    components = {"LoRA parameters": shard if stage == 3 else full}
+    # Stage 2+ keeps only its gradient partition (plus the bucket being reduced); 0-1 keep them all.
+    bucket = 4 * min(int(zero.get("reduce_bucket_size", 5e8)), lora_numel)
+    components["LoRA gradients"] = shard + bucket if stage >= 2 else full
+    optimizer = ADAM_STATES * (shard if stage >= 1 else full)
+    master = shard if stage >= 1 else 0  # ZeRO 1-3 step a float32 copy of their partition
+    components["optimizer states (AdamW) + ZeRO float32 partition"] = 0 if offloaded else optimizer + master
+    return components
+
+
+@contextlib.contextmanager
+def _fused_attention(outputs: list[int]):
+    """sdpa as the fused kernels save for backward (q, k, v, output, log-sum-exp, mask), on meta;
+    appends the bytes of each call's output and log-sum-exp to `outputs`."""
+
+    class Fused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, mask):
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+            outputs.append(out.numel() * out.element_size() + lse.numel() * lse.element_size())
+            ctx.save_for_backward(q, k, v, out, lse, *([mask] if mask is not None else []))
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise NotImplementedError("planning only")
+
+    plain = torch.nn.functional.scaled_dot_product_attention
+
+    def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return Fused.apply(q, k, v, attn_mask)
+
+    torch.nn.functional.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = plain
+
+
+def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, int, int]:
+    """(bytes one decoder layer saves for backward, bytes of one layer's input, bytes of one layer's
+    attention output and log-sum-exp) for `rows` rows of `tokens` tokens, counted on the meta device."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    model = _skeleton(config, layers=2, dtype=torch_dtype(config.model.dtype))  # the compute dtype
+    model.train()
+    params = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
+    layers = model.get_base_model().model.layers
+    scope, saved, inputs = [None], {}, {}
+    for index, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda m, a, k, i=index: (scope.__setitem__(0, i), inputs.setdefault(i, a[0] if a else k["hidden_states"]))[0], with_kwargs=True)  # noqa: E501  # fmt: skip
+        layer.register_forward_hook(lambda *_: scope.__setitem__(0, None))
+
+    def pack(tensor):
+        key = StorageWeakRef(tensor.untyped_storage())
+        if scope[0] == 1 and key not in params:
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    ids = torch.zeros(rows, tokens, dtype=torch.long, device="meta")
+    positions = torch.zeros(rows, tokens, dtype=torch.long, device="meta")
+    dtype = torch_dtype(config.model.dtype)
+    # Shared prompts get an additive float mask; padded rows a boolean one (what sdpa receives).
+    mask = torch.zeros(rows, 1, tokens, tokens, device="meta", dtype=dtype if shared else torch.bool)
+    attention_outputs = []
+    with _fused_attention(attention_outputs), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.get_base_model().model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    layer_input = inputs[1]
+    return sum(saved.values()), layer_input.numel() * layer_input.element_size(), attention_outputs[1]
+
+
+def activation_components(
+    config, hidden: int, vocab: int, layers: int, shared: bool, lengths: RowLengths | None = None
+) -> tuple[dict[str, int], int, int]:
+    """(components, tokens per row, rows) for one micro-batch's policy forward and backward, its
+    rows as long as `lengths` (default: the worst case of `data.max_length`)."""
+
+    micro = config.train.micro_batch_size
+    lengths = lengths or RowLengths.worst_case(config.data.max_length)
+    rows, tokens = (micro, lengths.shared_row) if shared else (2 * micro, lengths.unshared_row)
+    per_layer, layer_input, attention_output = saved_by_layer(config, rows, tokens, shared)
+    element = torch.tensor([], dtype=torch_dtype(config.model.dtype)).element_size()
+    if float32_residual(config.model):
+        # The residual stream (each layer's input) and the head run in float32; inside a layer
+        # autocast keeps what backward saves in bf16, as the bf16 meta forward counts it.
+        layer_input, element = layer_input * 4 // element, 4
+    checkpointed = (
+        checkpointed_count(config.model.checkpoint_layers, layers) if config.model.gradient_checkpointing else 0
+    )
+    components = {}
+    if checkpointed:
+        # The first layers checkpoint, so backward frees every later layer's activations before the
+        # first recompute: a recompute adds to the peak only when every layer checkpoints.
+        components = {"checkpointed activations (layer inputs)": checkpointed * layer_input}
+        if checkpointed == layers:
+            components["one-layer recompute peak"] = per_layer
+        zero_stage = read_json(config.deepspeed).get("zero_optimization", {}).get("stage", 0)
+        if keeps_attention_outputs(config.model, zero_stage):
+            components["kept attention outputs"] = checkpointed * attention_output
+    if checkpointed < layers:
+        components["activations (every layer's saved tensors)" if checkpointed == 0
+                   else "activations of the layers not checkpointed"] = (layers - checkpointed) * per_layer  # fmt: skip
+    scored = 2 * micro * lengths.completion  # completion positions scored, at most
+    chunk = min(config.train.logps_chunk_size, scored) if config.train.logps_chunk_size > 0 else scored
+    components["LM-head chunk transient"] = lm_head_transient(chunk, vocab, scored, rows * tokens, hidden, element)
+    return components, tokens, rows
+
+
+def lm_head_transient(chunk: int, vocab: int, scored: int, positions: int, hidden: int, element: int) -> int:
+    """Peak bytes of the chunked head (dpo_lora/model/chunked_logps.py), a frozen head's: the scored
+    hidden states and their gradient direction ([scored, hidden] each), with either a chunk's
+    logits (forward, LOGIT_BYTES each) or the gradient of every position's final hidden state
+    (backward)."""
+    return 2 * scored * hidden * element + max(int(chunk * vocab * LOGIT_BYTES[element]), positions * hidden * element)
+
+
+def text_config_of(config):
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    text_config = model_config.get_text_config()
+    kernel = config.model.attn_implementation
+    text_config._attn_implementation = "sdpa" if kernel == "auto" else kernel  # what auto picks for these models
+    return text_config
+
+
+def activations_of(config, text_config, lengths: RowLengths | None = None) -> tuple[dict[str, int], int, int]:
+
+    # The layout training will use (dpo_lora.data.layout.batch_layout decides it the same way).
+    reason = unsupported_reason(SimpleNamespace(config=text_config), config.data.max_length)
+    shared = config.train.share_prompt and reason is None
+    hidden, vocab, layers = text_config.hidden_size, text_config.vocab_size, text_config.num_hidden_layers
+    return activation_components(config, hidden, vocab, layers, shared, lengths)
+
+
+def plan(config, world_size: int = 1, lengths: RowLengths | None = None) -> Plan:
+    """The per-rank memory of `config`'s run on `world_size` ranks, its rows as long as `lengths`
+    (default: the worst case of `data.max_length`)."""
+
+    components, lora_numel = weight_components(config)
+    zero = read_json(config.deepspeed).get("zero_optimization", {})
+    components |= optimizer_components(lora_numel, zero, world_size)
+    activations, tokens, rows = activations_of(config, text_config_of(config), lengths)
+    components |= activations
+    components["fixed overhead (CUDA context, workspaces)"] = FIXED_OVERHEAD
+    return Plan(components, tokens, rows)

@@ -1,0 +1,138 @@
+"""Attention for the shared-prompt layout without a dense mask.
+
+A shared row is [prompt | chosen | rejected | padding] (dpo_lora.data.layout). Each token must see what
+it sees in its own unshared sequence, and that splits into two plain causal problems:
+- prompt and chosen queries against [prompt | chosen] keys: ordinary top-left causal attention over
+  the row's first P + C positions. Batched over the micro-batch on the widest such prefix: right
+  padding and a shorter row's rejected tokens lie after every real query of that prefix, so
+  causality alone keeps them out (the rejected queries' wrong outputs there are overwritten);
+- rejected queries (R) against [prompt | rejected] keys (P + R): causal aligned to the lower right
+  (rejected token j sees the whole prompt and rejected tokens 0..j), one call per row because P and
+  R differ between rows.
+
+Both are fused SDPA calls with no materialised [T, T] mask and no work on the rejected-to-chosen
+block or above the diagonal, which the 4D-mask path (`layout.attention_bias`) spends. Registered
+with transformers' AttentionInterface as KERNEL; a batch without the layout's lengths (plain rows,
+generation) runs transformers' own sdpa function with its own mask, so the model stays an sdpa
+model everywhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+KERNEL = "dpo_lora_shared_prompt"  # the attention implementation name the model is switched to
+PLAN_KEY = "shared_prompt_plan"  # the forward keyword carrying the micro-batch's layout_plan
+
+
+def register() -> None:
+    """Make KERNEL known to transformers (idempotent): this attention, and sdpa's mask builder for
+    the batches that fall through to sdpa."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(KERNEL, shared_prompt_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(KERNEL, sdpa_mask)
+
+
+def use_on(model) -> None:
+    """Switch an sdpa model (a PeftModel or a transformers model) to this attention."""
+    register()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(KERNEL)
+
+
+def shared_prompt_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query [B, H, T, D], key and value [B, Hkv, T, D] -> ([B, T, H, D], None), transformers'
+    attention-function contract. `kwargs[PLAN_KEY]`: the micro-batch's layout_plan, or absent."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plan = kwargs.pop(PLAN_KEY, None)
+    if plan is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError("shared-prompt attention takes no logit softcap or attention sinks")
+    batch, heads, length, dim = query.shape
+    width = plan.head_width
+    # Prompt and chosen: sdpa's own function (GQA, scaling, dropout) with plain causal attention.
+    head, _ = sdpa_attention_forward(
+        module, query[:, :, :width], key[:, :, :width], value[:, :, :width], None, dropout, scaling, is_causal=True
+    )  # [B, width, H, D]
+    # Rejected: every row's queries and [prompt | rejected] keys in one gather each (one scatter in
+    # backward, not a full-size gradient per slice), then one lower-right causal call per row.
+    groups = heads // key.shape[1]
+    queries = _by_token(query).index_select(0, plan.tail_queries).split(plan.tail_lengths)
+    keys = _by_token(key).index_select(0, plan.tail_keys).repeat_interleave(groups, 1).split(plan.tail_key_lengths)
+    values = _by_token(value).index_select(0, plan.tail_keys).repeat_interleave(groups, 1).split(plan.tail_key_lengths)
+    tails = [
+        torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=mask, dropout_p=dropout, scale=scaling,
+        )[0].transpose(0, 1)  # [R, H, D]
+        for q, k, v, mask in zip(queries, keys, values, plan.tail_masks, strict=True)
+    ]  # fmt: skip
+    pieces = torch.cat([head.flatten(0, 1), *tails])  # [B*width + sum R, H, D]
+    return pieces.index_select(0, plan.output).view(batch, length, heads, dim), None
+
+
+def _by_token(states: torch.Tensor) -> torch.Tensor:
+    """[B, h, T, D] -> [B*T, h, D], one row per token."""
+    return states.transpose(1, 2).flatten(0, 1)
+
+
+class _Plan(NamedTuple):
+    """Index tensors of one micro-batch's shared layout, for every layer of its forward."""
+
+    head_width: int  # the widest prompt + chosen
+    tail_queries: torch.Tensor  # flat [B*T] positions of every row's rejected tokens, row after row
+    tail_lengths: list[int]  # R of each row with a rejected branch
+    tail_keys: torch.Tensor  # flat positions of each such row's [prompt | rejected]
+    tail_key_lengths: list[int]  # P + R of each such row
+    output: torch.Tensor  # [B*T]: where each position's output lies in [head rows | tails]
+    tail_masks: tuple  # each such row's lower-right causal bias, R x (P + R)
+
+
+@functools.lru_cache(maxsize=8)
+def layout_plan(lengths: tuple[tuple[int, int, int], ...], length: int, device: torch.device) -> _Plan:
+    """The index tensors and masks of a micro-batch of rows of `length` tokens, one (P, C, R) per row.
+
+    Made before the model's forward and handed to every layer as PLAN_KEY: torch refuses to create
+    the masks (tensor subclasses) inside selective checkpointing, which runs the layers' forwards.
+    """
+    from torch.nn.attention.bias import causal_lower_right
+
+    head_width = max(p + c for p, c, _ in lengths)
+    tail_start = len(lengths) * head_width
+    tail_queries, tail_keys, output = [], [], []
+    for row, (p, c, r) in enumerate(lengths):
+        start = row * length
+        tail_queries += range(start + p + c, start + p + c + r)
+        if r:
+            tail_keys += [*range(start, start + p), *range(start + p + c, start + p + c + r)]
+        # padding positions read the row's first output: finite, and never seen by a real token
+        output += [row * head_width + t for t in range(p + c)] + list(range(tail_start, tail_start + r))
+        output += [row * head_width] * (length - p - c - r)
+        tail_start += r
+    as_index = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    return _Plan(
+        head_width, as_index(tail_queries), [r for _, _, r in lengths if r], as_index(tail_keys),
+        [p + r for p, _, r in lengths if r], as_index(output),
+        tuple(causal_lower_right(r, p + r) for p, _, r in lengths if r),
+    )  # fmt: skip
+
+
+def row_lengths(branch_lengths: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
+    """[B, 3] (prompt, chosen, rejected) token counts -> the forward keyword's per-row tuples."""
+    return tuple(tuple(row) for row in branch_lengths.tolist())

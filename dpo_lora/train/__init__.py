@@ -1,0 +1,1 @@
+"""The DPO loop: setup, step, losses, reference log-probs, guards, metrics, checkpoints, evaluation."""

@@ -1,0 +1,80 @@
+"""Metric windows averaged over steps and ranks, and the writers (metrics.jsonl, TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from dpo_lora.core.distributed import all_reduce_sum
+
+PAIR_METRICS = (
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+    "rewards/margins", "logps/chosen", "logps/rejected",
+)  # fmt: skip
+
+
+class MetricWindow:
+    """Sums per-pair statistics (weighted) until `reduce` averages them over all ranks."""
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(len(PAIR_METRICS), dtype=torch.float64)
+        self.pairs = 0.0
+        self.tokens = 0.0
+
+    def add(self, stats: dict[str, torch.Tensor], tokens: int, weight: torch.Tensor | None = None) -> None:
+        """stats: per-pair tensors [B] keyed by PAIR_METRICS; weight [B] (0 drops a pair)."""
+        first = stats[PAIR_METRICS[0]]
+        weight = torch.ones_like(first, dtype=torch.float64) if weight is None else weight.double().to(first.device)
+        values = torch.stack([stats[name].double() for name in PAIR_METRICS])  # [M, B]
+        self.sums += (values * weight).sum(-1).cpu()
+        self.pairs += float(weight.sum())
+        self.tokens += tokens
+
+    def state(self) -> dict:
+        """The unlogged part of the window (saved in checkpoints so resumed rows are identical)."""
+        return {"sums": self.sums.clone(), "pairs": self.pairs, "tokens": self.tokens}
+
+    def load_state(self, state: dict) -> None:
+        self.sums, self.pairs, self.tokens = state["sums"].clone(), state["pairs"], state["tokens"]
+
+    def reduce(self) -> dict[str, float]:
+        """Means over every pair seen on every rank since the last reset, plus global counts."""
+        packed = all_reduce_sum(torch.cat([self.sums, torch.tensor([self.pairs, self.tokens], dtype=torch.float64)]))
+        pairs, tokens = packed[-2].item(), packed[-1].item()
+        means = {name: (packed[i].item() / pairs if pairs else math.nan) for i, name in enumerate(PAIR_METRICS)}
+        self.__init__()
+        return {**means, "pairs": pairs, "tokens": tokens}
+
+
+class MetricsWriter:
+    """Appends rows to OUTPUT_DIR/metrics.jsonl and, when tensorboard is installed, event files."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = output_dir / "metrics.jsonl"
+        self.tensorboard = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return
+        self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past `step` (written after the checkpoint a run resumes from)."""
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key not in ("step", "total_steps") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()

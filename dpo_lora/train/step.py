@@ -1,0 +1,101 @@
+"""One DPO forward on a batch: policy and reference log-probs, the loss, per-pair statistics."""
+
+from __future__ import annotations
+
+import torch
+
+from dpo_lora.data.layout import attention_bias
+from dpo_lora.model import shared_attention
+from dpo_lora.model.chunked_logps import scoring
+from dpo_lora.model.load import reference_mode
+from dpo_lora.model.logprobs import sum_by_sequence, token_logps_at
+from dpo_lora.train.losses import dpo_loss
+
+
+def forward_inputs(batch: dict, model) -> dict:
+    """The model's keyword inputs for a collated batch of any layout (dpo_lora.data.layout); `model` is
+    the PEFT model (its attention kernel and dtype decide how a shared prompt is masked)."""
+    if "branch" in batch and model.config._attn_implementation == shared_attention.KERNEL:
+        # Shared prompt, split attention: the rows' layout instead of a mask; the 2D mask only
+        # keeps transformers from reading the restarted positions as packed sequences.
+        ids = batch["input_ids"]
+        plan = shared_attention.layout_plan(
+            shared_attention.row_lengths(batch["branch_lengths"]), ids.shape[1], ids.device
+        )
+        return {
+            "input_ids": ids, "attention_mask": batch["attention_mask"],
+            "position_ids": batch["position_ids"], shared_attention.PLAN_KEY: plan,
+        }  # fmt: skip
+    if "branch" in batch:  # shared prompt: the branch mask and restarted positions
+        mask = attention_bias(batch["branch"], model.get_input_embeddings().weight.dtype)
+        return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+    if "position_ids" in batch:
+        # Packed: no mask, so transformers finds the sequences from the restarting positions
+        # (flash_attention_2 runs its varlen kernel; sdpa/eager get a block-diagonal mask).
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def concatenated_logps(model, batch: dict, chunked_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score chosen and rejected in one forward (any collate layout); `chunked_head=False` takes
+    full logits even where the chunked head is installed (the plain path).
+
+    Returns (completion log-probs [2B], completion lengths [2B]), chosen then rejected.
+    """
+    peft_model = getattr(model, "module", model)
+    inputs = forward_inputs(batch, peft_model)
+    index, targets = batch["score_index"], batch["score_target"]
+    with scoring(model, index, targets, enabled=chunked_head) as chunked:
+        output = model(**inputs, use_cache=False).logits
+    # Chunked, the head already returned each target's log-prob ([N]); plain, it gave logits.
+    token_logps = output if chunked else token_logps_at(output, index, targets)
+    lengths = batch["completion_lengths"]
+    return sum_by_sequence(token_logps, lengths), lengths
+
+
+def preference_step(model, batch: dict, dpo_config, bco_delta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The mean DPO loss of a batch of B pairs and per-pair statistics ([B] tensors, detached).
+
+    `model` is the DeepSpeed engine (or a PeftModel); its PEFT module provides the reference.
+    """
+    ref_logps = reference_logps(model, batch, dpo_config)
+    policy_logps, lengths = concatenated_logps(model, batch)
+    return pair_losses(policy_logps, ref_logps, lengths, dpo_config, bco_delta)
+
+
+def reference_logps(model, batch: dict, dpo_config) -> torch.Tensor:
+    """Reference log-probs [2B] (chosen then rejected): zero, precomputed, or a no-grad forward."""
+    if dpo_config.reference_free:
+        return torch.zeros(batch["completion_lengths"].shape, device=batch["input_ids"].device)
+    if "reference_logps" in batch:  # precomputed once (dpo_lora.train.reference)
+        return batch["reference_logps"]
+    # Reference first: its activations are freed before the policy's graph is built.
+    with torch.no_grad(), reference_mode(getattr(model, "module", model)):
+        return concatenated_logps(model, batch)[0]
+
+
+def pair_losses(policy_logps, ref_logps, lengths, dpo_config, bco_delta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The mean loss and per-pair statistics ([B]) from log-probs and lengths [2B], chosen first."""
+    n = policy_logps.shape[0] // 2
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_logps[:n],
+        policy_logps[n:],
+        ref_logps[:n],
+        ref_logps[n:],
+        beta=dpo_config.beta,
+        loss_type=dpo_config.loss,
+        label_smoothing=dpo_config.label_smoothing,
+        chosen_lengths=lengths[:n],
+        rejected_lengths=lengths[n:],
+        bco_delta=bco_delta,
+    )
+    stats = {
+        "loss": losses.detach(),
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": policy_logps[:n].detach(),
+        "logps/rejected": policy_logps[n:].detach(),
+    }
+    return losses.mean(), stats

@@ -1,0 +1,213 @@
+"""Export: merged models load with plain transformers and equal what they claim to equal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import dpo_lora.commands.export as export_module
+from dpo_lora.commands.export import export_model, parse_size
+from dpo_lora.core.errors import UserError
+from dpo_lora.core.schema import ModelConfig
+from dpo_lora.model.load import load_base
+from dpo_lora.model.verify import differences, probe_batches, token_logps
+from dpo_lora.train.checkpoints import step_name
+from dpo_lora.train.loop import train
+
+from ..conftest import REPO
+from ..train.test_loop import tiny_config
+
+RUN = [
+    "train.max_steps=6",
+    "train.micro_batch_size=4",
+    "data.eval=null",
+    "train.lr=2e-2",
+    "train.save_every=3",
+    "train.keep_checkpoints=0",
+]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "run"
+    train(tiny_config(tiny_model_dir, out, *RUN))
+    return out
+
+
+def scores(model, tokenizer):
+    return token_logps(model, probe_batches(tokenizer))
+
+
+def test_original_merge_loads_plainly_and_equals_base_plus_adapter(trained_run, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    report = export_model(str(trained_run), out=str(out), dtype="float32")
+    assert report["merged"] == 14 and report["max_logp_diff_vs_claimed"] < 1e-4
+    assert "max_logp_diff_vs_trained" in report  # what serving the original base costs
+    merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no PEFT
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template and not hasattr(merged.config, "quantization_config")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, str(trained_run / "adapter"))
+    largest, _ = differences(scores(merged, tokenizer), scores(reference, tokenizer))
+    assert largest < 1e-4
+    unadapted = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert differences(scores(merged, tokenizer), scores(unadapted, tokenizer))[0] > 1e-2, "the adapter must be in"
+
+
+def test_dequantized_merge_equals_the_trained_quantized_model(trained_run, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = export_model(str(trained_run), out=str(tmp_path / "deq"), dtype="float32", merge_into="dequantized")
+    assert report["max_logp_diff_vs_claimed"] < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "deq")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "deq")
+    quantized = load_base(
+        ModelConfig(path=str(tiny_model_dir), quantization="nf4", dtype="float32"), torch.device("cpu")
+    )
+    trained = PeftModel.from_pretrained(quantized, str(trained_run / "adapter"))
+    assert differences(scores(merged, tokenizer), scores(trained, tokenizer))[0] < 1e-4
+    export_model(str(trained_run), out=str(tmp_path / "orig"), dtype="float32")
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "orig")
+    assert differences(scores(merged, tokenizer), scores(original, tokenizer))[0] > 1e-3, (
+        "the two targets differ by the quantization error"
+    )
+
+
+def test_shards_and_index_are_consistent(trained_run, tmp_path):
+    out = tmp_path / "sharded"
+    report = export_model(str(trained_run), out=str(out), dtype="bfloat16", max_shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(report["files"]) > 2 and sorted(set(index["weight_map"].values())) == report["files"]
+    seen, total = {}, 0
+    for file in report["files"]:
+        with safe_open(str(out / file), framework="pt") as shard:
+            for name in shard.keys():
+                seen[name] = file
+                tensor = shard.get_tensor(name)
+                total += tensor.numel() * tensor.element_size()
+                assert tensor.dtype == torch.bfloat16
+    assert seen == index["weight_map"] and total == index["metadata"]["total_size"]
+
+
+def test_checkpoints_of_zero_stages_export_like_the_final_adapter(tiny_model_dir, trained_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = export_model(str(trained_run), out=str(tmp_path / "final"), dtype="float32")
+    from_checkpoint = export_model(
+        str(trained_run / "checkpoints" / step_name(6)), out=str(tmp_path / "ckpt"), dtype="float32"
+    )
+    assert from_checkpoint["merged"] == final["merged"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "final")
+    a = scores(AutoModelForCausalLM.from_pretrained(tmp_path / "final"), tokenizer)
+    b = scores(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt"), tokenizer)
+    assert differences(a, b)[0] == 0.0
+    zero0 = tmp_path / "zero0-run"
+    train(tiny_config(tiny_model_dir, zero0, *RUN, f"deepspeed={REPO / 'deepspeed_configs' / 'zero0.json'}"))
+    mid = export_model(str(zero0 / "checkpoints" / step_name(3)), out=str(tmp_path / "zero0"), dtype="float32")
+    assert mid["max_logp_diff_vs_claimed"] < 1e-4
+
+
+def test_adapter_only_refusals_and_push(trained_run, tmp_path, monkeypatch):
+    out = tmp_path / "adapter"
+    export_model(str(trained_run), out=str(out), adapter_only=True)
+    assert (out / "adapter_model.safetensors").is_file() and "dpo-lora" in (out / "README.md").read_text()
+    with pytest.raises(UserError, match="is not empty; pass --overwrite"):
+        export_model(str(trained_run), out=str(out), adapter_only=True)
+    # A merge that went wrong (here: the adapter scaled twice) fails verification; nothing is written.
+    real = export_module.lora_deltas
+    monkeypatch.setattr(
+        export_module, "lora_deltas", lambda *a: {k: (A, B, 2 * s) for k, (A, B, s) in real(*a).items()}
+    )
+    with pytest.raises(UserError, match="failed verification"):
+        export_model(str(trained_run), out=str(tmp_path / "bad"), dtype="float32")
+    assert not (tmp_path / "bad").exists()
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="--push someone/model: cannot upload to the Hugging Face Hub"):
+        export_model(str(trained_run), out=str(tmp_path / "pushed"), adapter_only=True, push="someone/model")
+    assert (tmp_path / "pushed" / "adapter_model.safetensors").is_file(), "the export itself is kept"
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("40KB") == 40_000 and parse_size("2MiB") == 2 * 2**20
+    with pytest.raises(UserError, match="--max-shard-size"):
+        parse_size("five gigs")
+
+
+def deep_model_run(folder, tokenizer, *, hidden: int, intermediate: int, layers: int):
+    """A run folder (config.yaml, adapter/) over a random Llama saved in bfloat16; returns (run, float32 bytes)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dpo_lora.core.config import dump_yaml
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder / "base")
+    tokenizer.save_pretrained(folder / "base")
+    float32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    adapted = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    adapted.save_pretrained(folder / "run" / "adapter")
+    run_config = tiny_config(folder / "base", folder / "run", "model.quantization=nf4")
+    (folder / "run" / "config.yaml").write_text(dump_yaml(run_config))
+    return folder / "run", float32_bytes
+
+
+def peak_anonymous_mb(args: list[str], log) -> float:
+    """Run `dpo-lora ARGS` and sample its RssAnon (not RSS: mmapped shards are file pages) every few ms.
+    A low fixed mmap threshold gives each tensor its own pages, returned when freed, so the peak is
+    what was live rather than how glibc's heap fragmented (dpo_lora/core/cpu_memory.py)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "dpo_lora", *args], stdout=output, stderr=output, env=env)
+        peak_kb = 0
+        while process.poll() is None:
+            try:
+                status = Path(f"/proc/{process.pid}/status").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                break
+            anon = [line.split()[1] for line in status.splitlines() if line.startswith("RssAnon:")]
+            peak_kb = max([peak_kb, *map(int, anon)])
+            time.sleep(0.003)
+    assert process.wait() == 0, open(log).read()[-3000:]
+    return peak_kb / 1024
+
+
+@pytest.mark.parametrize("merge_into", ["dequantized", "original"])
+def test_export_memory_grows_with_one_shard_not_with_the_model(tmp_path, tiny_tokenizer, merge_into):
+    """A model 6.6x larger in float32 than the allowance exports (merge and verification) within
+    it: the part of the peak that grows with the model is bounded by shard + a few largest tensors."""
+    small_run, _ = deep_model_run(tmp_path / "small", tiny_tokenizer, hidden=64, intermediate=128, layers=2)
+    large_run, large_bytes = deep_model_run(
+        tmp_path / "large", tiny_tokenizer, hidden=512, intermediate=2048, layers=24
+    )
+    shard_mb, largest_tensor_mb = 16, 2048 * 512 * 4 / 2**20
+    adapter_mb = (large_run / "adapter" / "adapter_model.safetensors").stat().st_size / 2**20
+    allowance_mb = shard_mb + adapter_mb + 8 * largest_tensor_mb  # the README's bound: 56 MB; the model is 370 MB
+    peaks = {}
+    for name, run in (("small", small_run), ("large", large_run)):
+        args = ["export", str(run), "--out", str(tmp_path / f"{name}-out"), "--merge-into", merge_into,
+                "--dtype", "bfloat16", "--max-shard-size", f"{shard_mb}MB"]  # fmt: skip
+        peaks[name] = peak_anonymous_mb(args, tmp_path / f"{name}.log")
+    grown_mb = peaks["large"] - peaks["small"]
+    assert large_bytes / 2**20 > 4.5 * allowance_mb
+    print(f"{merge_into}: {grown_mb:.1f} MB more for the large model (allowance {allowance_mb:.1f} MB)")
+    assert grown_mb < allowance_mb, f"export held {grown_mb:.0f} MB more for the large model ({peaks})"
+    assert json.loads((tmp_path / "large-out" / "export_report.json").read_text())["merged"] == 24 * 7

@@ -1,0 +1,124 @@
+"""Config loading: shipped files, overrides, and one-line errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpo_lora.core.config import dump_yaml, load_config
+from dpo_lora.core.errors import UserError
+from dpo_lora.core.schema import Config, describe
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    config = load_config(path)
+    assert isinstance(config, Config)
+    assert (REPO / config.deepspeed).is_file(), f"{path.name} names a missing DeepSpeed JSON"
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    config = load_config(
+        None, ["train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]", "data.eval=null", "dpo.loss=ipo"]
+    )
+    assert config.train.lr == 1e-4
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.data.eval is None and config.dpo.loss == "ipo"
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+    with pytest.raises(UserError, match="'train.micro_batch_size' must be int"):
+        load_config(None, ["train.micro_batch_size=2.5"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'"),
+        ("modle.path=x", "unknown config key 'modle'"),
+        ("model.quantization=nf3", "'model.quantization' must be one of"),
+        ("model.gradient_checkpointing=maybe", "'model.gradient_checkpointing' must be bool"),
+        ("data.max_prompt_length=600", "'data.max_prompt_length' must be smaller"),
+        ("dpo.label_smoothing=0.5", "'dpo.label_smoothing'"),
+        ("train", "must look like dotted.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])
+
+
+def test_prompt_limit_is_derived_from_max_length_when_unset():
+    assert load_config(None, ["data.max_length=256"]).data.max_prompt_length == 128  # was an error
+    assert load_config(None).data.max_prompt_length == 256
+    assert load_config(None, ["data.max_length=256", "data.max_prompt_length=200"]).data.max_prompt_length == 200
+    with pytest.raises(UserError, match="'data.max_prompt_length' must be >= 1"):
+        load_config(None, ["data.max_length=1"])
+
+
+@pytest.mark.parametrize("loss", ["hinge", "ipo", "bco_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down"])
+def test_label_smoothing_on_a_loss_that_ignores_it_is_an_error(loss):
+    with pytest.raises(UserError, match=f"'dpo.label_smoothing' has no effect on dpo.loss '{loss}'"):
+        load_config(None, [f"dpo.loss={loss}", "dpo.label_smoothing=0.1"])
+    for smoothed in ("sigmoid", "robust", "exo_pair"):
+        assert load_config(None, [f"dpo.loss={smoothed}", "dpo.label_smoothing=0.1"]).dpo.label_smoothing == 0.1
+
+
+def test_bad_yaml_file_is_a_user_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(None, ["train.max_steps=7", "output_dir=elsewhere"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_yaml(config))
+    assert load_config(saved) == config
+
+
+def test_readme_config_table_matches_the_config_tree():
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("<!-- config-table")[1].split("<!-- /config-table -->")[0]
+    documented = [line for line in table.splitlines() if line.startswith("| `")]
+    expected = [f"| `{key}` | `{default!r}` | {help_text} |" for key, default, help_text in describe()]
+    assert documented == expected, "regenerate the README table from dpo_lora/core/config.py"
+
+
+def test_every_varlen_kernel_can_be_configured():
+    from dpo_lora.data.layout import VARLEN_KERNELS
+
+    for kernel in VARLEN_KERNELS:  # pack_sequences runs only on these, so each must be choosable
+        assert load_config(None, [f"model.attn_implementation={kernel}"]).model.attn_implementation == kernel
+
+
+@pytest.mark.parametrize(
+    ("dtype", "quantization", "refused"),
+    [("float32", "nf4", False), ("bfloat16", "none", False), ("bfloat16", "nf4", True), ("bfloat16", "int8", True)],
+)
+def test_a_run_saved_before_float32_residual_resumes_unless_it_would_now_train_differently(
+    dtype, quantization, refused
+):
+    from dpo_lora.core.config import resume_differences, to_dict
+
+    current = load_config(None, [f"model.dtype={dtype}", f"model.quantization={quantization}"])
+    saved = to_dict(current)
+    del saved["model"]["float32_residual"]  # as versions before the key wrote it: they trained without it
+    expected = ["model.float32_residual: False -> True"] if refused else []
+    assert resume_differences(saved, current) == expected
+    with_key = load_config(
+        None, [f"model.dtype={dtype}", f"model.quantization={quantization}", "model.float32_residual=false"]
+    )
+    assert resume_differences(saved, with_key) == []  # the way to continue such a run exactly
+
+
+def test_the_collective_timeout_must_be_positive():
+    with pytest.raises(UserError, match="'train.collective_timeout_s' must be >= 1"):
+        load_config(None, ["train.collective_timeout_s=0"])

@@ -1,0 +1,67 @@
+"""DeepSpeed JSON filling: "auto" comes from the YAML, contradictions are errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dpo_lora.core.config import load_config
+from dpo_lora.core.dsconfig import fill_deepspeed_config
+from dpo_lora.core.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "deepspeed_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_json_fills_completely(path):
+    config = load_config(None, [f"deepspeed={path}", "train.micro_batch_size=3", "train.grad_accum=5"])
+    filled = fill_deepspeed_config(config, world_size=2)
+    assert filled["train_micro_batch_size_per_gpu"] == 3
+    assert filled["gradient_accumulation_steps"] == 5
+    assert filled["train_batch_size"] == 30
+    # bf16 (the default model.dtype) computes the base in bf16 but keeps the adapter in float32:
+    # DeepSpeed's bf16 mode, which would round the adapter and its gradients, stays off.
+    assert filled["bf16"]["enabled"] is False and filled["fp16"]["enabled"] is False
+    assert "auto" not in json.dumps(filled)
+
+
+def write(tmp_path, content: dict) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(content))
+    return str(path)
+
+
+def test_contradiction_with_yaml_names_the_key(tmp_path):
+    path = write(tmp_path, {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}})
+    config = load_config(None, [f"deepspeed={path}", "train.micro_batch_size=4"])
+    with pytest.raises(UserError, match="'train_micro_batch_size_per_gpu' is 8 but the config gives 4"):
+        fill_deepspeed_config(config, world_size=1)
+
+
+def test_agreeing_explicit_values_are_kept(tmp_path):
+    path = write(tmp_path, {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0})
+    config = load_config(None, [f"deepspeed={path}", "train.micro_batch_size=4", "model.dtype=float32"])
+    filled = fill_deepspeed_config(config, world_size=1)
+    assert filled["bf16"]["enabled"] is False and filled["train_batch_size"] == 4
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"optimizer": {"type": "AdamW"}}, "remove the 'optimizer' section"),
+        ({"zero_optimization": {"reduce_bucket_size": "auto"}}, "'zero_optimization.reduce_bucket_size' is \"auto\""),
+    ],
+)
+def test_unfillable_content_is_refused(tmp_path, content, message):
+    config = load_config(None, [f"deepspeed={write(tmp_path, content)}"])
+    with pytest.raises(UserError, match=message):
+        fill_deepspeed_config(config, world_size=1)
+
+
+def test_missing_or_broken_json_is_a_user_error(tmp_path):
+    (tmp_path / "broken.json").write_text("{")
+    for path, message in ((tmp_path / "none.json", "file not found"), (tmp_path / "broken.json", "not valid JSON")):
+        with pytest.raises(UserError, match=message):
+            fill_deepspeed_config(load_config(None, [f"deepspeed={path}"]), world_size=1)

@@ -1,0 +1,130 @@
+"""Split shared-prompt attention (no dense mask): the attention function against a float64 oracle
+written from the visibility rule, and the model on the shared layout against the unshared one in
+values and LoRA gradients (sdpa, plain and chunked head, gradient checkpointing, the reference)."""
+
+from __future__ import annotations
+
+import random
+import types
+
+import pytest
+import torch
+
+from dpo_lora.data.layout import batch_layout, collate_pairs
+from dpo_lora.model import shared_attention
+from dpo_lora.train.step import concatenated_logps
+
+from ..data.test_layout import logps_and_grads, lora_model, random_pairs
+from ..train.test_loop import tiny_config
+
+
+def oracle_attention(query, key, value, lengths, scaling):
+    """float64, from the rule: in row [prompt | chosen | rejected], a query sees a key iff the key is
+    no later and in the prompt or in the query's own branch. query [B, H, T, D], key/value
+    [B, Hkv, T, D] -> [B, T, H, D], padding queries 0."""
+    query, key, value = query.double(), key.double(), value.double()
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    batch, _, length, _ = query.shape
+    output = torch.zeros(batch, length, query.shape[1], query.shape[3], dtype=torch.float64)
+    for row, (p, c, r) in enumerate(lengths):
+        branch = [0] * p + [1] * c + [2] * r
+        for q in range(p + c + r):
+            visible = [k for k in range(q + 1) if branch[k] in (0, branch[q])]
+            scores = (query[row, :, q, None, :] * key[row, :, visible]).sum(-1) * scaling  # [H, K]
+            output[row, q] = (scores.softmax(-1)[..., None] * value[row, :, visible]).sum(1)
+    return output
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_attention_equals_the_float64_oracle_in_values_and_gradients(seed):
+    rng = random.Random(seed)
+    lengths = [(rng.randint(1, 7), rng.randint(0, 6), rng.randint(0, 6)) for _ in range(3)]
+    length = max(sum(row) for row in lengths) + rng.randint(0, 2)  # right padding
+    torch.manual_seed(seed)
+    shape = (3, 4, length, 8)
+    query = torch.randn(shape, requires_grad=True)
+    key, value = (torch.randn(3, 2, length, 8, requires_grad=True) for _ in range(2))  # 2 query heads per KV head
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    kwargs = {shared_attention.PLAN_KEY: shared_attention.layout_plan(tuple(lengths), length, query.device)}
+    got, _ = shared_attention.shared_prompt_attention(module, query, key, value, None, scaling=0.3, **kwargs)
+    want = oracle_attention(query, key, value, lengths, scaling=0.3)
+    real = torch.zeros(3, length, dtype=torch.bool)
+    for row, total in enumerate(sum(row) for row in lengths):
+        real[row, :total] = True
+    torch.testing.assert_close(got[real].double(), want[real], rtol=1e-5, atol=1e-6)
+
+    weights = torch.randn(got.shape) * real[:, :, None, None]  # a loss over the real positions only
+    got_grads = torch.autograd.grad((got * weights).sum(), (query, key, value))
+    leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
+    want_out = oracle_attention(*leaves, lengths, scaling=0.3)
+    want_grads = torch.autograd.grad((want_out * weights.double()).sum(), leaves)
+    for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_without_the_layouts_lengths_it_is_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    mask = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
+    mask[1, :, :, 6:] = False  # padding
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    got, _ = shared_attention.shared_prompt_attention(module, query, key, value, mask, scaling=0.25)
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "checkpointing"), [(0, None), (5, None), (0, "recompute attention"), (0, "keep attention")]
+)
+def test_split_shared_forward_equals_unshared_in_values_and_lora_gradients(
+    tiny_model_dir, tiny_tokenizer, chunk_size, checkpointing
+):
+    from dpo_lora.core.schema import ModelConfig
+    from dpo_lora.model import chunked_logps
+    from dpo_lora.model.checkpointing import checkpoint_options
+    from dpo_lora.model.load import reference_mode
+
+    model = lora_model(tiny_model_dir, "sdpa")
+    if chunk_size:
+        assert chunked_logps.install(model, chunk_size)
+    if checkpointing:  # the recompute in backward must see the same layout
+        options = checkpoint_options(ModelConfig(recompute_attention=checkpointing == "recompute attention"))
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        model.train()
+    features = random_pairs(6, len(tiny_tokenizer), seed=10 + chunk_size)
+    unshared = collate_pairs(features, tiny_tokenizer.pad_token_id)
+    shared = collate_pairs(features, tiny_tokenizer.pad_token_id, share_prompt=True)
+    want = logps_and_grads(model, unshared)
+    shared_attention.use_on(model)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    got = logps_and_grads(model, shared)
+    assert model.config._attn_implementation == shared_attention.KERNEL and calls
+
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], want[1])
+    for name, grad in want[2].items():
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # Unshared batches on the switched model are sdpa's; the reference (adapter off) matches too.
+    torch.testing.assert_close(logps_and_grads(model, unshared)[0], want[0], rtol=0, atol=0)
+    with torch.no_grad(), reference_mode(model):
+        torch.testing.assert_close(
+            concatenated_logps(model, shared)[0], concatenated_logps(model, unshared)[0], rtol=1e-5, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize(
+    ("kernel", "choice", "switched"),
+    [("sdpa", "split", True), ("sdpa", "mask", False), ("eager", "split", False)],  # eager keeps the 4D mask
+)
+def test_the_layout_switches_sdpa_models_to_split_attention_unless_told_mask(
+    tiny_model_dir, tmp_path, kernel, choice, switched
+):
+    model = lora_model(tiny_model_dir, kernel)
+    config = tiny_config("unused", tmp_path, f"train.shared_prompt_attention={choice}")
+    collate, _ = batch_layout(config, model, pad_token_id=0)
+    assert collate.keywords["share_prompt"]
+    assert (model.config._attn_implementation == shared_attention.KERNEL) == switched

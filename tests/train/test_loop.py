@@ -1,0 +1,136 @@
+"""The training loop on the DeepSpeed engine (one CPU rank, gloo), on a tiny 4-bit model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpo_lora.core.config import load_config
+from dpo_lora.core.errors import UserError
+from dpo_lora.train.loop import ADAPTER_DIR, EvalShard, train
+
+from ..conftest import REPO, SENTIMENT_EVAL, SENTIMENT_TRAIN
+
+
+def tiny_config(model_dir, output_dir, *overrides):
+    return load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            "model.dtype=float32",
+            "lora.dropout=0.0",
+            f"data.train={SENTIMENT_TRAIN}",
+            f"data.eval={SENTIMENT_EVAL}",
+            "data.max_length=96",
+            "data.max_prompt_length=64",
+            f"deepspeed={REPO / 'deepspeed_configs' / 'zero2.json'}",
+            f"output_dir={output_dir}",
+            "train.lr=5e-3",
+            "train.warmup_ratio=0",
+            *overrides,
+        ],
+    )
+
+
+def read_metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(output_dir) -> list[dict]:
+    return [row for row in read_metrics(output_dir) if "loss" in row]
+
+
+def test_micro_batch_times_accumulation_is_one_big_batch(tiny_model_dir, tmp_path):
+    runs = {}
+    for micro, accum in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path / f"m{micro}a{accum}"
+        config = tiny_config(
+            tiny_model_dir,
+            out,
+            "train.max_steps=3",
+            f"train.micro_batch_size={micro}",
+            f"train.grad_accum={accum}",
+            "data.eval=null",
+        )
+        train(config)
+        runs[(micro, accum)] = (train_rows(out), load_file(out / ADAPTER_DIR / "adapter_model.safetensors"))
+    reference_rows, reference_adapter = runs[(4, 1)]
+    assert [r["loss"] for r in reference_rows][0] == pytest.approx(0.693147, abs=1e-5)  # policy == reference
+    for key, (rows, adapter) in runs.items():
+        for row, expected in zip(rows, reference_rows, strict=True):
+            for name in ("loss", "rewards/chosen", "rewards/margins", "logps/rejected", "grad_norm"):
+                assert row[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), (key, name, row["step"])
+        for name, tensor in adapter.items():
+            # Adam divides by sqrt(v): float summation order can move a weight by a small
+            # fraction of one step (lr = 5e-3), never more.
+            torch.testing.assert_close(
+                tensor, reference_adapter[name], rtol=1e-3, atol=2e-5, msg=lambda m, k=key, n=name: f"{k} {n}: {m}"
+            )
+
+
+def test_training_writes_metrics_adapter_and_config_and_improves(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    results = train(
+        tiny_config(tiny_model_dir, out, "train.max_steps=12", "train.micro_batch_size=8", "train.log_every=3")
+    )
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if "loss" in r] == [3, 6, 9, 12]
+    expected_keys = {
+        "step", "total_steps", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+        "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens", "pairs_per_s", "tokens_per_s",
+        "pairs_per_s_per_rank", "world_size", "global_batch", "peak_memory_gb",
+    }  # fmt: skip
+    assert all(set(r) == expected_keys and r["total_steps"] == 12 for r in rows if "loss" in r)
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 12]
+    assert evals[0]["eval/rewards/accuracies"] == 0.0 and evals[0]["eval/loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert evals[1]["eval/pairs"] == 64
+    assert results["after"]["eval/loss"] < results["before"]["eval/loss"]
+    assert results["after"]["eval/rewards/accuracies"] > 0.5
+    assert load_config(out / "config.yaml").train.max_steps == 12
+    assert (out / ADAPTER_DIR / "adapter_config.json").is_file()
+    assert list((out / "tensorboard").iterdir()), "tensorboard event files expected"
+
+
+def test_eval_shard_covers_every_pair_once_with_equal_lengths():
+    data = list(range(10))
+    shards = [EvalShard([{"i": i} for i in data], rank, 4) for rank in range(4)]
+    assert len({len(s) for s in shards}) == 1
+    seen = [item["i"] for s in shards for item in s if item["weight"] == 1.0]
+    assert sorted(seen) == data
+
+
+def test_too_little_data_for_one_global_batch_is_a_user_error(tiny_model_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, tmp_path / "run", "train.micro_batch_size=400")
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        train(config)
+
+
+def test_length_grouped_batches_train(tiny_model_dir, tmp_path):
+    out = tmp_path / "grouped"
+    train(tiny_config(tiny_model_dir, out, "train.max_steps=2", "train.log_every=1", "data.eval=null",
+                      "data.group_by_length=true", "train.micro_batch_size=4"))  # fmt: skip
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+
+
+def test_checkpointing_some_layers_or_auto_trains_the_adapter_bit_for_bit(tiny_model_dir, tmp_path, capsys):
+    adapters = {}
+    for name, overrides in {
+        "none": ["model.gradient_checkpointing=false"],
+        "first": ["model.gradient_checkpointing=true", "model.checkpoint_layers=1"],
+        "auto": ["model.gradient_checkpointing=true", "model.checkpoint_layers=auto"],
+    }.items():
+        out = tmp_path / name
+        train(tiny_config(tiny_model_dir, out, "train.max_steps=2", "data.eval=null", *overrides))
+        adapters[name] = load_file(out / ADAPTER_DIR / "adapter_model.safetensors")
+        if name == "auto":  # a CPU rank: every layer, said in the run's first lines and kept in its config
+            assert "model.checkpoint_layers=auto -> all (auto sizes to GPU memory" in capsys.readouterr().err
+            assert "checkpoint_layers: all" in (out / "config.yaml").read_text()
+    for name in ("first", "auto"):
+        assert adapters[name].keys() == adapters["none"].keys()
+        for key, tensor in adapters[name].items():
+            assert torch.equal(tensor, adapters["none"][key]), (name, key)

@@ -1,0 +1,149 @@
+"""dpo_loss against an independent float64 oracle written from the papers' formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dpo_lora.core.schema import LOSS_TYPES
+from dpo_lora.train.losses import dpo_loss
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def sigmoid(x: float) -> float:
+    return math.exp(log_sigmoid(x))
+
+
+def oracle(loss_type, pc, pr, rc, rr, beta, eps, lc, lr, delta):
+    """One example's loss, in Python floats (float64), straight from each formula."""
+    if loss_type == "ipo":
+        pc, rc, pr, rr = pc / lc, rc / lc, pr / lr, rr / lr
+    c, r = pc - rc, pr - rr  # chosen / rejected log-ratios
+    h = c - r
+    if loss_type == "sigmoid":  # DPO; conservative DPO when eps > 0
+        return -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)
+    if loss_type == "hinge":  # SLiC
+        return max(0.0, 1 - beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if loss_type == "robust":  # rDPO
+        return (-(1 - eps) * log_sigmoid(beta * h) + eps * log_sigmoid(-beta * h)) / (1 - 2 * eps)
+    if loss_type == "bco_pair":
+        return -log_sigmoid(beta * c - delta) - log_sigmoid(-(beta * r - delta))
+    if loss_type == "exo_pair":  # KL between p = sigmoid(beta h) and target (1 - eps, eps)
+        eps = eps or 1e-3
+        p = sigmoid(beta * h)
+        return p * (math.log(p) - math.log(1 - eps)) + (1 - p) * (math.log(1 - p) - math.log(eps))
+    if loss_type == "nca_pair":
+        return -log_sigmoid(beta * c) - 0.5 * log_sigmoid(-beta * c) - 0.5 * log_sigmoid(-beta * r)
+    if loss_type == "sppo_hard":
+        return (c - 1 / (2 * beta)) ** 2 + (r + 1 / (2 * beta)) ** 2
+    if loss_type == "apo_zero":
+        return (1 - sigmoid(beta * c)) + sigmoid(beta * r)
+    if loss_type == "apo_down":
+        return sigmoid(beta * c) + (1 - sigmoid(beta * h))
+    raise AssertionError(loss_type)
+
+
+def random_logps(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    logps = [-torch.rand(n, generator=g, dtype=torch.float64) * 60 - 1 for _ in range(4)]
+    lengths = [torch.randint(1, 40, (n,), generator=g).double() for _ in range(2)]
+    return logps, lengths
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_matches_float64_oracle_on_random_inputs(loss_type, eps):
+    (pc, pr, rc, rr), (lc, lr) = random_logps(64, seed=hash((loss_type, eps)) % 1000)
+    beta, delta = 0.3, 0.05
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps,
+        chosen_lengths=lc, rejected_lengths=lr, bco_delta=delta,
+    )  # fmt: skip
+    expected = [
+        oracle(loss_type, *(t[i].item() for t in (pc, pr, rc, rr)), beta, eps, lc[i].item(), lr[i].item(), delta)
+        for i in range(64)
+    ]
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-10, atol=1e-10)
+    scale_c, scale_r = (lc, lr) if loss_type == "ipo" else (1.0, 1.0)
+    torch.testing.assert_close(chosen_rewards, beta * (pc / scale_c - rc / scale_c))
+    torch.testing.assert_close(rejected_rewards, beta * (pr / scale_r - rr / scale_r))
+
+
+def test_sigmoid_loss_hand_computed():
+    # h = (-10 - -12) - (-20 - -19) = 3; beta = 0.5 -> -log sigmoid(1.5) = log(1 + e^-1.5)
+    loss, chosen, rejected = dpo_loss(
+        torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]), torch.tensor([-19.0]), beta=0.5
+    )
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1.5)), rel=1e-6)
+    assert chosen.item() == pytest.approx(1.0) and rejected.item() == pytest.approx(-0.5)
+
+
+def test_policy_equal_reference_gives_log2_and_zero_rewards():
+    (pc, pr, _, _), _ = random_logps(16, seed=1)
+    loss, chosen, rejected = dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1)
+    torch.testing.assert_close(loss, torch.full_like(loss, math.log(2)))
+    assert torch.all(chosen == 0) and torch.all(rejected == 0)
+
+
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t != "apo_down"])
+def test_gradient_pushes_chosen_up_and_rejected_down(loss_type):
+    # Start where policy == reference; every loss but apo_down (which lowers both by design)
+    # must raise the chosen log-prob and lower the rejected one.
+    (pc, pr, rc, rr), (lc, lr) = random_logps(8, seed=2)
+    pc, pr = rc.clone().requires_grad_(), rr.clone().requires_grad_()
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type=loss_type, chosen_lengths=lc, rejected_lengths=lr)
+    losses.sum().backward()
+    assert torch.all(pc.grad < 0), "descent must increase the chosen log-prob"
+    assert torch.all(pr.grad > 0), "descent must decrease the rejected log-prob"
+
+
+def test_apo_down_lowers_rejected_first_then_chosen():
+    # d loss / d c = beta * (sigmoid'(beta c) - sigmoid'(beta (c - r))): zero at policy == reference,
+    # positive (chosen pushed down) once the policy prefers chosen; rejected is always pushed down.
+    (_, _, rc, rr), _ = random_logps(8, seed=3)
+    pc, pr = rc.clone().requires_grad_(), rr.clone().requires_grad_()
+    dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="apo_down")[0].sum().backward()
+    assert torch.all(pc.grad.abs() < 1e-12) and torch.all(pr.grad > 0)
+    pc, pr = (rc + 10).requires_grad_(), (rr - 10).requires_grad_()
+    dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="apo_down")[0].sum().backward()
+    assert torch.all(pc.grad > 0) and torch.all(pr.grad > 0)
+
+
+def test_conservative_dpo_differs_from_plain_and_label_smoothing_is_used():
+    (pc, pr, rc, rr), _ = random_logps(8, seed=4)
+    plain = dpo_loss(pc, pr, rc, rr, beta=0.1)[0]
+    smoothed = dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.1)[0]
+    assert not torch.allclose(plain, smoothed)
+
+
+def test_reference_free_ignores_reference():
+    (pc, pr, rc, rr), _ = random_logps(8, seed=5)
+    free = dpo_loss(pc, pr, rc, rr, beta=0.1, reference_free=True)
+    zero_ref = dpo_loss(pc, pr, torch.zeros_like(rc), torch.zeros_like(rr), beta=0.1)
+    for a, b in zip(free, zero_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_rewards_are_detached_and_ipo_requires_lengths():
+    (pc, pr, rc, rr), _ = random_logps(4, seed=6)
+    _, chosen, rejected = dpo_loss(pc.requires_grad_(), pr, rc, rr, beta=0.1)
+    assert not chosen.requires_grad and not rejected.requires_grad
+    with pytest.raises(ValueError, match="lengths"):
+        dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo")
+
+
+def test_ipo_rewards_are_per_token():
+    """IPO compares per-token average log-ratios, and its reported rewards are those too."""
+    (pc, pr, rc, rr), _ = random_logps(6, seed=11)
+    chosen_lengths, rejected_lengths = torch.tensor([3.0, 7, 1, 12, 5, 9]), torch.tensor([4.0, 2, 8, 1, 6, 10])
+    _, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type="ipo", chosen_lengths=chosen_lengths,
+                                   rejected_lengths=rejected_lengths)  # fmt: skip
+    torch.testing.assert_close(chosen, 0.3 * (pc - rc) / chosen_lengths)
+    torch.testing.assert_close(rejected, 0.3 * (pr - rr) / rejected_lengths)
