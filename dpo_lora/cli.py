@@ -14,6 +14,7 @@ import sys
 from dpo_lora.core.console import quiet_third_party
 from dpo_lora.core.cpu_memory import huge_pages_for_tensors
 from dpo_lora.core.errors import UserError
+from dpo_lora.core.rundir import error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("config", nargs="?", help="YAML config file (defaults only when omitted)")
     config.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     config.add_argument("--list", action="store_true", help="list every key with its default and meaning")
+    config.add_argument("--markdown", action="store_true", help="with --list: as docs/configuration.md")
     config.set_defaults(handler="dpo_lora.commands.config:run")
 
     plan = commands.add_parser("plan", help="predict per-rank GPU memory from the config alone (no weights read)")
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         module, function = args.handler.split(":")
         return getattr(importlib.import_module(module), function)(args)
     except UserError as err:
-        print(f"dpo-lora: error: {err}", file=sys.stderr)
+        print(error_line(str(err)), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dpo-lora: interrupted", file=sys.stderr)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dpo_lora.core.rundir import RANK_PREFIX
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -191,13 +193,13 @@ def rank_failure_message(err: BaseException) -> str | None:
     if any(sign in str(err) for sign in _TIMED_OUT):
         waited = f"train.collective_timeout_s={_timeout_s:g} s" if _timeout_s is not None else "the collective timeout"
         return (
-            f"dpo-lora: rank {rank} of {world_size}: no reply from another rank within {waited}; a rank "
+            f"{RANK_PREFIX} {rank} of {world_size}: no reply from another rank within {waited}; a rank "
             f"hung (or works alone longer than that: raise the key): {type(err).__name__}: {text}"
         )
     if isinstance(err, dist.DistError) or any(sign in str(err) for sign in _PEER_LOST):
         return (
-            f"dpo-lora: rank {rank} of {world_size}: lost contact with another rank, which failed or was "
+            f"{RANK_PREFIX} {rank} of {world_size}: lost contact with another rank, which failed or was "
             f"killed (its own message or the launcher's names it): {type(err).__name__}: {text}"
         )
     traceback.print_exc()
-    return f"dpo-lora: rank {rank} of {world_size} failed: {type(err).__name__}: {text}"
+    return f"{RANK_PREFIX} {rank} of {world_size} failed: {type(err).__name__}: {text}"

@@ -3,16 +3,22 @@
 The service talks to runs only through the config it writes, the process it starts and the files
 a run writes (metrics.jsonl, checkpoints, adapter); it never imports the trainer.
 
+    status.py     JobStatus and StopRequest (the store's enum columns)
     store.py      the durable job store (SQLAlchemy; SQLite in WAL mode by default)
+    lifecycle.py  the named transitions of a job's status, each with its event
     wire.py       request bodies, response objects and errors in OpenAI's shapes
     jobspec.py    a create request -> the run's config (validated by the config tree)
     runfiles.py   what a run wrote: metrics rows, checkpoints, adapter, its last error
+    ingest.py     a run's new metrics rows and checkpoints -> events and checkpoint objects
     processes.py  starting, identifying, signalling a run's process group
     supervise.py  the process that waits for a run and records its exit status
     local.py      the local backend: runs as process groups on this machine's GPUs or CPU slots
     slurm.py      the SLURM backend: runs as SLURM jobs (sbatch, squeue, scancel)
     scheduler.py  validate, queue, dispatch onto free devices, watch, stop, recover
-    app.py        the HTTP routes (FastAPI)
+    guard.py      auth, body caps, Host/Origin checks: before any route reads a body
+    state.py      the server's state as a route dependency, and the lookups routes share
+    files_api.py, jobs_api.py, extensions_api.py   the /v1 routes, one router each
     dashboard.py  GET / (dashboard.html) and the progress and chart routes it reads
+    app.py        the FastAPI app: the guard, the routers, the error shapes
     server.py     `dpo-lora serve`: wires them together under uvicorn
 """

@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import select
 
+from dpo_lora.core import rundir
+from dpo_lora.core.rundir import RowKind, row_kind
 from dpo_lora.serve import runfiles, wire
+from dpo_lora.serve.state import State, job_or_404, page_limit
 from dpo_lora.serve.store import Job
 from dpo_lora.train.plots import CHARTS, chart_svg
 
@@ -37,14 +40,14 @@ def newest_training_row(metrics_file: Path) -> dict | None:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # the row being written, or a partial first line of the tail
-        if "loss" in row:
+        if row_kind(row) == RowKind.TRAIN:
             return row
     return None
 
 
 def progress(job: Job) -> dict | None:
     """{step, total_steps, pairs_per_s, eta_seconds} of a job's run, from its newest metrics row."""
-    row = newest_training_row(Path(job.directory) / "run" / "metrics.jsonl")
+    row = newest_training_row(Path(job.directory) / "run" / rundir.METRICS)
     if row is None or "total_steps" not in row:
         return None
     remaining_pairs = (row["total_steps"] - row["step"]) * row["global_batch"]
@@ -55,34 +58,35 @@ def progress(job: Job) -> dict | None:
     }  # fmt: skip
 
 
-def dashboard_routes(app: FastAPI, api: APIRouter, state) -> None:
-    @app.get("/", include_in_schema=False)
-    def page() -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text())
+page = APIRouter()  # GET /, outside /v1
+api = APIRouter()  # mounted under /v1
 
-    @api.get("/dashboard/jobs")
-    def jobs_with_progress(limit: int = 100) -> dict:
-        if not 1 <= limit <= MAX_ROWS:
-            raise wire.ApiError(400, f"limit must be between 1 and {MAX_ROWS}", param="limit")
-        with state.store.session() as s:
-            jobs = list(s.scalars(select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
-        return {"object": "list", "data": [{**wire.job_object(job), "progress": progress(job)} for job in jobs]}
 
-    @api.get("/fine_tuning/jobs/{job_id}/charts/{name}.svg")
-    def job_chart(job_id: str, name: str) -> Response:
+@page.get("/", include_in_schema=False)
+def dashboard_page() -> HTMLResponse:
+    return HTMLResponse(PAGE.read_text())
 
-        if f"{name}.png" not in CHARTS:
-            raise wire.ApiError(404, f"No chart named {name}; charts: {', '.join(c[:-4] for c in CHARTS)}",
-                                param="name", code="not_found")  # fmt: skip
-        with state.store.session() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                raise wire.not_found("fine-tuning job", job_id)
-            directory = Path(job.directory)
-        rows, _, _ = runfiles.new_rows(directory / "run" / "metrics.jsonl", 0)
-        latest = {}  # a resumed run may have logged a step twice: its newest row counts
-        for row in rows:
-            if "loss" in row or "eval/loss" in row:
-                latest[(row["step"], "loss" in row)] = row
-        return Response(chart_svg(list(latest.values()), name), media_type="image/svg+xml",
-                        headers={"Cache-Control": "no-store"})  # fmt: skip
+
+@api.get("/dashboard/jobs")
+def jobs_with_progress(state: State, limit: int = 100) -> dict:
+    with state.store.session() as s:
+        jobs = list(
+            s.scalars(select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(page_limit(limit, MAX_ROWS)))
+        )
+    return {"object": "list", "data": [{**wire.job_object(job), "progress": progress(job)} for job in jobs]}
+
+
+@api.get("/fine_tuning/jobs/{job_id}/charts/{name}.svg")
+def job_chart(state: State, job_id: str, name: str) -> Response:
+    if f"{name}.png" not in CHARTS:
+        raise wire.ApiError(404, f"No chart named {name}; charts: {', '.join(c[:-4] for c in CHARTS)}",
+                            param="name", code="not_found")  # fmt: skip
+    with state.store.session() as s:
+        directory = Path(job_or_404(s, job_id).directory)
+    rows, _, _ = runfiles.new_rows(directory / "run" / rundir.METRICS, 0)
+    latest = {}  # a resumed run may have logged a step twice: its newest row counts
+    for row in rows:
+        if (kind := row_kind(row)) in (RowKind.TRAIN, RowKind.EVAL):
+            latest[(row["step"], kind)] = row
+    return Response(chart_svg(list(latest.values()), name), media_type="image/svg+xml",
+                    headers={"Cache-Control": "no-store"})  # fmt: skip

@@ -1,5 +1,5 @@
-"""What a run wrote, read without importing the trainer: metrics rows, checkpoints, the adapter,
-the last error line of its log, and the metrics as a results CSV."""
+"""What a run wrote, read without importing the trainer (its layout is dpo_lora/core/rundir.py's):
+new metrics rows, the last error line of its log, and the metrics as a results CSV."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import json
 import re
 from pathlib import Path
 
-ERROR_PREFIX = "dpo-lora: error: "
-RANK_FAILURE = "dpo-lora: rank"  # the trainer's one-line message when a rank dies or times out
+from dpo_lora.core.rundir import ERROR_PREFIX, RANK_PREFIX, RowKind, row_kind
+
 PROGRESS = re.compile(r"\d+%\|.*\||\|\s*\d+/\d+\s*\[")
 EXCEPTION = re.compile(
     r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b"
@@ -47,18 +47,6 @@ def new_rows(metrics_file: Path, offset: int, last_line: str = "") -> tuple[list
     return rows, offset + len(complete), newest.decode()
 
 
-def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint, oldest first."""
-    found = []
-    for marker in (Path(run_dir) / "checkpoints").glob("step-*/COMPLETE"):
-        found.append((int(marker.parent.name.split("-")[1]), marker.parent))
-    return sorted(found)
-
-
-def has_adapter(folder: Path) -> bool:
-    return (Path(folder) / "adapter" / "adapter_config.json").is_file()
-
-
 def is_progress_line(line: str) -> bool:
     """A tqdm bar ("Training:  40%|####  | 4/10 [00:02<00:03, 1.9it/s]"): never an error message."""
     return PROGRESS.search(line) is not None
@@ -76,7 +64,7 @@ def last_error(log_file: Path, returncode: int | None = None, limit: int = 500) 
     for line in reversed(lines):
         if line.startswith(ERROR_PREFIX):
             return line[len(ERROR_PREFIX) :][:limit]
-        if line.startswith(RANK_FAILURE):
+        if line.startswith(RANK_PREFIX):
             return line[len("dpo-lora: ") :][:limit]
     for line in reversed(lines):
         if EXCEPTION.match(line):
@@ -90,7 +78,7 @@ def last_error(log_file: Path, returncode: int | None = None, limit: int = 500) 
 def results_csv(metrics_file: Path) -> bytes:
     """Every training and eval row of the run as CSV (the job's result file), by step."""
     rows, _, _ = new_rows(metrics_file, 0)
-    rows = [row for row in rows if "loss" in row or "eval/loss" in row]
+    rows = [row for row in rows if row_kind(row) in (RowKind.TRAIN, RowKind.EVAL)]
     columns = ["step"] + sorted({key for row in rows for key in row} - {"step"})
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")

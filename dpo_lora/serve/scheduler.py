@@ -18,8 +18,10 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from dpo_lora.serve import processes, runfiles
-from dpo_lora.serve.store import Checkpoint, Event, Export, File, Job, Store, new_id, now
+from dpo_lora.core import rundir
+from dpo_lora.serve import ingest, lifecycle, processes, runfiles
+from dpo_lora.serve.status import JobStatus, StopRequest
+from dpo_lora.serve.store import Export, File, Job, Store, now
 from dpo_lora.serve.wire import fine_tuned_name
 
 MAX_ATTEMPTS = 3  # a job whose process dies this many times without finishing fails
@@ -66,9 +68,11 @@ class Scheduler:
                     job.pid, job.pid_start = started
                 else:
                     job.devices = None
-                    if job.stop_request is None and job.status == "running":
-                        job.status, job.queue_seq = "queued", self.store.next_queue_seq(s)
-                    self.store.add_event(s, job.id, "Server restarted before the job's process started; re-queued")
+                    message = "Server restarted before the job's process started; re-queued"
+                    if job.stop_request is None and job.status == JobStatus.RUNNING:
+                        lifecycle.requeued(self.store, s, job, message, level="info")
+                    else:
+                        self.store.add_event(s, job.id, message)
             for export in s.scalars(select(Export).where(Export.runner == self.runner, Export.status == "running",
                                                          Export.pid.is_(None)).with_for_update()):  # fmt: skip
                 started = processes.started_record(Path(export.directory), export.attempt)
@@ -86,7 +90,9 @@ class Scheduler:
 
     def _validate(self) -> None:
         with self.store.session() as s:
-            waiting = select(Job).where(Job.status == "validating_files").order_by(Job.created_at).with_for_update()
+            waiting = (
+                select(Job).where(Job.status == JobStatus.VALIDATING_FILES).order_by(Job.created_at).with_for_update()
+            )
             for job in s.scalars(waiting):
                 problem = None
                 for param, file_id, name in (("training_file", job.training_file, "train.jsonl"),
@@ -100,11 +106,9 @@ class Scheduler:
                         break
                     shutil.copyfile(file.path, Path(job.directory) / name)
                 if problem:
-                    job.status, job.error, job.finished_at = "failed", problem, now()
-                    self.store.add_event(s, job.id, f"Validation failed: {problem['message']}", level="error")
+                    lifecycle.failed(self.store, s, job, **problem, event=f"Validation failed: {problem['message']}")
                 else:
-                    job.status, job.queue_seq = "queued", self.store.next_queue_seq(s)
-                    self.store.add_event(s, job.id, "Files validated; the job is queued")
+                    lifecycle.validated(self.store, s, job)
 
     def _dispatch(self) -> None:
         """Start queued jobs in FIFO order while the head of the queue fits on the free devices."""
@@ -112,7 +116,9 @@ class Scheduler:
             with self.store.session() as s:
                 mine = select(Job).where(Job.runner == self.runner, Job.devices.is_not(None))
                 held = {d for job in s.scalars(mine) for d in job.devices}
-                head = s.scalars(select(Job).where(Job.status == "queued").order_by(Job.queue_seq).limit(1)).first()
+                head = s.scalars(
+                    select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.queue_seq).limit(1)
+                ).first()
             free = [d for d in self.devices if d not in held]
             if head is None or head.devices_wanted > len(free):
                 return
@@ -132,9 +138,8 @@ class Scheduler:
                 return
             with self.store.session() as s:
                 job = self.store.for_update(s, Job, job_id)
-                job.status, job.devices, job.finished_at = "failed", None, now()
-                job.error = {"code": "launch_failed", "param": None, "message": str(err)}
-                self.store.add_event(s, job_id, f"The job could not start: {err}", level="error")
+                job.devices = None
+                lifecycle.failed(self.store, s, job, "launch_failed", str(err), event=f"The job could not start: {err}")
             return
         with self.store.session() as s:
             job = self.store.for_update(s, Job, job_id)
@@ -146,13 +151,10 @@ class Scheduler:
         self._dispatch_after = time.monotonic() + RETRY_S
         with self.store.session() as s:
             job = self.store.for_update(s, Job, job_id)
-            if job.stop_request == "pause":
-                job.status = "paused"
-            elif job.status == "running":  # not cancelled meanwhile
-                job.status = "queued"
+            lifecycle.not_started(
+                self.store, s, job, f"The job could not start yet ({err}); trying again in {RETRY_S:.0f} s"
+            )
             job.devices, job.attempt, job.stop_request = None, attempt - 1, None
-            self.store.add_event(s, job_id, f"The job could not start yet ({err}); trying again in {RETRY_S:.0f} s",
-                                 level="warn")  # fmt: skip
 
     # -- running jobs ----------------------------------------------------------------------------
     def _watch(self) -> None:
@@ -161,14 +163,14 @@ class Scheduler:
         for job_id in ids:
             with self.store.session() as s:
                 job = self.store.for_update(s, Job, job_id)
-                self._ingest(s, job)
+                ingest.new_rows(self.store, s, job)
                 if job.pid is None:
                     continue  # claimed, not started yet (or its start is being recorded)
                 if self.backend.is_alive(job.pid, job.pid_start):
                     self._report_state(s, job)
                     self._carry_out_stop(s, job)
                 else:
-                    self._ingest(s, job)  # rows written just before the end
+                    ingest.new_rows(self.store, s, job)  # rows written just before the end
                     self._finish(s, job)
 
     def _report_state(self, s, job: Job) -> None:
@@ -181,7 +183,7 @@ class Scheduler:
     def _carry_out_stop(self, s, job: Job) -> None:
         if job.stop_request is None:
             return
-        if job.stop_request == "cancel":  # nothing of a cancelled run is kept: no last step, no checkpoint
+        if job.stop_request == StopRequest.CANCEL:  # nothing of a cancelled run is kept: no last step, no checkpoint
             self.backend.kill(job.pid)
         elif job.signalled_at is None:
             self.backend.request_stop(job.pid, Path(job.directory))  # the trainer checkpoints and exits
@@ -190,44 +192,6 @@ class Scheduler:
             self.backend.kill(job.pid)
             self.store.add_event(s, job.id, f"The job did not stop within {self.grace_s:.0f} s; killed", "warn")
 
-    def _ingest(self, s, job: Job) -> None:
-        """Turn the run's new metrics rows into events, checkpoints and the token count."""
-        run_dir = Path(job.directory) / "run"
-        rows, job.metrics_offset, job.metrics_last_line = runfiles.new_rows(
-            run_dir / "metrics.jsonl", job.metrics_offset, job.metrics_last_line
-        )
-        for row in rows:
-            step = int(row.get("step", 0))
-            if "checkpoint" in row and s.scalar(
-                select(Checkpoint.id).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step)
-            ) is None:  # fmt: skip
-                self._add_checkpoint(s, job, step)
-            elif "loss" in row and step > job.last_step:
-                job.last_step, job.trained_tokens = step, (job.trained_tokens or 0) + int(row.get("tokens", 0))
-                message = (
-                    f"Step {step}: training loss={row['loss']:.4f}, reward accuracy={row['rewards/accuracies']:.2f}"
-                )
-                self.store.add_event(s, job.id, message, data=row)
-            elif "eval/loss" in row and not _has_eval_event(s, job.id, step):
-                self.store.add_event(s, job.id, f"Step {step}: validation loss={row['eval/loss']:.4f}", data=row)
-            elif "skipped" in row and step > job.last_step:
-                job.last_step = step
-                self.store.add_event(s, job.id, f"Step {step} skipped: {row['skipped']}", level="warn")
-
-    def _add_checkpoint(self, s, job: Job, step: int) -> None:
-        metrics = {"step": float(step)}
-        for event in s.scalars(_metrics_events(job.id)):
-            if event.data.get("step") == step and "loss" in event.data:
-                metrics.update(
-                    train_loss=event.data["loss"], train_mean_reward_accuracy=event.data["rewards/accuracies"]
-                )
-            if event.data.get("step") == step and "eval/loss" in event.data:
-                metrics.update(valid_loss=event.data["eval/loss"], valid_mean_reward_accuracy=event.data["eval/rewards/accuracies"])  # fmt: skip
-        folder = Path(job.directory) / "run" / "checkpoints" / f"step-{step:08d}"
-        s.add(Checkpoint(id=new_id("ftckpt"), job_id=job.id, step_number=step, created_at=now(), metrics=metrics,
-                         path=str(folder)))  # fmt: skip
-        self.store.add_event(s, job.id, f"Checkpoint created at step {step}")
-
     def _finish(self, s, job: Job) -> None:
         """The job's process ended: decide what that means, from its exit status and its files."""
         directory = Path(job.directory)
@@ -235,37 +199,24 @@ class Scheduler:
         job.pid = job.pid_start = job.devices = None
         job.signalled_at = None
         self._reported_state.pop(job.id, None)
-        newest = runfiles.checkpoints(directory / "run")
+        newest = rundir.checkpoints(directory / "run")
         at_step = f"step {newest[-1][0]}" if newest else "the start (no checkpoint yet)"
-        if job.stop_request == "cancel":
+        if job.stop_request == StopRequest.CANCEL:
             self.store.add_event(s, job.id, "The job was cancelled")
-        elif job.stop_request == "pause":
-            job.status = "paused"
-            self.store.add_event(s, job.id, f"The job is paused; resume continues from {at_step}")
-        elif returncode == 0 and runfiles.has_adapter(directory / "run"):
-            job.status, job.finished_at = "succeeded", now()
-            job.fine_tuned_model = fine_tuned_name(job)
-            results = directory / "results.csv"
-            results.write_bytes(runfiles.results_csv(directory / "run" / "metrics.jsonl"))
-            file_id = new_id("file")
-            s.add(File(id=file_id, filename="step_metrics.csv", bytes=results.stat().st_size,
-                       purpose="fine-tune-results", created_at=now(), status="processed", path=str(results)))  # fmt: skip
-            job.result_files = [file_id]
-            self.store.add_event(s, job.id, f"The job has successfully completed: {job.fine_tuned_model}")
+        elif job.stop_request == StopRequest.PAUSE:
+            lifecycle.paused(self.store, s, job, at_step)
+        elif returncode == 0 and rundir.has_adapter(directory / "run"):
+            lifecycle.succeeded(self.store, s, job, fine_tuned_name(job), ingest.result_file(s, directory))
         elif returncode not in (None, 0) and returncode != -9:
-            job.status, job.finished_at = "failed", now()
             message = runfiles.last_error(directory / "run.log", returncode)
-            job.error = {"code": "training_failed", "param": None, "message": message}
-            self.store.add_event(s, job.id, f"The job failed: {message}", level="error")
+            lifecycle.failed(self.store, s, job, "training_failed", message, event=f"The job failed: {message}")
         elif job.attempt >= MAX_ATTEMPTS:
-            job.status, job.finished_at = "failed", now()
-            job.error = {"code": "process_lost", "param": None,
-                         "message": f"the job's process ended without finishing {job.attempt} times"}  # fmt: skip
-            self.store.add_event(s, job.id, job.error["message"], level="error")
+            lifecycle.failed(
+                self.store, s, job, "process_lost", f"the job's process ended without finishing {job.attempt} times"
+            )
         else:  # killed or stopped from outside: continue where it stopped
-            job.status, job.queue_seq = "queued", self.store.next_queue_seq(s)
             how = "was killed" if returncode in (None, -9) else "stopped before finishing"
-            self.store.add_event(s, job.id, f"The job's process {how}; re-queued to resume from {at_step}", "warn")
+            lifecycle.requeued(self.store, s, job, f"The job's process {how}; re-queued to resume from {at_step}")
         job.stop_request = None
 
     # -- exports ---------------------------------------------------------------------------------
@@ -296,14 +247,3 @@ class Scheduler:
                     export.status, export.finished_at = "failed", now()
                     message = runfiles.last_error(directory / "run.log", returncode)
                     export.error = {"code": "export_failed", "param": None, "message": message}
-
-
-def _metrics_events(job_id: str):
-    """The job's newest metrics events (where a checkpoint's and an eval's rows are looked up)."""
-    return select(Event).where(Event.job_id == job_id, Event.type == "metrics").order_by(Event.seq.desc()).limit(50)
-
-
-def _has_eval_event(s, job_id: str, step: int) -> bool:
-    return any(
-        event.data.get("step") == step and "eval/loss" in event.data for event in s.scalars(_metrics_events(job_id))
-    )

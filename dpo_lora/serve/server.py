@@ -55,8 +55,9 @@ def serve(args) -> int:
     try:
         import uvicorn
 
-        from dpo_lora.serve.app import ServerState, create_app
+        from dpo_lora.serve.app import create_app
         from dpo_lora.serve.scheduler import Scheduler
+        from dpo_lora.serve.state import ServerState
         from dpo_lora.serve.store import Store
     except ImportError as err:
         raise UserError(f"the service needs its extra: pip install 'dpo-lora[serve]' ({err.name} is missing)") from None

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Enum,
     Float,
     ForeignKey,
     Integer,
@@ -33,7 +34,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-FINAL = ("succeeded", "failed", "cancelled")
+from dpo_lora.serve.status import FINAL, JobStatus, StopRequest  # noqa: F401  (FINAL: part of this module's API)
+
+
+def _values(enum_class, length: int) -> Enum:
+    """An enum column stored as its values' text (the columns' type before they were enums)."""
+    return Enum(enum_class, native_enum=False, length=length, values_callable=lambda e: [m.value for m in e],
+                validate_strings=True)  # fmt: skip
 
 
 def new_id(prefix: str) -> str:
@@ -75,7 +82,7 @@ class Job(Base):
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     extra: Mapped[dict] = mapped_column(JSON)  # the request's `dpo_lora` knobs, as given
     job_metadata: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
-    status: Mapped[str] = mapped_column(String(24), index=True)
+    status: Mapped[JobStatus] = mapped_column(_values(JobStatus, 24), index=True)
     error: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(256), nullable=True)
     finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -91,7 +98,7 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     pid_start: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # clock ticks since boot
-    stop_request: Mapped[str | None] = mapped_column(String(16), nullable=True)  # cancel | pause
+    stop_request: Mapped[StopRequest | None] = mapped_column(_values(StopRequest, 16), nullable=True)
     signalled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     metrics_offset: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes of metrics.jsonl read
     metrics_last_line: Mapped[str] = mapped_column(Text, default="")  # tells a rewritten file (resume)
@@ -193,9 +200,9 @@ class Store:
         with self.session() as session:
             result = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.status == "queued")
+                .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
                 .values(
-                    status="running",
+                    status=JobStatus.RUNNING,
                     devices=devices,
                     runner=runner,
                     attempt=attempt,

@@ -21,28 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpo_lora.core import rundir
 from dpo_lora.core.config import resume_differences
 from dpo_lora.core.distributed import barrier
 from dpo_lora.core.errors import UserError
+from dpo_lora.core.rundir import ADAPTER, CHECKPOINTS, COMPLETE, METRICS, TENSORBOARD, step_name
 
-CHECKPOINTS = "checkpoints"
 DEEPSPEED_TAG = "deepspeed"
-COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
-ADAPTER = "adapter"
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:08d}"
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return [folder for _, folder in rundir.checkpoints(output_dir)]
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -152,7 +143,7 @@ def load_checkpoint(engine, path: Path, rank: int) -> tuple[dict, dict]:
     return json.loads((path / STATE_FILE).read_text()), rank_state
 
 
-RUN_FILES = ("metrics.jsonl", "adapter", CHECKPOINTS, "tensorboard")
+RUN_FILES = (METRICS, ADAPTER, CHECKPOINTS, TENSORBOARD)
 
 
 def resume_point(config, output_dir: Path, world_size: int) -> Path | None:

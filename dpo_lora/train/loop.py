@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
+from dpo_lora.core import rundir
 from dpo_lora.core.config import to_dict
 from dpo_lora.core.distributed import all_reduce_sum, any_rank, barrier, gather_lists, peak_memory_bytes
 from dpo_lora.core.errors import UserError
+from dpo_lora.core.rundir import RowKind
 from dpo_lora.core.schema import Config
 from dpo_lora.train.checkpoints import save_checkpoint
 from dpo_lora.train.evaluation import EvalShard, to_device  # noqa: F401  (EvalShard: part of this module's API)
@@ -25,7 +27,7 @@ from dpo_lora.train.plots import plot_run
 from dpo_lora.train.setup import Run, setup_run
 from dpo_lora.train.step import preference_step
 
-ADAPTER_DIR = "adapter"
+ADAPTER_DIR = rundir.ADAPTER
 # A file rank 0 creates when a signal stopped the run with its checkpoint saved (launch/slurm.sbatch
 # requeues the job when it exists).
 STOPPED_FILE_VARIABLE = "DPO_LORA_STOPPED_FILE"
@@ -55,7 +57,7 @@ def train(config: Config) -> dict:
 
         if run.eval_loader is not None and (last or (train_cfg.eval_every and step % train_cfg.eval_every == 0)):
             run.results["after" if last else "latest"] = metrics = run.evaluate()
-            run.log({"step": step, "epoch": run.epoch(), **metrics})
+            run.log(RowKind.EVAL, {"step": step, "epoch": run.epoch(), **metrics})
             window_start = time.perf_counter()
         stopped = stop.agreed()
         if stopped or last or (train_cfg.save_every and step % train_cfg.save_every == 0):
@@ -81,7 +83,7 @@ def train(config: Config) -> dict:
 def record_step(run: Run, step: int, micro_stats, skip_reason: str | None, bad_rows: list) -> None:
     """A skipped step is logged (with the bad rows); a taken one adds its statistics to the window."""
     if run.guard.record(step, skip_reason, bad_rows):
-        run.log({"step": step, "epoch": run.epoch(), "skipped": skip_reason, "rows": bad_rows})
+        run.log(RowKind.SKIPPED, {"step": step, "epoch": run.epoch(), "skipped": skip_reason, "rows": bad_rows})
         return
     for stats, tokens in micro_stats:
         run.window.add(stats, tokens)
@@ -113,7 +115,7 @@ def log_window(run: Run, step: int, lr: float, window_start: float, progress) ->
         "global_batch": run.ds_config["train_batch_size"],
         "peak_memory_gb": peak_memory_bytes() / 2**30,
     }
-    run.log(row)
+    run.log(RowKind.TRAIN, row)
     progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
                          pairs_s=f"{row['pairs_per_s']:.2f}")  # fmt: skip
     return time.perf_counter()
@@ -128,7 +130,7 @@ def save(run: Run, step: int) -> Path:
     }  # fmt: skip
     path = save_checkpoint(run.engine, run.output_dir, step, trainer_state, {"window": run.window.state()}, run.dist,
                            run.config.train.keep_checkpoints, run.save_adapter)  # fmt: skip
-    run.log({"step": step, "checkpoint": str(path)})
+    run.log(RowKind.CHECKPOINT, {"step": step, "checkpoint": str(path)})
     return path
 
 

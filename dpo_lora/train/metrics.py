@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from dpo_lora.core.distributed import all_reduce_sum
+from dpo_lora.core.rundir import METRICS
 
 PAIR_METRICS = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
@@ -53,7 +54,7 @@ class MetricsWriter:
     """Appends rows to OUTPUT_DIR/metrics.jsonl and, when tensorboard is installed, event files."""
 
     def __init__(self, output_dir: Path) -> None:
-        self.path = output_dir / "metrics.jsonl"
+        self.path = output_dir / METRICS
         self.tensorboard = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -72,7 +73,11 @@ class MetricsWriter:
             f.write(json.dumps(row) + "\n")
         if self.tensorboard is not None:
             for key, value in row.items():
-                if key not in ("step", "total_steps") and isinstance(value, (int, float)):
+                if (
+                    key not in ("step", "total_steps")
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                ):
                     self.tensorboard.add_scalar(key, value, row["step"])
 
     def close(self) -> None:

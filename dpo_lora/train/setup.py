@@ -12,12 +12,14 @@ from pathlib import Path
 
 import torch
 
+from dpo_lora.core import rundir
 from dpo_lora.core.build_locks import clear_stale_build_locks
 from dpo_lora.core.config import dump_yaml
 from dpo_lora.core.cpu_memory import cap_heap_fragmentation
 from dpo_lora.core.distributed import barrier, gathered, init_distributed
 from dpo_lora.core.dsconfig import fill_deepspeed_config
 from dpo_lora.core.errors import UserError
+from dpo_lora.core.rundir import RowKind
 from dpo_lora.core.schema import Config
 from dpo_lora.data.batches import PairBatches, pair_lengths
 from dpo_lora.data.layout import batch_layout
@@ -52,9 +54,9 @@ class Run:
     reward_sums: list = field(default_factory=lambda: [0.0, 0.0])  # all rewards so far: bco_pair's baseline
     start_step: int = 0
 
-    def log(self, row: dict) -> None:
+    def log(self, kind: RowKind, row: dict) -> None:
         if self.writer is not None:
-            self.writer.write(row)
+            self.writer.write({**row, "kind": kind.value})
 
     def epoch(self) -> float:
         return round(self.batches.position / self.batches.per_epoch, 4)
@@ -164,11 +166,11 @@ def _resume_or_begin(run: Run, resume_from: Path | None) -> None:
             print(f"dpo-lora: resuming from {resume_from} (step {run.start_step} of {run.total_steps})")
         return
     if run.dist.is_main:
-        (run.output_dir / "config.yaml").write_text(dump_yaml(run.config))
+        (run.output_dir / rundir.CONFIG).write_text(dump_yaml(run.config))
     if run.eval_loader is not None:
         # Before any update the policy is the reference (zero LoRA B, or the init adapter itself).
         run.results["before"] = run.evaluate(policy_is_reference=True)
-        run.log({"step": 0, "epoch": 0.0, **run.results["before"]})
+        run.log(RowKind.EVAL, {"step": 0, "epoch": 0.0, **run.results["before"]})
 
 
 def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):

@@ -11,10 +11,10 @@ from safetensors import safe_open
 import dpo_lora.commands.export as export_module
 from dpo_lora.commands.export import export_model, parse_size
 from dpo_lora.core.errors import UserError
+from dpo_lora.core.rundir import step_name
 from dpo_lora.core.schema import ModelConfig
 from dpo_lora.model.load import load_base
 from dpo_lora.model.verify import differences, probe_batches, token_logps
-from dpo_lora.train.checkpoints import step_name
 from dpo_lora.train.loop import train
 
 from ..conftest import REPO

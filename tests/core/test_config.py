@@ -85,11 +85,20 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_readme_config_table_matches_the_config_tree():
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "configuration.md").read_text()
     table = readme.split("<!-- config-table")[1].split("<!-- /config-table -->")[0]
     documented = [line for line in table.splitlines() if line.startswith("| `")]
     expected = [f"| `{key}` | `{default!r}` | {help_text} |" for key, default, help_text in describe()]
-    assert documented == expected, "regenerate the README table from dpo_lora/core/config.py"
+    assert documented == expected, "regenerate: dpo-lora config --list --markdown > docs/configuration.md"
+
+
+def test_the_configuration_page_is_what_the_command_prints(capsys):
+    from dpo_lora.cli import main
+
+    assert main(["config", "--list", "--markdown"]) == 0
+    assert capsys.readouterr().out == (REPO / "docs" / "configuration.md").read_text(), (
+        "docs/configuration.md is stale: dpo-lora config --list --markdown > docs/configuration.md"
+    )
 
 
 def test_every_varlen_kernel_can_be_configured():

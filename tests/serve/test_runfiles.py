@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from dpo_lora.serve.runfiles import checkpoints, last_error, new_rows, results_csv
+from dpo_lora.serve.runfiles import last_error, new_rows, results_csv
 
 
 def test_new_rows_waits_for_a_complete_line_and_rereads_a_rewritten_file(tmp_path):
@@ -24,15 +24,6 @@ def test_new_rows_waits_for_a_complete_line_and_rereads_a_rewritten_file(tmp_pat
     rows, _, _ = new_rows(metrics, offset, last)
     assert rows == rewritten  # read again from the start (the caller skips steps it has)
     assert new_rows(tmp_path / "missing.jsonl", 5, "x") == ([], 0, "")
-
-
-def test_only_complete_checkpoints_count(tmp_path):
-    for step, complete in ((2, True), (4, False), (10, True)):
-        folder = tmp_path / "checkpoints" / f"step-{step:08d}"
-        folder.mkdir(parents=True)
-        if complete:
-            (folder / "COMPLETE").write_text(f"{step}\n")
-    assert [step for step, _ in checkpoints(tmp_path)] == [2, 10]
 
 
 def test_last_error_is_the_trainers_one_line_error(tmp_path):

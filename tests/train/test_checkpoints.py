@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from dpo_lora.core.config import dump_yaml, to_dict
 from dpo_lora.core.errors import UserError
-from dpo_lora.train.checkpoints import COMPLETE, STATE_FILE, latest_checkpoint, resume_point, step_name
+from dpo_lora.core.rundir import COMPLETE, step_name
+from dpo_lora.train.checkpoints import STATE_FILE, latest_checkpoint, resume_point
 from dpo_lora.train.loop import train
 
 from ..conftest import REPO

@@ -13,7 +13,7 @@ import torch
 
 import dpo_lora.train.loop as trainer_module
 from dpo_lora.core.errors import UserError
-from dpo_lora.train.checkpoints import step_name
+from dpo_lora.core.rundir import step_name
 
 from ..conftest import REPO
 from .test_loop import read_metrics, tiny_config

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from dpo_lora.core.config import dump_yaml
-from dpo_lora.train.checkpoints import CHECKPOINTS, step_name
+from dpo_lora.core.rundir import CHECKPOINTS, step_name
 from dpo_lora.train.loop import ADAPTER_DIR
 
 from ..conftest import REPO, VENV_BIN, venv_env

@@ -1,0 +1,146 @@
+"""dpo-lora's routes beyond OpenAI's: a job's events as server-sent events, a checkpoint's adapter
+as a .tar.gz, exports of merged models, and /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import tarfile
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, StreamingResponse
+from sqlalchemy import select
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from dpo_lora.core import rundir
+from dpo_lora.serve import wire
+from dpo_lora.serve.state import ServerState, State, job_or_404
+from dpo_lora.serve.status import FINAL
+from dpo_lora.serve.store import Checkpoint, Event, Export, Job, new_id, now
+from dpo_lora.serve.wire import ApiError, not_found
+
+STREAM_POLL_S = 0.5
+
+router = APIRouter()
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events/stream")
+async def stream_events(state: State, job_id: str, request: Request, after: str | None = None):
+    """Server-sent events: every event of the job from `after` on, oldest first, until it ends.
+
+    It waits on the event loop, holding no worker thread, and each API key has at most
+    `max_streams` open at once (429 past that)."""
+
+    def first() -> int:
+        with state.store.session() as s:
+            job_or_404(s, job_id)
+            return (s.scalar(select(Event.seq).where(Event.id == after)) if after else 0) or 0
+
+    def newer(last: int) -> tuple[list[tuple[int, dict]], str]:
+        with state.store.session() as s:
+            found = list(s.scalars(select(Event).where(Event.job_id == job_id, Event.seq > last).order_by(Event.seq)))
+            return [(e.seq, wire.event_object(e)) for e in found], s.get(Job, job_id).status
+
+    start = await run_in_threadpool(first)
+    who = hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()
+    if state.streams.get(who, 0) >= state.max_streams:
+        raise ApiError(429, f"at most {state.max_streams} event streams may be open at once per API key",
+                       code="too_many_streams", kind="rate_limit_error")  # fmt: skip
+    state.streams[who] = state.streams.get(who, 0) + 1
+
+    async def events():
+        last = start
+        try:
+            while True:
+                found, status = await run_in_threadpool(newer, last)
+                for seq, event in found:
+                    last = seq
+                    yield f"id: {event['id']}\ndata: {json.dumps(event)}\n\n"
+                if not found and status in (*FINAL, "paused"):
+                    yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+                    return
+                await asyncio.sleep(STREAM_POLL_S)
+        finally:
+            state.streams[who] -= 1
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints/{checkpoint_id}/adapter")
+def checkpoint_adapter(state: State, job_id: str, checkpoint_id: str):
+    """The checkpoint's PEFT adapter as a .tar.gz (adapter_config.json, adapter_model.safetensors)."""
+    with state.store.session() as s:
+        checkpoint = s.get(Checkpoint, checkpoint_id)
+        if checkpoint is None or checkpoint.job_id != job_id:
+            raise not_found("checkpoint", checkpoint_id)
+    adapter = Path(checkpoint.path) / rundir.ADAPTER
+    if not adapter.is_dir():
+        raise ApiError(410, f"checkpoint {checkpoint_id} was pruned (train.keep_checkpoints)", code="gone")
+    handle, archive = tempfile.mkstemp(suffix=".tar.gz", dir=state.state_dir)
+    with open(handle, "wb") as out, tarfile.open(fileobj=out, mode="w:gz") as tar:
+        tar.add(adapter, arcname="adapter")
+    return FileResponse(archive, media_type="application/gzip", filename=f"{checkpoint_id}-adapter.tar.gz",
+                        background=BackgroundTask(Path(archive).unlink))  # fmt: skip
+
+
+@router.post("/fine_tuning/jobs/{job_id}/export")
+def create_export(state: State, job_id: str, body: wire.ExportCreate | None = None) -> dict:
+    body = body or wire.ExportCreate()
+    with state.store.session() as s:
+        job = job_or_404(s, job_id)
+        source = Path(job.directory) / "run"
+        if body.checkpoint:
+            checkpoint = s.get(Checkpoint, body.checkpoint)
+            if checkpoint is None or checkpoint.job_id != job_id:
+                raise not_found("checkpoint", body.checkpoint)
+            source = Path(checkpoint.path)
+        elif job.status != "succeeded":
+            raise ApiError(400, f"Job {job_id} is {job.status}; export a checkpoint or wait for it to succeed",
+                           param="fine_tuning_job_id")  # fmt: skip
+        export_id = new_id("ftexport")
+        directory = Path(job.directory) / "exports" / export_id
+        directory.mkdir(parents=True)
+        # --overwrite: an export rerun after a crash replaces the partial folder
+        argv = [str(source), "--out", str(directory / "model"), "--merge-into", body.merge_into, "--overwrite"]
+        argv += ["--dtype", body.dtype] if body.dtype else []
+        export = Export(id=export_id, job_id=job_id, created_at=now(), status="queued", directory=str(directory),
+                        options={"argv": argv, "merge_into": body.merge_into, "out": str(directory / "model")})  # fmt: skip
+        s.add(export)
+        state.store.add_event(s, job_id, f"Export {export_id} queued ({body.merge_into})")
+        return wire.export_object(export)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/exports/{export_id}")
+def retrieve_export(state: State, job_id: str, export_id: str) -> dict:
+    with state.store.session() as s:
+        export = s.get(Export, export_id)
+        if export is None or export.job_id != job_id:
+            raise not_found("export", export_id)
+        return wire.export_object(export)
+
+
+@router.get("/models")
+def list_models(state: State) -> dict:
+    return wire.page(_models(state), False)
+
+
+@router.get("/models/{model_id:path}")
+def retrieve_model(state: State, model_id: str) -> dict:
+    for model in _models(state):
+        if model["id"] == model_id:
+            return model
+    raise not_found("model", model_id)
+
+
+def _models(state: ServerState) -> list[dict]:
+    models = [{"id": name, "object": "model", "created": state.started_at, "owned_by": "dpo-lora"}
+              for name in sorted(state.models)]  # fmt: skip
+    with state.store.session() as s:
+        for job in s.scalars(select(Job).where(Job.fine_tuned_model.is_not(None)).order_by(Job.finished_at)):
+            models.append({"id": job.fine_tuned_model, "object": "model", "created": job.finished_at,
+                           "owned_by": wire.ORGANIZATION})  # fmt: skip
+    return models

@@ -1,0 +1,99 @@
+"""/v1/files: upload (checked row by row when its purpose is fine-tune), list, read, delete."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import FileResponse
+from sqlalchemy import select, tuple_
+
+from dpo_lora.core.errors import UserError
+from dpo_lora.data.rows import shape_problems
+from dpo_lora.serve import wire
+from dpo_lora.serve.state import State, file_or_404, or_404, page_limit
+from dpo_lora.serve.store import File as StoredFile
+from dpo_lora.serve.store import new_id, now
+from dpo_lora.serve.wire import ApiError
+
+MAX_LISTED_ROWS = 20  # bad rows named in a file's status_details
+# OpenAI's upload purposes; only `fine-tune` files are checked as pairs and may be trained on.
+PURPOSES = ("fine-tune", "assistants", "batch", "vision", "user_data", "evals")
+
+router = APIRouter()
+
+
+@router.post("/files")
+def create_file(state: State, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict:
+
+    if purpose not in PURPOSES:
+        raise ApiError(400, f"purpose '{purpose}' is not one of {', '.join(PURPOSES)}", param="purpose")
+    file_id = new_id("file")
+    folder = state.state_dir / "files"
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".json" if (file.filename or "").endswith(".json") else ".jsonl"
+    path = folder / f"{file_id}{suffix}"
+    try:
+        with open(f"{path}.tmp", "wb") as out:
+            shutil.copyfileobj(file.file, out)
+        Path(f"{path}.tmp").replace(path)
+        status, details, count = "processed", None, 0
+        if purpose == "fine-tune":
+            try:
+                count, problems = shape_problems(str(path))
+            except UserError as err:
+                count, problems = 0, [(0, str(err))]
+            if problems or count == 0:
+                listed = "; ".join(f"row {n}: {text}" for n, text in problems[:MAX_LISTED_ROWS])
+                more = f" (and {len(problems) - MAX_LISTED_ROWS} more)" if len(problems) > MAX_LISTED_ROWS else ""
+                status = "error"
+                details = f"{len(problems)} bad row(s): {listed}{more}" if problems else "the file holds no rows"
+        row = StoredFile(id=file_id, filename=file.filename or "upload.jsonl", bytes=path.stat().st_size,
+                         purpose=purpose, created_at=now(), status=status, status_details=details,
+                         path=str(path), rows=count)  # fmt: skip
+        with state.store.session() as s:
+            s.add(row)
+    except BaseException:  # nothing is left behind by an upload that did not complete
+        Path(f"{path}.tmp").unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        raise
+    return wire.file_object(row)
+
+
+@router.get("/files")
+def list_files(
+    state: State, after: str | None = None, limit: int = 100, order: str = "desc", purpose: str | None = None
+):
+    query = select(StoredFile)
+    if purpose:
+        query = query.where(StoredFile.purpose == purpose)
+    key = tuple_(StoredFile.created_ns, StoredFile.id)
+    with state.store.session() as s:
+        if after:
+            anchor = or_404(s.get(StoredFile, after), "file", after)
+            mark = tuple_(anchor.created_ns, anchor.id)
+            query = query.where(key < mark if order == "desc" else key > mark)
+        query = query.order_by(*(c.desc() for c in key.clauses) if order == "desc" else key.clauses)
+        found = list(s.scalars(query.limit(page_limit(limit) + 1)))
+    return wire.page([wire.file_object(f) for f in found[:limit]], len(found) > limit)
+
+
+@router.get("/files/{file_id}")
+def retrieve_file(state: State, file_id: str) -> dict:
+    return wire.file_object(file_or_404(state, file_id))
+
+
+@router.get("/files/{file_id}/content")
+def file_content(state: State, file_id: str):
+    return FileResponse(file_or_404(state, file_id).path, media_type="application/octet-stream")
+
+
+@router.delete("/files/{file_id}")
+def delete_file(state: State, file_id: str) -> dict:
+    with state.store.session() as s:
+        file = or_404(s.get(StoredFile, file_id), "file", file_id)
+        s.delete(file)
+    Path(file.path).unlink(missing_ok=True)
+    return {"id": file_id, "object": "file", "deleted": True}

@@ -1,0 +1,72 @@
+"""What a run wrote, turned into the store's rows: its new metrics rows become events, its
+checkpoints become checkpoint objects and its tokens the job's count; at the end, its metrics
+become the job's result file. The scheduler calls it for the jobs it runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+
+from dpo_lora.core import rundir
+from dpo_lora.core.rundir import RowKind, row_kind
+from dpo_lora.serve import runfiles
+from dpo_lora.serve.store import Checkpoint, Event, File, Job, Store, new_id, now
+
+
+def new_rows(store: Store, s, job: Job) -> None:
+    """Turn the run's new metrics rows into events, checkpoints and the token count."""
+    run_dir = Path(job.directory) / "run"
+    rows, job.metrics_offset, job.metrics_last_line = runfiles.new_rows(
+        run_dir / rundir.METRICS, job.metrics_offset, job.metrics_last_line
+    )
+    for row in rows:
+        step = int(row.get("step", 0))
+        kind = row_kind(row)
+        if kind == RowKind.CHECKPOINT and s.scalar(
+            select(Checkpoint.id).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step)
+        ) is None:  # fmt: skip
+            _add_checkpoint(store, s, job, step)
+        elif kind == RowKind.TRAIN and step > job.last_step:
+            job.last_step, job.trained_tokens = step, (job.trained_tokens or 0) + int(row.get("tokens", 0))
+            message = f"Step {step}: training loss={row['loss']:.4f}, reward accuracy={row['rewards/accuracies']:.2f}"
+            store.add_event(s, job.id, message, data=row)
+        elif kind == RowKind.EVAL and not _has_eval_event(s, job.id, step):
+            store.add_event(s, job.id, f"Step {step}: validation loss={row['eval/loss']:.4f}", data=row)
+        elif kind == RowKind.SKIPPED and step > job.last_step:
+            job.last_step = step
+            store.add_event(s, job.id, f"Step {step} skipped: {row['skipped']}", level="warn")
+
+
+def _add_checkpoint(store: Store, s, job: Job, step: int) -> None:
+    metrics = {"step": float(step)}
+    for event in s.scalars(_metrics_events(job.id)):
+        if event.data.get("step") == step and "loss" in event.data:
+            metrics.update(train_loss=event.data["loss"], train_mean_reward_accuracy=event.data["rewards/accuracies"])
+        if event.data.get("step") == step and "eval/loss" in event.data:
+            metrics.update(valid_loss=event.data["eval/loss"], valid_mean_reward_accuracy=event.data["eval/rewards/accuracies"])  # fmt: skip
+    folder = rundir.step_folder(Path(job.directory) / "run", step)
+    s.add(Checkpoint(id=new_id("ftckpt"), job_id=job.id, step_number=step, created_at=now(), metrics=metrics,
+                     path=str(folder)))  # fmt: skip
+    store.add_event(s, job.id, f"Checkpoint created at step {step}")
+
+
+def result_file(s, directory: Path) -> str:
+    """The run's metrics as CSV, stored as a `fine-tune-results` file; its id."""
+    results = directory / "results.csv"
+    results.write_bytes(runfiles.results_csv(directory / "run" / rundir.METRICS))
+    file_id = new_id("file")
+    s.add(File(id=file_id, filename="step_metrics.csv", bytes=results.stat().st_size, purpose="fine-tune-results",
+               created_at=now(), status="processed", path=str(results)))  # fmt: skip
+    return file_id
+
+
+def _metrics_events(job_id: str):
+    """The job's newest metrics events (where a checkpoint's and an eval's rows are looked up)."""
+    return select(Event).where(Event.job_id == job_id, Event.type == "metrics").order_by(Event.seq.desc()).limit(50)
+
+
+def _has_eval_event(s, job_id: str, step: int) -> bool:
+    return any(
+        event.data.get("step") == step and "eval/loss" in event.data for event in s.scalars(_metrics_events(job_id))
+    )

@@ -1,0 +1,199 @@
+"""/v1/fine_tuning/jobs: create (the request -> the job's folder and config), list, read, cancel,
+pause, resume, delete (extension), events and checkpoints. Status changes go through lifecycle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+from fastapi import APIRouter, Header
+from sqlalchemy import select, tuple_
+from sqlalchemy.exc import IntegrityError
+
+from dpo_lora.core.config import dump_yaml
+from dpo_lora.serve import lifecycle, wire
+from dpo_lora.serve.jobspec import SpecError, build_spec
+from dpo_lora.serve.state import ServerState, State, job_or_404, or_404, page_limit
+from dpo_lora.serve.status import FINAL, JobStatus
+from dpo_lora.serve.store import Checkpoint, Event, Export, IdempotencyKey, Job, new_id, now
+from dpo_lora.serve.store import File as StoredFile
+from dpo_lora.serve.wire import ApiError
+
+router = APIRouter()
+
+
+@router.post("/fine_tuning/jobs")
+def create_job(state: State, body: wire.JobCreate, idempotency_key: str | None = Header(None)) -> dict:
+    request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    if idempotency_key:
+        replay = _replayed(state, idempotency_key, request_hash)
+        if replay is not None:
+            return replay
+    job = _new_job(state, body)
+    try:
+        with state.store.session() as s:
+            s.add(job)
+            state.store.add_event(s, job.id, f"Created fine-tuning job: {job.id}")
+            if idempotency_key:
+                s.add(IdempotencyKey(key=idempotency_key, request_hash=request_hash, object_id=job.id,
+                                     created_at=now()))  # fmt: skip
+    except BaseException as err:  # a create that fails leaves no folder behind
+        shutil.rmtree(job.directory, ignore_errors=True)
+        if not (isinstance(err, IntegrityError) and idempotency_key):
+            raise
+        return _replayed(state, idempotency_key, request_hash)  # a concurrent retry with this key won
+    return wire.job_object(job)
+
+
+@router.get("/fine_tuning/jobs")
+def list_jobs(state: State, after: str | None = None, limit: int = 20) -> dict:
+    key = tuple_(Job.created_ns, Job.id)
+    query = select(Job)
+    with state.store.session() as s:
+        if after:
+            anchor = or_404(s.get(Job, after), "fine-tuning job", after)
+            query = query.where(key < tuple_(anchor.created_ns, anchor.id))
+        found = list(s.scalars(query.order_by(Job.created_ns.desc(), Job.id.desc()).limit(page_limit(limit) + 1)))
+    return wire.page([wire.job_object(j) for j in found[:limit]], len(found) > limit)
+
+
+@router.get("/fine_tuning/jobs/{job_id}")
+def retrieve_job(state: State, job_id: str) -> dict:
+    with state.store.session() as s:
+        return wire.job_object(job_or_404(s, job_id))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel")
+def cancel_job(state: State, job_id: str) -> dict:
+    with state.store.session() as s:
+        job = job_or_404(s, job_id, for_update=True)
+        lifecycle.cancel(state.store, s, job)
+        if job.stop_request is not None:
+            _kill_if_mine(state, job)  # before `cancelled` is reported: no step or checkpoint after it
+        return wire.job_object(job)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/pause")
+def pause_job(state: State, job_id: str) -> dict:
+    with state.store.session() as s:
+        job = job_or_404(s, job_id, for_update=True)
+        lifecycle.pause(state.store, s, job)
+        return wire.job_object(job)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/resume")
+def resume_job(state: State, job_id: str) -> dict:
+    with state.store.session() as s:
+        job = job_or_404(s, job_id, for_update=True)
+        lifecycle.resume(state.store, s, job)
+        return wire.job_object(job)
+
+
+@router.delete("/fine_tuning/jobs/{job_id}")
+def delete_job(state: State, job_id: str) -> dict:
+    """dpo-lora's extension: a finished job, its folder (run, checkpoints, exports) and its rows."""
+    with state.store.session() as s:
+        job = job_or_404(s, job_id, for_update=True)
+        if job.status not in FINAL or job.devices is not None:
+            raise ApiError(409, f"Job {job_id} is {job.status}; cancel it and let it stop first",
+                           param="fine_tuning_job_id", code="job_active")  # fmt: skip
+        if s.scalar(select(Export.id).where(Export.job_id == job_id, Export.status.in_(("queued", "running")))):
+            raise ApiError(409, f"Job {job_id} has an export in progress", param="fine_tuning_job_id",
+                           code="export_active")  # fmt: skip
+        for model in (Event, Checkpoint, Export):
+            for row in s.scalars(select(model).where(model.job_id == job_id)):
+                s.delete(row)
+        for file_id in job.result_files or []:
+            if (result := s.get(StoredFile, file_id)) is not None:
+                s.delete(result)
+        s.delete(job)
+    shutil.rmtree(job.directory, ignore_errors=True)
+    return {"id": job_id, "object": "fine_tuning.job", "deleted": True}
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events")
+def list_events(state: State, job_id: str, after: str | None = None, limit: int = 20) -> dict:
+    query = select(Event).where(Event.job_id == job_id)
+    with state.store.session() as s:
+        job_or_404(s, job_id)
+        if after:
+            anchor = or_404(s.scalar(select(Event).where(Event.id == after)), "event", after)
+            query = query.where(Event.seq < anchor.seq)
+        found = list(s.scalars(query.order_by(Event.seq.desc()).limit(page_limit(limit) + 1)))
+    return wire.page([wire.event_object(e) for e in found[:limit]], len(found) > limit)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+def list_checkpoints(state: State, job_id: str, after: str | None = None, limit: int = 10) -> dict:
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    with state.store.session() as s:
+        job = job_or_404(s, job_id)
+        if after:
+            anchor = or_404(s.get(Checkpoint, after), "checkpoint", after)
+            query = query.where(Checkpoint.step_number < anchor.step_number)
+        found = list(s.scalars(query.order_by(Checkpoint.step_number.desc()).limit(page_limit(limit) + 1)))
+        return wire.page([wire.checkpoint_object(c, job) for c in found[:limit]], len(found) > limit)
+
+
+def _kill_if_mine(state: ServerState, job: Job) -> None:
+    """Stop a cancelled job's process now, where this server started it (others' schedulers stop theirs)."""
+    if state.backend is None or job.runner != state.runner or job.pid is None:
+        return
+    if state.backend.is_alive(job.pid, job.pid_start):
+        state.backend.kill(job.pid)
+
+
+def _replayed(state: ServerState, key: str, request_hash: str) -> dict | None:
+    with state.store.session() as s:
+        seen = s.get(IdempotencyKey, key)
+        if seen is None:
+            return None
+        if seen.request_hash != request_hash:
+            raise ApiError(409, "Idempotency-Key was used with a different request", param="Idempotency-Key",
+                           code="idempotency_key_reused")  # fmt: skip
+        return wire.job_object(job_or_404(s, seen.object_id))
+
+
+def _new_job(state: ServerState, body: wire.JobCreate) -> Job:
+
+    if body.method is not None and body.method.type != "dpo":
+        raise ApiError(400, f"method '{body.method.type}' is not supported; this server trains DPO", param="method")
+    if body.integrations:
+        raise ApiError(400, "integrations are not supported; metrics are in the job's events", param="integrations")
+    if body.model not in state.models:
+        known = ", ".join(sorted(state.models)) or "none (start the server with --models DIR)"
+        raise ApiError(400, f"model '{body.model}' is not one this server trains (known: {known})", param="model")
+    with state.store.session() as s:
+        for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
+            file = s.get(StoredFile, file_id) if file_id is not None else None
+            if file_id is not None and file is None:
+                raise ApiError(400, f"invalid {param}: no file '{file_id}'", param=param)
+            if file is not None and file.purpose != "fine-tune":
+                raise ApiError(400, f"invalid {param}: file '{file_id}' has purpose '{file.purpose}', not fine-tune",
+                               param=param)  # fmt: skip
+    hyperparameters = body.method.dpo.hyperparameters if body.method and body.method.dpo else body.hyperparameters
+    job_id = new_id("ftjob")
+    directory = state.state_dir / "jobs" / job_id
+    try:
+        spec = build_spec(
+            state.base_config, state.models[body.model], str(directory / "train.jsonl"),
+            str(directory / "eval.jsonl") if body.validation_file else None, str(directory / "run"),
+            str(directory / "deepspeed.json"), hyperparameters.model_dump(exclude_none=True) if hyperparameters else {},
+            body.dpo_lora, body.seed, state.devices,
+        )  # fmt: skip
+    except SpecError as err:
+        raise ApiError(400, str(err), param=err.param, code="invalid_config") from None
+    directory.mkdir(parents=True)
+    try:  # the job's folder holds everything its run reads besides the base model
+        (directory / "deepspeed.json").write_text(json.dumps(spec.deepspeed, indent=2))
+        (directory / "config.yaml").write_text(dump_yaml(spec.config))
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return Job(
+        id=job_id, created_at=now(), model=body.model, training_file=body.training_file,
+        validation_file=body.validation_file, hyperparameters=spec.hyperparameters, seed=spec.config.train.seed,
+        suffix=body.suffix, extra=body.dpo_lora, job_metadata=body.metadata, status=JobStatus.VALIDATING_FILES,
+        directory=str(directory), devices_wanted=spec.devices, result_files=[],
+    )  # fmt: skip
