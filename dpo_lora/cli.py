@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(handler="dpo_lora.commands.plan:run")
 
     export = commands.add_parser("export", help="merge the adapter into its base and write a standalone model folder")
-    export.add_argument("source", help="run folder, adapter folder, or checkpoint folder")
-    export.add_argument("--out", required=True, help="output folder (a Hugging Face model folder)")
+    export.add_argument("source", nargs="?", help="run folder, adapter folder, or checkpoint folder")
+    export.add_argument("--out", help="output folder (a Hugging Face model folder); required without --spec")
+    export.add_argument("--spec", help="a JSON file of these options (source, out, merge_into, ...) instead")
     export.add_argument("--base", help="base model folder (default: the run's model.path)")
     export.add_argument(
         "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="stored weight dtype"

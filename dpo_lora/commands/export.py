@@ -170,10 +170,28 @@ def export_model(
     return report
 
 
+SPEC_KEYS = ("source", "out", "base", "dtype", "max_shard_size", "merge_into", "adapter_only", "overwrite", "push")
+
+
+def read_spec(path: str) -> dict:
+    """An export's options from a JSON spec file (what `dpo-lora serve` writes for each export)."""
+    try:
+        spec = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"--spec {path}: cannot read it as JSON ({err})") from None
+    unknown = sorted(set(spec) - set(SPEC_KEYS)) if isinstance(spec, dict) else ["<not an object>"]
+    if unknown or "source" not in spec or "out" not in spec:
+        raise UserError(f"--spec {path}: needs source and out, and only {', '.join(SPEC_KEYS)} (got {unknown or spec})")
+    return spec
+
+
 def run(args) -> int:
-    report = export_model(
-        args.source, out=args.out, base=args.base, dtype=args.dtype, max_shard_size=args.max_shard_size,
-        merge_into=args.merge_into, adapter_only=args.adapter_only, overwrite=args.overwrite, push=args.push,
-    )  # fmt: skip
+    if args.spec:
+        options = read_spec(args.spec)
+    elif args.source is None or args.out is None:
+        raise UserError("export needs SOURCE and --out (or --spec FILE)")
+    else:
+        options = {key: getattr(args, key) for key in SPEC_KEYS}
+    report = export_model(options.pop("source"), **options)
     print(json.dumps(report, indent=2))
     return 0

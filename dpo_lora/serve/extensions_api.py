@@ -24,6 +24,7 @@ from dpo_lora.serve.store import Checkpoint, Event, Export, Job, new_id, now
 from dpo_lora.serve.wire import ApiError, not_found
 
 STREAM_POLL_S = 0.5
+EXPORT_SPEC = "export.json"
 
 router = APIRouter()
 
@@ -104,11 +105,14 @@ def create_export(state: State, job_id: str, body: wire.ExportCreate | None = No
         export_id = new_id("ftexport")
         directory = Path(job.directory) / "exports" / export_id
         directory.mkdir(parents=True)
-        # --overwrite: an export rerun after a crash replaces the partial folder
-        argv = [str(source), "--out", str(directory / "model"), "--merge-into", body.merge_into, "--overwrite"]
-        argv += ["--dtype", body.dtype] if body.dtype else []
+        # The export's spec file, as a job's config.yaml: `dpo-lora export --spec` reads it (overwrite:
+        # an export rerun after a crash replaces the partial folder).
+        spec = {"source": str(source), "out": str(directory / "model"), "merge_into": body.merge_into,
+                "overwrite": True, **({"dtype": body.dtype} if body.dtype else {})}  # fmt: skip
+        (directory / EXPORT_SPEC).write_text(json.dumps(spec, indent=2))
         export = Export(id=export_id, job_id=job_id, created_at=now(), status="queued", directory=str(directory),
-                        options={"argv": argv, "merge_into": body.merge_into, "out": str(directory / "model")})  # fmt: skip
+                        options={"spec": str(directory / EXPORT_SPEC), "merge_into": body.merge_into,
+                                 "out": spec["out"]})  # fmt: skip
         s.add(export)
         state.store.add_event(s, job_id, f"Export {export_id} queued ({body.merge_into})")
         return wire.export_object(export)

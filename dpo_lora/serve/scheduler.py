@@ -227,7 +227,7 @@ class Scheduler:
             if self.store.claim_export(export_id, self.runner):
                 with self.store.session() as s:
                     export = self.store.for_update(s, Export, export_id)
-                    command = [sys.executable, "-m", "dpo_lora", "export", *export.options["argv"]]
+                    command = [sys.executable, "-m", "dpo_lora", "export", "--spec", export.options["spec"]]
                     export.pid, export.pid_start = processes.start(command, Path(export.directory), export.attempt)
         with self.store.session() as s:
             mine = select(Export).where(

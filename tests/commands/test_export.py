@@ -211,3 +211,18 @@ def test_export_memory_grows_with_one_shard_not_with_the_model(tmp_path, tiny_to
     print(f"{merge_into}: {grown_mb:.1f} MB more for the large model (allowance {allowance_mb:.1f} MB)")
     assert grown_mb < allowance_mb, f"export held {grown_mb:.0f} MB more for the large model ({peaks})"
     assert json.loads((tmp_path / "large-out" / "export_report.json").read_text())["merged"] == 24 * 7
+
+
+def test_an_export_spec_file_is_read_with_its_keys_checked(tmp_path, capsys):
+    """`dpo-lora export --spec FILE` (what the service writes per export): unknown keys and a missing
+    source are one-line errors naming the file."""
+    from dpo_lora.cli import main
+    from dpo_lora.commands.export import read_spec
+
+    spec = tmp_path / "export.json"
+    spec.write_text(json.dumps({"source": "runs/x", "out": "out", "merge_into": "original", "overwrite": True}))
+    assert read_spec(str(spec)) == {"source": "runs/x", "out": "out", "merge_into": "original", "overwrite": True}
+    spec.write_text(json.dumps({"source": "runs/x", "out": "out", "argv": ["--push", "me/x"]}))
+    assert main(["export", "--spec", str(spec)]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"dpo-lora: error: --spec {spec}: needs source and out")
+    assert main(["export", "runs/x"]) == 2  # neither --out nor --spec
