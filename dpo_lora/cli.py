@@ -61,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB")
     export.add_argument(
-        "--merge-into", default="original", choices=["original", "dequantized"],
+        "--merge-into",
+        default="original",
+        choices=["original", "dequantized"],
         help="original: unquantized base (for serving); dequantized: exactly the trained function",
-    )  # fmt: skip
+    )
     export.add_argument("--adapter-only", action="store_true", help="copy the adapter with a model card, no merge")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     export.add_argument("--push", metavar="REPO", help="also upload to this Hugging Face Hub repo")

@@ -99,9 +99,16 @@ def _model_card(adapter_dir: Path, base: str, run_config) -> str:
             f"- loss: {run_config.dpo.loss}, beta {run_config.dpo.beta}",
             f"- LoRA r={run_config.lora.r}, alpha={run_config.lora.alpha}",
         ]
-    lines += ["", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
-              f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "PATH_TO_THIS_FOLDER")',
-              "```", ""]  # fmt: skip
+    lines += [
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "PATH_TO_THIS_FOLDER")',
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -120,9 +127,17 @@ def push_to_hub(folder: Path, repo: str) -> None:
 
 
 def export_model(
-    source: str, *, out: str, base: str | None = None, dtype: str = "bfloat16", max_shard_size: str = "5GB",
-    merge_into: str = "original", adapter_only: bool = False, overwrite: bool = False, push: str | None = None,
-) -> dict:  # fmt: skip
+    source: str,
+    *,
+    out: str,
+    base: str | None = None,
+    dtype: str = "bfloat16",
+    max_shard_size: str = "5GB",
+    merge_into: str = "original",
+    adapter_only: bool = False,
+    overwrite: bool = False,
+    push: str | None = None,
+) -> dict:
     """Export a run/adapter/checkpoint to `out`; returns the export report (also in out/export_report.json)."""
     import shutil
     import tempfile

@@ -99,13 +99,24 @@ def sample_both(model, prompts: dict, n: int, **generate_kwargs) -> tuple[torch.
     count = rows["input_ids"].shape[0]
     both = {key: torch.cat([value, value]) for key, value in rows.items()}
     with torch.no_grad():
-        sequences = model.generate(**both, adapter_names=[POLICY_ADAPTER] * count + [reference] * count,
-                                   **generate_kwargs)  # fmt: skip
+        sequences = model.generate(
+            **both, adapter_names=[POLICY_ADAPTER] * count + [reference] * count, **generate_kwargs
+        )
     return sequences[:count], sequences[count:]
 
 
-def generate_run(source: str, prompts_file: str, *, n: int = 4, temperature: float = 1.0, max_new_tokens: int = 64,
-                 reward: str | None = None, seed: int = 0, out: str | None = None, batch_size: int = 16) -> dict:  # fmt: skip
+def generate_run(
+    source: str,
+    prompts_file: str,
+    *,
+    n: int = 4,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    reward: str | None = None,
+    seed: int = 0,
+    out: str | None = None,
+    batch_size: int = 16,
+) -> dict:
     """Sample `n` completions per prompt from the policy and from the reference, `batch_size`
     prompts per generate call (left-padded); score them with `reward`; estimate KL(policy||ref)."""
 
@@ -119,8 +130,14 @@ def generate_run(source: str, prompts_file: str, *, n: int = 4, temperature: flo
     shown_texts, texts = map(list, zip(*read_prompts(prompts_file, tokenizer), strict=True))
     rows, kl_terms, wins = [], [], []
     torch.manual_seed(seed)
-    kwargs = dict(do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens, pad_token_id=eos,
-                  eos_token_id=eos, use_cache=True)  # fmt: skip
+    kwargs = dict(
+        do_sample=True,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=eos,
+        eos_token_id=eos,
+        use_cache=True,
+    )
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         prompts = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -134,8 +151,12 @@ def generate_run(source: str, prompts_file: str, *, n: int = 4, temperature: flo
         policy_texts = tokenizer.batch_decode(policy_seqs[:, width:], skip_special_tokens=True)
         reference_texts = tokenizer.batch_decode(reference_seqs[:, width:], skip_special_tokens=True)
         for i, prompt in enumerate(chunk):
-            row = {"prompt": prompt, "prompt_text": shown_texts[start + i],
-                   "policy": policy_texts[i * n : (i + 1) * n], "reference": reference_texts[i * n : (i + 1) * n]}  # fmt: skip
+            row = {
+                "prompt": prompt,
+                "prompt_text": shown_texts[start + i],
+                "policy": policy_texts[i * n : (i + 1) * n],
+                "reference": reference_texts[i * n : (i + 1) * n],
+            }
             if reward_fn is not None:
                 row["policy_rewards"] = [float(reward_fn(text)) for text in row["policy"]]
                 row["reference_rewards"] = [float(reward_fn(text)) for text in row["reference"]]
@@ -182,9 +203,16 @@ def side_by_side(result: dict, prompts: int = 3, width: int = 100) -> str:
 
 def run(args) -> int:
     result = generate_run(
-        args.run, args.prompts, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        reward=args.reward, seed=args.seed, out=args.out, batch_size=args.batch_size,
-    )  # fmt: skip
+        args.run,
+        args.prompts,
+        n=args.n,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        reward=args.reward,
+        seed=args.seed,
+        out=args.out,
+        batch_size=args.batch_size,
+    )
     print(side_by_side(result, prompts=args.show) + "\n")
     print(json.dumps(result["summary"], indent=2))
     return 0

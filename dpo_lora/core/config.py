@@ -202,11 +202,21 @@ def validate(config: Config) -> None:
 
 # Keys that may change between a run and its resume: they do not change what is trained.
 RESUME_MAY_CHANGE = {
-    "output_dir", "overwrite", "data.num_proc", "train.log_every", "train.eval_every", "train.eval_batch_size",
-    "train.save_every", "train.keep_checkpoints", "train.resume", "train.max_bad_steps", "train.cpu_mmap_threshold_mb",
-    "model.recompute_attention", "model.checkpoint_layers",  # the same gradients, bit for bit (tests/model/test_checkpointing.py)
+    "output_dir",
+    "overwrite",
+    "data.num_proc",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batch_size",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.resume",
+    "train.max_bad_steps",
+    "train.cpu_mmap_threshold_mb",
+    "model.recompute_attention",
+    "model.checkpoint_layers",  # the same gradients, bit for bit (tests/model/test_checkpointing.py)
     "train.collective_timeout_s",
-}  # fmt: skip
+}
 
 
 def flat_items(tree: dict, prefix: str = "") -> dict:

@@ -51,12 +51,21 @@ def zero_config(stage: int, offload: bool = False) -> dict:
     if stage in (1, 2):
         zero |= {**_BUCKETS, "allgather_bucket_size": 50_000_000}
     elif stage == 3:
-        zero |= {**_BUCKETS, "stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
-                 "stage3_gather_16bit_weights_on_model_save": False}  # fmt: skip
+        zero |= {
+            **_BUCKETS,
+            "stage3_prefetch_bucket_size": 50_000_000,
+            "stage3_param_persistence_threshold": 100_000,
+            "stage3_gather_16bit_weights_on_model_save": False,
+        }
     return {
-        **{key: "auto" for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")},
-        "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "zero_optimization": zero,
-    }  # fmt: skip
+        **{
+            key: "auto" for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+        },
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+    }
 
 
 def read_json(path: str) -> dict:

@@ -47,8 +47,12 @@ def row_kind(row: dict) -> RowKind | None:
     """A row's kind: its `kind` field, or for rows written before it, the key that told them apart."""
     if "kind" in row:
         return RowKind(row["kind"])
-    for key, kind in (("checkpoint", RowKind.CHECKPOINT), ("skipped", RowKind.SKIPPED), ("loss", RowKind.TRAIN),
-                      ("eval/loss", RowKind.EVAL)):  # fmt: skip
+    for key, kind in (
+        ("checkpoint", RowKind.CHECKPOINT),
+        ("skipped", RowKind.SKIPPED),
+        ("loss", RowKind.TRAIN),
+        ("eval/loss", RowKind.EVAL),
+    ):
         if key in row:
             return kind
     return None

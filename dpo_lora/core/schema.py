@@ -10,9 +10,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "robust", "bco_pair", "exo_pair",
-    "nca_pair", "sppo_hard", "apo_zero", "apo_down",
-)  # fmt: skip
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "robust",
+    "bco_pair",
+    "exo_pair",
+    "nca_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+)
 SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair")  # the losses dpo.label_smoothing changes
 
 
@@ -100,7 +108,7 @@ class DpoConfig:
         "reference log-probs: online (a no-grad forward per step), precompute (once, cached), or auto "
         "(precompute when the run covers at least one epoch)",
         ("auto", "online", "precompute"),
-    )  # fmt: skip
+    )
 
 
 @dataclass

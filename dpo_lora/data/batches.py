@@ -49,9 +49,17 @@ class LengthGroupedSampler:
 
 class PairBatches:
     def __init__(
-        self, dataset, *, micro_batch_size: int, rank: int, world_size: int, seed: int, collate: Callable | None,
-        lengths: list[int] | None = None, global_batch: int = 0,
-    ):  # fmt: skip
+        self,
+        dataset,
+        *,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        collate: Callable | None,
+        lengths: list[int] | None = None,
+        global_batch: int = 0,
+    ):
         """`lengths` (tokens per pair) and `global_batch` turn on length-grouped global batches."""
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size

@@ -68,10 +68,16 @@ def tokenized_split(source: str, tokenizer, data_config):
     datasets.disable_progress_bars()
     key = hashlib.sha256(
         json.dumps(
-            [CACHE_VERSION, _source_digest(source), _tokenizer_digest(tokenizer), data_config.max_length,
-             data_config.max_prompt_length, data_config.on_bad_rows]
+            [
+                CACHE_VERSION,
+                _source_digest(source),
+                _tokenizer_digest(tokenizer),
+                data_config.max_length,
+                data_config.max_prompt_length,
+                data_config.on_bad_rows,
+            ]
         ).encode()
-    ).hexdigest()[:32]  # fmt: skip
+    ).hexdigest()[:32]
     folder = cache_root() / key
     if (folder / "report.json").is_file():
         return datasets.load_from_disk(str(folder / "pairs")), json.loads((folder / "report.json").read_text())
@@ -84,9 +90,12 @@ def tokenized_split(source: str, tokenizer, data_config):
         "max_prompt_length": data_config.max_prompt_length,
     }
     pairs = datasets.Dataset.from_dict(columns).map(
-        _tokenize, batched=True, fn_kwargs=fn_kwargs, remove_columns=["prompt", "chosen", "rejected", "chat"],
+        _tokenize,
+        batched=True,
+        fn_kwargs=fn_kwargs,
+        remove_columns=["prompt", "chosen", "rejected", "chat"],
         num_proc=data_config.num_proc,
-    )  # fmt: skip
+    )
     report["prompts_truncated"] = sum(pairs["prompt_truncated"])  # cut to data.max_prompt_length
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

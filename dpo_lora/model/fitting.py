@@ -111,8 +111,10 @@ def recommendation(config, planned: Plan, budget: int) -> str:
     components = planned.components
     weights = sum(v for k, v in components.items() if "weights" in k)
     if weights + FIXED_OVERHEAD > budget:
-        return ("the base weights alone need more than this memory: use a larger GPU or 4-bit quantization "
-                "(ZeRO-3 does not shard a quantized base yet)")  # fmt: skip
+        return (
+            "the base weights alone need more than this memory: use a larger GPU or 4-bit quantization "
+            "(ZeRO-3 does not shard a quantized base yet)"
+        )
     if not config.model.gradient_checkpointing:
         return "set model.gradient_checkpointing=true (keeps one layer's activations instead of every layer's)"
     optimizer = components["optimizer states (AdamW) + ZeRO float32 partition"]

@@ -216,8 +216,11 @@ def _report_adapter_settings(lora_config) -> None:
 
     saved = json.loads((Path(lora_config.init_adapter) / "adapter_config.json").read_text())
     pairs = (("r", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"))
-    differing = [f"lora.{key}={getattr(lora_config, key)} -> {saved.get(name)}" for key, name in pairs
-                 if saved.get(name) is not None and saved.get(name) != getattr(lora_config, key)]  # fmt: skip
+    differing = [
+        f"lora.{key}={getattr(lora_config, key)} -> {saved.get(name)}"
+        for key, name in pairs
+        if saved.get(name) is not None and saved.get(name) != getattr(lora_config, key)
+    ]
     wanted = lora_config.target_modules
     if isinstance(wanted, list) and sorted(wanted) != sorted(saved.get("target_modules") or []):
         differing.append(f"lora.target_modules={wanted} -> {sorted(saved.get('target_modules') or [])}")

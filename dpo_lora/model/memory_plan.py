@@ -103,8 +103,13 @@ def _skeleton(config, layers: int | None = None, dtype=None):
     model_config._attn_implementation = "sdpa"
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype or weights_dtype(config.model))
-        lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                          target_modules=config.lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+        lora = LoraConfig(
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lora)
     for name, param in model.named_parameters():
         if "lora_" in name:
@@ -192,7 +197,12 @@ def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, i
     layers = model.get_base_model().model.layers
     scope, saved, inputs = [None], {}, {}
     for index, layer in enumerate(layers):
-        layer.register_forward_pre_hook(lambda m, a, k, i=index: (scope.__setitem__(0, i), inputs.setdefault(i, a[0] if a else k["hidden_states"]))[0], with_kwargs=True)  # noqa: E501  # fmt: skip
+        layer.register_forward_pre_hook(
+            lambda m, a, k, i=index: (scope.__setitem__(0, i), inputs.setdefault(i, a[0] if a else k["hidden_states"]))[
+                0
+            ],
+            with_kwargs=True,
+        )  # noqa: E501
         layer.register_forward_hook(lambda *_: scope.__setitem__(0, None))
 
     def pack(tensor):
@@ -242,8 +252,11 @@ def activation_components(
         if keeps_attention_outputs(config.model, zero_stage):
             components["kept attention outputs"] = checkpointed * attention_output
     if checkpointed < layers:
-        components["activations (every layer's saved tensors)" if checkpointed == 0
-                   else "activations of the layers not checkpointed"] = (layers - checkpointed) * per_layer  # fmt: skip
+        components[
+            "activations (every layer's saved tensors)"
+            if checkpointed == 0
+            else "activations of the layers not checkpointed"
+        ] = (layers - checkpointed) * per_layer
     scored = 2 * micro * lengths.completion  # completion positions scored, at most
     chunk = min(config.train.logps_chunk_size, scored) if config.train.logps_chunk_size > 0 else scored
     components["LM-head chunk transient"] = lm_head_transient(chunk, vocab, scored, rows * tokens, hidden, element)

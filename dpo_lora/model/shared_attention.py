@@ -78,11 +78,15 @@ def shared_prompt_attention(
     values = _by_token(value).index_select(0, plan.tail_keys).repeat_interleave(groups, 1).split(plan.tail_key_lengths)
     tails = [
         torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-            attn_mask=mask, dropout_p=dropout, scale=scaling,
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            attn_mask=mask,
+            dropout_p=dropout,
+            scale=scaling,
         )[0].transpose(0, 1)  # [R, H, D]
         for q, k, v, mask in zip(queries, keys, values, plan.tail_masks, strict=True)
-    ]  # fmt: skip
+    ]
     pieces = torch.cat([head.flatten(0, 1), *tails])  # [B*width + sum R, H, D]
     return pieces.index_select(0, plan.output).view(batch, length, heads, dim), None
 
@@ -127,10 +131,14 @@ def layout_plan(lengths: tuple[tuple[int, int, int], ...], length: int, device: 
         tail_start += r
     as_index = functools.partial(torch.tensor, dtype=torch.long, device=device)
     return _Plan(
-        head_width, as_index(tail_queries), [r for _, _, r in lengths if r], as_index(tail_keys),
-        [p + r for p, _, r in lengths if r], as_index(output),
+        head_width,
+        as_index(tail_queries),
+        [r for _, _, r in lengths if r],
+        as_index(tail_keys),
+        [p + r for p, _, r in lengths if r],
+        as_index(output),
         tuple(causal_lower_right(r, p + r) for p, _, r in lengths if r),
-    )  # fmt: skip
+    )
 
 
 def row_lengths(branch_lengths: torch.Tensor) -> tuple[tuple[int, int, int], ...]:

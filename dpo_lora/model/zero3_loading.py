@@ -51,8 +51,11 @@ def load_partitioned(model_config, device: torch.device, ds_config: dict):
     holders = _parameter_holders(model)
     missing = [names[0][2] for names in holders.values() if not any(name in location for _, _, name in names)]
     if missing:
-        print(f"dpo-lora: ZeRO-3: {missing[0]} is not in the checkpoint under that name; loading the base "
-              "whole on each rank before partitioning it", file=sys.stderr)  # fmt: skip
+        print(
+            f"dpo-lora: ZeRO-3: {missing[0]} is not in the checkpoint under that name; loading the base "
+            "whole on each rank before partitioning it",
+            file=sys.stderr,
+        )
         return None
     keep_float32 = [re.compile(pattern.replace("*", ".*")) for pattern in _dtype_plan(model, dtype)]
     partitioner = _Partitioner(ds_config)
@@ -80,9 +83,12 @@ def load_partitioned(model_config, device: torch.device, ds_config: dict):
     model.eval()
     if torch.distributed.get_rank() == 0:
         held = held_bytes(model)
-        print(f"dpo-lora: ZeRO-3: base loaded a tensor at a time; rank 0 holds {_size(held.partition)} of its "
-              f"{_size(held.whole)} of parameters (+{_size(held.quant_stats)} of quantization statistics, whole on "
-              "every rank)", file=sys.stderr)  # fmt: skip
+        print(
+            f"dpo-lora: ZeRO-3: base loaded a tensor at a time; rank 0 holds {_size(held.partition)} of its "
+            f"{_size(held.whole)} of parameters (+{_size(held.quant_stats)} of quantization statistics, whole on "
+            "every rank)",
+            file=sys.stderr,
+        )
     return model
 
 
@@ -156,8 +162,9 @@ def _empty_model(model_config, dtype: torch.dtype, device: torch.device):
     bnb_config = quantization_config(model_config)
     if bnb_config is not None:
         quantizer = AutoHfQuantizer.from_config(bnb_config)
-        quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": device}, checkpoint_files=None,
-                                   use_kernels=False)  # fmt: skip
+        quantizer.preprocess_model(
+            model=model, dtype=dtype, device_map={"": device}, checkpoint_files=None, use_kernels=False
+        )
     model.tie_weights()
     return model, quantizer
 

@@ -53,9 +53,11 @@ def progress(job: Job) -> dict | None:
     remaining_pairs = (row["total_steps"] - row["step"]) * row["global_batch"]
     running = job.status == "running" and row["pairs_per_s"] > 0
     return {
-        "step": row["step"], "total_steps": row["total_steps"], "pairs_per_s": row["pairs_per_s"],
+        "step": row["step"],
+        "total_steps": row["total_steps"],
+        "pairs_per_s": row["pairs_per_s"],
         "eta_seconds": round(remaining_pairs / row["pairs_per_s"]) if running else None,
-    }  # fmt: skip
+    }
 
 
 page = APIRouter()  # GET /, outside /v1
@@ -79,8 +81,9 @@ def jobs_with_progress(state: State, limit: int = 100) -> dict:
 @api.get("/fine_tuning/jobs/{job_id}/charts/{name}.svg")
 def job_chart(state: State, job_id: str, name: str) -> Response:
     if f"{name}.png" not in CHARTS:
-        raise wire.ApiError(404, f"No chart named {name}; charts: {', '.join(c[:-4] for c in CHARTS)}",
-                            param="name", code="not_found")  # fmt: skip
+        raise wire.ApiError(
+            404, f"No chart named {name}; charts: {', '.join(c[:-4] for c in CHARTS)}", param="name", code="not_found"
+        )
     with state.store.session() as s:
         directory = Path(job_or_404(s, job_id).directory)
     rows, _, _ = runfiles.new_rows(directory / "run" / rundir.METRICS, 0)
@@ -88,5 +91,6 @@ def job_chart(state: State, job_id: str, name: str) -> Response:
     for row in rows:
         if (kind := row_kind(row)) in (RowKind.TRAIN, RowKind.EVAL):
             latest[(row["step"], kind)] = row
-    return Response(chart_svg(list(latest.values()), name), media_type="image/svg+xml",
-                    headers={"Cache-Control": "no-store"})  # fmt: skip
+    return Response(
+        chart_svg(list(latest.values()), name), media_type="image/svg+xml", headers={"Cache-Control": "no-store"}
+    )

@@ -49,8 +49,12 @@ async def stream_events(state: State, job_id: str, request: Request, after: str 
     start = await run_in_threadpool(first)
     who = hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()
     if state.streams.get(who, 0) >= state.max_streams:
-        raise ApiError(429, f"at most {state.max_streams} event streams may be open at once per API key",
-                       code="too_many_streams", kind="rate_limit_error")  # fmt: skip
+        raise ApiError(
+            429,
+            f"at most {state.max_streams} event streams may be open at once per API key",
+            code="too_many_streams",
+            kind="rate_limit_error",
+        )
     state.streams[who] = state.streams.get(who, 0) + 1
 
     async def events():
@@ -84,8 +88,12 @@ def checkpoint_adapter(state: State, job_id: str, checkpoint_id: str):
     handle, archive = tempfile.mkstemp(suffix=".tar.gz", dir=state.state_dir)
     with open(handle, "wb") as out, tarfile.open(fileobj=out, mode="w:gz") as tar:
         tar.add(adapter, arcname="adapter")
-    return FileResponse(archive, media_type="application/gzip", filename=f"{checkpoint_id}-adapter.tar.gz",
-                        background=BackgroundTask(Path(archive).unlink))  # fmt: skip
+    return FileResponse(
+        archive,
+        media_type="application/gzip",
+        filename=f"{checkpoint_id}-adapter.tar.gz",
+        background=BackgroundTask(Path(archive).unlink),
+    )
 
 
 @router.post("/fine_tuning/jobs/{job_id}/export")
@@ -100,19 +108,32 @@ def create_export(state: State, job_id: str, body: wire.ExportCreate | None = No
                 raise not_found("checkpoint", body.checkpoint)
             source = Path(checkpoint.path)
         elif job.status != "succeeded":
-            raise ApiError(400, f"Job {job_id} is {job.status}; export a checkpoint or wait for it to succeed",
-                           param="fine_tuning_job_id")  # fmt: skip
+            raise ApiError(
+                400,
+                f"Job {job_id} is {job.status}; export a checkpoint or wait for it to succeed",
+                param="fine_tuning_job_id",
+            )
         export_id = new_id("ftexport")
         directory = Path(job.directory) / "exports" / export_id
         directory.mkdir(parents=True)
         # The export's spec file, as a job's config.yaml: `dpo-lora export --spec` reads it (overwrite:
         # an export rerun after a crash replaces the partial folder).
-        spec = {"source": str(source), "out": str(directory / "model"), "merge_into": body.merge_into,
-                "overwrite": True, **({"dtype": body.dtype} if body.dtype else {})}  # fmt: skip
+        spec = {
+            "source": str(source),
+            "out": str(directory / "model"),
+            "merge_into": body.merge_into,
+            "overwrite": True,
+            **({"dtype": body.dtype} if body.dtype else {}),
+        }
         (directory / EXPORT_SPEC).write_text(json.dumps(spec, indent=2))
-        export = Export(id=export_id, job_id=job_id, created_at=now(), status="queued", directory=str(directory),
-                        options={"spec": str(directory / EXPORT_SPEC), "merge_into": body.merge_into,
-                                 "out": spec["out"]})  # fmt: skip
+        export = Export(
+            id=export_id,
+            job_id=job_id,
+            created_at=now(),
+            status="queued",
+            directory=str(directory),
+            options={"spec": str(directory / EXPORT_SPEC), "merge_into": body.merge_into, "out": spec["out"]},
+        )
         s.add(export)
         state.store.add_event(s, job_id, f"Export {export_id} queued ({body.merge_into})")
         return wire.export_object(export)
@@ -141,10 +162,18 @@ def retrieve_model(state: State, model_id: str) -> dict:
 
 
 def _models(state: ServerState) -> list[dict]:
-    models = [{"id": name, "object": "model", "created": state.started_at, "owned_by": "dpo-lora"}
-              for name in sorted(state.models)]  # fmt: skip
+    models = [
+        {"id": name, "object": "model", "created": state.started_at, "owned_by": "dpo-lora"}
+        for name in sorted(state.models)
+    ]
     with state.store.session() as s:
         for job in s.scalars(select(Job).where(Job.fine_tuned_model.is_not(None)).order_by(Job.finished_at)):
-            models.append({"id": job.fine_tuned_model, "object": "model", "created": job.finished_at,
-                           "owned_by": wire.ORGANIZATION})  # fmt: skip
+            models.append(
+                {
+                    "id": job.fine_tuned_model,
+                    "object": "model",
+                    "created": job.finished_at,
+                    "owned_by": wire.ORGANIZATION,
+                }
+            )
     return models

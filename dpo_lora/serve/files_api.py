@@ -50,9 +50,17 @@ def create_file(state: State, file: Annotated[UploadFile, File()], purpose: Anno
                 more = f" (and {len(problems) - MAX_LISTED_ROWS} more)" if len(problems) > MAX_LISTED_ROWS else ""
                 status = "error"
                 details = f"{len(problems)} bad row(s): {listed}{more}" if problems else "the file holds no rows"
-        row = StoredFile(id=file_id, filename=file.filename or "upload.jsonl", bytes=path.stat().st_size,
-                         purpose=purpose, created_at=now(), status=status, status_details=details,
-                         path=str(path), rows=count)  # fmt: skip
+        row = StoredFile(
+            id=file_id,
+            filename=file.filename or "upload.jsonl",
+            bytes=path.stat().st_size,
+            purpose=purpose,
+            created_at=now(),
+            status=status,
+            status_details=details,
+            path=str(path),
+            rows=count,
+        )
         with state.store.session() as s:
             s.add(row)
     except BaseException:  # nothing is left behind by an upload that did not complete

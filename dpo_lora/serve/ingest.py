@@ -23,9 +23,11 @@ def new_rows(store: Store, s, job: Job) -> None:
     for row in rows:
         step = int(row.get("step", 0))
         kind = row_kind(row)
-        if kind == RowKind.CHECKPOINT and s.scalar(
-            select(Checkpoint.id).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step)
-        ) is None:  # fmt: skip
+        if (
+            kind == RowKind.CHECKPOINT
+            and s.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step))
+            is None
+        ):
             _add_checkpoint(store, s, job, step)
         elif kind == RowKind.TRAIN and step > job.last_step:
             job.last_step, job.trained_tokens = step, (job.trained_tokens or 0) + int(row.get("tokens", 0))
@@ -44,10 +46,15 @@ def _add_checkpoint(store: Store, s, job: Job, step: int) -> None:
         if event.data.get("step") == step and "loss" in event.data:
             metrics.update(train_loss=event.data["loss"], train_mean_reward_accuracy=event.data["rewards/accuracies"])
         if event.data.get("step") == step and "eval/loss" in event.data:
-            metrics.update(valid_loss=event.data["eval/loss"], valid_mean_reward_accuracy=event.data["eval/rewards/accuracies"])  # fmt: skip
+            metrics.update(
+                valid_loss=event.data["eval/loss"], valid_mean_reward_accuracy=event.data["eval/rewards/accuracies"]
+            )
     folder = rundir.step_folder(Path(job.directory) / "run", step)
-    s.add(Checkpoint(id=new_id("ftckpt"), job_id=job.id, step_number=step, created_at=now(), metrics=metrics,
-                     path=str(folder)))  # fmt: skip
+    s.add(
+        Checkpoint(
+            id=new_id("ftckpt"), job_id=job.id, step_number=step, created_at=now(), metrics=metrics, path=str(folder)
+        )
+    )
     store.add_event(s, job.id, f"Checkpoint created at step {step}")
 
 
@@ -56,8 +63,17 @@ def result_file(s, directory: Path) -> str:
     results = directory / "results.csv"
     results.write_bytes(runfiles.results_csv(directory / "run" / rundir.METRICS))
     file_id = new_id("file")
-    s.add(File(id=file_id, filename="step_metrics.csv", bytes=results.stat().st_size, purpose="fine-tune-results",
-               created_at=now(), status="processed", path=str(results)))  # fmt: skip
+    s.add(
+        File(
+            id=file_id,
+            filename="step_metrics.csv",
+            bytes=results.stat().st_size,
+            purpose="fine-tune-results",
+            created_at=now(),
+            status="processed",
+            path=str(results),
+        )
+    )
     return file_id
 
 

@@ -36,8 +36,9 @@ def create_job(state: State, body: wire.JobCreate, idempotency_key: str | None =
             s.add(job)
             state.store.add_event(s, job.id, f"Created fine-tuning job: {job.id}")
             if idempotency_key:
-                s.add(IdempotencyKey(key=idempotency_key, request_hash=request_hash, object_id=job.id,
-                                     created_at=now()))  # fmt: skip
+                s.add(
+                    IdempotencyKey(key=idempotency_key, request_hash=request_hash, object_id=job.id, created_at=now())
+                )
     except BaseException as err:  # a create that fails leaves no folder behind
         shutil.rmtree(job.directory, ignore_errors=True)
         if not (isinstance(err, IntegrityError) and idempotency_key):
@@ -96,11 +97,16 @@ def delete_job(state: State, job_id: str) -> dict:
     with state.store.session() as s:
         job = job_or_404(s, job_id, for_update=True)
         if job.status not in FINAL or job.devices is not None:
-            raise ApiError(409, f"Job {job_id} is {job.status}; cancel it and let it stop first",
-                           param="fine_tuning_job_id", code="job_active")  # fmt: skip
+            raise ApiError(
+                409,
+                f"Job {job_id} is {job.status}; cancel it and let it stop first",
+                param="fine_tuning_job_id",
+                code="job_active",
+            )
         if s.scalar(select(Export.id).where(Export.job_id == job_id, Export.status.in_(("queued", "running")))):
-            raise ApiError(409, f"Job {job_id} has an export in progress", param="fine_tuning_job_id",
-                           code="export_active")  # fmt: skip
+            raise ApiError(
+                409, f"Job {job_id} has an export in progress", param="fine_tuning_job_id", code="export_active"
+            )
         for model in (Event, Checkpoint, Export):
             for row in s.scalars(select(model).where(model.job_id == job_id)):
                 s.delete(row)
@@ -150,8 +156,12 @@ def _replayed(state: ServerState, key: str, request_hash: str) -> dict | None:
         if seen is None:
             return None
         if seen.request_hash != request_hash:
-            raise ApiError(409, "Idempotency-Key was used with a different request", param="Idempotency-Key",
-                           code="idempotency_key_reused")  # fmt: skip
+            raise ApiError(
+                409,
+                "Idempotency-Key was used with a different request",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+            )
         return wire.job_object(job_or_404(s, seen.object_id))
 
 
@@ -170,18 +180,25 @@ def _new_job(state: ServerState, body: wire.JobCreate) -> Job:
             if file_id is not None and file is None:
                 raise ApiError(400, f"invalid {param}: no file '{file_id}'", param=param)
             if file is not None and file.purpose != "fine-tune":
-                raise ApiError(400, f"invalid {param}: file '{file_id}' has purpose '{file.purpose}', not fine-tune",
-                               param=param)  # fmt: skip
+                raise ApiError(
+                    400, f"invalid {param}: file '{file_id}' has purpose '{file.purpose}', not fine-tune", param=param
+                )
     hyperparameters = body.method.dpo.hyperparameters if body.method and body.method.dpo else body.hyperparameters
     job_id = new_id("ftjob")
     directory = state.state_dir / "jobs" / job_id
     try:
         spec = build_spec(
-            state.base_config, state.models[body.model], str(directory / "train.jsonl"),
-            str(directory / "eval.jsonl") if body.validation_file else None, str(directory / "run"),
-            str(directory / "deepspeed.json"), hyperparameters.model_dump(exclude_none=True) if hyperparameters else {},
-            body.dpo_lora, body.seed, state.devices,
-        )  # fmt: skip
+            state.base_config,
+            state.models[body.model],
+            str(directory / "train.jsonl"),
+            str(directory / "eval.jsonl") if body.validation_file else None,
+            str(directory / "run"),
+            str(directory / "deepspeed.json"),
+            hyperparameters.model_dump(exclude_none=True) if hyperparameters else {},
+            body.dpo_lora,
+            body.seed,
+            state.devices,
+        )
     except SpecError as err:
         raise ApiError(400, str(err), param=err.param, code="invalid_config") from None
     directory.mkdir(parents=True)
@@ -192,8 +209,18 @@ def _new_job(state: ServerState, body: wire.JobCreate) -> Job:
         shutil.rmtree(directory, ignore_errors=True)
         raise
     return Job(
-        id=job_id, created_at=now(), model=body.model, training_file=body.training_file,
-        validation_file=body.validation_file, hyperparameters=spec.hyperparameters, seed=spec.config.train.seed,
-        suffix=body.suffix, extra=body.dpo_lora, job_metadata=body.metadata, status=JobStatus.VALIDATING_FILES,
-        directory=str(directory), devices_wanted=spec.devices, result_files=[],
-    )  # fmt: skip
+        id=job_id,
+        created_at=now(),
+        model=body.model,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        hyperparameters=spec.hyperparameters,
+        seed=spec.config.train.seed,
+        suffix=body.suffix,
+        extra=body.dpo_lora,
+        job_metadata=body.metadata,
+        status=JobStatus.VALIDATING_FILES,
+        directory=str(directory),
+        devices_wanted=spec.devices,
+        result_files=[],
+    )

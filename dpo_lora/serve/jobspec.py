@@ -30,10 +30,20 @@ from dpo_lora.core.schema import Config, knobs
 # Set per job by the service, or only by the operator's --config: paths (the model, the data, the
 # run folder, the DeepSpeed JSON, an adapter to start from), code (trust_remote_code), the
 # lifecycle (overwrite, resume) and the server's CPUs (tokenizer processes).
-SERVICE_KEYS = frozenset({
-    "output_dir", "overwrite", "deepspeed", "model.path", "data.train", "data.eval", "train.resume",
-    "model.trust_remote_code", "lora.init_adapter", "data.num_proc",
-})  # fmt: skip
+SERVICE_KEYS = frozenset(
+    {
+        "output_dir",
+        "overwrite",
+        "deepspeed",
+        "model.path",
+        "data.train",
+        "data.eval",
+        "train.resume",
+        "model.trust_remote_code",
+        "lora.init_adapter",
+        "data.num_proc",
+    }
+)
 # Strings without a closed set of choices that a client may still give: module-name patterns that
 # PEFT matches against the model's layer names, and a layer count or its names (all, auto).
 FREE_STRINGS = frozenset({"lora.target_modules", "model.checkpoint_layers"})
@@ -188,8 +198,13 @@ def build_spec(
     resolved["batch_size"] = batch_size
     if seed is not None:
         typed["train.seed"] = seed
-    typed |= {"model.path": model_path, "data.train": train_file, "data.eval": eval_file, "output_dir": output_dir,
-              "deepspeed": deepspeed_file}  # fmt: skip
+    typed |= {
+        "model.path": model_path,
+        "data.train": train_file,
+        "data.eval": eval_file,
+        "output_dir": output_dir,
+        "deepspeed": deepspeed_file,
+    }
     config = _load(base_config, typed)
     try:
         deepspeed = zero_config(stage, offload) if stage is not None else read_json(base.deepspeed)

@@ -64,15 +64,17 @@ def pause(store: Store, s, job: Job) -> None:
         job.status = JobStatus.PAUSED
         store.add_event(s, job.id, "The job is paused before it started")
     else:
-        raise ApiError(400, f"Job {job.id} is {job.status}; only a running or queued job can be paused",
-                       param="fine_tuning_job_id")  # fmt: skip
+        raise ApiError(
+            400, f"Job {job.id} is {job.status}; only a running or queued job can be paused", param="fine_tuning_job_id"
+        )
 
 
 def resume(store: Store, s, job: Job) -> None:
     """A client's resume: queued again; validated first if it was paused before its files were."""
     if job.status != JobStatus.PAUSED:
-        raise ApiError(400, f"Job {job.id} is {job.status}; only a paused job can be resumed",
-                       param="fine_tuning_job_id")  # fmt: skip
+        raise ApiError(
+            400, f"Job {job.id} is {job.status}; only a paused job can be resumed", param="fine_tuning_job_id"
+        )
     if (Path(job.directory) / "train.jsonl").is_file():
         _requeue(store, s, job)
     else:

@@ -43,8 +43,17 @@ class LocalBackend:
             # signal on for a single node, leaving the ranks running.
             ids = [int(d) for d in devices] if self.on_gpu else list(range(len(devices)))
             world = base64.urlsafe_b64encode(json.dumps({"localhost": ids}).encode()).decode()
-            command = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
-                       "--master_addr=127.0.0.1", f"--master_port={processes.free_port()}", "--module", *train]  # fmt: skip
+            command = [
+                sys.executable,
+                "-u",
+                "-m",
+                "deepspeed.launcher.launch",
+                f"--world_info={world}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={processes.free_port()}",
+                "--module",
+                *train,
+            ]
         else:
             command = [sys.executable, "-m", *train]
         return processes.start(command, directory, attempt, env=job_environment(directory))

@@ -53,9 +53,13 @@ def start(command: list[str], directory: Path, attempt: int, env: dict | None = 
         log.write(f"\n=== attempt {attempt}: {' '.join(command)}\n".encode())
     child = subprocess.Popen(
         [sys.executable, "-m", "dpo_lora.serve.supervise", str(exit_file), str(log_file), "--", *command],
-        cwd=directory, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        cwd=directory,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     _children[child.pid] = child
     return child.pid, start_time(child.pid)
 

@@ -73,8 +73,11 @@ class Scheduler:
                         lifecycle.requeued(self.store, s, job, message, level="info")
                     else:
                         self.store.add_event(s, job.id, message)
-            for export in s.scalars(select(Export).where(Export.runner == self.runner, Export.status == "running",
-                                                         Export.pid.is_(None)).with_for_update()):  # fmt: skip
+            for export in s.scalars(
+                select(Export)
+                .where(Export.runner == self.runner, Export.status == "running", Export.pid.is_(None))
+                .with_for_update()
+            ):
                 started = processes.started_record(Path(export.directory), export.attempt)
                 if started is not None:
                     export.pid, export.pid_start = started
@@ -83,9 +86,12 @@ class Scheduler:
             for job in s.scalars(select(Job).where(mine, Job.pid.is_not(None))):
                 alive = self.backend.is_alive(job.pid, job.pid_start)
                 self.store.add_event(
-                    s, job.id, "Server restarted: the job's process is alive and was re-adopted"
-                    if alive else "Server restarted: the job's process is gone",
-                )  # fmt: skip
+                    s,
+                    job.id,
+                    "Server restarted: the job's process is alive and was re-adopted"
+                    if alive
+                    else "Server restarted: the job's process is gone",
+                )
         self._adopted_checked = True
 
     def _validate(self) -> None:
@@ -95,8 +101,10 @@ class Scheduler:
             )
             for job in s.scalars(waiting):
                 problem = None
-                for param, file_id, name in (("training_file", job.training_file, "train.jsonl"),
-                                             ("validation_file", job.validation_file, "eval.jsonl")):  # fmt: skip
+                for param, file_id, name in (
+                    ("training_file", job.training_file, "train.jsonl"),
+                    ("validation_file", job.validation_file, "eval.jsonl"),
+                ):
                     if file_id is None:
                         continue
                     file = s.get(File, file_id)

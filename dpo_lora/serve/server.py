@@ -74,8 +74,9 @@ def serve(args) -> int:
     try:
         store = Store(args.db or f"sqlite:///{state_dir / 'jobs.db'}")
     except ModuleNotFoundError as err:
-        raise UserError(f"--db: its driver is not installed ({err.name}); for PostgreSQL: "
-                        "pip install 'dpo-lora[postgres]'") from None  # fmt: skip
+        raise UserError(
+            f"--db: its driver is not installed ({err.name}); for PostgreSQL: pip install 'dpo-lora[postgres]'"
+        ) from None
     except Exception as err:  # SQLAlchemy: a bad URL, a missing driver, a database that refuses us
         raise UserError(f"--db: cannot open the job store: {str(err).splitlines()[0]}") from None
     if args.max_streams < 1:
@@ -87,10 +88,19 @@ def serve(args) -> int:
     # a database (one server per state dir, and the host tells state dirs on different machines apart).
     runner = f"{socket.gethostname()}:{state_dir}"
     state = ServerState(
-        store=store, state_dir=state_dir, models=models, devices=len(devices),
-        base_config=str(Path(args.config).resolve()) if args.config else None, api_key=api_key, host=args.host,
-        port=args.port, max_upload=max_upload, max_streams=args.max_streams, backend=backend, runner=runner,
-    )  # fmt: skip
+        store=store,
+        state_dir=state_dir,
+        models=models,
+        devices=len(devices),
+        base_config=str(Path(args.config).resolve()) if args.config else None,
+        api_key=api_key,
+        host=args.host,
+        port=args.port,
+        max_upload=max_upload,
+        max_streams=args.max_streams,
+        backend=backend,
+        runner=runner,
+    )
     scheduler = Scheduler(store, devices, backend, runner, grace_s=args.grace_seconds)
     stopping = threading.Event()
     thread = threading.Thread(target=scheduler.run_forever, args=(stopping,), name="scheduler", daemon=True)
@@ -117,8 +127,12 @@ def _backend(args) -> tuple[list[str], object]:
             raise UserError(problem)
         if args.slurm_max_ranks < 1:
             raise UserError(f"--slurm-max-ranks {args.slurm_max_ranks}: must be at least 1")
-        backend = SlurmBackend(args.slurm_gpus_per_rank, args.slurm_cpus_per_rank, args.slurm_option or [],
-                               Path(args.slurm_script) if args.slurm_script else TEMPLATE)  # fmt: skip
+        backend = SlurmBackend(
+            args.slurm_gpus_per_rank,
+            args.slurm_cpus_per_rank,
+            args.slurm_option or [],
+            Path(args.slurm_script) if args.slurm_script else TEMPLATE,
+        )
         return [f"slurm{i}" for i in range(args.slurm_max_ranks)], backend
     from dpo_lora.serve.local import LocalBackend
 

@@ -28,8 +28,19 @@ from dpo_lora.serve.local import job_environment, train_arguments
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "slurm.sbatch"
 # SLURM states in which the job will not run again (squeue --states=all still lists them a while).
-ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-         "TIMEOUT", "SPECIAL_EXIT", "REVOKED"}  # fmt: skip
+ENDED = {
+    "BOOT_FAIL",
+    "CANCELLED",
+    "COMPLETED",
+    "DEADLINE",
+    "FAILED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "TIMEOUT",
+    "SPECIAL_EXIT",
+    "REVOKED",
+}
 NO_REQUEUE = "slurm-no-requeue"  # in the job folder: the script must not requeue (a stop was asked for)
 
 
@@ -46,17 +57,23 @@ class SlurmError(OSError):
         self.transient = any(text.lower() in message.lower() for text in TRANSIENT)
 
 
-def render(template: str, job_id: str, directory: Path, ranks: int, gpus_per_rank: int, cpus_per_rank: int,
-           exit_file: Path) -> str:  # fmt: skip
+def render(
+    template: str, job_id: str, directory: Path, ranks: int, gpus_per_rank: int, cpus_per_rank: int, exit_file: Path
+) -> str:
     """The shipped script with its #SBATCH defaults replaced by this job's, and the service's
     variables set: what ran can be read, and submitted again by hand, from the job's folder."""
     body = [line for line in template.splitlines() if not line.startswith("#SBATCH")]
     shebang, rest = body[0], body[1:]
     options = [
-        f"--job-name=dpo-lora-{job_id}", f"--output={directory / 'run.log'}", "--open-mode=append",
-        f"--chdir={directory}", f"--ntasks={ranks}", f"--cpus-per-task={cpus_per_rank}",
-        "--signal=TERM@120", "--requeue",
-    ]  # fmt: skip
+        f"--job-name=dpo-lora-{job_id}",
+        f"--output={directory / 'run.log'}",
+        "--open-mode=append",
+        f"--chdir={directory}",
+        f"--ntasks={ranks}",
+        f"--cpus-per-task={cpus_per_rank}",
+        "--signal=TERM@120",
+        "--requeue",
+    ]
     if gpus_per_rank:
         options.append(f"--gpus-per-task={gpus_per_rank}")
     variables = {
@@ -85,8 +102,17 @@ class SlurmBackend:
     def start(self, job_id: str, directory: Path, devices: list[str], attempt: int) -> tuple[int, None]:
         exit_file = processes.exit_path(directory, attempt)
         script = directory / "job.sbatch"
-        script.write_text(render(self.template.read_text(), job_id, directory, len(devices), self.gpus_per_rank,
-                                 self.cpus_per_rank, exit_file))  # fmt: skip
+        script.write_text(
+            render(
+                self.template.read_text(),
+                job_id,
+                directory,
+                len(devices),
+                self.gpus_per_rank,
+                self.cpus_per_rank,
+                exit_file,
+            )
+        )
         (directory / NO_REQUEUE).unlink(missing_ok=True)
         with open(directory / "run.log", "ab") as log:
             log.write(f"\n=== attempt {attempt}: sbatch {script}\n".encode())
@@ -99,8 +125,12 @@ class SlurmBackend:
     def _query(self, handle: int) -> str | None:
         """SLURM's state of the job (PENDING, RUNNING, ...; with the reason while pending), None if
         SLURM no longer knows it. A controller that does not answer raises: never taken as "gone"."""
-        result = subprocess.run(["squeue", "-h", "--states=all", "-o", "%T|%r", "-j", str(handle)],
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        result = subprocess.run(
+            ["squeue", "-h", "--states=all", "-o", "%T|%r", "-j", str(handle)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if result.returncode != 0:
             if "Invalid job id" in result.stderr:
                 return None

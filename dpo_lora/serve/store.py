@@ -39,8 +39,13 @@ from dpo_lora.serve.status import FINAL, JobStatus, StopRequest  # noqa: F401  (
 
 def _values(enum_class, length: int) -> Enum:
     """An enum column stored as its values' text (the columns' type before they were enums)."""
-    return Enum(enum_class, native_enum=False, length=length, values_callable=lambda e: [m.value for m in e],
-                validate_strings=True)  # fmt: skip
+    return Enum(
+        enum_class,
+        native_enum=False,
+        length=length,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
 
 
 def new_id(prefix: str) -> str:
@@ -180,10 +185,15 @@ class Store:
         session.flush()  # a job added in this session is inserted before its event (no ORM relationships)
         session.add(
             Event(
-                id=new_id("ftevent"), job_id=job_id, created_at=now(), level=level, message=message,
-                type="metrics" if data is not None else "message", data=data,
+                id=new_id("ftevent"),
+                job_id=job_id,
+                created_at=now(),
+                level=level,
+                message=message,
+                type="metrics" if data is not None else "message",
+                data=data,
             )
-        )  # fmt: skip
+        )
 
     @staticmethod
     def for_update(session: Session, model, key: str):
@@ -208,7 +218,7 @@ class Store:
                     attempt=attempt,
                     stop_request=None,
                     signalled_at=None,
-                )  # fmt: skip
+                )
             )
             if result.rowcount == 1:
                 self.add_event(session, job_id, f"Fine-tuning job started (attempt {attempt}, devices {devices})")

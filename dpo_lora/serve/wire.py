@@ -19,8 +19,14 @@ MAX_EXTRA_DEPTH = 4  # dpo_lora {section: {key: [values]}} and a little room for
 class ApiError(Exception):
     """An error response: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -74,8 +80,12 @@ class JobCreate(BaseModel):
             depth += 1
             if depth > MAX_EXTRA_DEPTH:
                 raise ValueError(f"nests deeper than {MAX_EXTRA_DEPTH} levels")
-            level = [v for node in level for v in (node.values() if isinstance(node, dict) else node)
-                     if isinstance(v, (dict, list))]  # fmt: skip
+            level = [
+                v
+                for node in level
+                for v in (node.values() if isinstance(node, dict) else node)
+                if isinstance(v, (dict, list))
+            ]
         return value
 
 
@@ -88,32 +98,55 @@ class ExportCreate(BaseModel):
 
 def file_object(file: File) -> dict:
     return {
-        "id": file.id, "object": "file", "bytes": file.bytes, "created_at": file.created_at,
-        "filename": file.filename, "purpose": file.purpose, "status": file.status,
-        "status_details": file.status_details, "expires_at": None,
-    }  # fmt: skip
+        "id": file.id,
+        "object": "file",
+        "bytes": file.bytes,
+        "created_at": file.created_at,
+        "filename": file.filename,
+        "purpose": file.purpose,
+        "status": file.status,
+        "status_details": file.status_details,
+        "expires_at": None,
+    }
 
 
 def job_object(job: Job) -> dict:
     hyper = job.hyperparameters
     return {
-        "id": job.id, "object": "fine_tuning.job", "created_at": job.created_at, "model": job.model,
-        "organization_id": ORGANIZATION, "status": job.status, "training_file": job.training_file,
-        "validation_file": job.validation_file, "fine_tuned_model": job.fine_tuned_model,
-        "finished_at": job.finished_at, "error": job.error, "result_files": job.result_files or [],
-        "trained_tokens": job.trained_tokens, "seed": job.seed, "estimated_finish": None, "integrations": [],
-        "metadata": job.job_metadata, "suffix": job.suffix,
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "created_at": job.created_at,
+        "model": job.model,
+        "organization_id": ORGANIZATION,
+        "status": job.status,
+        "training_file": job.training_file,
+        "validation_file": job.validation_file,
+        "fine_tuned_model": job.fine_tuned_model,
+        "finished_at": job.finished_at,
+        "error": job.error,
+        "result_files": job.result_files or [],
+        "trained_tokens": job.trained_tokens,
+        "seed": job.seed,
+        "estimated_finish": None,
+        "integrations": [],
+        "metadata": job.job_metadata,
+        "suffix": job.suffix,
         "hyperparameters": {k: hyper[k] for k in ("batch_size", "learning_rate_multiplier", "n_epochs")},
         "method": {"type": "dpo", "dpo": {"hyperparameters": hyper}},
         "dpo_lora": {**job.extra, "devices": job.devices_wanted},
-    }  # fmt: skip
+    }
 
 
 def event_object(event: Event) -> dict:
     return {
-        "id": event.id, "object": "fine_tuning.job.event", "created_at": event.created_at, "level": event.level,
-        "message": event.message, "type": event.type, "data": event.data or {},
-    }  # fmt: skip
+        "id": event.id,
+        "object": "fine_tuning.job.event",
+        "created_at": event.created_at,
+        "level": event.level,
+        "message": event.message,
+        "type": event.type,
+        "data": event.data or {},
+    }
 
 
 def fine_tuned_name(job: Job) -> str:
@@ -125,21 +158,35 @@ def fine_tuned_name(job: Job) -> str:
 def checkpoint_object(checkpoint: Checkpoint, job: Job) -> dict:
     model = job.fine_tuned_model or fine_tuned_name(job)
     return {
-        "id": checkpoint.id, "object": "fine_tuning.job.checkpoint", "created_at": checkpoint.created_at,
-        "fine_tuning_job_id": job.id, "step_number": checkpoint.step_number, "metrics": checkpoint.metrics,
+        "id": checkpoint.id,
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": checkpoint.created_at,
+        "fine_tuning_job_id": job.id,
+        "step_number": checkpoint.step_number,
+        "metrics": checkpoint.metrics,
         "fine_tuned_model_checkpoint": f"{model}:ckpt-step-{checkpoint.step_number}",
-    }  # fmt: skip
+    }
 
 
 def export_object(export: Export) -> dict:
     return {
-        "id": export.id, "object": "fine_tuning.job.export", "created_at": export.created_at,
-        "fine_tuning_job_id": export.job_id, "status": export.status, "error": export.error,
-        "finished_at": export.finished_at, "merge_into": export.options["merge_into"],
+        "id": export.id,
+        "object": "fine_tuning.job.export",
+        "created_at": export.created_at,
+        "fine_tuning_job_id": export.job_id,
+        "status": export.status,
+        "error": export.error,
+        "finished_at": export.finished_at,
+        "merge_into": export.options["merge_into"],
         "path": export.options["out"],
-    }  # fmt: skip
+    }
 
 
 def page(items: list[dict], has_more: bool) -> dict:
-    return {"object": "list", "data": items, "has_more": has_more,
-            "first_id": items[0]["id"] if items else None, "last_id": items[-1]["id"] if items else None}  # fmt: skip
+    return {
+        "object": "list",
+        "data": items,
+        "has_more": has_more,
+        "first_id": items[0]["id"] if items else None,
+        "last_id": items[-1]["id"] if items else None,
+    }

@@ -39,8 +39,9 @@ def train(config: Config) -> dict:
 
     run = setup_run(config)
     train_cfg, stop, stream = config.train, StopRequest(), iter(run.batches)
-    progress = tqdm(total=run.total_steps, initial=run.start_step, desc="dpo", disable=not run.dist.is_main,
-                    dynamic_ncols=True)  # fmt: skip
+    progress = tqdm(
+        total=run.total_steps, initial=run.start_step, desc="dpo", disable=not run.dist.is_main, dynamic_ncols=True
+    )
     window_start = time.perf_counter()
     run.engine.train()
     stopped = False
@@ -116,20 +117,33 @@ def log_window(run: Run, step: int, lr: float, window_start: float, progress) ->
         "peak_memory_gb": peak_memory_bytes() / 2**30,
     }
     run.log(RowKind.TRAIN, row)
-    progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
-                         pairs_s=f"{row['pairs_per_s']:.2f}")  # fmt: skip
+    progress.set_postfix(
+        loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}", pairs_s=f"{row['pairs_per_s']:.2f}"
+    )
     return time.perf_counter()
 
 
 def save(run: Run, step: int) -> Path:
     """A checkpoint of everything an exact resume needs, with the step's adapter; every rank calls it."""
     trainer_state = {
-        "step": step, "position": run.batches.position, "reward_sums": run.reward_sums,
-        "bad_in_row": run.guard.bad_in_row, "results": run.results, "config": to_dict(run.config),
+        "step": step,
+        "position": run.batches.position,
+        "reward_sums": run.reward_sums,
+        "bad_in_row": run.guard.bad_in_row,
+        "results": run.results,
+        "config": to_dict(run.config),
         "world_size": run.dist.world_size,
-    }  # fmt: skip
-    path = save_checkpoint(run.engine, run.output_dir, step, trainer_state, {"window": run.window.state()}, run.dist,
-                           run.config.train.keep_checkpoints, run.save_adapter)  # fmt: skip
+    }
+    path = save_checkpoint(
+        run.engine,
+        run.output_dir,
+        step,
+        trainer_state,
+        {"window": run.window.state()},
+        run.dist,
+        run.config.train.keep_checkpoints,
+        run.save_adapter,
+    )
     run.log(RowKind.CHECKPOINT, {"step": step, "checkpoint": str(path)})
     return path
 

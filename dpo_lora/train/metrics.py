@@ -12,9 +12,14 @@ from dpo_lora.core.distributed import all_reduce_sum
 from dpo_lora.core.rundir import METRICS
 
 PAIR_METRICS = (
-    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-    "rewards/margins", "logps/chosen", "logps/rejected",
-)  # fmt: skip
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 class MetricWindow:

@@ -63,8 +63,10 @@ def self_check(engine, features: list[dict], collate, pad_token_id: int, device)
         # Every rank checks the same pairs; any rank's failure switches the path off everywhere.
         failed_ranks = all_reduce_sum(torch.tensor([float(gap > tolerance)], dtype=torch.float64)).item()
         if failed_ranks > 0:
-            notices.append(f"self-check: {key} off for {name}: its log-probs differ from the plain path by "
-                           f"{gap:.3g} per token (tolerance {tolerance})")  # fmt: skip
+            notices.append(
+                f"self-check: {key} off for {name}: its log-probs differ from the plain path by "
+                f"{gap:.3g} per token (tolerance {tolerance})"
+            )
             if key == head_key:
                 chunked_logps.uninstall(model)
             else:

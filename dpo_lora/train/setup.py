@@ -100,10 +100,15 @@ def setup_run(config: Config) -> Run:
         barrier()
 
     batches = PairBatches(
-        train_set, micro_batch_size=train_cfg.micro_batch_size, rank=dist.rank, world_size=dist.world_size,
-        seed=train_cfg.seed, collate=None, lengths=pair_lengths(train_set) if config.data.group_by_length else None,
+        train_set,
+        micro_batch_size=train_cfg.micro_batch_size,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=train_cfg.seed,
+        collate=None,
+        lengths=pair_lengths(train_set) if config.data.group_by_length else None,
         global_batch=ds_config["train_batch_size"],
-    )  # fmt: skip
+    )
     steps_per_epoch = batches.per_epoch // train_cfg.grad_accum
     if steps_per_epoch == 0:
         raise UserError(
@@ -134,10 +139,20 @@ def setup_run(config: Config) -> Run:
     elif dist.is_main and reference == "online":
         print(f"dpo-lora: reference online ({why})", file=sys.stderr)
     run = Run(
-        config=config, dist=dist, output_dir=output_dir, ds_config=ds_config, tokenizer=tokenizer, batches=batches,
-        total_steps=total_steps, engine=engine, scheduler=scheduler, trainable=trainable, eval_loader=eval_loader,
-        writer=MetricsWriter(output_dir) if dist.is_main else None, guard=NumericGuard(train_cfg.max_bad_steps),
-    )  # fmt: skip
+        config=config,
+        dist=dist,
+        output_dir=output_dir,
+        ds_config=ds_config,
+        tokenizer=tokenizer,
+        batches=batches,
+        total_steps=total_steps,
+        engine=engine,
+        scheduler=scheduler,
+        trainable=trainable,
+        eval_loader=eval_loader,
+        writer=MetricsWriter(output_dir) if dist.is_main else None,
+        guard=NumericGuard(train_cfg.max_bad_steps),
+    )
     _resume_or_begin(run, resume_from)
     return run
 
@@ -148,8 +163,10 @@ def _precomputed(engine, train_set, config, collate, dist, why: str):
     scored = with_reference_logps(engine, train_set, config, collate, dist)
     if dist.is_main:
         seconds = time.perf_counter() - started
-        print(f"dpo-lora: reference precompute ({why}): {len(train_set)} pairs in {seconds:.1f} s up front (less when cached)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"dpo-lora: reference precompute ({why}): {len(train_set)} pairs in {seconds:.1f} s up front (less when cached)",
+            file=sys.stderr,
+        )
     return scored
 
 

@@ -23,9 +23,11 @@ def forward_inputs(batch: dict, model) -> dict:
             shared_attention.row_lengths(batch["branch_lengths"]), ids.shape[1], ids.device
         )
         return {
-            "input_ids": ids, "attention_mask": batch["attention_mask"],
-            "position_ids": batch["position_ids"], shared_attention.PLAN_KEY: plan,
-        }  # fmt: skip
+            "input_ids": ids,
+            "attention_mask": batch["attention_mask"],
+            "position_ids": batch["position_ids"],
+            shared_attention.PLAN_KEY: plan,
+        }
     if "branch" in batch:  # shared prompt: the branch mask and restarted positions
         mask = attention_bias(batch["branch"], model.get_input_embeddings().weight.dtype)
         return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
