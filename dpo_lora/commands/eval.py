@@ -14,8 +14,8 @@ from dpo_lora.data.layout import batch_layout
 from dpo_lora.data.prepare import tokenized_split
 from dpo_lora.model import chunked_logps
 from dpo_lora.train.reference import with_reference_logps
-from dpo_lora.train.runs import load_trained
 from dpo_lora.train.step import preference_step
+from dpo_lora.train.trained import load_trained
 
 
 def pair_report(model, pairs, collate, dpo_config, batch_size: int) -> dict:

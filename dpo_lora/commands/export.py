@@ -23,7 +23,7 @@ from dpo_lora.core.sizes import parse_size
 from dpo_lora.model.requantize import Requantizer
 from dpo_lora.model.verify import verify_export
 from dpo_lora.model.weight_files import ShardWriter, WeightFolder
-from dpo_lora.train.runs import lora_settings, resolve_adapter
+from dpo_lora.train.trained import lora_settings, resolve_adapter
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -14,7 +14,7 @@ import torch
 from dpo_lora.core.errors import UserError
 from dpo_lora.model.load import POLICY_ADAPTER, REFERENCE_ADAPTER, reference_mode
 from dpo_lora.model.logprobs import IGNORE_INDEX, sequence_logps
-from dpo_lora.train.runs import load_trained
+from dpo_lora.train.trained import load_trained
 
 
 def read_prompts(path: str, tokenizer) -> list[tuple[str, str]]:

@@ -214,7 +214,7 @@ RESUME_MAY_CHANGE = {
     "train.max_bad_steps",
     "train.cpu_mmap_threshold_mb",
     "model.recompute_attention",
-    "model.checkpoint_layers",  # the same gradients, bit for bit (tests/model/test_checkpointing.py)
+    "model.checkpoint_layers",  # the same gradients, bit for bit (tests/model/test_grad_checkpointing.py)
     "train.collective_timeout_s",
 }
 

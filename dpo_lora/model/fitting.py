@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 
 from dpo_lora.core.distributed import gather_lists
-from dpo_lora.model.checkpointing import checkpointed_count
+from dpo_lora.model.grad_checkpointing import checkpointed_count
 from dpo_lora.model.memory_plan import FIXED_OVERHEAD, Plan, activations_of, plan, text_config_of
 
 AUTO_MEMORY_FRACTION = 0.9  # of a GPU's free memory that `auto` plans into

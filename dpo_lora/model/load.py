@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dpo_lora.core.errors import UserError
-from dpo_lora.model import checkpointing
+from dpo_lora.model import grad_checkpointing
 from dpo_lora.model.precision import float32_residual, quantization_config, weights_dtype
 from dpo_lora.model.zero3_loading import load_partitioned
 
@@ -101,7 +101,7 @@ def load_base(model_config, device: torch.device, ds_config: dict | None = None)
     if float32_residual(model_config):
         _matmuls_in_bfloat16(model, device)
     if model_config.gradient_checkpointing:
-        checkpointing.enable(model, model_config, zero_stage)
+        grad_checkpointing.enable(model, model_config, zero_stage)
     return model
 
 

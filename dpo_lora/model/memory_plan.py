@@ -27,7 +27,7 @@ import torch
 from dpo_lora.core.dsconfig import read_json
 from dpo_lora.data.layout import unsupported_reason
 from dpo_lora.data.prepare import tokenized_split
-from dpo_lora.model.checkpointing import checkpointed_count, keeps_attention_outputs
+from dpo_lora.model.grad_checkpointing import checkpointed_count, keeps_attention_outputs
 from dpo_lora.model.load import load_tokenizer
 from dpo_lora.model.precision import float32_residual, quantization_config, torch_dtype, weights_dtype
 from dpo_lora.model.requantize import quantized_layers

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from dpo_lora.core.errors import UserError
 from dpo_lora.core.sizes import parse_size
+from dpo_lora.serve.local import LocalBackend
+from dpo_lora.serve.slurm import TEMPLATE, SlurmBackend, environment_problem
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -121,8 +123,6 @@ def serve(args) -> int:
 def _backend(args) -> tuple[list[str], object]:
     """(device slots, backend): this machine's GPUs or CPU slots, or rank slots on SLURM."""
     if args.backend == "slurm":
-        from dpo_lora.serve.slurm import TEMPLATE, SlurmBackend, environment_problem
-
         if problem := environment_problem():
             raise UserError(problem)
         if args.slurm_max_ranks < 1:
@@ -134,8 +134,6 @@ def _backend(args) -> tuple[list[str], object]:
             Path(args.slurm_script) if args.slurm_script else TEMPLATE,
         )
         return [f"slurm{i}" for i in range(args.slurm_max_ranks)], backend
-    from dpo_lora.serve.local import LocalBackend
-
     devices, on_gpu = find_devices(args.gpus, args.cpu_slots)
     return devices, LocalBackend(on_gpu)
 

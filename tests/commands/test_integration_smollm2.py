@@ -69,8 +69,8 @@ def test_single_process_trains_and_the_adapter_reloads_with_peft(smollm2, tmp_pa
     from dpo_lora.data.layout import collate_pairs
     from dpo_lora.data.prepare import prepare_splits
     from dpo_lora.model.load import load_tokenizer
-    from dpo_lora.train.runs import load_policy
     from dpo_lora.train.step import preference_step
+    from dpo_lora.train.trained import load_policy
 
     config = load_config(out / "config.yaml")
     tokenizer = load_tokenizer(config.model)

@@ -62,7 +62,7 @@ class AttentionOutputs(TorchDispatchMode):
         self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from dpo_lora.model.checkpointing import ATTENTION_KERNELS
+        from dpo_lora.model.grad_checkpointing import ATTENTION_KERNELS
 
         result = func(*args, **(kwargs or {}))
         if func.overloadpacket.__name__ in ATTENTION_KERNELS:

@@ -84,7 +84,7 @@ def test_split_shared_forward_equals_unshared_in_values_and_lora_gradients(
 ):
     from dpo_lora.core.schema import ModelConfig
     from dpo_lora.model import chunked_logps
-    from dpo_lora.model.checkpointing import checkpoint_options
+    from dpo_lora.model.grad_checkpointing import checkpoint_options
     from dpo_lora.model.load import reference_mode
 
     model = lora_model(tiny_model_dir, "sdpa")

@@ -212,7 +212,7 @@ def test_zero3_two_ranks_resume_equals_the_uninterrupted_run(runs, tiny_model_di
 
 def test_a_zero3_checkpoint_exports_the_adapter_it_trained(runs, tmp_path):
     from dpo_lora.commands.export import export_model
-    from dpo_lora.train.runs import adapter_state_from_checkpoint
+    from dpo_lora.train.trained import adapter_state_from_checkpoint
 
     out = runs[0] / "2rank-zero3"
     masters = adapter_state_from_checkpoint(out / CHECKPOINTS / step_name(4))  # float32, joined from 2 shards

@@ -6,7 +6,7 @@ import torch
 
 from dpo_lora.core.schema import LoraConfig, ModelConfig
 from dpo_lora.model.load import attach_adapter, load_base, reference_mode
-from dpo_lora.train.runs import load_policy
+from dpo_lora.train.trained import load_policy
 
 CPU = torch.device("cpu")
 

@@ -13,8 +13,8 @@ from dpo_lora.core.config import load_config
 from dpo_lora.core.errors import UserError
 from dpo_lora.core.schema import LoraConfig, ModelConfig
 from dpo_lora.model import fitting
-from dpo_lora.model.checkpointing import ATTENTION_KERNELS, checkpoint_options
 from dpo_lora.model.fitting import fewest_fitting, resolve_auto
+from dpo_lora.model.grad_checkpointing import ATTENTION_KERNELS, checkpoint_options
 from dpo_lora.model.load import attach_adapter, load_base
 from dpo_lora.model.memory_plan import plan
 
