@@ -1,4 +1,6 @@
-"""The scheduler: validate files, queue FIFO, give each job its devices, watch its run, stop it.
+"""The scheduler's dispatch side: validate files, queue FIFO, give each job its devices, start it
+on the backend, watch it, stop it, decide how it ended. What a run wrote becomes events and
+checkpoints in ingest.py; every status change is a named transition of lifecycle.py.
 
 Runs start, stop and are watched through a backend (local.py: process groups on this machine;
 slurm.py: SLURM jobs), which the rest of this file never looks inside.
