@@ -21,6 +21,15 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the kernel's pick)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def venv_env(**extra: str) -> dict[str, str]:
     """This process's environment with the venv's bin first on PATH, plus `extra`."""
     return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}

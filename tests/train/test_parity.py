@@ -28,7 +28,7 @@ from dpo_lora.core.config import dump_yaml
 from dpo_lora.core.rundir import CHECKPOINTS, step_name
 from dpo_lora.train.loop import ADAPTER_DIR
 
-from ..conftest import REPO, VENV_BIN, venv_env
+from ..conftest import REPO, VENV_BIN, free_port, venv_env
 from .test_checkpoints import train_rows
 from .test_loop import tiny_config
 
@@ -69,7 +69,7 @@ def launch(model_dir, output_dir, nproc: int, deepspeed_config: str, dtype: str,
     if nproc == 1:
         command = [sys.executable, "-m", "dpo_lora", "train", str(config_file)]
     else:
-        port = 29700 + sum(map(ord, output_dir.name)) % 200
+        port = free_port()  # two pytest workers may run two of these at once
         command = [
             str(VENV_BIN / "deepspeed"),
             "--num_gpus",
