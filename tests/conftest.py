@@ -177,15 +177,3 @@ def slurm():
     env = slurm_cluster.start(folder)
     yield venv_env(**env, PYTHON=sys.executable, GLOO_SOCKET_IFNAME="lo")
     slurm_cluster.stop(folder, env)
-
-
-# Fixtures that own a machine-wide resource (fixed network-namespace names, the one SLURM cluster):
-# under `pytest -n 2 --dist loadgroup` every test that uses one runs in the same worker.
-MACHINE_WIDE = ("two_hosts", "slurm")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        for name in MACHINE_WIDE:
-            if name in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(name))
