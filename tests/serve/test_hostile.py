@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from .conftest import API_KEY, all_events, wait_for_status
+from .conftest import API_KEY, wait_for_status
 from .test_scheduler import create, wait_for_event
 
 
@@ -237,20 +237,14 @@ def test_a_job_paused_before_validation_resumes_to_the_end(servers, tiny_setup):
     assert wait_for_status(client, job.id, ("succeeded",)).status == "succeeded"
 
 
-def test_cancel_stops_at_once_a_deleted_job_leaves_nothing_and_caches_stay_in_the_state_dir(
-    servers, tiny_setup, tmp_path
-):
+def test_cancel_stops_the_run_before_it_answers_so_no_step_or_checkpoint_follows(servers, tiny_setup):
     models, config, train, _ = tiny_setup
-    user_cache = tmp_path / "user-cache"
-    env = {**__import__("os").environ, "DPO_LORA_CACHE": str(user_cache)}
-    server = servers(models, config, env=env)
+    server = servers(models, config)
     client = server.client()
     file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
     job = create(client, file_id, {"train": {"max_steps": 10_000, "save_every": 1}})
     wait_for_event(client, job.id, "Checkpoint created at step 2")
     run = server.state_dir / "jobs" / job.id / "run"
-    with pytest.raises(openai.ConflictError):  # a running job is not deleted
-        client.delete(f"/fine_tuning/jobs/{job.id}", cast_to=object)
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
     at_cancel = sorted(p.name for p in (run / "checkpoints").glob("step-*/COMPLETE"))
     rows_at_cancel = (run / "metrics.jsonl").read_text().count("\n")
@@ -259,12 +253,25 @@ def test_cancel_stops_at_once_a_deleted_job_leaves_nothing_and_caches_stay_in_th
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*/COMPLETE")) == at_cancel
     assert (run / "metrics.jsonl").read_text().count("\n") == rows_at_cancel  # no step after `cancelled`
 
+
+def test_a_deleted_job_leaves_nothing_and_its_caches_stay_in_its_folder(servers, tiny_setup, tmp_path):
+    models, config, train, _ = tiny_setup
+    user_cache = tmp_path / "user-cache"
+    env = {**__import__("os").environ, "DPO_LORA_CACHE": str(user_cache)}
+    server = servers(models, config, env=env)
+    client = server.client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
     done = create(client, file_id, {"train.max_steps": 1})
     wait_for_status(client, done.id, ("succeeded",))
     folder = server.state_dir / "jobs" / done.id
     assert any((folder / "cache" / "tokenized").iterdir()) and not user_cache.exists()
-    assert done.id in [e.message.split(": ")[-1] for e in all_events(client, done.id)][0]
-    for job_id in (job.id, done.id):
+    running = create(client, file_id, {"train.max_steps": 10_000})
+    wait_for_status(client, running.id, ("running",))
+    with pytest.raises(openai.ConflictError):  # a running job is not deleted
+        client.delete(f"/fine_tuning/jobs/{running.id}", cast_to=object)
+    client.fine_tuning.jobs.cancel(running.id)
+    wait_for_event(client, running.id, "The job was cancelled", timeout=60)
+    for job_id in (running.id, done.id):
         deleted = client.delete(f"/fine_tuning/jobs/{job_id}", cast_to=object)
         assert deleted == {"id": job_id, "object": "fine_tuning.job", "deleted": True}
         with pytest.raises(openai.NotFoundError):
