@@ -196,13 +196,16 @@ def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, i
     params = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
     layers = model.get_base_model().model.layers
     scope, saved, inputs = [None], {}, {}
+
+    def entering(index: int):
+        def hook(module, args, kwargs) -> None:
+            scope[0] = index
+            inputs.setdefault(index, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
     for index, layer in enumerate(layers):
-        layer.register_forward_pre_hook(
-            lambda m, a, k, i=index: (scope.__setitem__(0, i), inputs.setdefault(i, a[0] if a else k["hidden_states"]))[
-                0
-            ],
-            with_kwargs=True,
-        )  # noqa: E501
+        layer.register_forward_pre_hook(entering(index), with_kwargs=True)
         layer.register_forward_hook(lambda *_: scope.__setitem__(0, None))
 
     def pack(tensor):

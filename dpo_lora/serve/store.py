@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from dpo_lora.serve.status import FINAL, JobStatus, StopRequest  # noqa: F401  (FINAL: part of this module's API)
+from dpo_lora.serve.status import JobStatus, StopRequest
 
 
 def _values(enum_class, length: int) -> Enum:
