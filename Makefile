@@ -32,7 +32,7 @@ demo: setup $(MODEL_DIR)/.dpo-lora-complete
 
 test: $(VENV)/.installed-test $(MODEL_DIR)/.dpo-lora-complete
 	$(VENV)/bin/ruff check dpo_lora tests data bench && $(VENV)/bin/ruff format --check dpo_lora tests data bench
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 -n $(or $(JOBS),2) --dist loadgroup --no-loadscope-reorder
 
 # dpo-lora against TRL's DPOTrainer on the same work (WORKLOAD=short|long); prints ratios.
 bench: setup $(MODEL_DIR)/.dpo-lora-complete

@@ -177,3 +177,40 @@ def slurm():
     env = slurm_cluster.start(folder)
     yield venv_env(**env, PYTHON=sys.executable, GLOO_SOCKET_IFNAME="lo")
     slurm_cluster.stop(folder, env)
+
+
+# Fixtures that own a machine-wide resource: the fixed network-namespace names of `two_hosts`, and
+# the SLURM cluster (one per worker would be two clusters on one node).
+MACHINE_WIDE = ("two_hosts", "slurm")
+# The groups that take longest (3-6 min each on 2 cores), handed out first so that the two workers
+# end together; the rest follow in collection order.
+LONGEST_FIRST = (
+    "two_hosts",
+    "tests/serve/test_scheduler.py",
+    "slurm",
+    "tests/commands/test_integration_smollm2.py",
+    "tests/train/test_parity.py",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the node ids
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n 2 --dist loadgroup` (`make test`) a module is one unit of work, so its
+    module-scoped fixtures are built once; every module that uses a machine-wide fixture joins
+    that fixture's group, so one worker holds the resource. The longest groups go first."""
+    if not getattr(config.option, "loadgroup", False):  # set in xdist's workers, where collection runs
+        return
+    groups: dict[str, str] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        used = [name for name in MACHINE_WIDE if name in getattr(item, "fixturenames", ())]
+        if used or module not in groups:
+            groups[module] = used[0] if used else groups.get(module, module)
+
+    def group(item) -> str:
+        return groups[item.nodeid.split("::")[0]]
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))

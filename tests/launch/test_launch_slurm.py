@@ -74,6 +74,9 @@ def test_sbatch_trains_two_tasks_to_completion(uninterrupted):
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
     assert {row["world_size"] for row in rows} == {2}
     assert (uninterrupted / "adapter" / "adapter_model.safetensors").is_file()
+    # Its rendezvous port comes from its job ID, so two jobs sharing a node meet on two ports.
+    said = re.search(r"dpo-lora: job (\d+) meets at \S+:(\d+)", (uninterrupted.parent / "job.out").read_text())
+    assert said is not None and int(said[2]) == 20000 + int(said[1]) % 10000
 
 
 def test_a_job_at_its_time_limit_checkpoints_requeues_and_ends_like_an_uninterrupted_run(
