@@ -3,6 +3,10 @@
 Notation, per example: the policy/reference log-ratio of the chosen completion
 `c = log pi(y_w|x) - log ref(y_w|x)`, of the rejected one `r = log pi(y_l|x) - log ref(y_l|x)`,
 and their difference `h = c - r`. DPO's implicit rewards are `beta * c` and `beta * r`.
+`|y|` is a completion's token count; `avg(y) = log pi(y|x) / |y|` its per-token log-prob.
+
+`dpo_loss` holds the losses on the log-ratios (DPO's family, DPO-Positive among them); `sft_loss`,
+`simpo_loss` and `orpo_loss` read the policy alone (no reference model).
 """
 
 from __future__ import annotations
@@ -26,14 +30,17 @@ def dpo_loss(
     rejected_lengths: torch.Tensor | None = None,
     reference_free: bool = False,
     bco_delta: float | torch.Tensor = 0.0,
+    dpop_lambda: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example preference loss and the detached implicit rewards.
 
     All log-prob inputs have shape [B] and are sums over completion tokens.
     `chosen_lengths`/`rejected_lengths` ([B], completion token counts) are needed by `ipo`,
     which compares per-token average log-probs. `bco_delta` is BCO's reward baseline (a
-    running mean of rewards kept by the caller). Returns (losses, chosen_rewards,
-    rejected_rewards), each [B].
+    running mean of rewards kept by the caller). `dpop_lambda` weighs DPO-Positive's penalty
+    (Pal et al., 2024, eq. 3) on the chosen completion falling below the reference:
+    `dpop = -log sigmoid(beta * (h - dpop_lambda * max(0, log ref(y_w|x) - log pi(y_w|x))))`.
+    Returns (losses, chosen_rewards, rejected_rewards), each [B].
     """
     if reference_free:
         ref_chosen_logps = torch.zeros_like(ref_chosen_logps)
@@ -54,6 +61,9 @@ def dpo_loss(
     if loss_type == "sigmoid":
         # With eps > 0 this is conservative DPO: the label is flipped with probability eps.
         losses = -(1 - eps) * F.logsigmoid(beta * logits) - eps * F.logsigmoid(-beta * logits)
+    elif loss_type == "dpop":
+        penalty = torch.clamp(ref_chosen_logps - policy_chosen_logps, min=0)
+        losses = -F.logsigmoid(beta * (logits - dpop_lambda * penalty))
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * logits)
     elif loss_type == "ipo":
@@ -91,3 +101,50 @@ def dpo_loss(
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def sft_loss(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """The chosen completion's mean per-token negative log-likelihood, [B]:
+    `sft = -log pi(y_w|x) / |y_w|`. Added to a preference loss (`dpo.loss: [sigmoid, sft]`) it is
+    RPO, which keeps the chosen completions' likelihood from falling."""
+    return -policy_chosen_logps / chosen_lengths
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    beta: float,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al., 2024), reference-free, on per-token averages with a target margin:
+    `simpo = -log sigmoid(beta * (avg(y_w) - avg(y_l)) - gamma)`; its rewards are `beta * avg(y)`.
+    The paper's beta is 2-10 (DPO's 0.1 barely moves it). Returns (losses, chosen_rewards,
+    rejected_rewards), each [B]."""
+    chosen = beta * policy_chosen_logps / chosen_lengths
+    rejected = beta * policy_rejected_logps / rejected_lengths
+    return -F.logsigmoid(chosen - rejected - gamma), chosen.detach(), rejected.detach()
+
+
+def orpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO (Hong et al., 2024), reference-free: the chosen completion's NLL plus `lam` times the
+    log odds-ratio loss, with odds from per-token averages, `odds(y) = p / (1 - p)`, `p = exp(avg(y))`:
+    `orpo = -avg(y_w) - lam * log sigmoid(log odds(y_w) - log odds(y_l))`,
+    `log odds(y) = avg(y) - log(1 - exp(avg(y)))`. Its rewards are `lam * avg(y)`. Returns
+    (losses, chosen_rewards, rejected_rewards), each [B]."""
+    chosen, rejected = policy_chosen_logps / chosen_lengths, policy_rejected_logps / rejected_lengths
+
+    def log_odds(avg: torch.Tensor) -> torch.Tensor:
+        return avg - torch.log(-torch.expm1(avg))  # log(1 - e^a) without cancellation near a = 0
+
+    losses = -chosen - lam * F.logsigmoid(log_odds(chosen) - log_odds(rejected))
+    return losses, lam * chosen.detach(), lam * rejected.detach()

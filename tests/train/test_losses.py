@@ -1,4 +1,5 @@
-"""dpo_loss against an independent float64 oracle written from the papers' formulas."""
+"""Every loss against an independent float64 oracle written from the papers' formulas: values, and
+gradients against the oracle's central differences."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from dpo_lora.core.schema import LOSS_TYPES
-from dpo_lora.train.losses import dpo_loss
+from dpo_lora.train.losses import dpo_loss, orpo_loss, sft_loss, simpo_loss
 
 
 def log_sigmoid(x: float) -> float:
@@ -19,7 +20,7 @@ def sigmoid(x: float) -> float:
     return math.exp(log_sigmoid(x))
 
 
-def oracle(loss_type, pc, pr, rc, rr, beta, eps, lc, lr, delta):
+def oracle(loss_type, pc, pr, rc, rr, beta, eps, lc, lr, delta, lam=0.0):
     """One example's loss, in Python floats (float64), straight from each formula."""
     if loss_type == "ipo":
         pc, rc, pr, rr = pc / lc, rc / lc, pr / lr, rr / lr
@@ -47,6 +48,8 @@ def oracle(loss_type, pc, pr, rc, rr, beta, eps, lc, lr, delta):
         return (1 - sigmoid(beta * c)) + sigmoid(beta * r)
     if loss_type == "apo_down":
         return sigmoid(beta * c) + (1 - sigmoid(beta * h))
+    if loss_type == "dpop":  # DPO-Positive, Pal et al. 2024, eq. 3
+        return -log_sigmoid(beta * (h - lam * max(0.0, rc - pc)))
     raise AssertionError(loss_type)
 
 
@@ -61,13 +64,13 @@ def random_logps(n: int, seed: int):
 @pytest.mark.parametrize("eps", [0.0, 0.2])
 def test_matches_float64_oracle_on_random_inputs(loss_type, eps):
     (pc, pr, rc, rr), (lc, lr) = random_logps(64, seed=hash((loss_type, eps)) % 1000)
-    beta, delta = 0.3, 0.05
+    beta, delta, lam = 0.3, 0.05, 2.0
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps,
-        chosen_lengths=lc, rejected_lengths=lr, bco_delta=delta,
+        chosen_lengths=lc, rejected_lengths=lr, bco_delta=delta, dpop_lambda=lam,
     )  # fmt: skip
     expected = [
-        oracle(loss_type, *(t[i].item() for t in (pc, pr, rc, rr)), beta, eps, lc[i].item(), lr[i].item(), delta)
+        oracle(loss_type, *(t[i].item() for t in (pc, pr, rc, rr)), beta, eps, lc[i].item(), lr[i].item(), delta, lam)
         for i in range(64)
     ]
     torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-10, atol=1e-10)
@@ -147,3 +150,77 @@ def test_ipo_rewards_are_per_token():
                                    rejected_lengths=rejected_lengths)  # fmt: skip
     torch.testing.assert_close(chosen, 0.3 * (pc - rc) / chosen_lengths)
     torch.testing.assert_close(rejected, 0.3 * (pr - rr) / rejected_lengths)
+
+
+# The terms outside dpo_loss, one example at a time in float64: log-probs (sums) and lengths in.
+def sft_oracle(pc, pr, lc, lr):
+    return -pc / lc
+
+
+def simpo_oracle(pc, pr, lc, lr, beta=2.5, gamma=1.2):  # Meng et al. 2024, eq. 6
+    return -log_sigmoid(beta * pc / lc - beta * pr / lr - gamma)
+
+
+def orpo_oracle(pc, pr, lc, lr, lam=0.25):  # Hong et al. 2024, eqs. 6-7: odds(y) = P / (1 - P), P = e^avg
+    def odds(avg):
+        return math.exp(avg) / (1 - math.exp(avg))
+
+    return -pc / lc - lam * log_sigmoid(math.log(odds(pc / lc) / odds(pr / lr)))
+
+
+POLICY_ONLY = {
+    "sft": (lambda pc, pr, lc, lr: sft_loss(pc, lc), sft_oracle),
+    "simpo": (lambda pc, pr, lc, lr: simpo_loss(pc, pr, lc, lr, beta=2.5, gamma=1.2)[0], simpo_oracle),
+    "orpo": (lambda pc, pr, lc, lr: orpo_loss(pc, pr, lc, lr, lam=0.25)[0], orpo_oracle),
+}
+
+
+def central_difference(f, args: list[float], i: int, h: float = 1e-6) -> float:
+    up, down = list(args), list(args)
+    up[i] += h
+    down[i] -= h
+    return (f(*up) - f(*down)) / (2 * h)
+
+
+@pytest.mark.parametrize("name", POLICY_ONLY)
+def test_policy_only_terms_match_their_float64_oracle_in_values_and_gradients(name):
+    loss, expected = POLICY_ONLY[name]
+    (pc, pr, _, _), (lc, lr) = random_logps(32, seed=21)
+    pc, pr = (pc / 4).requires_grad_(), (pr / 4).requires_grad_()  # per-token averages of -0.01 to -15
+    losses = loss(pc, pr, lc, lr)
+    grad_c, grad_r = torch.autograd.grad(losses.sum(), (pc, pr), allow_unused=True, materialize_grads=True)
+    for i in range(32):
+        args = [pc[i].item(), pr[i].item(), lc[i].item(), lr[i].item()]
+        assert losses[i].item() == pytest.approx(expected(*args), rel=1e-10, abs=1e-12), i
+        assert grad_c[i].item() == pytest.approx(central_difference(expected, args, 0), rel=1e-5, abs=1e-9), i
+        assert grad_r[i].item() == pytest.approx(central_difference(expected, args, 1), rel=1e-5, abs=1e-9), i
+
+
+def test_dpo_positive_gradients_match_the_oracle_and_its_penalty_lifts_the_chosen():
+    (pc, pr, rc, rr), _ = random_logps(32, seed=22)
+    pc = (rc + torch.linspace(-3, 3, 32, dtype=torch.float64)).requires_grad_()  # below the reference, then above
+    pr = pr.clone().requires_grad_()
+    dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type="dpop", dpop_lambda=5.0)[0].sum().backward()
+    sigmoid_grad = torch.autograd.grad(dpo_loss(pc, pr, rc, rr, beta=0.3)[0].sum(), pc)[0]
+    for i in range(32):
+        args = [pc[i].item(), pr[i].item(), rc[i].item(), rr[i].item()]
+
+        def f(*a):
+            return oracle("dpop", *a, beta=0.3, eps=0.0, lc=1.0, lr=1.0, delta=0.0, lam=5.0)
+
+        assert pc.grad[i].item() == pytest.approx(central_difference(f, args, 0), rel=1e-5, abs=1e-9), i
+        assert pr.grad[i].item() == pytest.approx(central_difference(f, args, 1), rel=1e-5, abs=1e-9), i
+    below = pc.detach() < rc
+    # Below the reference the penalty pushes the chosen up harder than DPO does; above, it is off.
+    assert torch.all(pc.grad[below] < sigmoid_grad[below]) and below.any()
+    torch.testing.assert_close(pc.grad[~below], sigmoid_grad[~below])
+
+
+def test_simpo_and_orpo_rewards_are_scaled_per_token_log_probs():
+    (pc, pr, _, _), (lc, lr) = random_logps(8, seed=23)
+    _, chosen, rejected = simpo_loss(pc, pr, lc, lr, beta=2.5, gamma=1.2)
+    torch.testing.assert_close(chosen, 2.5 * pc / lc)
+    torch.testing.assert_close(rejected, 2.5 * pr / lr)
+    _, chosen, rejected = orpo_loss(pc, pr, lc, lr, lam=0.25)
+    torch.testing.assert_close(chosen, 0.25 * pc / lc)
+    assert not chosen.requires_grad
