@@ -65,7 +65,7 @@ def evaluate_run(source: str, data: str | None = None, batch_size: int = 8, out:
     # Scored as in training: prompt shared where the model allows, LM head on completions only.
     chunked_logps.install(model, config.train.logps_chunk_size)
     collate, _ = batch_layout(config, model, tokenizer.pad_token_id)
-    if not config.dpo.reference_free:
+    if config.dpo.uses_reference:
         # The reference never changes: scored once per eval set and cached (as training's evals
         # are), so evaluating several checkpoints of a run costs one policy forward each.
         one_process = DistInfo(rank=0, local_rank=0, world_size=1, device=model.device)

@@ -39,6 +39,9 @@ def _as(value: Any, kind: Any) -> Any:
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _NOT
     if kind is str:
         return value if isinstance(value, str) else _NOT
+    if typing.get_origin(kind) is list:  # list[str], list[float]: every item as the item type
+        items = [_as(item, typing.get_args(kind)[0]) for item in value] if isinstance(value, list) else [_NOT]
+        return items if items and _NOT not in items else _NOT
     if kind is Any:  # lora.target_modules: a string or a list of strings
         ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
         return value if ok else _NOT
@@ -83,7 +86,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             continue
         value = _check_type(key, values[name], hints[name])
         choices = f.metadata.get("choices")
-        if choices and value not in choices:
+        if choices and any(item not in choices for item in (value if isinstance(value, list) else [value])):
             raise ConfigError(key, f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
         kwargs[name] = value
     return cls(**kwargs)
@@ -182,11 +185,23 @@ def validate(config: Config) -> None:
         raise _refuse("dpo.beta", "must be > 0")
     if not 0.0 <= dpo.label_smoothing < 0.5:
         raise _refuse("dpo.label_smoothing", "must be in [0, 0.5)")
-    if dpo.label_smoothing > 0 and dpo.loss not in SMOOTHED_LOSSES:
+    names = [dpo.loss] if isinstance(dpo.loss, str) else dpo.loss
+    if len(set(names)) < len(names):
+        raise _refuse("dpo.loss", f"names a term twice: {names}")
+    if "bco_pair" in names[1:]:  # its reward baseline follows the run's rewards: the first term's
+        raise _refuse("dpo.loss", "must list bco_pair first (its reward baseline follows the first term)")
+    if dpo.loss_weights is not None and len(dpo.loss_weights) != len(names):
+        raise _refuse("dpo.loss_weights", f"has {len(dpo.loss_weights)} weight(s) for {len(names)} dpo.loss term(s)")
+    if dpo.loss_weights is not None and (min(dpo.loss_weights) < 0 or max(dpo.loss_weights) == 0):
+        raise _refuse("dpo.loss_weights", "must be >= 0, and not all 0")
+    if dpo.label_smoothing > 0 and not set(names) & set(SMOOTHED_LOSSES):
         raise _refuse(
             "dpo.label_smoothing",
             f"has no effect on dpo.loss '{dpo.loss}' (only {', '.join(SMOOTHED_LOSSES)} use it); set it to 0",
         )
+    for key in ("simpo_gamma", "orpo_lambda", "dpop_lambda"):
+        if getattr(dpo, key) < 0:
+            raise _refuse(f"dpo.{key}", "must be >= 0")
     if config.lora.r < 1:
         raise _refuse("lora.r", "must be >= 1")
     if not 0.0 <= config.lora.dropout < 1.0:
@@ -231,7 +246,13 @@ def flat_items(tree: dict, prefix: str = "") -> dict:
 
 
 # Keys added after runs were saved, with the value that trains as those versions did.
-ADDED_KEYS = {"model.float32_residual": False}
+ADDED_KEYS = {
+    "model.float32_residual": False,
+    "dpo.loss_weights": None,
+    "dpo.simpo_gamma": 0.5,
+    "dpo.orpo_lambda": 0.1,
+    "dpo.dpop_lambda": 50.0,
+}
 
 
 def _as_trained(flat: dict) -> dict:

@@ -5,6 +5,7 @@ Loading, overrides and validation are dpo_lora/core/config.py's."""
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,10 @@ LOSS_TYPES = (
     "sppo_hard",
     "apo_zero",
     "apo_down",
-)
+    "dpop",
+)  # dpo_lora.train.losses.dpo_loss's, on the policy/reference log-ratios
+REFERENCE_FREE_LOSSES = ("sft", "simpo", "orpo")  # terms that read the policy alone
+LOSS_TERMS = LOSS_TYPES + REFERENCE_FREE_LOSSES  # what dpo.loss may name
 SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair")  # the losses dpo.label_smoothing changes
 
 
@@ -99,9 +103,20 @@ class DataConfig:
 
 @dataclass
 class DpoConfig:
-    beta: float = knob(0.1, "strength of the KL penalty toward the reference")
-    loss: str = knob("sigmoid", "preference loss", LOSS_TYPES)
+    beta: float = knob(
+        0.1, "strength of the KL penalty toward the reference (simpo: the reward scale; its paper uses 2-10)"
+    )
+    loss: str | list[str] = knob(
+        "sigmoid",
+        "preference loss, or a list of terms summed with dpo.loss_weights: [sigmoid, sft] is RPO; sft (the chosen "
+        "completion's per-token NLL), simpo and orpo need no reference model",
+        LOSS_TERMS,
+    )
+    loss_weights: list[float] | None = knob(None, "weight of each dpo.loss term, in order; unset: 1.0 each")
     label_smoothing: float = knob(0.0, "assumed label-noise rate (cDPO/robust/exo_pair)")
+    simpo_gamma: float = knob(0.5, "simpo: target reward margin gamma (its paper: gamma / beta about 0.5)")
+    orpo_lambda: float = knob(0.1, "orpo: weight of the odds-ratio term beside the chosen NLL")
+    dpop_lambda: float = knob(50.0, "dpop: weight of the penalty on chosen log-probs falling below the reference's")
     reference_free: bool = knob(False, "ignore the reference model (reference log-probs are 0)")
     reference: str = knob(
         "auto",
@@ -109,6 +124,17 @@ class DpoConfig:
         "(precompute when the run covers at least one epoch)",
         ("auto", "online", "precompute"),
     )
+
+    @property
+    def terms(self) -> list[tuple[str, float]]:
+        """(loss name, weight) for each term of dpo.loss, in order."""
+        names = [self.loss] if isinstance(self.loss, str) else list(self.loss)
+        return list(zip(names, self.loss_weights or [1.0] * len(names), strict=True))
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether any term reads the reference model's log-probs."""
+        return not self.reference_free and any(name not in REFERENCE_FREE_LOSSES for name, _ in self.terms)
 
 
 @dataclass
@@ -175,26 +201,33 @@ class Config:
     overwrite: bool = knob(False, "allow a new run in an output_dir that already holds one")
 
 
-def knobs(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Field]:
-    """Dotted key -> its dataclass field (type, default, help, choices), for every knob."""
-    found = {}
+def _leaves(cls: type = Config, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, dataclass field, resolved type) for every knob, in declaration order."""
+    found = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
-            found |= knobs(hints[f.name], prefix + f.name + ".")
+            found += _leaves(hints[f.name], prefix + f.name + ".")
         else:
-            found[prefix + f.name] = f
+            found.append((prefix + f.name, f, hints[f.name]))
     return found
 
 
-def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+def knobs() -> dict[str, dataclasses.Field]:
+    """Dotted key -> its dataclass field (type, default, help, choices), for every knob."""
+    return {key: f for key, f, _ in _leaves()}
+
+
+def kinds(key: str) -> tuple:
+    """The types a knob's value may have (the members of its union): (float,), (str, list[str])."""
+    hint = {dotted: hint for dotted, _, hint in _leaves()}[key]
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def describe() -> list[tuple[str, Any, str]]:
     """(dotted key, default, help) for every knob, in declaration order."""
     rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows += describe(hints[f.name], prefix + f.name + ".")
-        else:
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            rows.append((prefix + f.name, default, f.metadata["help"]))
+    for key, f, _ in _leaves():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append((key, default, f.metadata["help"]))
     return rows

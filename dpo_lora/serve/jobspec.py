@@ -25,7 +25,7 @@ from typing import Any
 from dpo_lora.core.config import load_config, split_key
 from dpo_lora.core.dsconfig import ZERO_STAGES, read_json, zero_config
 from dpo_lora.core.errors import ConfigError, UserError
-from dpo_lora.core.schema import Config, knobs
+from dpo_lora.core.schema import Config, kinds, knobs
 
 # Set per job by the service, or only by the operator's --config: paths (the model, the data, the
 # run folder, the DeepSpeed JSON, an adapter to start from), code (trust_remote_code), the
@@ -47,6 +47,8 @@ SERVICE_KEYS = frozenset(
 # Strings without a closed set of choices that a client may still give: module-name patterns that
 # PEFT matches against the model's layer names, and a layer count or its names (all, auto).
 FREE_STRINGS = frozenset({"lora.target_modules", "model.checkpoint_layers"})
+# Knobs of these types are numbers and switches: a client may set them (the config tree checks their ranges).
+PLAIN_VALUES = frozenset({bool, int, float, type(None), list[float]})
 HYPERPARAMETER_KEYS = {"beta": "dpo.beta", "n_epochs": "train.epochs"}
 MAX_INT = 2**53  # JSON's exact integers; larger ones are refused (the store and the trainer need less)
 
@@ -72,12 +74,7 @@ def client_may_set(key: str) -> bool:
     field = knobs().get(key)
     if field is None or key in SERVICE_KEYS:
         return False
-    annotation = str(field.type)
-    return (
-        bool(field.metadata.get("choices"))
-        or key in FREE_STRINGS
-        or annotation.split(" ")[0] in ("bool", "int", "float")
-    )
+    return bool(field.metadata.get("choices")) or key in FREE_STRINGS or set(kinds(key)) <= PLAIN_VALUES
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict:

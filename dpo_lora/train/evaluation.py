@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from dpo_lora.train.metrics import MetricWindow
+from dpo_lora.train.metrics import MetricWindow, pair_metrics
 from dpo_lora.train.step import pair_losses, preference_step, reference_logps
 
 
@@ -39,11 +39,11 @@ def evaluate(engine, loader, dpo_config, device, policy_is_reference: bool = Fal
     reference's and one forward per batch (none with precomputed reference scores) gives them.
     """
     engine.eval()
-    window = MetricWindow()
+    window = MetricWindow(pair_metrics(dpo_config))
     with torch.no_grad():
         for batch in loader:
             batch = to_device(batch, device)
-            if policy_is_reference and not dpo_config.reference_free:
+            if policy_is_reference and dpo_config.uses_reference:
                 ref_logps = reference_logps(engine, batch, dpo_config)
                 _, stats = pair_losses(ref_logps, ref_logps, batch["completion_lengths"], dpo_config)
             else:

@@ -88,7 +88,7 @@ def record_step(run: Run, step: int, micro_stats, skip_reason: str | None, bad_r
         return
     for stats, tokens in micro_stats:
         run.window.add(stats, tokens)
-    if run.config.dpo.loss == "bco_pair":
+    if "bco_pair" in dict(run.config.dpo.terms):
         run.reward_sums = [a + b for a, b in zip(run.reward_sums, _reward_sums(micro_stats), strict=True)]
 
 

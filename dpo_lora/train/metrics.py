@@ -22,19 +22,26 @@ PAIR_METRICS = (
 )
 
 
+def pair_metrics(dpo_config) -> tuple[str, ...]:
+    """The per-pair statistics a run logs: PAIR_METRICS, and each term's loss where dpo.loss mixes terms."""
+    names = [name for name, _ in dpo_config.terms]
+    return PAIR_METRICS + (tuple(f"loss/{name}" for name in names) if len(names) > 1 else ())
+
+
 class MetricWindow:
     """Sums per-pair statistics (weighted) until `reduce` averages them over all ranks."""
 
-    def __init__(self) -> None:
-        self.sums = torch.zeros(len(PAIR_METRICS), dtype=torch.float64)
+    def __init__(self, names: tuple[str, ...] = PAIR_METRICS) -> None:
+        self.names = names
+        self.sums = torch.zeros(len(names), dtype=torch.float64)
         self.pairs = 0.0
         self.tokens = 0.0
 
     def add(self, stats: dict[str, torch.Tensor], tokens: int, weight: torch.Tensor | None = None) -> None:
-        """stats: per-pair tensors [B] keyed by PAIR_METRICS; weight [B] (0 drops a pair)."""
-        first = stats[PAIR_METRICS[0]]
+        """stats: per-pair tensors [B] keyed by `names`; weight [B] (0 drops a pair)."""
+        first = stats[self.names[0]]
         weight = torch.ones_like(first, dtype=torch.float64) if weight is None else weight.double().to(first.device)
-        values = torch.stack([stats[name].double() for name in PAIR_METRICS])  # [M, B]
+        values = torch.stack([stats[name].double() for name in self.names])  # [M, B]
         self.sums += (values * weight).sum(-1).cpu()
         self.pairs += float(weight.sum())
         self.tokens += tokens
@@ -50,8 +57,8 @@ class MetricWindow:
         """Means over every pair seen on every rank since the last reset, plus global counts."""
         packed = all_reduce_sum(torch.cat([self.sums, torch.tensor([self.pairs, self.tokens], dtype=torch.float64)]))
         pairs, tokens = packed[-2].item(), packed[-1].item()
-        means = {name: (packed[i].item() / pairs if pairs else math.nan) for i, name in enumerate(PAIR_METRICS)}
-        self.__init__()
+        means = {name: (packed[i].item() / pairs if pairs else math.nan) for i, name in enumerate(self.names)}
+        self.__init__(self.names)
         return {**means, "pairs": pairs, "tokens": tokens}
 
 

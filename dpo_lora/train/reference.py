@@ -89,6 +89,8 @@ def reference_choice(dpo_config, pairs_trained: int, pairs: int) -> tuple[str, s
     """
     if dpo_config.reference_free:
         return "none", "dpo.reference_free"
+    if not dpo_config.uses_reference:
+        return "none", f"dpo.loss {dpo_config.loss} reads the policy alone"
     if dpo_config.reference != "auto":
         return dpo_config.reference, "set in the config"
     epochs = pairs_trained / pairs

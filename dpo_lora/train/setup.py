@@ -29,7 +29,7 @@ from dpo_lora.model.load import attach_adapter, load_base, load_tokenizer
 from dpo_lora.train.checkpoints import clear_run, load_checkpoint, resume_point
 from dpo_lora.train.evaluation import EvalShard, evaluate
 from dpo_lora.train.guards import NumericGuard, SkippableAdamW
-from dpo_lora.train.metrics import MetricsWriter, MetricWindow
+from dpo_lora.train.metrics import MetricsWriter, MetricWindow, pair_metrics
 from dpo_lora.train.reference import reference_choice, with_reference_logps
 from dpo_lora.train.self_check import self_check
 
@@ -127,7 +127,7 @@ def setup_run(config: Config) -> Run:
     for notice in notices if dist.is_main else []:
         print(f"dpo-lora: {notice}", file=sys.stderr)
     eval_loader = None
-    if eval_set is not None and not config.dpo.reference_free:
+    if eval_set is not None and config.dpo.uses_reference:
         # Every eval scores the same pairs against the same reference: score them once (cached).
         eval_set = with_reference_logps(engine, eval_set, config, collate, dist)
     if eval_set is not None:
@@ -138,6 +138,8 @@ def setup_run(config: Config) -> Run:
         batches.dataset = _precomputed(engine, train_set, config, collate, dist, why)
     elif dist.is_main and reference == "online":
         print(f"dpo-lora: reference online ({why})", file=sys.stderr)
+    elif dist.is_main:
+        print(f"dpo-lora: no reference forward runs ({why})", file=sys.stderr)
     run = Run(
         config=config,
         dist=dist,
@@ -152,6 +154,7 @@ def setup_run(config: Config) -> Run:
         eval_loader=eval_loader,
         writer=MetricsWriter(output_dir) if dist.is_main else None,
         guard=NumericGuard(train_cfg.max_bad_steps),
+        window=MetricWindow(pair_metrics(config.dpo)),
     )
     _resume_or_begin(run, resume_from)
     return run

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from dpo_lora.core.schema import SMOOTHED_LOSSES
 from dpo_lora.data.layout import attention_bias
 from dpo_lora.model import shared_attention
 from dpo_lora.model.chunked_logps import scoring
 from dpo_lora.model.load import reference_mode
 from dpo_lora.model.logprobs import sum_by_sequence, token_logps_at
-from dpo_lora.train.losses import dpo_loss
+from dpo_lora.train.losses import dpo_loss, orpo_loss, sft_loss, simpo_loss
 
 
 def forward_inputs(batch: dict, model) -> dict:
@@ -67,7 +68,7 @@ def preference_step(model, batch: dict, dpo_config, bco_delta: float = 0.0) -> t
 
 def reference_logps(model, batch: dict, dpo_config) -> torch.Tensor:
     """Reference log-probs [2B] (chosen then rejected): zero, precomputed, or a no-grad forward."""
-    if dpo_config.reference_free:
+    if not dpo_config.uses_reference:  # dpo.reference_free, or only terms that read the policy alone
         return torch.zeros(batch["completion_lengths"].shape, device=batch["input_ids"].device)
     if "reference_logps" in batch:  # precomputed once (dpo_lora.train.reference)
         return batch["reference_logps"]
@@ -76,21 +77,43 @@ def reference_logps(model, batch: dict, dpo_config) -> torch.Tensor:
         return concatenated_logps(model, batch)[0]
 
 
-def pair_losses(policy_logps, ref_logps, lengths, dpo_config, bco_delta: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """The mean loss and per-pair statistics ([B]) from log-probs and lengths [2B], chosen first."""
+def loss_term(name: str, policy_logps, ref_logps, lengths, dpo_config, bco_delta: float = 0.0):
+    """One dpo.loss term: (losses, chosen_rewards, rejected_rewards), each [B], from log-probs and
+    lengths [2B], chosen first. The SFT term has no rewards of its own: DPO's implicit ones."""
     n = policy_logps.shape[0] // 2
+    chosen, rejected = (policy_logps[:n], lengths[:n]), (policy_logps[n:], lengths[n:])
+    if name == "simpo":
+        return simpo_loss(
+            chosen[0], rejected[0], chosen[1], rejected[1], beta=dpo_config.beta, gamma=dpo_config.simpo_gamma
+        )
+    if name == "orpo":
+        return orpo_loss(chosen[0], rejected[0], chosen[1], rejected[1], lam=dpo_config.orpo_lambda)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy_logps[:n],
-        policy_logps[n:],
+        chosen[0],
+        rejected[0],
         ref_logps[:n],
         ref_logps[n:],
         beta=dpo_config.beta,
-        loss_type=dpo_config.loss,
-        label_smoothing=dpo_config.label_smoothing,
-        chosen_lengths=lengths[:n],
-        rejected_lengths=lengths[n:],
+        loss_type="sigmoid" if name == "sft" else name,
+        label_smoothing=dpo_config.label_smoothing if name in SMOOTHED_LOSSES else 0.0,
+        chosen_lengths=chosen[1],
+        rejected_lengths=rejected[1],
         bco_delta=bco_delta,
+        dpop_lambda=dpo_config.dpop_lambda,
     )
+    return (sft_loss(*chosen) if name == "sft" else losses), chosen_rewards, rejected_rewards
+
+
+def pair_losses(policy_logps, ref_logps, lengths, dpo_config, bco_delta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The mean loss (dpo.loss's terms, weighted) and per-pair statistics ([B]) from log-probs and
+    lengths [2B], chosen first; the rewards are the first term's, and a mixture logs each term
+    as `loss/NAME`."""
+    n = policy_logps.shape[0] // 2
+    terms = {}
+    for name, weight in dpo_config.terms:
+        terms[name] = (weight, *loss_term(name, policy_logps, ref_logps, lengths, dpo_config, bco_delta))
+    losses = sum(weight * term_losses for weight, term_losses, _, _ in terms.values())
+    _, _, chosen_rewards, rejected_rewards = next(iter(terms.values()))
     stats = {
         "loss": losses.detach(),
         "rewards/chosen": chosen_rewards,
@@ -100,4 +123,6 @@ def pair_losses(policy_logps, ref_logps, lengths, dpo_config, bco_delta: float =
         "logps/chosen": policy_logps[:n].detach(),
         "logps/rejected": policy_logps[n:].detach(),
     }
+    if len(terms) > 1:
+        stats |= {f"loss/{name}": term_losses.detach() for name, (_, term_losses, _, _) in terms.items()}
     return losses.mean(), stats

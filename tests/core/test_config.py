@@ -60,6 +60,33 @@ def test_prompt_limit_is_derived_from_max_length_when_unset():
         load_config(None, ["data.max_length=1"])
 
 
+def test_a_loss_is_one_name_or_a_list_of_terms_with_weights():
+    config = load_config(None, ["dpo.loss=[sigmoid, sft]", "dpo.loss_weights=[1, 0.5]"])
+    assert config.dpo.loss == ["sigmoid", "sft"] and config.dpo.loss_weights == [1.0, 0.5]
+    assert config.dpo.terms == [("sigmoid", 1.0), ("sft", 0.5)] and config.dpo.uses_reference
+    assert load_config(None, ["dpo.loss=simpo"]).dpo.terms == [("simpo", 1.0)]
+    assert not load_config(None, ["dpo.loss=[orpo, sft]"]).dpo.uses_reference
+    assert load_config(None, ["dpo.loss=[sigmoid, robust]", "dpo.label_smoothing=0.1"]).dpo.label_smoothing == 0.1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["dpo.loss=[sigmoid, sfft]"], "'dpo.loss' must be one of"),
+        (["dpo.loss=[]"], "'dpo.loss' must be str or list"),
+        (["dpo.loss=[sigmoid, sigmoid]"], "'dpo.loss' names a term twice"),
+        (["dpo.loss=[sft, bco_pair]"], "'dpo.loss' must list bco_pair first"),
+        (["dpo.loss=[sigmoid, sft]", "dpo.loss_weights=[1]"], "'dpo.loss_weights' has 1 weight\\(s\\) for 2"),
+        (["dpo.loss_weights=[-1]"], "'dpo.loss_weights' must be >= 0"),
+        (["dpo.loss_weights=[x]"], "'dpo.loss_weights' must be list"),
+        (["dpo.simpo_gamma=-1"], "'dpo.simpo_gamma' must be >= 0"),
+    ],
+)
+def test_bad_loss_terms_name_the_key(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+
+
 @pytest.mark.parametrize("loss", ["hinge", "ipo", "bco_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down"])
 def test_label_smoothing_on_a_loss_that_ignores_it_is_an_error(loss):
     with pytest.raises(UserError, match=f"'dpo.label_smoothing' has no effect on dpo.loss '{loss}'"):

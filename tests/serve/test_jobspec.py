@@ -131,3 +131,11 @@ def test_the_shipped_zero_files_are_the_configurations_the_service_writes():
     for stage, offload in ((0, False), (1, False), (2, False), (2, True), (3, False), (3, True)):
         name = f"zero{stage}{'_offload' if offload else ''}.json"
         assert json.loads((REPO / "deepspeed_configs" / name).read_text()) == zero_config(stage, offload), name
+
+
+def test_a_client_may_choose_the_loss_terms_and_their_weights():
+    config = spec(extra={"dpo": {"loss": ["sigmoid", "sft"], "loss_weights": [1, 0.5], "simpo_gamma": 1.0}}).config
+    assert config.dpo.terms == [("sigmoid", 1.0), ("sft", 0.5)] and config.dpo.simpo_gamma == 1.0
+    with pytest.raises(SpecError, match="'dpo.loss' must be one of") as caught:
+        spec(extra={"dpo.loss": ["sigmoid", "/etc/passwd"]})
+    assert caught.value.param == "dpo.loss"

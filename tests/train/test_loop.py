@@ -95,6 +95,26 @@ def test_training_writes_metrics_adapter_and_config_and_improves(tiny_model_dir,
     assert list((out / "tensorboard").iterdir()), "tensorboard event files expected"
 
 
+def test_a_mixture_logs_each_term_and_policy_only_losses_train_and_evaluate_alone(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "rpo"
+    mixture = ["dpo.loss=[sigmoid, sft]", "dpo.loss_weights=[1, 0.5]"]
+    train(
+        tiny_config(tiny_model_dir, out, "train.max_steps=2", "train.log_every=1", "train.micro_batch_size=8", *mixture)
+    )
+    rows = read_metrics(out)
+    for row in [r for r in rows if r["kind"] == "train"]:
+        assert row["loss"] == pytest.approx(row["loss/sigmoid"] + 0.5 * row["loss/sft"], rel=1e-6)
+    before, after = [r for r in rows if r["kind"] == "eval"]
+    assert before["eval/loss/sigmoid"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference
+    assert after["eval/loss/sft"] < before["eval/loss/sft"]  # the SFT term raised the chosen likelihood
+    assert "no reference forward runs" not in capsys.readouterr().err
+    for loss in ("simpo", "orpo"):
+        run = ["train.max_steps=4", "train.micro_batch_size=8", f"dpo.loss={loss}", "dpo.beta=2.5"]
+        results = train(tiny_config(tiny_model_dir, tmp_path / loss, *run))
+        assert f"no reference forward runs (dpo.loss {loss} reads the policy alone)" in capsys.readouterr().err
+        assert results["after"]["eval/loss"] < results["before"]["eval/loss"], loss
+
+
 def test_eval_shard_covers_every_pair_once_with_equal_lengths():
     data = list(range(10))
     shards = [EvalShard([{"i": i} for i in data], rank, 4) for rank in range(4)]

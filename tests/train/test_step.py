@@ -46,3 +46,37 @@ def test_reference_free_runs_one_forward_and_ignores_the_reference(tiny_model_di
     calls.clear()
     preference_step(model, batch, DpoConfig(beta=0.1))
     assert len(calls) == 2
+
+
+def test_policy_only_methods_run_no_reference_forward(tiny_model_dir):
+    model = fresh_policy(tiny_model_dir)
+    calls = []
+    model.base_model.model.register_forward_hook(lambda *_: calls.append(1))
+    batch = batch_of(model.config.vocab_size)
+    for loss in ("simpo", "orpo", ["sft"], ["simpo", "sft"]):
+        calls.clear()
+        _, stats = preference_step(model, batch, DpoConfig(beta=2.0, loss=loss))
+        assert len(calls) == 1, loss
+    calls.clear()
+    preference_step(model, batch, DpoConfig(loss=["sigmoid", "sft"]))  # DPO's term reads the reference
+    assert len(calls) == 2
+
+
+def test_a_mixture_is_the_weighted_sum_of_its_terms_each_logged(tiny_model_dir):
+    """[sigmoid, sft] (RPO): DPO's loss plus the weighted chosen NLL per token; the rewards are DPO's."""
+    model = fresh_policy(tiny_model_dir)
+    with torch.no_grad():  # move the adapter off zero, so that policy and reference differ
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    batch = batch_of(model.config.vocab_size)
+    loss, stats = preference_step(model, batch, DpoConfig(beta=0.1, loss=["sigmoid", "sft"], loss_weights=[1.0, 0.5]))
+    _, dpo = preference_step(model, batch, DpoConfig(beta=0.1))
+    nll = -stats["logps/chosen"] / batch["completion_lengths"][:3]
+    torch.testing.assert_close(stats["loss/sigmoid"], dpo["loss"])
+    torch.testing.assert_close(stats["loss/sft"], nll)
+    torch.testing.assert_close(stats["loss"], dpo["loss"] + 0.5 * nll)
+    torch.testing.assert_close(loss.detach(), (dpo["loss"] + 0.5 * nll).mean())
+    torch.testing.assert_close(stats["rewards/margins"], dpo["rewards/margins"])
+    assert not torch.all(dpo["rewards/margins"] == 0)
+    assert "loss/sigmoid" not in dpo  # one term: the metrics rows stay as they were
