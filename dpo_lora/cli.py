@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="merge the adapter into its base and write a standalone model folder")
     export.add_argument("source", nargs="?", help="run folder, adapter folder, or checkpoint folder")
+    export.add_argument(
+        "--checkpoint", help="a checkpoint of the run instead of its final adapter: best, latest or a step"
+    )
     export.add_argument("--out", help="output folder (a Hugging Face model folder); required without --spec")
     export.add_argument("--spec", help="a JSON file of these options (source, out, merge_into, ...) instead")
     export.add_argument("--base", help="base model folder (default: the run's model.path)")
@@ -73,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="held-out reward accuracy, margin, log-probs and KL of a run")
     evaluate.add_argument("run", help="run folder, adapter folder, or checkpoint folder")
+    evaluate.add_argument(
+        "--checkpoint", help="a checkpoint of the run instead of its final adapter: best, latest or a step"
+    )
     evaluate.add_argument("--data", help="held-out pairs (default: the run's data.eval)")
     evaluate.add_argument("--batch-size", type=int, default=8, help="pairs per forward")
     evaluate.add_argument("--out", help="JSON report path (default: RUN/eval.json)")
@@ -80,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="sample policy and reference side by side, with rewards and KL")
     generate.add_argument("run", help="run folder, adapter folder, or checkpoint folder")
+    generate.add_argument(
+        "--checkpoint", help="a checkpoint of the run instead of its final adapter: best, latest or a step"
+    )
     generate.add_argument("--prompts", required=True, help=".txt (one prompt per line) or .jsonl with a 'prompt' field")
     generate.add_argument("--n", type=int, default=4, help="samples per prompt for each side")
     generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")

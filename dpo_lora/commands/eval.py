@@ -15,7 +15,7 @@ from dpo_lora.data.prepare import tokenized_split
 from dpo_lora.model import chunked_logps
 from dpo_lora.train.reference import with_reference_logps
 from dpo_lora.train.step import preference_step
-from dpo_lora.train.trained import load_trained
+from dpo_lora.train.trained import checkpoint_of, load_trained
 
 
 def pair_report(model, pairs, collate, dpo_config, batch_size: int) -> dict:
@@ -78,6 +78,7 @@ def evaluate_run(source: str, data: str | None = None, batch_size: int = 8, out:
 
 
 def run(args) -> int:
-    report = evaluate_run(args.run, data=args.data, batch_size=args.batch_size, out=args.out)
+    source = checkpoint_of(args.run, args.checkpoint) if args.checkpoint else args.run
+    report = evaluate_run(source, data=args.data, batch_size=args.batch_size, out=args.out)
     print(format_table(report))
     return 0

@@ -23,7 +23,7 @@ from dpo_lora.core.sizes import parse_size
 from dpo_lora.model.requantize import Requantizer
 from dpo_lora.model.verify import verify_export
 from dpo_lora.model.weight_files import ShardWriter, WeightFolder
-from dpo_lora.train.trained import lora_settings, resolve_adapter
+from dpo_lora.train.trained import checkpoint_of, lora_settings, resolve_adapter
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -137,10 +137,14 @@ def export_model(
     adapter_only: bool = False,
     overwrite: bool = False,
     push: str | None = None,
+    checkpoint: str | None = None,
 ) -> dict:
-    """Export a run/adapter/checkpoint to `out`; returns the export report (also in out/export_report.json)."""
+    """Export a run/adapter/checkpoint (or the run's `checkpoint`: best, latest, a step) to `out`;
+    returns the export report (also in out/export_report.json)."""
     import shutil
     import tempfile
+
+    source = checkpoint_of(source, checkpoint) if checkpoint else source
 
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()) and not overwrite:
@@ -185,7 +189,18 @@ def export_model(
     return report
 
 
-SPEC_KEYS = ("source", "out", "base", "dtype", "max_shard_size", "merge_into", "adapter_only", "overwrite", "push")
+SPEC_KEYS = (
+    "source",
+    "checkpoint",
+    "out",
+    "base",
+    "dtype",
+    "max_shard_size",
+    "merge_into",
+    "adapter_only",
+    "overwrite",
+    "push",
+)
 
 
 def read_spec(path: str) -> dict:

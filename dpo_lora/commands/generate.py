@@ -14,7 +14,7 @@ import torch
 from dpo_lora.core.errors import UserError
 from dpo_lora.model.load import POLICY_ADAPTER, REFERENCE_ADAPTER, reference_mode
 from dpo_lora.model.logprobs import IGNORE_INDEX, sequence_logps
-from dpo_lora.train.trained import load_trained
+from dpo_lora.train.trained import checkpoint_of, load_trained
 
 
 def read_prompts(path: str, tokenizer) -> list[tuple[str, str]]:
@@ -203,7 +203,7 @@ def side_by_side(result: dict, prompts: int = 3, width: int = 100) -> str:
 
 def run(args) -> int:
     result = generate_run(
-        args.run,
+        checkpoint_of(args.run, args.checkpoint) if args.checkpoint else args.run,
         args.prompts,
         n=args.n,
         temperature=args.temperature,

@@ -209,6 +209,12 @@ def validate(config: Config) -> None:
     layers = config.model.checkpoint_layers
     if layers not in ("all", "auto") and not (isinstance(layers, int) and layers >= 0):
         raise _refuse("model.checkpoint_layers", f"must be all, auto or a count >= 0; got {layers!r}")
+    if train.early_stopping_patience < 0:
+        raise _refuse("train.early_stopping_patience", "must be >= 0")
+    if train.early_stopping_patience and (train.best_metric == "none" or not train.eval_every):
+        raise _refuse(
+            "train.early_stopping_patience", "needs train.eval_every > 0 and a train.best_metric other than none"
+        )
     if not 0 <= train.seed < 2**32:
         raise _refuse("train.seed", "must be in [0, 2**32)")
     if not 0 <= train.cpu_mmap_threshold_mb <= 32:
@@ -225,6 +231,8 @@ RESUME_MAY_CHANGE = {
     "train.eval_batch_size",
     "train.save_every",
     "train.keep_checkpoints",
+    "train.best_metric",
+    "train.early_stopping_patience",
     "train.resume",
     "train.max_bad_steps",
     "train.cpu_mmap_threshold_mb",

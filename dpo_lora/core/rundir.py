@@ -8,6 +8,7 @@ the service read through it.
         checkpoints/step-00000010/
             COMPLETE         written last: a folder without it is never taken for a checkpoint
             adapter/         the adapter at that step
+        best.json            which complete checkpoint is the best by train.best_metric
         tensorboard/, plots/, data_report.json
 
 A failed command's last line on stderr is `error_line(message)`; a rank that dies or times out
@@ -17,6 +18,7 @@ says `dpo-lora: rank R of N ...`.
 from __future__ import annotations
 
 import enum
+import json
 from pathlib import Path
 
 CONFIG = "config.yaml"
@@ -26,6 +28,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 TENSORBOARD = "tensorboard"
+BEST = "best.json"  # {"step", "metric", "score"}: the best checkpoint by train.best_metric
 ERROR_PREFIX = "dpo-lora: error: "
 RANK_PREFIX = "dpo-lora: rank"
 
@@ -81,3 +84,20 @@ def has_adapter(folder: Path) -> bool:
 
 def error_line(message: str) -> str:
     return f"{ERROR_PREFIX}{message}"
+
+
+def write_best(run_dir: Path, step: int, metric: str, score: list[float]) -> None:
+    """Record checkpoint `step` as the best (written whole or not at all)."""
+    partial = Path(run_dir) / f".{BEST}.partial"
+    partial.write_text(json.dumps({"step": step, "metric": metric, "score": score}) + "\n")
+    partial.rename(Path(run_dir) / BEST)
+
+
+def best_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    """(step, folder) of the best complete checkpoint, or None where none was recorded."""
+    recorded = Path(run_dir) / BEST
+    if not recorded.is_file():
+        return None
+    step = json.loads(recorded.read_text())["step"]
+    folder = step_folder(run_dir, step)
+    return (step, folder) if (folder / COMPLETE).is_file() else None

@@ -178,6 +178,15 @@ class TrainConfig:
         0, "CPU runs: tensors of at least this many MB get their own pages (lower peak RSS, slower steps); 0 = off"
     )
     save_every: int = knob(0, "optimizer steps between checkpoints; 0 saves only at the end")
+    best_metric: str = knob(
+        "auto",
+        "held-out metric that picks the best checkpoint (saved at every eval that improves it, never pruned; "
+        "`export RUN --checkpoint best`): auto is reward accuracy, ties broken by margin; none turns it off",
+        ("auto", "eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "none"),
+    )
+    early_stopping_patience: int = knob(
+        0, "stop after this many evals without a better train.best_metric (0: never stop early)"
+    )
     keep_checkpoints: int = knob(2, "complete checkpoints kept (older ones are deleted); 0 keeps all")
     resume: str = knob(
         "never",

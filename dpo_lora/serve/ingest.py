@@ -49,13 +49,21 @@ def _add_checkpoint(store: Store, s, job: Job, step: int) -> None:
             metrics.update(
                 valid_loss=event.data["eval/loss"], valid_mean_reward_accuracy=event.data["eval/rewards/accuracies"]
             )
-    folder = rundir.step_folder(Path(job.directory) / "run", step)
+    run_dir = Path(job.directory) / "run"
+    best = rundir.best_checkpoint(run_dir)
+    if best is not None and best[0] == step:  # the run's best by train.best_metric: this one, no other
+        metrics["best"] = True
+        for other in s.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)):
+            other.metrics = {**other.metrics, "best": False}
+    folder = rundir.step_folder(run_dir, step)
     s.add(
         Checkpoint(
             id=new_id("ftckpt"), job_id=job.id, step_number=step, created_at=now(), metrics=metrics, path=str(folder)
         )
     )
-    store.add_event(s, job.id, f"Checkpoint created at step {step}")
+    store.add_event(
+        s, job.id, f"Checkpoint created at step {step}" + (" (the best so far)" if metrics.get("best") else "")
+    )
 
 
 def result_file(s, directory: Path) -> str:

@@ -25,7 +25,7 @@ from dpo_lora.core import rundir
 from dpo_lora.core.config import resume_differences
 from dpo_lora.core.distributed import barrier
 from dpo_lora.core.errors import UserError
-from dpo_lora.core.rundir import ADAPTER, CHECKPOINTS, COMPLETE, METRICS, TENSORBOARD, step_name
+from dpo_lora.core.rundir import ADAPTER, BEST, CHECKPOINTS, COMPLETE, METRICS, TENSORBOARD, step_name
 
 DEEPSPEED_TAG = "deepspeed"
 STATE_FILE = "trainer_state.json"
@@ -75,10 +75,19 @@ def _trainable_state_dict(module, **_ignored) -> dict:
 
 
 def save_checkpoint(
-    engine, output_dir: Path, step: int, trainer_state: dict, rank_state: dict, dist, keep: int, save_adapter=None
+    engine,
+    output_dir: Path,
+    step: int,
+    trainer_state: dict,
+    rank_state: dict,
+    dist,
+    keep: int,
+    save_adapter=None,
+    keep_step: int | None = None,
 ) -> Path:
     """Write a checkpoint for `step` on every rank; returns its final path (same on all ranks).
-    `save_adapter(folder)`, called on every rank, adds the step's PEFT adapter."""
+    `save_adapter(folder)`, called on every rank, adds the step's PEFT adapter. Only the newest
+    `keep` checkpoints stay (all for 0), and the one at `keep_step` (the best) besides."""
     root = Path(output_dir) / CHECKPOINTS
     final = root / step_name(step)
     tmp = root / f".tmp-{step_name(step)}"
@@ -97,8 +106,9 @@ def save_checkpoint(
         (tmp / COMPLETE).write_text(f"{step}\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        for old_step, old in rundir.checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            if old_step != keep_step:
+                shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
@@ -143,7 +153,7 @@ def load_checkpoint(engine, path: Path, rank: int) -> tuple[dict, dict]:
     return json.loads((path / STATE_FILE).read_text()), rank_state
 
 
-RUN_FILES = (METRICS, ADAPTER, CHECKPOINTS, TENSORBOARD)
+RUN_FILES = (METRICS, ADAPTER, CHECKPOINTS, TENSORBOARD, BEST)
 
 
 def resume_point(config, output_dir: Path, world_size: int) -> Path | None:

@@ -20,6 +20,7 @@ from dpo_lora.core.distributed import all_reduce_sum, any_rank, barrier, gather_
 from dpo_lora.core.errors import UserError
 from dpo_lora.core.rundir import RowKind
 from dpo_lora.core.schema import Config
+from dpo_lora.train import best
 from dpo_lora.train.checkpoints import save_checkpoint
 from dpo_lora.train.evaluation import EvalShard, to_device  # noqa: F401  (EvalShard: part of this module's API)
 from dpo_lora.train.guards import LOSS_SCALE_OVERFLOW, NumericGuard, StopRequest
@@ -56,13 +57,25 @@ def train(config: Config) -> dict:
             window_start = log_window(run, step, lr, window_start, progress)
         progress.update(1)
 
+        improved = early_stop = False
         if run.eval_loader is not None and (last or (train_cfg.eval_every and step % train_cfg.eval_every == 0)):
-            run.results["after" if last else "latest"] = metrics = run.evaluate()
+            metrics = run.evaluate()
+            if run.best is not None:
+                improved = run.best.observe(step, metrics)
+                early_stop = run.best.out_of_patience(train_cfg.early_stopping_patience) and not last
+            run.results["after" if last or early_stop else "latest"] = metrics
             run.log(RowKind.EVAL, {"step": step, "epoch": run.epoch(), **metrics})
             window_start = time.perf_counter()
         stopped = stop.agreed()
-        if stopped or last or (train_cfg.save_every and step % train_cfg.save_every == 0):
-            path = save(run, step)
+        if stopped or last or improved or early_stop or (train_cfg.save_every and step % train_cfg.save_every == 0):
+            path = save(run, step, is_best=improved)
+        if early_stop:
+            if run.dist.is_main:
+                print(
+                    f"\ndpo-lora: early stop at step {step}: {best.describe(train_cfg.best_metric)} has not improved for "
+                    f"{run.best.evals_since} evals (train.early_stopping_patience); best: step {run.best.step}"
+                )
+            break
         if stopped:
             if run.dist.is_main:
                 print(f"\ndpo-lora: stopped at step {step}; checkpoint {path}; continue with --resume")
@@ -123,8 +136,9 @@ def log_window(run: Run, step: int, lr: float, window_start: float, progress) ->
     return time.perf_counter()
 
 
-def save(run: Run, step: int) -> Path:
-    """A checkpoint of everything an exact resume needs, with the step's adapter; every rank calls it."""
+def save(run: Run, step: int, is_best: bool = False) -> Path:
+    """A checkpoint of everything an exact resume needs, with the step's adapter; every rank calls it.
+    `is_best`: recorded as the best checkpoint (before its row, which is what readers watch)."""
     trainer_state = {
         "step": step,
         "position": run.batches.position,
@@ -133,6 +147,7 @@ def save(run: Run, step: int) -> Path:
         "results": run.results,
         "config": to_dict(run.config),
         "world_size": run.dist.world_size,
+        "best": run.best.state() if run.best is not None else None,
     }
     path = save_checkpoint(
         run.engine,
@@ -143,7 +158,10 @@ def save(run: Run, step: int) -> Path:
         run.dist,
         run.config.train.keep_checkpoints,
         run.save_adapter,
+        keep_step=run.best.step if run.best is not None else None,
     )
+    if is_best and run.dist.is_main:
+        rundir.write_best(run.output_dir, step, run.best.metric, run.best.score)
     run.log(RowKind.CHECKPOINT, {"step": step, "checkpoint": str(path)})
     return path
 

@@ -26,6 +26,7 @@ from dpo_lora.data.layout import batch_layout
 from dpo_lora.data.prepare import prepare_splits
 from dpo_lora.model import chunked_logps, fitting
 from dpo_lora.model.load import attach_adapter, load_base, load_tokenizer
+from dpo_lora.train.best import BestTracker
 from dpo_lora.train.checkpoints import clear_run, load_checkpoint, resume_point
 from dpo_lora.train.evaluation import EvalShard, evaluate
 from dpo_lora.train.guards import NumericGuard, SkippableAdamW
@@ -50,6 +51,7 @@ class Run:
     writer: MetricsWriter | None  # rank 0 only
     window: MetricWindow = field(default_factory=MetricWindow)
     guard: NumericGuard | None = None
+    best: BestTracker | None = None  # with held-out pairs and a train.best_metric
     results: dict = field(default_factory=dict)  # eval metrics: before, latest, after
     reward_sums: list = field(default_factory=lambda: [0.0, 0.0])  # all rewards so far: bco_pair's baseline
     start_step: int = 0
@@ -155,6 +157,9 @@ def setup_run(config: Config) -> Run:
         writer=MetricsWriter(output_dir) if dist.is_main else None,
         guard=NumericGuard(train_cfg.max_bad_steps),
         window=MetricWindow(pair_metrics(config.dpo)),
+        best=BestTracker(train_cfg.best_metric)
+        if eval_loader is not None and train_cfg.best_metric != "none"
+        else None,
     )
     _resume_or_begin(run, resume_from)
     return run
@@ -180,6 +185,8 @@ def _resume_or_begin(run: Run, resume_from: Path | None) -> None:
         state, rank_state = load_checkpoint(run.engine, resume_from, run.dist.rank)
         run.start_step, run.batches.position, run.reward_sums = state["step"], state["position"], state["reward_sums"]
         run.guard.bad_in_row, run.results = state["bad_in_row"], state["results"]
+        if run.best is not None and state.get("best"):  # checkpoints from before best_metric hold none
+            run.best = BestTracker.from_state({**state["best"], "metric": run.best.metric})
         run.window.load_state(rank_state["window"])
         if run.writer is not None:
             run.writer.truncate_after(run.start_step)

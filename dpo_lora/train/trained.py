@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_lora.core import rundir
 from dpo_lora.core.config import load_config
 from dpo_lora.core.errors import UserError
 from dpo_lora.core.schema import Config
@@ -86,6 +87,24 @@ def write_adapter(adapter: dict[str, torch.Tensor], config: Config, folder: Path
         {k: v.contiguous() for k, v in adapter.items()}, str(folder / "adapter_model.safetensors"), {"format": "pt"}
     )
     return folder
+
+
+def checkpoint_of(run_dir: str, which: str) -> str:
+    """The folder of a run's checkpoint `which`: best (by train.best_metric), latest, or a step number."""
+    found = dict(rundir.checkpoints(Path(run_dir)))
+    if not found and not (Path(run_dir) / rundir.CONFIG).is_file():
+        raise UserError(f"--checkpoint: {run_dir} is not a run folder")
+    if which == "best":
+        best = rundir.best_checkpoint(Path(run_dir))
+        if best is None:
+            raise UserError(f"--checkpoint best: {run_dir} recorded no best checkpoint (it needs held-out evals)")
+        return str(best[1])
+    if which == "latest" and found:
+        return str(found[max(found)])
+    if which.isdigit() and int(which) in found:
+        return str(found[int(which)])
+    steps = ", ".join(map(str, sorted(found))) or "none"
+    raise UserError(f"--checkpoint {which}: not best, latest or a complete checkpoint's step of {run_dir} ({steps})")
 
 
 def resolve_adapter(source: str, scratch: Path) -> tuple[Path, Config | None]:
