@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one torch thread each (and in the processes they start). Two
+    # threads each would put four spinning OpenMP threads on two cores, which slowed a SmolLM2
+    # job ~6x when the other worker was computing too.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "DPO_LORA_CACHE" not in os.environ:  # tests (and the processes they start) tokenize into their own cache
     import tempfile
 
@@ -190,6 +195,7 @@ LONGEST_FIRST = (
     "slurm",
     "tests/commands/test_integration_smollm2.py",
     "tests/train/test_parity.py",
+    "tests/commands/test_methods_smollm2.py",
 )
 
 

@@ -148,14 +148,14 @@ def test_a_dead_rank_ends_the_whole_job_quickly_and_is_named(tiny_model_dir, tmp
     config = write_config(tiny_model_dir, tmp_path / "run", "train.max_steps=200")
     command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29680 + len(mode))]
     command += ["--module", "tests.core.fault_rank", "train", config]
-    started = time.monotonic()
-    result = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=300, env=venv_env(DPO_LORA_FAULT=f"{mode}:1:3")
-    )
-    elapsed = time.monotonic() - started
+    stamp = tmp_path / "fault-time"
+    env = venv_env(DPO_LORA_FAULT=f"{mode}:1:3", DPO_LORA_FAULT_STAMP=str(stamp))
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    # Timed from the fault, not the launch: start-up varies with the machine's load (20-100 s seen).
+    elapsed = time.time() - float(stamp.read_text())
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert elapsed < 120, f"took {elapsed:.0f} s: a rank hung after its peer died"  # startup ~20 s; hangs are 30 min
+    assert elapsed < 60, f"took {elapsed:.0f} s after the fault: a rank hung after its peer died"  # hangs are 30 min
     assert "dpo-lora: rank 0 of 2: lost contact with another rank" in output, output[-3000:]
     if mode == "kill":
         assert "--local_rank=1" in output and "exits with return code = -9" in output, output[-3000:]
