@@ -30,7 +30,13 @@ def test_each_method_trains_two_steps_from_the_cli(method, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "dpo_lora", "train", "configs/demo.yaml", f"output_dir={out}"]
     command += [f"model.path={fetch_default_model(MODEL_DIR)}", f"data.train={SENTIMENT_TRAIN}", "data.eval=null"]
-    command += ["data.max_length=96", "train.max_steps=2", "train.micro_batch_size=4", "train.log_every=1"]
+    command += [
+        "data.max_length=96",
+        "data.max_prompt_length=72",
+        "train.max_steps=2",
+        "train.micro_batch_size=4",
+        "train.log_every=1",
+    ]
     result = subprocess.run(command + METHODS[method], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -71,7 +71,7 @@ def test_a_dpo_job_on_smollm2_from_upload_to_a_peft_adapter_and_an_export(server
     assert checkpoints[0].metrics.valid_loss is not None
     assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-4"
     # The one eval after step 0 is step 4's: the best checkpoint by held-out reward accuracy.
-    assert [getattr(c.metrics, "best", None) for c in checkpoints] == [True, None]
+    assert [getattr(c.metrics, "best", None) for c in checkpoints] == [True, False]
 
     (result_id,) = job.result_files
     table = list(csv.DictReader(io.StringIO(client.files.content(result_id).text)))

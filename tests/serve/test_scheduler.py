@@ -102,10 +102,13 @@ def test_a_server_killed_mid_job_finds_it_again_and_it_finishes_with_the_same_ad
     adopted = create(client, file_id)
     wait_for_event(client, adopted.id, "Checkpoint created at step 2")
     (job_pid,) = server.job_pids()
+    os.killpg(job_pid, signal.SIGSTOP)  # held mid-run, so it cannot finish while no server watches
     server.kill9()
     os.kill(job_pid, 0)  # the job's process group outlived the server
     server.start()
     client = server.client()
+    wait_for_event(client, adopted.id, "Server restarted: the job's process is alive and was re-adopted")
+    os.killpg(job_pid, signal.SIGCONT)
     assert wait_for_status(client, adopted.id, ("succeeded",)).status == "succeeded"
     assert any("re-adopted" in e.message for e in all_events(client, adopted.id))
     assert_same_adapter(final_adapter(client, adopted.id), expected)
@@ -114,6 +117,7 @@ def test_a_server_killed_mid_job_finds_it_again_and_it_finishes_with_the_same_ad
     resumed = create(client, file_id)
     wait_for_event(client, resumed.id, "Checkpoint created at step 2")
     (job_pid,) = server.job_pids()
+    os.killpg(job_pid, signal.SIGSTOP)  # mid-run when it dies, whatever the machine's speed
     server.kill9()
     os.killpg(job_pid, signal.SIGKILL)
     server.start()
