@@ -42,8 +42,10 @@ def test_the_best_checkpoint_is_recorded_kept_past_keep_checkpoints_and_found_by
     out = tmp_path / "run"
     run = ["train.max_steps=6", "train.eval_every=1", "train.keep_checkpoints=1", "train.micro_batch_size=4"]
     train(tiny_config(tiny_model_dir, out, *run, "train.lr=2e-2"))
-    scored = [(row["eval/rewards/accuracies"], row["eval/rewards/margins"], -row["step"], row["step"])
-              for row in read_metrics(out) if row["kind"] == "eval" and row["step"] > 0]  # fmt: skip
+    eval_rows = [row for row in read_metrics(out) if row["kind"] == "eval" and row["step"] > 0]
+    scored = [
+        (row["eval/rewards/accuracies"], row["eval/rewards/margins"], -row["step"], row["step"]) for row in eval_rows
+    ]
     expected = max(scored)[3]  # best accuracy, then margin, then the earliest
     recorded = json.loads((out / rundir.BEST).read_text())
     assert recorded["step"] == expected and recorded["metric"] == "auto"
