@@ -185,7 +185,7 @@ def validate(config: Config) -> None:
         raise _refuse("dpo.beta", "must be > 0")
     if not 0.0 <= dpo.label_smoothing < 0.5:
         raise _refuse("dpo.label_smoothing", "must be in [0, 0.5)")
-    names = [dpo.loss] if isinstance(dpo.loss, str) else dpo.loss
+    names = dpo.names
     if len(set(names)) < len(names):
         raise _refuse("dpo.loss", f"names a term twice: {names}")
     if "bco_pair" in names[1:]:  # its reward baseline follows the run's rewards: the first term's

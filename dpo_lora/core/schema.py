@@ -126,10 +126,14 @@ class DpoConfig:
     )
 
     @property
+    def names(self) -> list[str]:
+        """The names of dpo.loss's terms, in order."""
+        return [self.loss] if isinstance(self.loss, str) else list(self.loss)
+
+    @property
     def terms(self) -> list[tuple[str, float]]:
         """(loss name, weight) for each term of dpo.loss, in order."""
-        names = [self.loss] if isinstance(self.loss, str) else list(self.loss)
-        return list(zip(names, self.loss_weights or [1.0] * len(names), strict=True))
+        return list(zip(self.names, self.loss_weights or [1.0] * len(self.names), strict=True))
 
     @property
     def uses_reference(self) -> bool:

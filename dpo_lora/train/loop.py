@@ -75,6 +75,7 @@ def train(config: Config) -> dict:
                     f"\ndpo-lora: early stop at step {step}: {best.describe(train_cfg.best_metric)} has not improved for "
                     f"{run.best.evals_since} evals (train.early_stopping_patience); best: step {run.best.step}"
                 )
+            stopped = False  # the run is over, even if a signal came at this step too: write its adapter
             break
         if stopped:
             if run.dist.is_main:
