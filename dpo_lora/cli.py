@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also plan at data.train's longest pair (tokenizes it) besides the worst case",
     )
+    plan.add_argument(
+        "--time",
+        action="store_true",
+        help="also quote steps, trained tokens and time on this machine's device (tokenizes data.train)",
+    )
     plan.set_defaults(handler="dpo_lora.commands.plan:run")
 
     export = commands.add_parser("export", help="merge the adapter into its base and write a standalone model folder")
@@ -110,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to bind")
     serve.add_argument("--gpus", default="all", help="GPUs jobs may use: all, or indices like 0,1")
     serve.add_argument("--cpu-slots", type=int, default=1, help="without GPUs: CPU ranks that may run at once")
+    serve.add_argument(
+        "--device-memory",
+        help="memory of one device that a job's plan must fit, e.g. 24GiB (default: the GPUs' free memory at "
+        "start; on CPU slots and SLURM unchecked)",
+    )
     serve.add_argument("--models", nargs="+", default=["models"], help="base model folders (or folders of them)")
     serve.add_argument("--config", help="base YAML config of every job (default: dpo-lora's defaults)")
     serve.add_argument("--db", help="SQLAlchemy URL of the job store (default: SQLite in --state-dir)")

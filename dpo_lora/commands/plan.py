@@ -1,4 +1,5 @@
-"""`dpo-lora plan [CONFIG]`: the per-rank device memory of a run, what fits, and advice."""
+"""`dpo-lora plan [CONFIG]`: the per-rank device memory of a run, what fits, and advice; with
+`--time`, the quote's steps, tokens and time (dpo_lora.model.quote, which the service shares)."""
 
 from __future__ import annotations
 
@@ -7,38 +8,31 @@ from dataclasses import replace
 
 from dpo_lora.core.config import load_config
 from dpo_lora.core.sizes import parse_size
-from dpo_lora.model.fitting import checkpointing_hint, fewest_fitting, largest_fitting, recommendation
+from dpo_lora.model.fitting import largest_fitting
 from dpo_lora.model.memory_plan import data_lengths, plan
+from dpo_lora.model.quote import quote
 
 
 def run(args) -> int:
     config = load_config(args.config, args.overrides)
     budget = parse_size(args.gpu_memory, flag="--gpu-memory")
-    auto = None
-    if config.model.gradient_checkpointing and config.model.checkpoint_layers == "auto":  # what a run would pick
-        auto = fewest_fitting(config, budget, args.gpus)
-        config = replace(config, model=replace(config.model, checkpoint_layers=auto[0]))
+    quoted = quote(config, budget, world_size=args.gpus, device=_device() if args.time else None, with_data=args.time)
+    auto = config.model.gradient_checkpointing and config.model.checkpoint_layers == "auto"
+    if auto:  # what a run would pick: the quote's count
+        config = replace(config, model=replace(config.model, checkpoint_layers=quoted["checkpoint_layers"]))
     planned = plan(config, world_size=args.gpus)
     at_data = plan(config, world_size=args.gpus, lengths=data_lengths(config)) if args.data else None
-    fits = planned.total_bytes <= budget
     largest = {key: largest_fitting(config, planned, budget, key) for key in ("micro_batch_size", "max_length")}
-    if not fits:
-        advice = recommendation(config, planned, budget)
-    else:  # auto's count is already the fewest that fit
-        advice = None if auto else checkpointing_hint(config, planned, budget, args.gpus)
     if args.json:
         print(
             json.dumps(
                 {
                     "total_bytes": planned.total_bytes,
-                    "fits": fits,
                     "gpu_memory_bytes": budget,
-                    "components": planned.components,
+                    **quoted,
                     "largest_micro_batch_size": largest["micro_batch_size"],
                     "largest_max_length": largest["max_length"],
-                    "recommendation": advice,
                     "data_total_bytes": at_data and at_data.total_bytes,
-                    "checkpoint_layers": config.model.checkpoint_layers,
                 },
                 indent=2,
             )
@@ -50,7 +44,7 @@ def run(args) -> int:
     )
     for name, size in planned.components.items():
         print(f"  {name:<52}{size / 2**30:>9.2f} GiB")
-    verdict = "fits" if fits else "does NOT fit"
+    verdict = "fits" if quoted["fits"] else "does NOT fit"
     print(f"  {'total':<52}{planned.total_bytes / 2**30:>9.2f} GiB  ({verdict} {budget / 2**30:.1f} GiB)")
     print(
         f"largest train.micro_batch_size that fits: {largest['micro_batch_size']} (at data.max_length="
@@ -58,13 +52,32 @@ def run(args) -> int:
         f"{config.train.micro_batch_size})"
     )
     if auto:
-        print(f"model.checkpoint_layers=auto: {auto[0]} of {auto[2]} layers checkpointed (the fewest that fit)")
+        print(f"model.checkpoint_layers=auto: {quoted['checkpoint_layers']} layers checkpointed (the fewest that fit)")
     if at_data:
         print(
             f"at {config.data.train}'s longest pair ({at_data.rows} row(s) x {at_data.tokens_per_row} tokens): "
             f"{at_data.total_bytes / 2**30:.2f} GiB (activations "
             f"{(at_data.total_bytes - planned.total_bytes) / 2**30:+.2f} GiB against the worst case)"
         )
-    if advice:
-        print(f"recommendation: {advice}")
+    if quoted["recommendation"]:
+        print(f"recommendation: {quoted['recommendation']}")
+    if args.time:
+        print(
+            f"time on {quoted['device']}: {quoted['total_steps']} steps, "
+            f"{quoted['trained_tokens']:,} tokens, about {_duration(quoted['estimated_seconds'])} "
+            f"({quoted['device_hours']:.3f} device-hours; {quoted['step_flops'] / 1e12:.2f} TFLOP a step at "
+            f"{quoted['efficiency']:.0%} of {quoted['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)"
+        )
     return 0
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from dpo_lora.core.errors import ConfigError, UserError
-from dpo_lora.core.schema import SMOOTHED_LOSSES, Config
+from dpo_lora.core.schema import SMOOTHED_LOSSES, Config, MonitorConfig
 
 _NOT = object()  # a value that is not of a type
 
@@ -219,7 +219,23 @@ def validate(config: Config) -> None:
         raise _refuse("train.seed", "must be in [0, 2**32)")
     if not 0 <= train.cpu_mmap_threshold_mb <= 32:
         raise _refuse("train.cpu_mmap_threshold_mb", "must be in [0, 32] (glibc's limit)")
+    _validate_monitor(config.monitor)
 
+
+def _validate_monitor(monitor) -> None:
+    for key in ("window_pairs", "saturation_evals"):
+        if getattr(monitor, key) < 1:
+            raise _refuse(f"monitor.{key}", "must be >= 1")
+    for key in ("displacement_nats_per_token", "kl_nats_per_token", "grad_norm_spike"):
+        if getattr(monitor, key) <= 0:
+            raise _refuse(f"monitor.{key}", "must be > 0")
+    if not 0 < monitor.saturation_accuracy <= 1:
+        raise _refuse("monitor.saturation_accuracy", "must be in (0, 1]")
+    if not 0 < monitor.length_correlation < 1:
+        raise _refuse("monitor.length_correlation", "must be in (0, 1)")
+
+
+MONITOR_KEYS = tuple(f.name for f in dataclasses.fields(MonitorConfig))
 
 # Keys that may change between a run and its resume: they do not change what is trained.
 RESUME_MAY_CHANGE = {
@@ -239,6 +255,7 @@ RESUME_MAY_CHANGE = {
     "model.recompute_attention",
     "model.checkpoint_layers",  # the same gradients, bit for bit (tests/model/test_grad_checkpointing.py)
     "train.collective_timeout_s",
+    *(f"monitor.{name}" for name in MONITOR_KEYS),  # warnings only
 }
 
 

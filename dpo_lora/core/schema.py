@@ -201,12 +201,41 @@ class TrainConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """What dpo_lora.train.monitors watches for; each warning is a `health` row and a console line."""
+
+    enabled: bool = knob(True, "watch the run's DPO health and warn (the run goes on either way)")
+    window_pairs: int = knob(
+        64, "training pairs (the newest logged rows that hold them) that saturation and length exploitation average"
+    )
+    displacement_nats_per_token: float = knob(
+        0.01,
+        "likelihood displacement: warn when the chosen completions' log-probs fall this far below the reference's "
+        "(per token) while the margin grows",
+    )
+    kl_nats_per_token: float = knob(
+        0.02, "KL growth: warn when the mean chosen log-ratio to the reference exceeds this (either sign, per token)"
+    )
+    saturation_accuracy: float = knob(
+        0.98, "saturation: train reward accuracy at or above this over the window while held-out accuracy stalls"
+    )
+    saturation_evals: int = knob(2, "saturation: evals without a better held-out reward accuracy")
+    length_correlation: float = knob(
+        0.5, "length exploitation: warn when margin and chosen-minus-rejected length correlate above this"
+    )
+    grad_norm_spike: float = knob(
+        10.0, "warn when a window's gradient norm exceeds this multiple of the median of earlier windows"
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     deepspeed: str = knob(
         "deepspeed_configs/zero2.json", 'DeepSpeed JSON; values set to "auto" are filled from this config'
     )

@@ -66,17 +66,38 @@ class RowLengths:
         return cls(shared_row=2 * max_length, unshared_row=max_length, completion=max_length - 1)
 
 
-def data_lengths(config) -> RowLengths:
-    """The longest pair of `data.train`, tokenized and truncated as training does (its cache too)."""
+@dataclass(frozen=True)
+class TokenCounts:
+    """What a training set's tokenized pairs count (truncated as training does)."""
+
+    longest: RowLengths  # the longest pair: what sizes a micro-batch
+    pairs: int
+    mean_tokens: float  # per pair as a step runs it: the prompt once when shared, else twice
+    mean_completion: float  # chosen + rejected tokens per pair (the positions scored)
+
+
+def data_token_counts(config) -> TokenCounts:
+    """`data.train`'s token counts, tokenized and truncated as training does (its cache too)."""
 
     dataset, _ = tokenized_split(config.data.train, load_tokenizer(config.model), config.data)
     columns = [dataset[name] for name in ("prompt_ids", "chosen_ids", "rejected_ids")]
     lengths = [(len(p), len(c), len(r)) for p, c, r in zip(*columns, strict=True)]
-    return RowLengths(
-        shared_row=max(p + c + r for p, c, r in lengths),
-        unshared_row=max(p + max(c, r) for p, c, r in lengths),
-        completion=max(max(c, r) for _, c, r in lengths),
+    prompt_copies = 1 if config.train.share_prompt else 2
+    return TokenCounts(
+        longest=RowLengths(
+            shared_row=max(p + c + r for p, c, r in lengths),
+            unshared_row=max(p + max(c, r) for p, c, r in lengths),
+            completion=max(max(c, r) for _, c, r in lengths),
+        ),
+        pairs=len(lengths),
+        mean_tokens=sum(prompt_copies * p + c + r for p, c, r in lengths) / len(lengths),
+        mean_completion=sum(c + r for _, c, r in lengths) / len(lengths),
     )
+
+
+def data_lengths(config) -> RowLengths:
+    """The longest pair of `data.train`, tokenized and truncated as training does (its cache too)."""
+    return data_token_counts(config).longest
 
 
 def quantized_bytes(numel: int, out_features: int, quantization: str) -> int:

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from dpo_lora.serve import dashboard, extensions_api, files_api, jobs_api
+from dpo_lora.serve import admission, dashboard, extensions_api, files_api, jobs_api
 from dpo_lora.serve.guard import Guard, Limits
 from dpo_lora.serve.state import ServerState
 from dpo_lora.serve.store import now
@@ -24,7 +24,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="dpo-lora", docs_url=None, redoc_url=None)
     app.state.server = state
     app.add_middleware(Guard, limits=Limits(state.api_key, state.host, state.port, state.max_upload))
-    for router in (files_api.router, jobs_api.router, extensions_api.router, dashboard.api):
+    for router in (files_api.router, jobs_api.router, admission.router, extensions_api.router, dashboard.api):
         app.include_router(router, prefix="/v1")
     app.include_router(dashboard.page)
 

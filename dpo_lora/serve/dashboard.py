@@ -8,7 +8,6 @@ under the server's auth, with the token typed into the page (kept in the browser
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -24,40 +23,11 @@ from dpo_lora.train.plots import CHARTS, chart_svg
 
 PAGE = Path(__file__).with_name("dashboard.html")
 MAX_ROWS = 1000  # jobs one dashboard request may list
-TAIL_BYTES = 64 * 1024  # the newest training row is read from the end of metrics.jsonl
-
-
-def newest_training_row(metrics_file: Path) -> dict | None:
-    """The last row with a training loss, read from the file's tail (the file may be large)."""
-    try:
-        with open(metrics_file, "rb") as handle:
-            handle.seek(max(handle.seek(0, 2) - TAIL_BYTES, 0))
-            lines = handle.read().splitlines()
-    except FileNotFoundError:
-        return None
-    for line in reversed(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the row being written, or a partial first line of the tail
-        if row_kind(row) == RowKind.TRAIN:
-            return row
-    return None
 
 
 def progress(job: Job) -> dict | None:
-    """{step, total_steps, pairs_per_s, eta_seconds} of a job's run, from its newest metrics row."""
-    row = newest_training_row(Path(job.directory) / "run" / rundir.METRICS)
-    if row is None or "total_steps" not in row:
-        return None
-    remaining_pairs = (row["total_steps"] - row["step"]) * row["global_batch"]
-    running = job.status == "running" and row["pairs_per_s"] > 0
-    return {
-        "step": row["step"],
-        "total_steps": row["total_steps"],
-        "pairs_per_s": row["pairs_per_s"],
-        "eta_seconds": round(remaining_pairs / row["pairs_per_s"]) if running else None,
-    }
+    """{step, total_steps, pairs_per_s, eta_seconds, estimated_finish} of a job's run (runfiles.progress)."""
+    return runfiles.progress(Path(job.directory) / "run", running=job.status == "running")
 
 
 page = APIRouter()  # GET /, outside /v1

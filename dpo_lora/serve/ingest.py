@@ -1,6 +1,7 @@
-"""What a run wrote, turned into the store's rows: its new metrics rows become events, its
-checkpoints become checkpoint objects and its tokens the job's count; at the end, its metrics
-become the job's result file. The scheduler calls it for the jobs it runs."""
+"""What a run wrote, turned into the store's rows: its new metrics rows become events (its health
+warnings `warn`-level ones), its checkpoints become checkpoint objects and its tokens the job's
+count; at the end, its metrics become the job's result file. The scheduler calls it for the jobs
+it runs."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from sqlalchemy import select
 
 from dpo_lora.core import rundir
 from dpo_lora.core.rundir import RowKind, row_kind
-from dpo_lora.serve import runfiles
+from dpo_lora.serve import runfiles, wire
 from dpo_lora.serve.store import Checkpoint, Event, File, Job, Store, new_id, now
+
+BEST_CHECKPOINT_KEY = "dpo_lora_best_checkpoint"  # in the job's metadata: the best checkpoint's model id
 
 
 def new_rows(store: Store, s, job: Job) -> None:
@@ -38,6 +41,8 @@ def new_rows(store: Store, s, job: Job) -> None:
         elif kind == RowKind.SKIPPED and step > job.last_step:
             job.last_step = step
             store.add_event(s, job.id, f"Step {step} skipped: {row['skipped']}", level="warn")
+        elif kind == RowKind.HEALTH and not _has_message(s, job.id, row["message"]):  # again after a resume
+            store.add_event(s, job.id, row["message"], level="warn")
 
 
 def _add_checkpoint(store: Store, s, job: Job, step: int) -> None:
@@ -55,6 +60,9 @@ def _add_checkpoint(store: Store, s, job: Job, step: int) -> None:
         metrics["best"] = True
         for other in s.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)):
             other.metrics = {**other.metrics, "best": False}
+        # fine_tuned_model stays the final adapter; the metadata names the best checkpoint's model
+        model = f"{job.fine_tuned_model or wire.fine_tuned_name(job)}:ckpt-step-{step}"
+        job.job_metadata = {**(job.job_metadata or {}), BEST_CHECKPOINT_KEY: model}
     folder = rundir.step_folder(run_dir, step)
     s.add(
         Checkpoint(
@@ -88,6 +96,10 @@ def result_file(s, directory: Path) -> str:
 def _metrics_events(job_id: str):
     """The job's newest metrics events (where a checkpoint's and an eval's rows are looked up)."""
     return select(Event).where(Event.job_id == job_id, Event.type == "metrics").order_by(Event.seq.desc()).limit(50)
+
+
+def _has_message(s, job_id: str, message: str) -> bool:
+    return s.scalar(select(Event.id).where(Event.job_id == job_id, Event.message == message).limit(1)) is not None
 
 
 def _has_eval_event(s, job_id: str, step: int) -> bool:

@@ -12,8 +12,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.exc import IntegrityError
 
 from dpo_lora.core.config import dump_yaml
-from dpo_lora.serve import lifecycle, wire
-from dpo_lora.serve.jobspec import SpecError, build_spec
+from dpo_lora.serve import admission, lifecycle, wire
 from dpo_lora.serve.state import ServerState, State, job_or_404, or_404, page_limit
 from dpo_lora.serve.status import FINAL, JobStatus
 from dpo_lora.serve.store import Checkpoint, Event, Export, IdempotencyKey, Job, new_id, now
@@ -166,45 +165,14 @@ def _replayed(state: ServerState, key: str, request_hash: str) -> dict | None:
 
 
 def _new_job(state: ServerState, body: wire.JobCreate) -> Job:
-
-    if body.method is not None and body.method.type != "dpo":
-        raise ApiError(400, f"method '{body.method.type}' is not supported; this server trains DPO", param="method")
-    if body.integrations:
-        raise ApiError(400, "integrations are not supported; metrics are in the job's events", param="integrations")
-    if body.model not in state.models:
-        known = ", ".join(sorted(state.models)) or "none (start the server with --models DIR)"
-        raise ApiError(400, f"model '{body.model}' is not one this server trains (known: {known})", param="model")
-    with state.store.session() as s:
-        for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
-            file = s.get(StoredFile, file_id) if file_id is not None else None
-            if file_id is not None and file is None:
-                raise ApiError(400, f"invalid {param}: no file '{file_id}'", param=param)
-            if file is not None and file.purpose != "fine-tune":
-                raise ApiError(
-                    400, f"invalid {param}: file '{file_id}' has purpose '{file.purpose}', not fine-tune", param=param
-                )
-    hyperparameters = body.method.dpo.hyperparameters if body.method and body.method.dpo else body.hyperparameters
     job_id = new_id("ftjob")
     directory = state.state_dir / "jobs" / job_id
-    try:
-        spec = build_spec(
-            state.base_config,
-            state.models[body.model],
-            str(directory / "train.jsonl"),
-            str(directory / "eval.jsonl") if body.validation_file else None,
-            str(directory / "run"),
-            str(directory / "deepspeed.json"),
-            hyperparameters.model_dump(exclude_none=True) if hyperparameters else {},
-            body.dpo_lora,
-            body.seed,
-            state.devices,
-        )
-    except SpecError as err:
-        raise ApiError(400, str(err), param=err.param, code="invalid_config") from None
+    spec = admission.request_spec(state, body, directory)
     directory.mkdir(parents=True)
     try:  # the job's folder holds everything its run reads besides the base model
         (directory / "deepspeed.json").write_text(json.dumps(spec.deepspeed, indent=2))
         (directory / "config.yaml").write_text(dump_yaml(spec.config))
+        admission.admit(state, body.model, spec)  # its plan reads the DeepSpeed JSON
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise

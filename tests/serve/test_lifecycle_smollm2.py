@@ -16,20 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from ..conftest import REPO
-from .conftest import all_events, openai_rows, wait_for_status, write_jsonl
+from .conftest import MODEL_DIR, all_events, openai_rows, wait_for_status, write_jsonl
 
 pytestmark = pytest.mark.slow
-MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
-
-
-@pytest.fixture(scope="module")
-def smollm2_models(tmp_path_factory):
-    from dpo_lora.commands.fetch import fetch_default_model
-
-    fetch_default_model(MODEL_DIR)
-    models = tmp_path_factory.mktemp("models")
-    (models / "SmolLM2-135M-Instruct").symlink_to(MODEL_DIR)
-    return models
 
 
 def test_a_dpo_job_on_smollm2_from_upload_to_a_peft_adapter_and_an_export(servers, smollm2_models, tmp_path):
@@ -43,35 +32,62 @@ def test_a_dpo_job_on_smollm2_from_upload_to_a_peft_adapter_and_an_export(server
     eval_file = client.files.create(file=held_out.open("rb"), purpose="fine-tune")
     assert (train_file.status, eval_file.status) == ("processed", "processed")
 
-    job = client.fine_tuning.jobs.create(
-        model="SmolLM2-135M-Instruct", training_file=train_file.id, validation_file=eval_file.id, suffix="sentiment",
-        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "batch_size": 4, "learning_rate_multiplier": 2}}},
-        extra_body={"dpo_lora": {"lora": {"r": 8}, "data.max_length": 96, "data.max_prompt_length": 72,
-                                 "train": {"max_steps": 4, "save_every": 2, "log_every": 1, "eval_batch_size": 4}}},
-    )  # fmt: skip
-    job = wait_for_status(client, job.id, ("succeeded",), timeout=600)
+    request = dict(
+        model="SmolLM2-135M-Instruct",
+        training_file=train_file.id,
+        validation_file=eval_file.id,
+        suffix="sentiment",
+        method={
+            "type": "dpo",
+            "dpo": {"hyperparameters": {"beta": 0.1, "batch_size": 4, "learning_rate_multiplier": 10 / 7}},
+        },
+    )
+    extra = {
+        "dpo_lora": {
+            "lora": {"r": 8},
+            "data.max_length": 96,
+            "data.max_prompt_length": 72,
+            "train": {"max_steps": 8, "save_every": 4, "log_every": 1, "eval_batch_size": 4},
+        }
+    }
+    quote = client.post("/fine_tuning/quotes", cast_to=object, body={**request, **extra})  # the same body as a create
+    assert quote["fits"] is None and quote["device_bytes"] is None  # a CPU server without --device-memory
+    job = client.fine_tuning.jobs.create(**request, extra_body=extra)
+    seen = []
+    job = wait_for_status(client, job.id, ("succeeded",), timeout=600, seen=seen)
+    # While it ran, the job said when it would finish, from its measured step times.
+    finishes = [j.estimated_finish for j in seen if j.status == "running" and j.estimated_finish is not None]
+    assert finishes and all(job.created_at <= f <= job.created_at + 3600 for f in finishes)
+    assert job.estimated_finish is None  # finished
+    # The quote counted the tokens the run then trained on (all 32 pairs once), from the tokenized data.
+    assert quote["total_steps"] == 8 and quote["trained_tokens"] == job.trained_tokens
     assert job.fine_tuned_model.startswith("ft:SmolLM2-135M-Instruct:dpo-lora:sentiment:")
     assert job.fine_tuned_model in [model.id for model in client.models.list()]
 
     events = all_events(client, job.id)
     metrics = [e.data for e in events if e.type == "metrics" and "loss" in e.data]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics] == list(range(1, 9))
     for row in metrics:
         assert {"loss", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected", "pairs_per_s"} <= set(
             row
         )
     assert metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as its reference
-    assert metrics[0]["global_batch"] == 4 and metrics[0]["lr"] == pytest.approx(1.4e-3)  # 2 x demo's 7e-4
+    assert metrics[0]["global_batch"] == 4 and metrics[0]["lr"] == pytest.approx(1e-3)  # 10/7 x demo's 7e-4
+    # At lr 1e-3 both completions' log-probs fall, the chosen ones below the reference's, while the
+    # margin grows: the trainer's health monitor warns, and the warning is a `warn` event.
+    warnings = [e.message for e in events if e.level == "warn"]
+    assert any(m.startswith("likelihood displacement at step") and "log-probs fell" in m for m in warnings), warnings
     assert job.trained_tokens == sum(m["tokens"] for m in metrics) > 0
     assert any(e.type == "metrics" and "eval/loss" in e.data for e in events)
 
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
-    assert [c.step_number for c in checkpoints] == [4, 2]
+    assert [c.step_number for c in checkpoints] == [8, 4]
     assert checkpoints[0].metrics.train_loss == pytest.approx(metrics[-1]["loss"])
     assert checkpoints[0].metrics.valid_loss is not None
-    assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-4"
-    # The one eval after step 0 is step 4's: the best checkpoint by held-out reward accuracy.
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-8"
+    # The one eval after step 0 is step 8's: the best checkpoint by held-out reward accuracy.
     assert [getattr(c.metrics, "best", None) for c in checkpoints] == [True, False]
+    assert job.metadata == {"dpo_lora_best_checkpoint": checkpoints[0].fine_tuned_model_checkpoint}
 
     (result_id,) = job.result_files
     table = list(csv.DictReader(io.StringIO(client.files.content(result_id).text)))

@@ -82,6 +82,7 @@ def test_training_writes_metrics_adapter_and_config_and_improves(tiny_model_dir,
         "step", "total_steps", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
         "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens", "pairs_per_s", "tokens_per_s",
         "pairs_per_s_per_rank", "world_size", "global_batch", "peak_memory_gb", "kind",  # kind: core/rundir.py
+        "pairs", "lengths/chosen", "lengths/rejected", "logratios/chosen_per_token", "rewards/margin_length_corr",
     }  # fmt: skip
     assert all(set(r) == expected_keys and r["total_steps"] == 12 for r in rows if "loss" in r)
     evals = [r for r in rows if "eval/loss" in r]

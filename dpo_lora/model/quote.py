@@ -1,0 +1,202 @@
+"""A run's quote before it starts: whether it fits the device's memory (the memory plan), what to
+change when it does not, the tokens it trains on, and how long it takes. `dpo-lora plan` prints
+it; the service answers `POST /v1/fine_tuning/quotes` with it and refuses jobs that do not fit.
+
+The time is matmul work over a matmul rate: each pair's matmul FLOPs (`step_flops_per_pair`)
+over this device's dense matmul rate (measured once, cached) times the share of that rate a
+training step achieves (`EFFICIENCY`, measured here; the service replaces it with the share
+earlier jobs on the same base achieved).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from dpo_lora.model.fitting import checkpointing_hint, fewest_fitting, recommendation
+from dpo_lora.model.memory_plan import data_token_counts, plan, text_config_of
+
+# The share of the measured matmul rate a dpo-lora step achieves, by device type: measured on
+# SmolLM2-135M (NF4, LoRA r16 all-linear) with docs/quote.md's runs. GPUs reach more of their rate
+# on larger models: the service corrects it from earlier jobs on the same base.
+EFFICIENCY = {"cpu": 0.25, "cuda": 0.05}
+STARTUP_SECONDS = {"cpu": 15.0, "cuda": 30.0}  # imports, load, engine: before the first step
+RATE_CACHE_VARIABLE = "DPO_LORA_CACHE"
+
+
+def _flops_per_token(config) -> tuple[float, float]:
+    """(decoder layers, LM head): one token's forward matmul FLOPs, 2 per weight it passes."""
+    text = text_config_of(config)
+    hidden, kv_share = text.hidden_size, text.num_key_value_heads / text.num_attention_heads
+    per_layer = 2 * hidden * hidden * (1 + kv_share) + 3 * hidden * text.intermediate_size
+    return 2 * text.num_hidden_layers * per_layer, 2 * hidden * text.vocab_size
+
+
+def step_flops_per_pair(config, tokens_per_pair: float, completion_tokens: float) -> float:
+    """One pair's matmul FLOPs in a step: the decoder layers once for the reference forward (none
+    when only policy-only terms read it), once for the policy's forward, once for its backward to
+    the adapter and once more for a checkpointed recompute; the LM head at the completion
+    positions, without the recompute. Attention's score matmuls are left out."""
+    layers, head = _flops_per_token(config)
+    reference = 1 if config.dpo.uses_reference else 0
+    passes = reference + 2 + (1 if config.model.gradient_checkpointing else 0)
+    return tokens_per_pair * passes * layers + completion_tokens * (reference + 2) * head
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU with its thread count (what a matmul rate is measured on)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def measured_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """This device's dense matmul rate (FLOP/s) in `dtype`: measured once (about a second), then
+    read from the cache file, keyed by the device's name, the dtype and the thread count."""
+    key = f"{device_name(device)}/{dtype}"
+    cache = Path(os.environ.get(RATE_CACHE_VARIABLE, Path.home() / ".cache" / "dpo-lora")) / "matmul_rates.json"
+    try:
+        rates = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        rates = {}
+    if key not in rates:
+        rates[key] = _measure_matmul_rate(device, dtype)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(rates, indent=1))
+        except OSError:
+            pass  # a read-only home: measure again next time
+    return rates[key]
+
+
+def _measure_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    size = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = 0.0
+    for right in (b, b.t()):  # the faster operand layout (they differ ~8x in bf16 on CPUs without native bf16)
+        a @ right
+        sync()
+        start, runs = time.perf_counter(), 5
+        for _ in range(runs):
+            a @ right
+        sync()
+        best = max(best, runs * 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def total_pairs(config, pairs_in_data: int, world_size: int) -> tuple[int, int]:
+    """(optimizer steps, pairs trained) as the trainer counts them."""
+    train = config.train
+    global_batch = train.micro_batch_size * train.grad_accum * world_size
+    steps = train.max_steps or max(1, math.ceil(train.epochs * pairs_in_data / global_batch))
+    return steps, steps * global_batch
+
+
+def run_counts(config, world_size: int) -> dict:
+    """Steps, pairs and tokens of a run of `config` and of its evals, from the tokenized data."""
+    counts = data_token_counts(config)
+    train_pairs = counts.pairs
+    eval_pairs, eval_tokens = 0, counts.mean_tokens
+    if config.data.eval:
+        held_out = data_token_counts(replace(config, data=replace(config.data, train=config.data.eval)))
+        eval_pairs, eval_tokens = held_out.pairs, held_out.mean_tokens
+    elif config.data.eval_fraction > 0:
+        eval_pairs = math.ceil(config.data.eval_fraction * counts.pairs)
+        train_pairs -= eval_pairs
+    steps, pairs = total_pairs(config, train_pairs, world_size)
+    evals = (2 + (steps // config.train.eval_every if config.train.eval_every else 0)) if eval_pairs else 0
+    return {
+        "steps": steps,
+        "pairs": pairs,
+        "counts": counts,
+        "eval_pairs": evals * eval_pairs,
+        "eval_tokens": eval_tokens,
+    }
+
+
+def quote(
+    config,
+    device_bytes: int,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    efficiency: float | None = None,
+    with_data: bool = True,
+    matmul_rate: float | None = None,
+) -> dict:
+    """The quote: memory (fits, per-rank bytes by component, recommendation) and, `with_data`, the
+    steps, tokens and time of a run of `config` on `world_size` ranks of `device_bytes` each.
+    `efficiency`: the share of the matmul rate a step achieves (EFFICIENCY for the device type
+    when None); `matmul_rate`: one device's (measured here when None)."""
+    if config.model.gradient_checkpointing and config.model.checkpoint_layers == "auto":  # as a run would pick
+        fewest = fewest_fitting(config, device_bytes, world_size)[0]
+        config = replace(config, model=replace(config.model, checkpoint_layers=fewest))
+    planned = plan(config, world_size=world_size)
+    fits = planned.total_bytes <= device_bytes
+    advice = (
+        recommendation(config, planned, device_bytes)
+        if not fits
+        else checkpointing_hint(config, planned, device_bytes, world_size)
+    )
+    result = {
+        "object": "fine_tuning.quote",
+        "fits": fits,
+        "per_rank_bytes": planned.total_bytes,
+        "device_bytes": device_bytes,
+        "world_size": world_size,
+        "components": planned.components,
+        "recommendation": advice,
+        "checkpoint_layers": config.model.checkpoint_layers,
+    }
+    if not with_data:
+        return result
+    device = device or torch.device("cpu")
+    run = run_counts(config, world_size)
+    counts = run["counts"]
+    flops = run["pairs"] * step_flops_per_pair(config, counts.mean_tokens, counts.mean_completion)
+    flops += run["eval_pairs"] * eval_flops_per_pair(config, run["eval_tokens"])
+    rate = (matmul_rate or measured_matmul_rate(device, getattr(torch, config.model.dtype))) * world_size
+    share = efficiency or EFFICIENCY.get(device.type, EFFICIENCY["cuda"])
+    seconds = STARTUP_SECONDS.get(device.type, STARTUP_SECONDS["cuda"]) + flops / (rate * share)
+    return result | {
+        "device": device_name(device),
+        "total_steps": run["steps"],
+        "trained_tokens": round(run["pairs"] * counts.mean_tokens),
+        "step_flops": flops / run["steps"],
+        "matmul_flops_per_s": rate,
+        "efficiency": share,
+        "estimated_seconds": round(seconds, 1),
+        "device_hours": round(seconds * world_size / 3600, 4),
+    }
+
+
+def eval_flops_per_pair(config, tokens_per_pair: float) -> float:
+    """One held-out pair's matmul FLOPs: the reference's and the policy's forward, no backward."""
+    layers, _ = _flops_per_token(config)
+    return tokens_per_pair * (2 if config.dpo.uses_reference else 1) * layers
+
+
+def achieved_efficiency(config, rows: list[dict], rate: float) -> float | None:
+    """The median share of `rate` (one device's matmul rate) that a finished run's training rows
+    reached: pairs/s times each pair's FLOPs over the rate of its ranks. The first row (warm-up)
+    is left out; None without another."""
+    shares = []
+    for row in rows[1:]:
+        if not row.get("pairs") or not row.get("pairs_per_s"):
+            continue
+        tokens = row["tokens"] / row["pairs"]
+        completion = row.get("lengths/chosen", tokens / 4) + row.get("lengths/rejected", tokens / 4)
+        flops = step_flops_per_pair(config, tokens, completion)
+        shares.append(row["pairs_per_s"] * flops / (rate * row.get("world_size", 1)))
+    return statistics.median(shares) if shares else None
+
+
+if __name__ == "__main__":  # `python -m dpo_lora.model.quote cuda bfloat16`: the rate, for the service
+    kind, dtype_name = sys.argv[1], sys.argv[2]
+    print(measured_matmul_rate(torch.device(kind), getattr(torch, dtype_name)))
