@@ -199,7 +199,9 @@ def validate(config: Config) -> None:
             "dpo.label_smoothing",
             f"has no effect on dpo.loss '{dpo.loss}' (only {', '.join(SMOOTHED_LOSSES)} use it); set it to 0",
         )
-    for key in ("simpo_gamma", "orpo_lambda", "dpop_lambda"):
+    if "kto" in names and len(names) > 1:
+        raise _refuse("dpo.loss", "kto trains on unpaired rows and can't be mixed with other terms")
+    for key in ("simpo_gamma", "orpo_lambda", "dpop_lambda", "kto_desirable_weight", "kto_undesirable_weight"):
         if getattr(dpo, key) < 0:
             raise _refuse(f"dpo.{key}", "must be >= 0")
     if config.lora.r < 1:
@@ -277,6 +279,8 @@ ADDED_KEYS = {
     "dpo.simpo_gamma": 0.5,
     "dpo.orpo_lambda": 0.1,
     "dpo.dpop_lambda": 50.0,
+    "dpo.kto_desirable_weight": 1.0,
+    "dpo.kto_undesirable_weight": 1.0,
 }
 
 

@@ -24,7 +24,8 @@ LOSS_TYPES = (
     "dpop",
 )  # dpo_lora.train.losses.dpo_loss's, on the policy/reference log-ratios
 REFERENCE_FREE_LOSSES = ("sft", "simpo", "orpo")  # terms that read the policy alone
-LOSS_TERMS = LOSS_TYPES + REFERENCE_FREE_LOSSES  # what dpo.loss may name
+UNPAIRED_LOSSES = ("kto",)  # trained on {prompt, completion, label} rows, alone
+LOSS_TERMS = LOSS_TYPES + REFERENCE_FREE_LOSSES + UNPAIRED_LOSSES  # what dpo.loss may name
 SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair")  # the losses dpo.label_smoothing changes
 
 
@@ -109,7 +110,8 @@ class DpoConfig:
     loss: str | list[str] = knob(
         "sigmoid",
         "preference loss, or a list of terms summed with dpo.loss_weights: [sigmoid, sft] is RPO; sft (the chosen "
-        "completion's per-token NLL), simpo and orpo need no reference model",
+        "completion's per-token NLL), simpo and orpo need no reference model; kto trains on unpaired "
+        "{prompt, completion, label} rows",
         LOSS_TERMS,
     )
     loss_weights: list[float] | None = knob(None, "weight of each dpo.loss term, in order; unset: 1.0 each")
@@ -117,6 +119,11 @@ class DpoConfig:
     simpo_gamma: float = knob(0.5, "simpo: target reward margin gamma (its paper: gamma / beta about 0.5)")
     orpo_lambda: float = knob(0.1, "orpo: weight of the odds-ratio term beside the chosen NLL")
     dpop_lambda: float = knob(50.0, "dpop: weight of the penalty on chosen log-probs falling below the reference's")
+    kto_desirable_weight: float = knob(1.0, "kto: weight of the desirable (label true) rows' loss")
+    kto_undesirable_weight: float = knob(
+        1.0,
+        "kto: weight of the undesirable rows' loss (its paper: keep w_D x desirable / (w_U x undesirable) in [1, 4/3])",
+    )
     reference_free: bool = knob(False, "ignore the reference model (reference log-probs are 0)")
     reference: str = knob(
         "auto",

@@ -115,7 +115,7 @@ def collate_pairs(
 def add_pair_fields(batch: dict, features: list[dict]) -> dict:
     """Per-pair fields ride along: the source row (for error reports), an eval weight, and
     precomputed reference log-probs (dpo.reference: precompute) as [2B], chosen then rejected."""
-    for key, dtype in (("row_index", torch.long), ("weight", torch.float32)):
+    for key, dtype in (("row_index", torch.long), ("weight", torch.float32), ("label", torch.float32)):
         if key in features[0]:
             batch[key] = torch.tensor([f[key] for f in features], dtype=dtype)
     if "reference_chosen_logps" in features[0]:

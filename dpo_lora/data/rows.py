@@ -7,9 +7,13 @@ Accepted rows (the format is detected per row):
   (c) Anthropic-HH style: `chosen`/`rejected` full dialogues (strings or message lists) and no
       `prompt`; their shared prefix becomes the prompt;
   (d) OpenAI's DPO fine-tuning rows: `input.messages` (+ optional `input.tools`), `preferred_output`
-      and `non_preferred_output` lists of assistant messages; rendered like (b), tools included.
+      and `non_preferred_output` lists of assistant messages; rendered like (b), tools included;
+  (e) unpaired (KTO): `prompt`, `completion` and `label` (true: desirable), the prompt and
+      completion as strings or as messages like (b).
 Every row becomes `{"prompt": str, "chosen": str, "rejected": str, "chat": bool}`; `chat` marks
-text rendered by a chat template (which carries its own special tokens). JSON files are parsed line
+text rendered by a chat template (which carries its own special tokens). An unpaired row also has
+`label`; its `chosen` is its completion and its `rejected`, filled once the file is read, the next
+row's completion (the mismatched pair KTO's KL estimate reads). A file is all pairs or all unpaired. JSON files are parsed line
 by line here so that one malformed, undecodable or mistyped row is reported by its number instead
 of failing the whole file inside Arrow; other sources are loaded with Hugging Face `datasets`.
 """
@@ -119,11 +123,40 @@ def _from_openai_row(row: dict) -> tuple[dict, list | None]:
     return {"prompt": source["messages"], "chosen": row[OPENAI_KEYS[1]], "rejected": row[OPENAI_KEYS[2]]}, tools
 
 
+UNPAIRED_KEYS = ("completion", "label")
+
+
+def _normalize_unpaired(row: dict, tokenizer) -> dict:
+    """(e) -> {"prompt", "chosen": the completion, "rejected": "" (filled by collect_rows), "chat", "label"}."""
+    for key in ("prompt", *UNPAIRED_KEYS):
+        if row.get(key) is None:
+            raise ValueError(f"missing field '{key}'")
+    prompt, completion, label = row["prompt"], row["completion"], row["label"]
+    if not isinstance(label, bool):
+        raise ValueError(f"'label' must be true or false, got {label!r}")
+    if isinstance(prompt, str):
+        if not isinstance(completion, str):
+            raise ValueError("with a string 'prompt', 'completion' must be a string")
+        return {"prompt": prompt, "chosen": completion, "rejected": "", "chat": False, "label": label}
+    messages = _as_assistant_messages(completion)
+    if not _is_messages(prompt) or messages is None:
+        raise ValueError("'prompt' and 'completion' must be strings or lists of {role, content} messages")
+    if tokenizer is None:
+        return {"prompt": prompt, "chosen": messages, "rejected": "", "chat": True, "label": label}
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("conversational rows need a tokenizer with a chat template")
+    prompt_text, completion_text = _render_chat(tokenizer, prompt, messages)
+    return {"prompt": prompt_text, "chosen": completion_text, "rejected": "", "chat": True, "label": label}
+
+
 def normalize_row(row: dict, tokenizer) -> dict:
-    """One raw row -> {"prompt", "chosen", "rejected", "chat"}; ValueError says what is wrong.
+    """One raw row -> {"prompt", "chosen", "rejected", "chat"} (+ "label" when unpaired); ValueError
+    says what is wrong.
 
     With `tokenizer=None` only the shape is checked: conversational rows come back as unrendered
     message lists (what an upload is checked with before any model is chosen)."""
+    if any(key in row for key in UNPAIRED_KEYS):
+        return _normalize_unpaired(row, tokenizer)
     tools = None
     if any(key in row for key in OPENAI_KEYS):
         row, tools = _from_openai_row(row)
@@ -219,9 +252,10 @@ def read_rows(source: str):
 def check_row(row: dict, tokenizer) -> dict:
     """normalize_row plus the checks on its result; raises BadRow."""
     normalized = _normalized_or_bad(row, tokenizer)
-    if not normalized["chosen"].strip() or not normalized["rejected"].strip():
+    unpaired = "label" in normalized
+    if not normalized["chosen"].strip() or not (unpaired or normalized["rejected"].strip()):
         raise BadRow("empty completion")
-    if normalized["chosen"] == normalized["rejected"]:
+    if not unpaired and normalized["chosen"] == normalized["rejected"]:
         raise BadRow("identical completions", "'chosen' and 'rejected' are the same")
     if not tokenizer(normalized["prompt"], add_special_tokens=not normalized["chat"])["input_ids"]:
         # Nothing would predict the first completion token (this tokenizer adds no BOS).
@@ -242,13 +276,14 @@ def _normalized_or_bad(row: dict, tokenizer) -> dict:
 def check_row_shape(row: dict) -> None:
     """The row checks that need no tokenizer; raises BadRow."""
     normalized = _normalized_or_bad(row, None)
+    unpaired = "label" in normalized
     texts = [
         "".join(m["content"] for m in value) if isinstance(value, list) else value
         for value in (normalized["chosen"], normalized["rejected"])
     ]
-    if not texts[0].strip() or not texts[1].strip():
+    if not texts[0].strip() or not (unpaired or texts[1].strip()):
         raise BadRow("empty completion")
-    if normalized["chosen"] == normalized["rejected"]:
+    if not unpaired and normalized["chosen"] == normalized["rejected"]:
         raise BadRow("identical completions", "'chosen' and 'rejected' are the same")
 
 
@@ -286,6 +321,7 @@ def collect_rows(source: str, tokenizer, on_bad_rows: str) -> tuple[list[dict], 
         raise UserError(f"{source}: {len(bad)} bad row(s): {listed}{more}; fix them or set data.on_bad_rows=skip")
     if not good:
         raise UserError(f"{source}: no usable rows")
+    unpaired = _pair_unpaired(source, good)
     by_reason: dict[str, list[int]] = {}
     for number, reason, _ in bad:
         by_reason.setdefault(reason, []).append(number)
@@ -296,4 +332,27 @@ def collect_rows(source: str, tokenizer, on_bad_rows: str) -> tuple[list[dict], 
         "dropped": {reason: len(numbers) for reason, numbers in by_reason.items()},
         "dropped_rows": by_reason,
     }
+    if unpaired:
+        report["desirable"] = sum(row["label"] for row in good)
+        report["undesirable"] = len(good) - report["desirable"]
     return good, report
+
+
+def _pair_unpaired(source: str, rows: list[dict]) -> bool:
+    """Whether the rows are unpaired; if so, give each the next row's completion as its mismatched
+    one (the last takes the first's). A file mixing pairs and unpaired rows is refused, naming the
+    first row of the minority kind."""
+    kinds = ["label" in row for row in rows]
+    if all(kinds) != any(kinds):
+        odd = next(row for row, kind in zip(rows, kinds, strict=True) if kind != (sum(kinds) * 2 > len(kinds)))
+        raise UserError(
+            f"{source}: row {odd[SOURCE_ROW] + 1} is {'unpaired' if 'label' in odd else 'a pair'} while most rows are "
+            f"not: a file holds pairs (prompt, chosen, rejected) or unpaired rows (prompt, completion, label)"
+        )
+    if not kinds[0]:
+        return False
+    if len(rows) < 2:
+        raise UserError(f"{source}: unpaired rows need at least 2 (each borrows another's completion for KTO's KL)")
+    for row, other in zip(rows, rows[1:] + rows[:1], strict=True):
+        row["rejected"] = other["chosen"]
+    return True

@@ -24,11 +24,18 @@ import torch
 from dpo_lora.model.fitting import checkpointing_hint, fewest_fitting, recommendation
 from dpo_lora.model.memory_plan import data_token_counts, plan, text_config_of
 
-# The share of the measured matmul rate a dpo-lora step achieves, by device type: measured on
-# SmolLM2-135M (NF4, LoRA r16 all-linear) with docs/quote.md's runs. GPUs reach more of their rate
-# on larger models: the service corrects it from earlier jobs on the same base.
-EFFICIENCY = {"cpu": 0.25, "cuda": 0.05}
-STARTUP_SECONDS = {"cpu": 15.0, "cuda": 30.0}  # imports, load, engine: before the first step
+# The share of the measured matmul rate a dpo-lora step achieves, by device type. CPU: the demo run
+# (SmolLM2-135M NF4, LoRA r16 all-linear, float32, 10 steps of 8 pairs) reached 0.386 of 158 GFLOP/s
+# on a 2-core AVX2 EPYC. CUDA: bench/results' H200 runs of the same model reached 0.04-0.06; larger
+# models reach more of the rate, which the service learns from earlier jobs on the same base.
+EFFICIENCY = {"cpu": 0.38, "cuda": 0.05}
+# What a run spends besides its steps (imports, load and quantize, engine, the adapter's save): the
+# demo's 144.6 s wall time less its 116.8 s of steps, on CPU; not measured on a GPU.
+STARTUP_SECONDS = {"cpu": 28.0, "cuda": 30.0}
+# A no-grad eval forward reaches more of the rate than a training step (nothing saved for
+# backward): its share is EFFICIENCY times this. CPU: `dpo-lora eval` of the demo run over the 61
+# held-out pairs, less the same command over 1 pair (its start-up).
+EVAL_SPEEDUP = {"cpu": 2.2}  # 59 pairs in 22.1 s: 0.83 of 158 GFLOP/s, against the steps' 0.38
 RATE_CACHE_VARIABLE = "DPO_LORA_CACHE"
 
 
@@ -111,12 +118,16 @@ def run_counts(config, world_size: int) -> dict:
         eval_pairs = math.ceil(config.data.eval_fraction * counts.pairs)
         train_pairs -= eval_pairs
     steps, pairs = total_pairs(config, train_pairs, world_size)
-    evals = (2 + (steps // config.train.eval_every if config.train.eval_every else 0)) if eval_pairs else 0
+    every = config.train.eval_every
+    # One eval before training (the policy is the reference: one forward), then at every
+    # train.eval_every-th step and at the last.
+    after = (steps // every + (1 if steps % every else 0)) if every else 1
     return {
         "steps": steps,
         "pairs": pairs,
         "counts": counts,
-        "eval_pairs": evals * eval_pairs,
+        "eval_pairs": eval_pairs,
+        "evals": (1, after) if eval_pairs else (0, 0),  # (before training, after steps)
         "eval_tokens": eval_tokens,
     }
 
@@ -160,10 +171,13 @@ def quote(
     run = run_counts(config, world_size)
     counts = run["counts"]
     flops = run["pairs"] * step_flops_per_pair(config, counts.mean_tokens, counts.mean_completion)
-    flops += run["eval_pairs"] * eval_flops_per_pair(config, run["eval_tokens"])
+    eval_flops = run["eval_pairs"] * eval_flops_per_pair(config, run["eval_tokens"], *run["evals"])
     rate = (matmul_rate or measured_matmul_rate(device, getattr(torch, config.model.dtype))) * world_size
     share = efficiency or EFFICIENCY.get(device.type, EFFICIENCY["cuda"])
+    eval_share = share * EVAL_SPEEDUP.get(device.type, 1.0)
     seconds = STARTUP_SECONDS.get(device.type, STARTUP_SECONDS["cuda"]) + flops / (rate * share)
+    seconds += eval_flops / (rate * eval_share)
+    flops += eval_flops
     return result | {
         "device": device_name(device),
         "total_steps": run["steps"],
@@ -176,10 +190,12 @@ def quote(
     }
 
 
-def eval_flops_per_pair(config, tokens_per_pair: float) -> float:
-    """One held-out pair's matmul FLOPs: the reference's and the policy's forward, no backward."""
+def eval_flops_per_pair(config, tokens_per_pair: float, before: int = 0, after: int = 1) -> float:
+    """One held-out pair's matmul FLOPs over `before` evals before training (one forward: the policy
+    is the reference) and `after` evals after steps (the reference's and the policy's forwards)."""
     layers, _ = _flops_per_token(config)
-    return tokens_per_pair * (2 if config.dpo.uses_reference else 1) * layers
+    passes = before + after * (2 if config.dpo.uses_reference else 1)
+    return tokens_per_pair * passes * layers
 
 
 def achieved_efficiency(config, rows: list[dict], rate: float) -> float | None:

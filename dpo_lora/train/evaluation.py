@@ -45,7 +45,8 @@ def evaluate(engine, loader, dpo_config, device, policy_is_reference: bool = Fal
             batch = to_device(batch, device)
             if policy_is_reference and dpo_config.uses_reference:
                 ref_logps = reference_logps(engine, batch, dpo_config)
-                _, stats = pair_losses(ref_logps, ref_logps, batch["completion_lengths"], dpo_config)
+                lengths, labels = batch["completion_lengths"], batch.get("label")
+                _, stats = pair_losses(ref_logps, ref_logps, lengths, dpo_config, labels=labels)
             else:
                 _, stats = preference_step(engine, batch, dpo_config)
             window.add(stats, tokens=int(batch["attention_mask"].sum()), weight=batch["weight"])

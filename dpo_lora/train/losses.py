@@ -103,6 +103,40 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
+def kto_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    labels: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al., 2024) on unpaired completions y with labels (1 desirable, 0 not):
+    `r = log pi(y|x) - log ref(y|x)`,
+    `kto = w_D * (1 - sigmoid(beta * (r - z0)))` for desirable y, `w_U * (1 - sigmoid(beta * (z0 - r)))`
+    for undesirable y, where `z0` (`kl`, no gradient) is the reference point: the policy's KL from
+    the reference estimated on mismatched prompt/completion pairs (`kto_kl`). Returns (losses,
+    rewards = beta * r), each [B]."""
+    logratios = policy_logps - reference_logps
+    desirable = labels.to(logratios.dtype)
+    losses = desirable * desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl)))
+    losses = losses + (1 - desirable) * undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios)))
+    return losses, beta * logratios.detach()
+
+
+def kto_kl(mismatched_policy_logps: torch.Tensor, mismatched_reference_logps: torch.Tensor, reduce=None):
+    """KTO's reference point: `z0 = max(0, mean_j [log pi(y_j|x_i) - log ref(y_j|x_i)])` over mismatched
+    pairs (each prompt with another row's completion), detached; `reduce` sums [sum, count] over ranks
+    (the batch is every rank's)."""
+    logratios = (mismatched_policy_logps - mismatched_reference_logps).detach().double()
+    totals = torch.stack([logratios.sum(), torch.tensor(float(logratios.numel()), dtype=torch.float64)]).cpu()
+    if reduce is not None:
+        totals = reduce(totals)
+    return (totals[0] / totals[1]).clamp(min=0).to(mismatched_policy_logps.dtype).to(mismatched_policy_logps.device)
+
+
 def sft_loss(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
     """The chosen completion's mean per-token negative log-likelihood, [B]:
     `sft = -log pi(y_w|x) / |y_w|`. Added to a preference loss (`dpo.loss: [sigmoid, sft]`) it is

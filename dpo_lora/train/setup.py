@@ -112,6 +112,7 @@ def setup_run(config: Config) -> Run:
     train_set, eval_set = prepare_splits(config.data, tokenizer, train_cfg.seed, output_dir if dist.is_main else None)
     if dist.is_main:
         barrier()
+    check_data_kind(config, train_set, eval_set)
 
     batches = PairBatches(
         train_set,
@@ -176,6 +177,19 @@ def setup_run(config: Config) -> Run:
     )
     _resume_or_begin(run, resume_from)
     return run
+
+
+def check_data_kind(config: Config, train_set, eval_set) -> None:
+    """Unpaired rows ({prompt, completion, label}) train dpo.loss kto, and kto trains on nothing else."""
+    kto = "kto" in config.dpo.names
+    for key, dataset in (("data.train", train_set), ("data.eval", eval_set)):
+        if dataset is None:
+            continue
+        unpaired = "label" in dataset.column_names
+        if unpaired and not kto:
+            raise UserError(f"{key} holds unpaired rows (prompt, completion, label): they train dpo.loss kto")
+        if kto and not unpaired:
+            raise UserError(f"dpo.loss kto trains on unpaired rows (prompt, completion, label); {key} holds pairs")
 
 
 def _precomputed(engine, train_set, config, collate, dist, why: str):

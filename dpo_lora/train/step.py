@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from dpo_lora.core.distributed import all_reduce_sum
 from dpo_lora.core.schema import SMOOTHED_LOSSES
 from dpo_lora.data.layout import attention_bias
 from dpo_lora.model import shared_attention
 from dpo_lora.model.chunked_logps import scoring
 from dpo_lora.model.load import reference_mode
 from dpo_lora.model.logprobs import sum_by_sequence, token_logps_at
-from dpo_lora.train.losses import dpo_loss, orpo_loss, sft_loss, simpo_loss
+from dpo_lora.train.losses import dpo_loss, kto_kl, kto_loss, orpo_loss, sft_loss, simpo_loss
 
 
 def forward_inputs(batch: dict, model) -> dict:
@@ -63,7 +64,7 @@ def preference_step(model, batch: dict, dpo_config, bco_delta: float = 0.0) -> t
     """
     ref_logps = reference_logps(model, batch, dpo_config)
     policy_logps, lengths = concatenated_logps(model, batch)
-    return pair_losses(policy_logps, ref_logps, lengths, dpo_config, bco_delta)
+    return pair_losses(policy_logps, ref_logps, lengths, dpo_config, bco_delta, batch.get("label"))
 
 
 def reference_logps(model, batch: dict, dpo_config) -> torch.Tensor:
@@ -77,11 +78,20 @@ def reference_logps(model, batch: dict, dpo_config) -> torch.Tensor:
         return concatenated_logps(model, batch)[0]
 
 
-def loss_term(name: str, policy_logps, ref_logps, lengths, dpo_config, bco_delta: float = 0.0):
+def loss_term(name: str, policy_logps, ref_logps, lengths, dpo_config, bco_delta: float = 0.0, labels=None):
     """One dpo.loss term: (losses, chosen_rewards, rejected_rewards), each [B], from log-probs and
-    lengths [2B], chosen first. The SFT term has no rewards of its own: DPO's implicit ones."""
+    lengths [2B], chosen first. The SFT term has no rewards of its own: DPO's implicit ones. For kto
+    the "chosen" half is each row's completion and the "rejected" half its mismatched completion
+    (another row's, on this row's prompt: KTO's KL sample); `labels` [B] say which rows are desirable."""
     n = policy_logps.shape[0] // 2
     chosen, rejected = (policy_logps[:n], lengths[:n]), (policy_logps[n:], lengths[n:])
+    if name == "kto":
+        kl = kto_kl(policy_logps[n:], ref_logps[n:], reduce=all_reduce_sum)
+        losses, rewards = kto_loss(
+            chosen[0], ref_logps[:n], labels, kl, beta=dpo_config.beta,
+            desirable_weight=dpo_config.kto_desirable_weight, undesirable_weight=dpo_config.kto_undesirable_weight,
+        )  # fmt: skip
+        return losses, rewards, dpo_config.beta * (policy_logps[n:] - ref_logps[n:]).detach()
     if name == "simpo":
         return simpo_loss(
             chosen[0], rejected[0], chosen[1], rejected[1], beta=dpo_config.beta, gamma=dpo_config.simpo_gamma
@@ -104,14 +114,16 @@ def loss_term(name: str, policy_logps, ref_logps, lengths, dpo_config, bco_delta
     return (sft_loss(*chosen) if name == "sft" else losses), chosen_rewards, rejected_rewards
 
 
-def pair_losses(policy_logps, ref_logps, lengths, dpo_config, bco_delta: float = 0.0) -> tuple[torch.Tensor, dict]:
+def pair_losses(
+    policy_logps, ref_logps, lengths, dpo_config, bco_delta: float = 0.0, labels=None
+) -> tuple[torch.Tensor, dict]:
     """The mean loss (dpo.loss's terms, weighted) and per-pair statistics ([B]) from log-probs and
     lengths [2B], chosen first; the rewards are the first term's, and a mixture logs each term
     as `loss/NAME`."""
     n = policy_logps.shape[0] // 2
     terms = {}
     for name, weight in dpo_config.terms:
-        terms[name] = (weight, *loss_term(name, policy_logps, ref_logps, lengths, dpo_config, bco_delta))
+        terms[name] = (weight, *loss_term(name, policy_logps, ref_logps, lengths, dpo_config, bco_delta, labels))
     losses = sum(weight * term_losses for weight, term_losses, _, _ in terms.values())
     _, _, chosen_rewards, rejected_rewards = next(iter(terms.values()))
     stats = {

@@ -191,3 +191,43 @@ def test_upload_shape_check_names_each_bad_row_without_a_tokenizer(tmp_path):
     assert "input.messages" in problems[1][1]
     assert "missing field 'non_preferred_output'" in problems[2][1]
     assert "malformed JSON" in problems[3][1]
+
+
+UNPAIRED = [
+    {"prompt": "Q: two plus two?", "completion": " 4", "label": True},
+    {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "go away"}],
+     "label": False},
+    {"prompt": "Q: the sky?", "completion": " blue", "label": True},
+]  # fmt: skip
+
+
+def test_unpaired_rows_carry_their_label_and_borrow_the_next_rows_completion(tmp_path, tiny_tokenizer):
+    good, report = collect_rows(str(write_jsonl(tmp_path / "kto.jsonl", UNPAIRED)), tiny_tokenizer, "error")
+    assert [r["label"] for r in good] == [True, False, True]
+    assert good[1]["prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n" and good[1]["chat"]
+    assert [r["chosen"] for r in good] == [" 4", "go away<|im_end|>\n", " blue"]
+    # Each row's mismatched completion (KTO's KL sample) is the next row's; the last takes the first's.
+    assert [r["rejected"] for r in good] == ["go away<|im_end|>\n", " blue", " 4"]
+    assert (report["desirable"], report["undesirable"]) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([UNPAIRED[0], {"prompt": "p", "chosen": " a", "rejected": " b"}, UNPAIRED[2]], "row 2 is a pair"),
+        ([UNPAIRED[0]], "at least 2"),
+    ],
+)
+def test_unpaired_files_are_all_unpaired_and_hold_two_rows(tmp_path, tiny_tokenizer, rows, message):
+    with pytest.raises(UserError, match=message):
+        collect_rows(str(write_jsonl(tmp_path / "kto.jsonl", rows)), tiny_tokenizer, "error")
+
+
+def test_an_unpaired_rows_label_must_be_a_boolean(tmp_path, tiny_tokenizer):
+    rows = [UNPAIRED[0], {**UNPAIRED[2], "label": "yes"}]
+    with pytest.raises(UserError, match="row 2: wrong type or shape: 'label' must be true or false"):
+        collect_rows(str(write_jsonl(tmp_path / "kto.jsonl", rows)), tiny_tokenizer, "error")
+    assert shape_problems(str(tmp_path / "kto.jsonl")) == (
+        2,
+        [(2, "wrong type or shape: 'label' must be true or false, got 'yes'")],
+    )

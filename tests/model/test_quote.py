@@ -79,8 +79,12 @@ def test_the_time_is_the_work_over_the_rate_times_the_share_plus_startup(tiny_mo
     counts = data_token_counts(config)
     held_out = data_token_counts(replace(config, data=replace(config.data, train=config.data.eval)))
     work = 40 * quotes.step_flops_per_pair(config, counts.mean_tokens, counts.mean_completion)
-    work += 2 * held_out.pairs * quotes.eval_flops_per_pair(config, held_out.mean_tokens)  # before and after
-    assert quoted["estimated_seconds"] == pytest.approx(quotes.STARTUP_SECONDS["cpu"] + work / 1e9, abs=0.1)
+    # Evals: before training one forward (the policy is the reference), after the last step two.
+    evals = held_out.pairs * held_out.mean_tokens * 3 * quotes._flops_per_token(config)[0]
+    expected = quotes.STARTUP_SECONDS["cpu"] + work / 1e9 + evals / (1e9 * quotes.EVAL_SPEEDUP["cpu"])
+    assert quoted["estimated_seconds"] == pytest.approx(expected, abs=0.1)
+    every_3 = replace(config, train=replace(config.train, eval_every=3))  # steps 3, 6, 9 and the last, 10
+    assert quotes.run_counts(every_3, 1)["evals"] == (1, 4)
     assert quoted["matmul_flops_per_s"] == 2e9
     cache = json.loads((tmp_path / "cache" / "matmul_rates.json").read_text())
     assert list(cache.values()) == [2e9]  # measured once, then read

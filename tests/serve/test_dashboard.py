@@ -98,8 +98,9 @@ def test_the_dashboard_creates_charts_and_cancels_jobs_in_a_real_browser(servers
     wait(browser, lambda d: texts(d, "#model option") == ["tiny-llama"], 30, "the model list")
 
     # A short job with a validation file, to the end: its charts, checkpoints and events.
-    finished = create_from_form(browser, train, '{"train": {"max_steps": 30, "save_every": 10, "eval_every": 10}}',
-                                evaluation)  # fmt: skip
+    # Its KL bound is set so low that the trainer's health monitor warns: the page marks the warning.
+    options = '{"train": {"max_steps": 30, "save_every": 10, "eval_every": 10}, "monitor.kl_nats_per_token": 1e-6}'
+    finished = create_from_form(browser, train, options, evaluation)
     wait_for_status(client, finished, ("succeeded",), timeout=240)
     wait(browser, lambda d: row_status(d, finished) == "succeeded", 30, "succeeded in the table")
     wait(browser, lambda d: points(d, "loss") == 30, 30, "30 training points on the loss chart")
@@ -109,6 +110,8 @@ def test_the_dashboard_creates_charts_and_cancels_jobs_in_a_real_browser(servers
     # The events list may show the ending a refresh after the jobs table does.
     wait(browser, lambda d: any("successfully completed" in e for e in texts(d, "#events li")), 30, "the success event")
     assert texts(browser, f'tr[data-job="{finished}"] td')[3] == "30 / 30"
+    warned = texts(browser, "#events li.warn")
+    assert any("\u26a0 KL growth at step" in e and "monitor.kl_nats_per_token=1e-06" in e for e in warned), warned
     browser.save_screenshot(str(tmp_path / "dashboard.png"))
     if SCREENSHOT:
         shutil.copyfile(tmp_path / "dashboard.png", SCREENSHOT)

@@ -1,6 +1,8 @@
 """The whole life of a DPO job on the real SmolLM2-135M-Instruct (CPU rank), through the `openai`
-client: upload, create, metrics events, checkpoints, success, result file, the adapter downloaded
-and loaded with PEFT, the event stream, and a merged export."""
+client, on a server whose devices have 2 GiB: upload, quote, create, estimated_finish while it
+runs, metrics events, the health warning at lr 1e-3, checkpoints with the best one marked,
+success, result file, the adapter downloaded and loaded with PEFT, the event stream, and a merged
+export."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.slow
 def test_a_dpo_job_on_smollm2_from_upload_to_a_peft_adapter_and_an_export(servers, smollm2_models, tmp_path):
     config = tmp_path / "base.yaml"
     config.write_text((REPO / "configs" / "demo.yaml").read_text())
-    server = servers(smollm2_models, config)
+    server = servers(smollm2_models, config, "--device-memory", "2GiB")  # admission plans against 2 GiB
     client = server.client()
     train = write_jsonl(tmp_path / "train.jsonl", openai_rows(REPO / "data" / "sentiment" / "train.jsonl", 32))
     held_out = write_jsonl(tmp_path / "eval.jsonl", openai_rows(REPO / "data" / "sentiment" / "eval.jsonl", 4))
@@ -45,13 +47,15 @@ def test_a_dpo_job_on_smollm2_from_upload_to_a_peft_adapter_and_an_export(server
     extra = {
         "dpo_lora": {
             "lora": {"r": 8},
+            "model.gradient_checkpointing": True,  # 1.5 GiB planned; 2.9 without
             "data.max_length": 96,
             "data.max_prompt_length": 72,
             "train": {"max_steps": 8, "save_every": 4, "log_every": 1, "eval_batch_size": 4},
         }
     }
     quote = client.post("/fine_tuning/quotes", cast_to=object, body={**request, **extra})  # the same body as a create
-    assert quote["fits"] is None and quote["device_bytes"] is None  # a CPU server without --device-memory
+    assert quote["fits"] is True and quote["per_rank_bytes"] <= quote["device_bytes"] == 2 * 2**30
+    assert quote["estimated_seconds"] > 0 and quote["efficiency_from"] == "this device type's default"
     job = client.fine_tuning.jobs.create(**request, extra_body=extra)
     seen = []
     job = wait_for_status(client, job.id, ("succeeded",), timeout=600, seen=seen)

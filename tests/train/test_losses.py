@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpo_lora.core.schema import LOSS_TYPES
-from dpo_lora.train.losses import dpo_loss, orpo_loss, sft_loss, simpo_loss
+from dpo_lora.train.losses import dpo_loss, kto_kl, kto_loss, orpo_loss, sft_loss, simpo_loss
 
 
 def log_sigmoid(x: float) -> float:
@@ -224,3 +224,41 @@ def test_simpo_and_orpo_rewards_are_scaled_per_token_log_probs():
     _, chosen, rejected = orpo_loss(pc, pr, lc, lr, lam=0.25)
     torch.testing.assert_close(chosen, 0.25 * pc / lc)
     assert not chosen.requires_grad
+
+
+def kto_oracle(policy, reference, label, z0, beta=0.4, w_d=1.0, w_u=1.5):
+    """Ethayarajh et al. 2024, eq. 8: L = w_y - v(x, y), v = w_D sigmoid(beta (r - z0)) when y is
+    desirable, w_U sigmoid(beta (z0 - r)) when not, r = log pi - log ref."""
+    r = policy - reference
+    if label:
+        return w_d - w_d * sigmoid(beta * (r - z0))
+    return w_u - w_u * sigmoid(beta * (z0 - r))
+
+
+def test_kto_matches_its_float64_oracle_in_values_and_gradients_and_its_reference_point_is_constant():
+    (policy, _, reference, _), _ = random_logps(32, seed=24)
+    policy = (reference + torch.linspace(-4, 4, 32, dtype=torch.float64)).requires_grad_()
+    labels = torch.arange(32) % 3 != 0  # desirable and undesirable rows
+    z0 = torch.tensor(0.7, dtype=torch.float64)
+    losses, rewards = kto_loss(policy, reference, labels, z0, beta=0.4, desirable_weight=1.0, undesirable_weight=1.5)
+    (grad,) = torch.autograd.grad(losses.sum(), policy)
+    for i in range(32):
+        args = [policy[i].item(), reference[i].item(), bool(labels[i]), 0.7]
+        assert losses[i].item() == pytest.approx(kto_oracle(*args), rel=1e-10, abs=1e-12), i
+        assert grad[i].item() == pytest.approx(central_difference(kto_oracle, args, 0), rel=1e-5, abs=1e-9), i
+    torch.testing.assert_close(rewards, 0.4 * (policy - reference).detach())
+    # Desirable completions are pushed up, undesirable ones down.
+    assert torch.all(grad[labels] < 0) and torch.all(grad[~labels] > 0)
+
+
+def test_ktos_reference_point_is_the_clamped_mean_mismatched_log_ratio_over_all_ranks():
+    policy = torch.tensor([-10.0, -12.0, -9.0], requires_grad=True)
+    reference = torch.tensor([-11.0, -11.5, -10.0])
+    # (1.0 - 0.5 + 1.0) / 3 = 0.5, by hand
+    assert kto_kl(policy, reference).item() == pytest.approx(0.5)
+    assert not kto_kl(policy, reference).requires_grad
+    assert kto_kl(reference, policy).item() == 0.0  # a negative mean is clamped to 0
+    # Another rank's batch: [sum 2.5, count 2] joins this one's [1.5, 3]: (1.5 + 2.5) / 5 = 0.8.
+    assert kto_kl(policy, reference, reduce=lambda t: t + torch.tensor([2.5, 2.0], dtype=torch.float64)).item() == (
+        pytest.approx(0.8)
+    )

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import dpo_lora.train.reference as reference_module
+from dpo_lora.core.errors import UserError
 from dpo_lora.train.loop import train
 
+from ..conftest import SENTIMENT_TRAIN
 from .test_loop import read_metrics, tiny_config, train_rows
 
 RUN = ["train.max_steps=4", "train.micro_batch_size=2", "train.grad_accum=2", "data.eval=null", "train.log_every=1"]
@@ -184,3 +186,30 @@ def test_auto_reference_precomputes_from_one_epoch_on_and_trains_like_online(
     for row, want in zip(got, expected, strict=True):
         for name in ("loss", "rewards/chosen", "rewards/rejected", "grad_norm"):
             assert row[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), (row["step"], name)
+
+
+def test_kto_on_unpaired_rows_trains_alike_with_the_reference_online_and_precomputed(tiny_model_dir, tmp_path):
+    """The unpaired rows' completions and their mismatched ones are scored once and cached like a
+    pair's: the precomputed run's rows are the online run's."""
+    pairs = [json.loads(line) for line in SENTIMENT_TRAIN.read_text().splitlines()[:24]]
+    rows = [
+        {"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}
+        for p in pairs
+        for key in ("chosen", "rejected")
+    ]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    kto = ["dpo.loss=kto", f"data.train={data}", "data.eval=null", "train.max_steps=6", "train.micro_batch_size=8"]
+    online, precomputed = tmp_path / "online", tmp_path / "precompute"
+    train(tiny_config(tiny_model_dir, online, *kto, "dpo.reference=online"))
+    train(tiny_config(tiny_model_dir, precomputed, *kto, "dpo.reference=precompute"))
+    expected = train_rows(online)
+    assert expected[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # r = z0 = 0 at step 1: each row's loss is 1/2
+    assert expected[-1]["loss"] < expected[0]["loss"] - 0.01
+    for row, want in zip(train_rows(precomputed), expected, strict=True):
+        for name in ("loss", "rewards/chosen", "rewards/rejected", "grad_norm"):
+            assert row[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), (row["step"], name)
+    with pytest.raises(UserError, match="data.train holds unpaired rows .* they train dpo.loss kto"):
+        train(tiny_config(tiny_model_dir, tmp_path / "pairs-loss", f"data.train={data}", "data.eval=null"))
+    with pytest.raises(UserError, match="dpo.loss kto trains on unpaired rows .* data.train holds pairs"):
+        train(tiny_config(tiny_model_dir, tmp_path / "kto-on-pairs", "dpo.loss=kto", "data.eval=null"))
