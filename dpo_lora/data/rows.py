@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from dpo_lora.core.errors import UserError
+from dpo_lora.data.chat import as_assistant_messages, is_messages, render_chat
+from dpo_lora.data.unpaired import UNPAIRED_KEYS, normalize_unpaired, pair_unpaired
 
 MAX_LISTED_ERRORS = 5
 SOURCE_ROW = "row_index"  # 0-based row of the source file, kept through checking, splitting and tokenizing
@@ -64,32 +65,6 @@ def load_rows(source: str):
     return loaded
 
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    )
-
-
-def _as_assistant_messages(value: Any) -> list[dict] | None:
-    if isinstance(value, str):
-        return [{"role": "assistant", "content": value}]
-    return value if _is_messages(value) else None
-
-
-def _render_chat(
-    tokenizer, prompt_messages: list[dict], completion_messages: list[dict], tools: list | None = None
-) -> tuple[str, str]:
-    """Render prompt and completion with the chat template; the completion is the text the
-    template adds after the prompt (with the generation prompt) when the reply is appended."""
-    prompt_text = tokenizer.apply_chat_template(
-        prompt_messages, tools=tools, tokenize=False, add_generation_prompt=True
-    )
-    full_text = tokenizer.apply_chat_template(prompt_messages + completion_messages, tools=tools, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template does not render the prompt as a prefix of the full dialogue")
-    return prompt_text, full_text[len(prompt_text) :]
-
-
 def _split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Split two strings into (shared prompt, chosen rest, rejected rest), cutting the prompt back
     to the last whitespace so neither completion starts mid-word."""
@@ -112,41 +87,15 @@ def _from_openai_row(row: dict) -> tuple[dict, list | None]:
         if row.get(key) is None:
             raise ValueError(f"missing field '{key}'")
     source = row["input"]
-    if not isinstance(source, dict) or not _is_messages(source.get("messages")) or not source["messages"]:
+    if not isinstance(source, dict) or not is_messages(source.get("messages")) or not source["messages"]:
         raise ValueError("'input.messages' must be a non-empty list of {role, content} messages")
     tools = source.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise ValueError("'input.tools' must be a list of tool objects")
     for key in OPENAI_KEYS[1:]:
-        if not _is_messages(row[key]) or not row[key]:
+        if not is_messages(row[key]) or not row[key]:
             raise ValueError(f"'{key}' must be a non-empty list of {{role, content}} messages")
     return {"prompt": source["messages"], "chosen": row[OPENAI_KEYS[1]], "rejected": row[OPENAI_KEYS[2]]}, tools
-
-
-UNPAIRED_KEYS = ("completion", "label")
-
-
-def _normalize_unpaired(row: dict, tokenizer) -> dict:
-    """(e) -> {"prompt", "chosen": the completion, "rejected": "" (filled by collect_rows), "chat", "label"}."""
-    for key in ("prompt", *UNPAIRED_KEYS):
-        if row.get(key) is None:
-            raise ValueError(f"missing field '{key}'")
-    prompt, completion, label = row["prompt"], row["completion"], row["label"]
-    if not isinstance(label, bool):
-        raise ValueError(f"'label' must be true or false, got {label!r}")
-    if isinstance(prompt, str):
-        if not isinstance(completion, str):
-            raise ValueError("with a string 'prompt', 'completion' must be a string")
-        return {"prompt": prompt, "chosen": completion, "rejected": "", "chat": False, "label": label}
-    messages = _as_assistant_messages(completion)
-    if not _is_messages(prompt) or messages is None:
-        raise ValueError("'prompt' and 'completion' must be strings or lists of {role, content} messages")
-    if tokenizer is None:
-        return {"prompt": prompt, "chosen": messages, "rejected": "", "chat": True, "label": label}
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("conversational rows need a tokenizer with a chat template")
-    prompt_text, completion_text = _render_chat(tokenizer, prompt, messages)
-    return {"prompt": prompt_text, "chosen": completion_text, "rejected": "", "chat": True, "label": label}
 
 
 def normalize_row(row: dict, tokenizer) -> dict:
@@ -156,7 +105,7 @@ def normalize_row(row: dict, tokenizer) -> dict:
     With `tokenizer=None` only the shape is checked: conversational rows come back as unrendered
     message lists (what an upload is checked with before any model is chosen)."""
     if any(key in row for key in UNPAIRED_KEYS):
-        return _normalize_unpaired(row, tokenizer)
+        return normalize_unpaired(row, tokenizer)
     tools = None
     if any(key in row for key in OPENAI_KEYS):
         row, tools = _from_openai_row(row)
@@ -171,7 +120,7 @@ def normalize_row(row: dict, tokenizer) -> dict:
             if not prompt:
                 raise ValueError("'chosen' and 'rejected' share no prompt prefix")
             return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chat": False}
-        if _is_messages(chosen) and _is_messages(rejected):
+        if is_messages(chosen) and is_messages(rejected):
             n = 0
             while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
                 n += 1
@@ -186,17 +135,17 @@ def normalize_row(row: dict, tokenizer) -> dict:
             raise ValueError("with a string 'prompt', 'chosen' and 'rejected' must be strings")
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chat": False}
 
-    if not _is_messages(prompt):  # (b) conversational
+    if not is_messages(prompt):  # (b) conversational
         raise ValueError("'prompt' must be a string or a list of {role, content} messages")
-    chosen_messages, rejected_messages = _as_assistant_messages(chosen), _as_assistant_messages(rejected)
+    chosen_messages, rejected_messages = as_assistant_messages(chosen), as_assistant_messages(rejected)
     if chosen_messages is None or rejected_messages is None:
         raise ValueError("'chosen' and 'rejected' must be strings or lists of {role, content} messages")
     if tokenizer is None:
         return {"prompt": prompt, "chosen": chosen_messages, "rejected": rejected_messages, "chat": True}
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("conversational rows need a tokenizer with a chat template")
-    prompt_text, chosen_text = _render_chat(tokenizer, prompt, chosen_messages, tools)
-    _, rejected_text = _render_chat(tokenizer, prompt, rejected_messages, tools)
+    prompt_text, chosen_text = render_chat(tokenizer, prompt, chosen_messages, tools)
+    _, rejected_text = render_chat(tokenizer, prompt, rejected_messages, tools)
     return {"prompt": prompt_text, "chosen": chosen_text, "rejected": rejected_text, "chat": True}
 
 
@@ -321,7 +270,7 @@ def collect_rows(source: str, tokenizer, on_bad_rows: str) -> tuple[list[dict], 
         raise UserError(f"{source}: {len(bad)} bad row(s): {listed}{more}; fix them or set data.on_bad_rows=skip")
     if not good:
         raise UserError(f"{source}: no usable rows")
-    unpaired = _pair_unpaired(source, good)
+    unpaired = pair_unpaired(source, good, row_number=lambda row: row[SOURCE_ROW] + 1)
     by_reason: dict[str, list[int]] = {}
     for number, reason, _ in bad:
         by_reason.setdefault(reason, []).append(number)
@@ -336,23 +285,3 @@ def collect_rows(source: str, tokenizer, on_bad_rows: str) -> tuple[list[dict], 
         report["desirable"] = sum(row["label"] for row in good)
         report["undesirable"] = len(good) - report["desirable"]
     return good, report
-
-
-def _pair_unpaired(source: str, rows: list[dict]) -> bool:
-    """Whether the rows are unpaired; if so, give each the next row's completion as its mismatched
-    one (the last takes the first's). A file mixing pairs and unpaired rows is refused, naming the
-    first row of the minority kind."""
-    kinds = ["label" in row for row in rows]
-    if all(kinds) != any(kinds):
-        odd = next(row for row, kind in zip(rows, kinds, strict=True) if kind != (sum(kinds) * 2 > len(kinds)))
-        raise UserError(
-            f"{source}: row {odd[SOURCE_ROW] + 1} is {'unpaired' if 'label' in odd else 'a pair'} while most rows are "
-            f"not: a file holds pairs (prompt, chosen, rejected) or unpaired rows (prompt, completion, label)"
-        )
-    if not kinds[0]:
-        return False
-    if len(rows) < 2:
-        raise UserError(f"{source}: unpaired rows need at least 2 (each borrows another's completion for KTO's KL)")
-    for row, other in zip(rows, rows[1:] + rows[:1], strict=True):
-        row["rejected"] = other["chosen"]
-    return True
