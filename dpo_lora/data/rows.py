@@ -1,4 +1,4 @@
-"""Reading preference data, checking every row, and normalizing its three formats.
+"""Reading preference data, checking every row, and normalizing its five formats.
 
 Accepted rows (the format is detected per row):
   (a) `prompt`, `chosen`, `rejected` strings;
@@ -13,9 +13,10 @@ Accepted rows (the format is detected per row):
 Every row becomes `{"prompt": str, "chosen": str, "rejected": str, "chat": bool}`; `chat` marks
 text rendered by a chat template (which carries its own special tokens). An unpaired row also has
 `label`; its `chosen` is its completion and its `rejected`, filled once the file is read, the next
-row's completion (the mismatched pair KTO's KL estimate reads). A file is all pairs or all unpaired. JSON files are parsed line
-by line here so that one malformed, undecodable or mistyped row is reported by its number instead
-of failing the whole file inside Arrow; other sources are loaded with Hugging Face `datasets`.
+row's completion (the mismatched pair KTO's KL estimate reads; dpo_lora.data.unpaired). A file is
+all pairs or all unpaired. JSON files are parsed line by line here so that one malformed,
+undecodable or mistyped row is reported by its number instead of failing the whole file inside
+Arrow; other sources are loaded with Hugging Face `datasets`.
 """
 
 from __future__ import annotations
