@@ -205,24 +205,14 @@ def gpu_peak_gb() -> float | None:
 
 def matmul_flops(dtype_name: str) -> float:
     """This machine's dense matmul rate (FLOP/s) in the training dtype, on the device the systems
-    train on: the faster of the two operand layouts (on a CPU without native bf16 they differ ~8x
-    in bf16: bench/matmul_layouts.py)."""
+    train on, as the quote measures it: the faster of the two operand layouts (on a CPU without
+    native bf16 they differ ~8x in bf16: bench/matmul_layouts.py)."""
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    size = 8192 if device == "cuda" else 1024
-    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype_name), device=device) for _ in range(2))
-    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None  # GPU matmuls are asynchronous
-    rates = []
-    for right in (b, b.t()):
-        a @ right
-        synchronize()
-        start, runs = time.perf_counter(), 10
-        for _ in range(runs):
-            a @ right
-        synchronize()
-        rates.append(runs * 2 * size**3 / (time.perf_counter() - start))
-    return max(rates)
+    from dpo_lora.model.quote import measure_matmul_rate
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return measure_matmul_rate(device, getattr(torch, dtype_name))
 
 
 def forward_flops_per_token(model_path: str) -> tuple[float, float]:

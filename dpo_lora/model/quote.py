@@ -63,7 +63,7 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
-def measured_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+def cached_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     """This device's dense matmul rate (FLOP/s) in `dtype`: measured once (about a second), then
     read from the cache file, keyed by the device's name, the dtype and the thread count."""
     key = f"{device_name(device)}/{dtype}"
@@ -73,7 +73,7 @@ def measured_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     except (OSError, ValueError):
         rates = {}
     if key not in rates:
-        rates[key] = _measure_matmul_rate(device, dtype)
+        rates[key] = measure_matmul_rate(device, dtype)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(rates, indent=1))
@@ -82,7 +82,9 @@ def measured_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     return rates[key]
 
 
-def _measure_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+def measure_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """A dense square matmul's FLOP/s on `device` in `dtype`, the faster of the two operand layouts
+    (on a CPU without native bf16 they differ ~8x in bf16: bench/matmul_layouts.py)."""
     size = 4096 if device.type == "cuda" else 1024
     a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -172,7 +174,7 @@ def quote(
     counts = run["counts"]
     flops = run["pairs"] * step_flops_per_pair(config, counts.mean_tokens, counts.mean_completion)
     eval_flops = run["eval_pairs"] * eval_flops_per_pair(config, run["eval_tokens"], *run["evals"])
-    rate = (matmul_rate or measured_matmul_rate(device, getattr(torch, config.model.dtype))) * world_size
+    rate = (matmul_rate or cached_matmul_rate(device, getattr(torch, config.model.dtype))) * world_size
     share = efficiency or EFFICIENCY.get(device.type, EFFICIENCY["cuda"])
     eval_share = share * EVAL_SPEEDUP.get(device.type, 1.0)
     seconds = STARTUP_SECONDS.get(device.type, STARTUP_SECONDS["cuda"]) + flops / (rate * share)
@@ -215,4 +217,4 @@ def achieved_efficiency(config, rows: list[dict], rate: float) -> float | None:
 
 if __name__ == "__main__":  # `python -m dpo_lora.model.quote cuda bfloat16`: the rate, for the service
     kind, dtype_name = sys.argv[1], sys.argv[2]
-    print(measured_matmul_rate(torch.device(kind), getattr(torch, dtype_name)))
+    print(cached_matmul_rate(torch.device(kind), getattr(torch, dtype_name)))

@@ -73,7 +73,7 @@ def test_a_finished_runs_rows_give_back_the_efficiency_they_were_made_at(tiny_mo
 
 
 def test_the_time_is_the_work_over_the_rate_times_the_share_plus_startup(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(quotes, "_measure_matmul_rate", lambda device, dtype: 2e9)
+    monkeypatch.setattr(quotes, "measure_matmul_rate", lambda device, dtype: 2e9)
     config = tiny_config(tiny_model_dir, tmp_path / "run", "train.max_steps=10", "train.micro_batch_size=4")
     quoted = quotes.quote(config, 2**40, efficiency=0.5)
     counts = data_token_counts(config)
@@ -88,19 +88,19 @@ def test_the_time_is_the_work_over_the_rate_times_the_share_plus_startup(tiny_mo
     assert quoted["matmul_flops_per_s"] == 2e9
     cache = json.loads((tmp_path / "cache" / "matmul_rates.json").read_text())
     assert list(cache.values()) == [2e9]  # measured once, then read
-    monkeypatch.setattr(quotes, "_measure_matmul_rate", lambda device, dtype: pytest.fail("measured twice"))
+    monkeypatch.setattr(quotes, "measure_matmul_rate", lambda device, dtype: pytest.fail("measured twice"))
     assert quotes.quote(config, 2**40, efficiency=0.5)["estimated_seconds"] == quoted["estimated_seconds"]
 
 
-def test_the_measured_matmul_rate_is_a_plausible_float_rate():
-    rate = quotes._measure_matmul_rate(torch.device("cpu"), torch.float32)
+def test_the_cached_matmul_rate_is_a_plausible_float_rate():
+    rate = quotes.measure_matmul_rate(torch.device("cpu"), torch.float32)
     assert 1e8 < rate < 1e14
 
 
 def test_plan_time_prints_steps_tokens_and_time(tiny_model_dir, tmp_path, capsys, monkeypatch):
     from dpo_lora.cli import main
 
-    monkeypatch.setattr(quotes, "_measure_matmul_rate", lambda device, dtype: 2e9)
+    monkeypatch.setattr(quotes, "measure_matmul_rate", lambda device, dtype: 2e9)
     args = [f"model.path={tiny_model_dir}", "model.dtype=float32", f"data.train={SENTIMENT_TRAIN}"]
     assert main(["plan", *args, "train.max_steps=5", "--time"]) == 0
     out = capsys.readouterr().out
