@@ -87,6 +87,7 @@ def two_rank_world_on(monkeypatch):
 def test_every_collective_of_the_trainer_runs_on_the_ranks_device(two_rank_world_on):
     from dpo_lora.train.guards import StopRequest
     from dpo_lora.train.loop import _reward_sums
+    from dpo_lora.train.losses import kto_kl
     from dpo_lora.train.metrics import PAIR_METRICS, MetricWindow
 
     window = MetricWindow()
@@ -99,6 +100,7 @@ def test_every_collective_of_the_trainer_runs_on_the_ranks_device(two_rank_world
         "numeric guard": lambda: distributed.any_rank(True),
         "bco_pair reward sums": lambda: _reward_sums([(stats, 4)]),
         "reference cache decision": lambda: distributed.broadcast_from_main(True),
+        "kto reference point": lambda: kto_kl(torch.ones(2), torch.zeros(2), reduce=distributed.all_reduce_sum),
     }
     try:
         for name, call in callers.items():
