@@ -117,7 +117,7 @@ class HealthMonitors:
         return (
             f"the policy's log-ratio to the reference on the chosen completions is {ratio:+.3f} nats/token "
             f"({ratio * tokens:+.2f} nats per {tokens:.0f}-token completion; monitor.kl_nats_per_token={bound:g}): "
-            "it has moved far from the reference; a larger dpo.beta or a lower train.lr holds it closer",
+            "it has moved far from the reference; a larger dpo.beta or a lower train.lr keeps it closer",
             {"logratios/chosen_per_token": ratio, "lengths/chosen": tokens},
         )
 

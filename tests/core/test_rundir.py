@@ -36,7 +36,9 @@ def test_every_row_a_run_writes_names_its_kind_and_checkpoints_are_listed_where_
     train(tiny_config(tiny_model_dir, out, "train.max_steps=2", "train.save_every=1", "train.eval_every=1"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kinds = [row["kind"] for row in rows]
-    assert set(kinds) == {"train", "eval", "checkpoint"} and kinds[0] == "eval"  # the eval before training
+    # Health warnings come when the tiny model moves fast (lr 5e-3); the rest always.
+    assert {"train", "eval", "checkpoint"} <= set(kinds) <= {"train", "eval", "checkpoint", "health"}
+    assert kinds[0] == "eval"  # the eval before training
     assert all(row_kind(row) == RowKind(row["kind"]) for row in rows)
     listed = checkpoints(out)
     assert [step for step, _ in listed] == [1, 2] and listed[-1][1] == step_folder(out, 2)

@@ -51,7 +51,9 @@ def test_two_jobs_on_one_slot_run_one_after_the_other_and_cancel_frees_it(server
     first, second = create(client, file_id, {"train.max_steps": 4}), create(client, file_id, {"train.max_steps": 4})
     third = create(client, file_id, {"train.max_steps": 400})
     wait_for_status(client, first.id, ("running",))
-    assert client.fine_tuning.jobs.retrieve(second.id).status == "queued"
+    # Validated a scheduler tick later, the second waits for the slot (the first runs for seconds).
+    assert wait_for_status(client, second.id, ("queued",), timeout=30).status == "queued"
+    assert client.fine_tuning.jobs.retrieve(first.id).status == "running"
     first = wait_for_status(client, first.id, ("succeeded",))
     second = wait_for_status(client, second.id, ("succeeded",))
     started = [e for e in all_events(client, second.id) if e.message.startswith("Fine-tuning job started")]
