@@ -1,6 +1,8 @@
-"""A 7B and an 8B model end to end on this machine: write, train, export (both targets), load.
+"""A 7B and an 8B model end to end on this machine: write, train, export (both targets), load;
+and a 13B model under ZeRO-3 on two CPU ranks, against one.
 
     python bench/scale.py --geometry llama2-7b [--work DIR] [--layers N] [--keep]
+    python bench/scale.py --geometry llama2-13b --zero 3 --ranks 2 [--work DIR] [--layers N]
 
 Writes a random-weight model of the geometry (Llama-2-7B: 32 layers, hidden 4096, intermediate
 11008, vocab 32000; Llama-3-8B: intermediate 14336, 8 KV heads, vocab 128256) as bfloat16
@@ -12,6 +14,12 @@ process, sampled every 50 ms for peak RssAnon (anonymous memory: mmapped safeten
 cache, not the process's) and peak RSS. The compute dtype is float32: on CPUs without AVX512-BF16
 (this one), bitsandbytes' bf16 4-bit backward is ~30x slower. `--layers N` cuts the depth for a
 quick check of the bench itself. Results: bench/results/scale-GEOMETRY-TIMESTAMP.{json,md}.
+
+With `--zero 3` (deepspeed_configs/zero3.json) the model trains the same 2 steps on `--ranks`
+CPU ranks through DeepSpeed's launcher (one pair per rank per step), then on one rank, each rank's
+process sampled on its own; the adapter is exported with `--adapter-only`. Each rank's share of the
+parameters is what the ZeRO-3 loader reports. Results: bench/results/scale-GEOMETRY-zero3-rN-TIMESTAMP.json
+with per_rank_peak_anon_gib, one_rank_peak_anon_gib, per_rank_params_gib, plan_per_rank_gib and the losses.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ GEOMETRIES = {
                       num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, rope_theta=10000.0),
 }  # fmt: skip
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -114,6 +124,7 @@ class Sampler:
 
     def __init__(self, pid: int) -> None:
         self.pid, self.samples, self.running = pid, [], True
+        self.rank_anon: dict[int, float] = {}  # local rank (DeepSpeed's --local_rank=K; else 0) -> peak MiB
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -136,8 +147,21 @@ class Sampler:
                     line.split(":")[0]: line.split()[1] for line in status if line.startswith(("RssAnon", "VmRSS"))
                 }
                 anon, rss = anon + int(fields.get("RssAnon", 0)), rss + int(fields.get("VmRSS", 0))
+                rank = self._rank(pid)
+                if rank is not None:
+                    self.rank_anon[rank] = max(self.rank_anon.get(rank, 0.0), int(fields.get("RssAnon", 0)) / 1024)
             self.samples.append((time.time(), anon / 1024, rss / 1024))
             time.sleep(0.05)
+
+    def _rank(self, pid: int) -> int | None:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            return None
+        ranks = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--local_rank=")]
+        if ranks:
+            return int(ranks[0])
+        return 0 if pid == self.pid and "train" in argv and "deepspeed" not in " ".join(argv[:2]) else None
 
     def peak(self, start: float = 0.0, end: float = float("inf")) -> tuple[float, float]:
         inside = [(a, r) for t, a, r in self.samples if start <= t <= end] or [(0.0, 0.0)]
@@ -168,12 +192,76 @@ print(sum(p.numel() for p in model.parameters()))
 """
 
 
+def train_args(work: Path, zero_json: str, out: Path) -> list[str]:
+    """`dpo-lora train`'s arguments: NF4, LoRA r16 all-linear, 2 steps of one pair per rank x 256 tokens."""
+    return ["train", str(REPO / "configs/demo.yaml"), "--overwrite",
+            f"model.path={work / 'model'}", "model.quantization=nf4", "model.dtype=float32",
+            "model.gradient_checkpointing=true", "lora.r=16", "lora.alpha=32", "lora.target_modules=all-linear",
+            f"data.train={work / 'pairs.jsonl'}", "data.eval=null", "data.max_length=256",
+            "data.max_prompt_length=128", "train.micro_batch_size=1", "train.grad_accum=1", "train.max_steps=2",
+            "train.warmup_ratio=0", "train.save_every=0", "train.log_every=1",
+            f"deepspeed={REPO / 'deepspeed_configs' / zero_json}", f"output_dir={out}"]  # fmt: skip
+
+
+def zero3_runs(args, work: Path, geometry: dict, billions: float) -> None:
+    """The ZeRO-3 runs on `--ranks` ranks and on one: per-rank peaks, held parameters, plan, losses."""
+    import re
+
+    result = {"geometry": args.geometry, "shape": geometry, "billions": billions, "ranks": args.ranks,
+              "zero": "deepspeed_configs/zero3.json", "dtype": "float32", "cpu_flags": cpu_flags()}  # fmt: skip
+    for ranks in dict.fromkeys((args.ranks, 1)):
+        out = work / f"run-r{ranks}"
+        launcher = DPO_LORA
+        if ranks > 1:
+            deepspeed = str(Path(sys.executable).parent / "deepspeed")
+            launcher = [deepspeed, "--num_gpus", str(ranks), "--master_port", "29655", "--module", "dpo_lora"]
+        _, seconds, sampler = run_stage([*launcher, *train_args(work, "zero3.json", out)], work / f"train-r{ranks}.log")
+        held = re.search(r"rank 0 holds ([0-9.]+) (GiB|MiB) of its ([0-9.]+) (GiB|MiB) of parameters",
+                         (work / f"train-r{ranks}.log").read_text())  # fmt: skip
+        scale = {"GiB": 1, "MiB": 1 / 1024}
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        peaks = [sampler.rank_anon[rank] / 1024 for rank in sorted(sampler.rank_anon)]
+        plan_args = [arg for arg in train_args(work, "zero3.json", out)[1:] if arg != "--overwrite"]
+        planned = subprocess.run([*DPO_LORA, "plan", *plan_args, "--gpus", str(ranks), "--json"],
+                                 capture_output=True, text=True, cwd=REPO)  # fmt: skip
+        planned = json.loads(planned.stdout[planned.stdout.index("{") :])
+        key = "" if ranks == args.ranks else "one_rank_"
+        result |= {
+            f"{key}seconds": seconds,
+            f"{key}peak_anon_gib" if key else "per_rank_peak_anon_gib": peaks if not key else peaks[0],
+            f"{key}params_gib" if key else "per_rank_params_gib": float(held[1]) * scale[held[2]],
+            f"{key}whole_params_gib": float(held[3]) * scale[held[4]],
+            f"{key}plan_per_rank_gib": planned["total_bytes"] / 2**30,
+            f"{key}plan_components_gib": {k: v / 2**30 for k, v in planned["components"].items()},
+            f"{key}losses": [row["loss"] for row in metrics if "loss" in row],
+        }
+    _, result["export_adapter_seconds"], _ = run_stage(
+        [*DPO_LORA, "export", str(work / f"run-r{args.ranks}"), "--adapter-only", "--out", str(work / "adapter"),
+         "--overwrite"], work / "export.log")  # fmt: skip
+    result["params_ratio"] = result["per_rank_params_gib"] / result["one_rank_params_gib"]
+    result["anon_ratio"] = [peak / result["one_rank_peak_anon_gib"] for peak in result["per_rank_peak_anon_gib"]]
+    if not args.keep:
+        shutil.rmtree(work / "model")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = REPO / f"bench/results/scale-{args.geometry}-zero3-r{args.ranks}-{stamp}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if not k.endswith("components_gib")}, indent=2))
+    print(f"wrote {path.relative_to(REPO)}")
+
+
+def cpu_flags() -> str:
+    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return "avx512_bf16/amx" if "avx512_bf16" in flags or "amx_bf16" in flags else "avx2 only (no AVX512-BF16/AMX)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="llama2-7b")
     parser.add_argument("--work", type=Path, default=Path("/tmp/dpo-lora-scale"), help="scratch folder (~3x the model)")
     parser.add_argument("--layers", type=int, default=0, help="cut the depth to N layers (0: the real depth)")
     parser.add_argument("--keep", action="store_true", help="keep the model and exports afterwards")
+    parser.add_argument("--zero", type=int, choices=(2, 3), default=2, help="3: ZeRO-3 on --ranks ranks, then one")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks of the ZeRO-3 run (CPU ranks)")
     args = parser.parse_args()
     geometry = dict(GEOMETRIES[args.geometry], **({"num_hidden_layers": args.layers} if args.layers else {}))
     work = args.work / args.geometry
@@ -187,14 +275,10 @@ def main() -> None:
     write_pairs(work / "pairs.jsonl", work / "model")
     rows.append({"stage": "write bf16 model (bench)", "seconds": time.time() - started})
 
-    train = [*DPO_LORA, "train", str(REPO / "configs/demo.yaml"), "--overwrite",
-             f"model.path={work / 'model'}", "model.quantization=nf4", "model.dtype=float32",
-             "model.gradient_checkpointing=true", "lora.r=16", "lora.alpha=32", "lora.target_modules=all-linear",
-             f"data.train={work / 'pairs.jsonl'}", "data.eval=null", "data.max_length=256",
-             "data.max_prompt_length=128", "train.micro_batch_size=1", "train.grad_accum=1", "train.max_steps=2",
-             "train.warmup_ratio=0", "train.save_every=0", "train.log_every=1",
-             f"deepspeed={REPO / 'deepspeed_configs/zero2.json'}",
-             f"output_dir={work / 'run'}"]  # fmt: skip
+    if args.zero == 3:
+        zero3_runs(args, work, geometry, billions)
+        return
+    train = [*DPO_LORA, *train_args(work, "zero2.json", work / "run")]
     start, seconds, sampler = run_stage(train, work / "train.log")
     metrics = [json.loads(line) for line in (work / "run/metrics.jsonl").read_text().splitlines()]
     steps = [row for row in metrics if "loss" in row]

@@ -4,23 +4,23 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 from dpo_lora.core.config import load_config
 from dpo_lora.core.sizes import parse_size
+from dpo_lora.model.cluster import by_gpus, cluster_table
 from dpo_lora.model.fitting import largest_fitting
 from dpo_lora.model.memory_plan import data_lengths, plan
-from dpo_lora.model.quote import quote
+from dpo_lora.model.quote import memory_quote, time_quote
 
 
 def run(args) -> int:
     config = load_config(args.config, args.overrides)
     budget = parse_size(args.gpu_memory, flag="--gpu-memory")
-    quoted = quote(config, budget, world_size=args.gpus, device=_device() if args.time else None, with_data=args.time)
     auto = config.model.gradient_checkpointing and config.model.checkpoint_layers == "auto"
-    if auto:  # what a run would pick: the quote's count
-        config = replace(config, model=replace(config.model, checkpoint_layers=quoted["checkpoint_layers"]))
-    planned = plan(config, world_size=args.gpus)
+    table = by_gpus(config, budget)  # as configured: `auto` counts every layer there
+    config, planned, quoted = memory_quote(config, budget, world_size=args.gpus)  # `auto` resolved
+    if args.time:
+        quoted |= time_quote(config, args.gpus, _device())
     at_data = plan(config, world_size=args.gpus, lengths=data_lengths(config)) if args.data else None
     largest = {key: largest_fitting(config, planned, budget, key) for key in ("micro_batch_size", "max_length")}
     if args.json:
@@ -33,6 +33,7 @@ def run(args) -> int:
                     "largest_micro_batch_size": largest["micro_batch_size"],
                     "largest_max_length": largest["max_length"],
                     "data_total_bytes": at_data and at_data.total_bytes,
+                    "by_gpus": [fit.as_dict() for fit in table],
                 },
                 indent=2,
             )
@@ -46,6 +47,10 @@ def run(args) -> int:
         print(f"  {name:<52}{size / 2**30:>9.2f} GiB")
     verdict = "fits" if quoted["fits"] else "does NOT fit"
     print(f"  {'total':<52}{planned.total_bytes / 2**30:>9.2f} GiB  ({verdict} {budget / 2**30:.1f} GiB)")
+    if planned.host:
+        print(f"host memory per rank (ZeRO offload), {args.gpus} rank(s) on a node need {args.gpus}x:")
+        for name, size in planned.host.items():
+            print(f"  {name:<52}{size / 2**30:>9.2f} GiB")
     print(
         f"largest train.micro_batch_size that fits: {largest['micro_batch_size']} (at data.max_length="
         f"{config.data.max_length}); largest data.max_length: {largest['max_length']} (at micro-batch "
@@ -61,6 +66,7 @@ def run(args) -> int:
         )
     if quoted["recommendation"]:
         print(f"recommendation: {quoted['recommendation']}")
+    print("\n".join(cluster_table(table, budget)))
     if args.time:
         print(
             f"time on {quoted['device']}: {quoted['total_steps']} steps, "

@@ -1,6 +1,7 @@
 """What fits a memory budget, by the plan (`memory_plan.plan`): the fewest checkpointed layers
 (`model.checkpoint_layers: auto`, resolved here before the model loads), the largest micro-batch or
-length, and one line of advice when a run does not fit or fits with less recompute."""
+length, and one line when a run fits with less recompute (dpo_lora.model.cluster says what to change
+when it does not fit)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from dpo_lora.core.distributed import gather_lists
 from dpo_lora.model.grad_checkpointing import checkpointed_count
-from dpo_lora.model.memory_plan import FIXED_OVERHEAD, Plan, activations_of, plan, text_config_of
+from dpo_lora.model.memory_plan import Plan, activations_of, plan, text_config_of
 
 AUTO_MEMORY_FRACTION = 0.9  # of a GPU's free memory that `auto` plans into
 
@@ -104,23 +105,6 @@ def largest_fitting(config, planned: Plan, budget: int, key: str) -> int:
         middle = (high + bad) // 2
         high, bad = (middle, bad) if fits(middle) else (high, middle)
     return high
-
-
-def recommendation(config, planned: Plan, budget: int) -> str:
-    """One line on what to change when the run does not fit `budget`."""
-    components = planned.components
-    weights = sum(v for k, v in components.items() if "weights" in k)
-    if weights + FIXED_OVERHEAD > budget:
-        return (
-            "the base weights alone need more than this memory: use a larger GPU or 4-bit quantization "
-            "(ZeRO-3 does not shard a quantized base yet)"
-        )
-    if not config.model.gradient_checkpointing:
-        return "set model.gradient_checkpointing=true (keeps one layer's activations instead of every layer's)"
-    optimizer = components["optimizer states (AdamW) + ZeRO float32 partition"]
-    if optimizer > 0.1 * budget:
-        return "offload the optimizer: deepspeed=deepspeed_configs/zero2_offload.json"
-    return "lower data.max_length or train.micro_batch_size (and raise train.grad_accum to keep the batch)"
 
 
 def checkpointing_hint(config, planned: Plan, budget: int, world_size: int = 1) -> str | None:

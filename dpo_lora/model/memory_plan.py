@@ -18,8 +18,7 @@ communication buckets beyond the gradient partition.
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -29,11 +28,10 @@ from dpo_lora.data.layout import unsupported_reason
 from dpo_lora.data.prepare import tokenized_split
 from dpo_lora.model.grad_checkpointing import checkpointed_count, keeps_attention_outputs
 from dpo_lora.model.load import load_tokenizer
-from dpo_lora.model.precision import float32_residual, quantization_config, torch_dtype, weights_dtype
-from dpo_lora.model.requantize import quantized_layers
+from dpo_lora.model.precision import float32_residual, torch_dtype
+from dpo_lora.model.weight_plan import ZeroSettings, optimizer_components, skeleton, weight_components
 
 FIXED_OVERHEAD = 1 << 30  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack: ~0.5-1 GiB measured by others
-ADAM_STATES = 2  # exp_avg and exp_avg_sq, float32
 # Live bytes per logit of a head chunk at its peak (the forward: float32 logits turned into
 # softmax - onehot in place, plus, with a 16-bit model, its 16-bit copy for the matmul with the
 # weight), counted on CPU by tests/model/test_memory_plan.py: 4.0 with a float32 model, 6.0 with a 16-bit one.
@@ -42,13 +40,18 @@ LOGIT_BYTES = {4: 4, 2: 6}
 
 @dataclass
 class Plan:
-    components: dict[str, int]  # name -> bytes per rank
+    components: dict[str, int]  # name -> device bytes per rank
     tokens_per_row: int
     rows: int
+    host: dict[str, int] = field(default_factory=dict)  # name -> host bytes per rank (what ZeRO offloads)
 
     @property
     def total_bytes(self) -> int:
         return sum(self.components.values())
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host.values())
 
 
 @dataclass(frozen=True)
@@ -100,83 +103,6 @@ def data_lengths(config) -> RowLengths:
     return data_token_counts(config).longest
 
 
-def quantized_bytes(numel: int, out_features: int, quantization: str) -> int:
-    """Device bytes of one quantized weight: 4-bit codes, blockwise absmax (double-quantized to
-    uint8 with a float32 absmax per 256 blocks and a 256-entry code) or int8 values + row scales."""
-    if quantization == "int8":
-        return numel + 4 * out_features
-    blocks = math.ceil(numel / 64)
-    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 * 16
-
-
-def _skeleton(config, layers: int | None = None, dtype=None):
-    """The model (PEFT-wrapped as configured) on the meta device, LoRA in float32 as in training;
-    unquantized weights in `dtype` (default: what training holds them in)."""
-    from accelerate import init_empty_weights
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
-    if layers is not None:
-        model_config.num_hidden_layers = layers
-        if getattr(model_config, "layer_types", None):
-            model_config.layer_types = model_config.layer_types[:layers]
-    model_config._attn_implementation = "sdpa"
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype or weights_dtype(config.model))
-        lora = LoraConfig(
-            r=config.lora.r,
-            lora_alpha=config.lora.alpha,
-            lora_dropout=config.lora.dropout,
-            target_modules=config.lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.data = param.data.float()
-    return model
-
-
-def weight_components(config) -> tuple[dict[str, int], int]:
-    """(components, LoRA parameter count) for the weights of the whole model."""
-    from pathlib import Path
-
-    model = _skeleton(config)
-    quantized = set()
-    if config.model.quantization != "none":
-        quantized = set(quantized_layers(Path(config.model.path), quantization_config(config.model)))
-    tied = set(getattr(model.get_base_model(), "all_tied_weights_keys", None) or {})  # stored once
-    packed = plain = lora = 0
-    for name, param in model.named_parameters():
-        base_name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        if base_name in tied:
-            continue
-        if "lora_" in name:
-            lora += param.numel()
-        elif base_name in quantized:
-            packed += quantized_bytes(param.numel(), param.shape[0], config.model.quantization)
-        else:
-            plain += param.numel() * param.element_size()
-    label = "int8 weights + row scales" if config.model.quantization == "int8" else "4-bit weights + absmax"
-    return {label: packed, "unquantized weights (embeddings, head, norms)": plain}, lora
-
-
-def optimizer_components(lora_numel: int, zero: dict, world_size: int) -> dict[str, int]:
-    """LoRA parameters, gradients and AdamW state (all float32) as the ZeRO stage splits them."""
-    stage = zero.get("stage", 0)
-    offloaded = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
-    full, shard = 4 * lora_numel, 4 * math.ceil(lora_numel / world_size)
-    components = {"LoRA parameters": shard if stage == 3 else full}
-    # Stage 2+ keeps only its gradient partition (plus the bucket being reduced); 0-1 keep them all.
-    bucket = 4 * min(int(zero.get("reduce_bucket_size", 5e8)), lora_numel)
-    components["LoRA gradients"] = shard + bucket if stage >= 2 else full
-    optimizer = ADAM_STATES * (shard if stage >= 1 else full)
-    master = shard if stage >= 1 else 0  # ZeRO 1-3 step a float32 copy of their partition
-    components["optimizer states (AdamW) + ZeRO float32 partition"] = 0 if offloaded else optimizer + master
-    return components
-
-
 @contextlib.contextmanager
 def _fused_attention(outputs: list[int]):
     """sdpa as the fused kernels save for backward (q, k, v, output, log-sum-exp, mask), on meta;
@@ -212,7 +138,7 @@ def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, i
     attention output and log-sum-exp) for `rows` rows of `tokens` tokens, counted on the meta device."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    model = _skeleton(config, layers=2, dtype=torch_dtype(config.model.dtype))  # the compute dtype
+    model = skeleton(config, layers=2, dtype=torch_dtype(config.model.dtype))  # the compute dtype
     model.train()
     params = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
     layers = model.get_base_model().model.layers
@@ -248,10 +174,10 @@ def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, i
 
 
 def activation_components(
-    config, hidden: int, vocab: int, layers: int, shared: bool, lengths: RowLengths | None = None
+    config, hidden: int, vocab: int, layers: int, shared: bool, lengths: RowLengths | None = None, zero_stage: int = 0
 ) -> tuple[dict[str, int], int, int]:
     """(components, tokens per row, rows) for one micro-batch's policy forward and backward, its
-    rows as long as `lengths` (default: the worst case of `data.max_length`)."""
+    rows as long as `lengths` (default: the worst case of `data.max_length`), under `zero_stage`."""
 
     micro = config.train.micro_batch_size
     lengths = lengths or RowLengths.worst_case(config.data.max_length)
@@ -272,7 +198,6 @@ def activation_components(
         components = {"checkpointed activations (layer inputs)": checkpointed * layer_input}
         if checkpointed == layers:
             components["one-layer recompute peak"] = per_layer
-        zero_stage = read_json(config.deepspeed).get("zero_optimization", {}).get("stage", 0)
         if keeps_attention_outputs(config.model, zero_stage):
             components["kept attention outputs"] = checkpointed * attention_output
     if checkpointed < layers:
@@ -305,23 +230,31 @@ def text_config_of(config):
     return text_config
 
 
-def activations_of(config, text_config, lengths: RowLengths | None = None) -> tuple[dict[str, int], int, int]:
+def activations_of(
+    config, text_config, lengths: RowLengths | None = None, zero: ZeroSettings | None = None
+) -> tuple[dict[str, int], int, int]:
 
     # The layout training will use (dpo_lora.data.layout.batch_layout decides it the same way).
     reason = unsupported_reason(SimpleNamespace(config=text_config), config.data.max_length)
     shared = config.train.share_prompt and reason is None
     hidden, vocab, layers = text_config.hidden_size, text_config.vocab_size, text_config.num_hidden_layers
-    return activation_components(config, hidden, vocab, layers, shared, lengths)
+    stage = (zero or zero_settings(config)).stage
+    return activation_components(config, hidden, vocab, layers, shared, lengths, stage)
 
 
-def plan(config, world_size: int = 1, lengths: RowLengths | None = None) -> Plan:
+def zero_settings(config) -> ZeroSettings:
+    """The ZeRO settings of `config.deepspeed`'s JSON."""
+    return ZeroSettings.of(read_json(config.deepspeed).get("zero_optimization", {}))
+
+
+def plan(config, world_size: int = 1, lengths: RowLengths | None = None, zero: ZeroSettings | None = None) -> Plan:
     """The per-rank memory of `config`'s run on `world_size` ranks, its rows as long as `lengths`
-    (default: the worst case of `data.max_length`)."""
+    (default: the worst case of `data.max_length`), under `zero` (default: `config.deepspeed`'s)."""
 
-    components, lora_numel = weight_components(config)
-    zero = read_json(config.deepspeed).get("zero_optimization", {})
-    components |= optimizer_components(lora_numel, zero, world_size)
-    activations, tokens, rows = activations_of(config, text_config_of(config), lengths)
-    components |= activations
+    zero = zero or zero_settings(config)
+    components, host, lora_numel = weight_components(config, zero, world_size)
+    optimizer, optimizer_host = optimizer_components(lora_numel, zero, world_size)
+    activations, tokens, rows = activations_of(config, text_config_of(config), lengths, zero)
+    components |= optimizer | activations
     components["fixed overhead (CUDA context, workspaces)"] = FIXED_OVERHEAD
-    return Plan(components, tokens, rows)
+    return Plan(components, tokens, rows, host | optimizer_host)

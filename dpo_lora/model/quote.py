@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from dpo_lora.model.fitting import checkpointing_hint, fewest_fitting, recommendation
-from dpo_lora.model.memory_plan import data_token_counts, plan, text_config_of
+from dpo_lora.model.cluster import smallest_change
+from dpo_lora.model.fitting import checkpointing_hint, fewest_fitting
+from dpo_lora.model.memory_plan import Plan, data_token_counts, plan, text_config_of
 
 # The share of the measured matmul rate a dpo-lora step achieves, by device type. CPU: the demo run
 # (SmolLM2-135M NF4, LoRA r16 all-linear, float32, 10 steps of 8 pairs) reached 0.386 of 158 GFLOP/s
@@ -147,13 +148,22 @@ def quote(
     steps, tokens and time of a run of `config` on `world_size` ranks of `device_bytes` each.
     `efficiency`: the share of the matmul rate a step achieves (EFFICIENCY for the device type
     when None); `matmul_rate`: one device's (measured here when None)."""
-    if config.model.gradient_checkpointing and config.model.checkpoint_layers == "auto":  # as a run would pick
+    config, _, result = memory_quote(config, device_bytes, world_size)
+    if not with_data:
+        return result
+    return result | time_quote(config, world_size, device or torch.device("cpu"), efficiency, matmul_rate)
+
+
+def memory_quote(config, device_bytes: int, world_size: int = 1) -> tuple[object, Plan, dict]:
+    """(`config` with `model.checkpoint_layers: auto` resolved as a run would, its plan, the quote's
+    memory part)."""
+    if config.model.gradient_checkpointing and config.model.checkpoint_layers == "auto":
         fewest = fewest_fitting(config, device_bytes, world_size)[0]
         config = replace(config, model=replace(config.model, checkpoint_layers=fewest))
     planned = plan(config, world_size=world_size)
     fits = planned.total_bytes <= device_bytes
     advice = (
-        recommendation(config, planned, device_bytes)
+        smallest_change(config, planned, device_bytes, world_size)
         if not fits
         else checkpointing_hint(config, planned, device_bytes, world_size)
     )
@@ -164,12 +174,18 @@ def quote(
         "device_bytes": device_bytes,
         "world_size": world_size,
         "components": planned.components,
+        "host_bytes_per_rank": planned.host_bytes,  # what ZeRO offloads to host memory
+        "host_components": planned.host,
         "recommendation": advice,
         "checkpoint_layers": config.model.checkpoint_layers,
     }
-    if not with_data:
-        return result
-    device = device or torch.device("cpu")
+    return config, planned, result
+
+
+def time_quote(
+    config, world_size: int, device: torch.device, efficiency: float | None = None, matmul_rate: float | None = None
+) -> dict:
+    """The quote's steps, tokens and time (the training data tokenized)."""
     run = run_counts(config, world_size)
     counts = run["counts"]
     flops = run["pairs"] * step_flops_per_pair(config, counts.mean_tokens, counts.mean_completion)
@@ -180,7 +196,7 @@ def quote(
     seconds = STARTUP_SECONDS.get(device.type, STARTUP_SECONDS["cuda"]) + flops / (rate * share)
     seconds += eval_flops / (rate * eval_share)
     flops += eval_flops
-    return result | {
+    return {
         "device": device_name(device),
         "total_steps": run["steps"],
         "trained_tokens": round(run["pairs"] * counts.mean_tokens),

@@ -10,7 +10,11 @@ checkpoint tensor is read, cast and quantized as `from_pretrained` does it (same
 device, same bitsandbytes call), and handed straight to ZeRO-3, which broadcasts it from rank 0
 and keeps this rank's partition. A rank's peak is its partitions plus the largest single tensor.
 Every rank quantizes every tensor itself (deterministic) because the quantization statistics are
-attributes, not parameters, and ZeRO-3 does not move them; they are about 1/30 of the 4-bit data.
+attributes, not parameters, and ZeRO-3 does not move them. The largest of them, a 4-bit weight's
+blockwise absmax (1/32 of its packed bytes, 1 GiB of a 70B base), is then made a frozen parameter
+beside the weight (`<name>_absmax`) that its quantization state points at, so ZeRO-3 partitions it
+and gathers it with the weight; the rest (the nested absmax, the codebooks, int8 row scales) stays
+whole on every rank.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from dpo_lora.model.precision import quantization_config, weights_dtype
 from dpo_lora.model.requantize import quantized_like
 from dpo_lora.model.weight_files import tensor_files
 
+ABSMAX_SUFFIX = "_absmax"
+
 
 @dataclass(frozen=True)
 class HeldBytes:
@@ -36,7 +42,8 @@ class HeldBytes:
 
     partition: int  # this rank's share of every parameter
     whole: int  # every parameter, unpartitioned
-    quant_stats: int  # quantization statistics (absmax, row scales): whole on every rank
+    quant_stats: int  # quantization statistics that are not parameters: whole on every rank
+    quantized: int  # of `partition` and `quant_stats`: the quantized weights' (their data and statistics)
 
 
 def load_partitioned(model_config, device: torch.device, ds_config: dict):
@@ -72,6 +79,7 @@ def load_partitioned(model_config, device: torch.device, ds_config: dict):
         for holder, name, _ in names:
             holder._parameters[name] = new
         partitioner.partition(new)
+        _partition_absmax(module, local_name, new, partitioner)
         del old, value, new
         release_free_heap()
     for module in model.modules():
@@ -85,8 +93,9 @@ def load_partitioned(model_config, device: torch.device, ds_config: dict):
         held = held_bytes(model)
         print(
             f"dpo-lora: ZeRO-3: base loaded a tensor at a time; rank 0 holds {_size(held.partition)} of its "
-            f"{_size(held.whole)} of parameters (+{_size(held.quant_stats)} of quantization statistics, whole on "
-            "every rank)",
+            f"{_size(held.whole)} of parameters, +{_size(held.quant_stats)} of quantization statistics whole on "
+            f"every rank (quantized layers {_size(held.quantized)}, the rest "
+            f"{_size(held.partition + held.quant_stats - held.quantized)}; each rank the same, give or take padding)",
             file=sys.stderr,
         )
     return model
@@ -94,14 +103,31 @@ def load_partitioned(model_config, device: torch.device, ds_config: dict):
 
 def held_bytes(model) -> HeldBytes:
     """This rank's share of the base's parameters (ZeRO-3 partitions) and its quantization stats."""
-    partition = whole = stats = 0
-    for param in {id(p): p for p in model.parameters()}.values():
+    import bitsandbytes as bnb
+
+    partition = whole = stats = quantized = 0
+    for name, param in {id(p): (n, p) for n, p in model.named_parameters()}.values():
         size = param.element_size()
         shard = getattr(param, "ds_tensor", None)
-        partition += shard.numel() * size if shard is not None else param.numel() * size
+        held = shard.numel() * size if shard is not None else param.numel() * size
+        partition += held
         whole += getattr(param, "ds_numel", param.numel()) * size
         stats += _stat_bytes(param)
-    return HeldBytes(partition=partition, whole=whole, quant_stats=stats)
+        if isinstance(param, bnb.nn.Params4bit | bnb.nn.Int8Params) or name.endswith(ABSMAX_SUFFIX):
+            quantized += held + _stat_bytes(param)
+    return HeldBytes(partition=partition, whole=whole, quant_stats=stats, quantized=quantized)
+
+
+def _partition_absmax(module, name: str, param, partitioner: _Partitioner) -> None:
+    """A 4-bit weight's blockwise absmax as a frozen parameter `<name>_absmax` of its module, which
+    its quantization state holds: ZeRO-3 partitions it and gathers it whenever it gathers the weight."""
+    state = getattr(param, "quant_state", None)
+    if state is None:
+        return
+    absmax = torch.nn.Parameter(state.absmax, requires_grad=False)
+    module.register_parameter(name + ABSMAX_SUFFIX, absmax)
+    state.absmax = absmax
+    partitioner.partition(absmax)
 
 
 def _size(count: int) -> str:
@@ -185,10 +211,11 @@ def _dtype_plan(model, dtype: torch.dtype) -> dict:
 
 
 def _stat_bytes(param) -> int:
+    """Bytes of `param`'s quantization statistics that are not parameters themselves."""
     state = getattr(param, "quant_state", None)
     tensors = [getattr(param, "SCB", None)]
     if state is not None:
-        tensors += [state.absmax, state.code]
+        tensors += [state.code] + ([] if isinstance(state.absmax, torch.nn.Parameter) else [state.absmax])
         if state.nested:
             tensors += [state.state2.absmax, state.state2.code]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))

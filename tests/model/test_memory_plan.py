@@ -217,7 +217,9 @@ def test_plan_command_json_for_a_70b_config_without_weights(tmp_path, capsys):
     assert small["total_bytes"] == sum(small["components"].values()) and small["fits"] is False
     # 69B parameters in NF4: ~0.5 byte each plus the absmax, the embeddings and head in bf16.
     assert 33e9 < small["components"]["4-bit weights + absmax"] < 37e9
-    assert small["largest_micro_batch_size"] == 0 and "base weights alone" in small["recommendation"]
+    # Nothing fits beside the whole base; the same GPU fits with the parameters on the host.
+    assert small["largest_micro_batch_size"] == 0
+    assert small["recommendation"].startswith("deepspeed=deepspeed_configs/zero3_offload.json")
     assert main([*args, "--json", "--gpu-memory", "80GiB"]) == 0
     large = json.loads(capsys.readouterr().out)
     assert large["fits"] is True and large["largest_micro_batch_size"] >= 4

@@ -30,7 +30,7 @@ def compare(dist, model_config) -> None:
     import deepspeed
 
     from dpo_lora.model.load import load_base
-    from dpo_lora.model.zero3_loading import held_bytes
+    from dpo_lora.model.zero3_loading import ABSMAX_SUFFIX, held_bytes
 
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
     world = dist.world_size
@@ -40,8 +40,13 @@ def compare(dist, model_config) -> None:
     held = held_bytes(partitioned)
     whole = load_base(model_config, dist.device)
     whole_params = dict(whole.named_parameters(remove_duplicate=False))
-    names = dict(partitioned.named_parameters(remove_duplicate=False))
+    everything = dict(partitioned.named_parameters(remove_duplicate=False))
+    # Beside each 4-bit weight, its absmax as a parameter of its own (what ZeRO-3 partitions).
+    names = {name: param for name, param in everything.items() if not name.endswith(ABSMAX_SUFFIX)}
     assert sorted(names) == sorted(whole_params), "different parameter names"
+    absmax_params = sorted(name.removesuffix(ABSMAX_SUFFIX) for name in everything if name.endswith(ABSMAX_SUFFIX))
+    expected_absmax = sorted(name for name, p in whole_params.items() if getattr(p, "quant_state", None) is not None)
+    assert absmax_params == expected_absmax, (absmax_params, expected_absmax)
     mismatched = []
     with deepspeed.zero.GatheredParameters(list(partitioned.parameters())):
         for name, param in names.items():
@@ -67,6 +72,7 @@ def compare(dist, model_config) -> None:
         "held": held.partition,
         "whole": held.whole,
         "quant_stats": held.quant_stats,
+        "quantized": held.quantized,
         "mismatched": mismatched,
         "tied": tied,
         "expected_tied": whole.get_output_embeddings().weight is whole.get_input_embeddings().weight,

@@ -182,6 +182,33 @@ def test_zero3_loads_the_base_straight_into_each_ranks_partition_quietly(runs):
         assert "is deprecated" not in (tmp / f"{name}.stderr").read_text(), name
 
 
+def held_kib(stderr: str) -> tuple[float, float]:
+    """(quantized layers, the rest) that the ZeRO-3 loader says rank 0 holds, in KiB."""
+    said = re.search(r"quantized layers ([0-9.]+) (KiB|MiB), the rest ([0-9.]+) (KiB|MiB)", stderr)
+    assert said is not None, stderr[-2000:]
+    scale = {"KiB": 1, "MiB": 1024}
+    return float(said[1]) * scale[said[2]], float(said[3]) * scale[said[4]]
+
+
+def test_the_zero3_plan_counts_the_base_bytes_each_rank_holds(runs):
+    """`dpo-lora plan`'s per-rank 4-bit and unquantized components against what the loader says rank
+    0 holds after a real two-rank (and one-rank) ZeRO-3 load, within 2%. Every rank holds the same:
+    DeepSpeed pads each tensor to a multiple of the ranks and gives each an equal slice."""
+    from dpo_lora.core.config import load_config
+    from dpo_lora.model.memory_plan import plan
+
+    tmp, _ = runs
+    for name, ranks in (("2rank-zero3", 2), ("1rank-zero3", 1)):
+        quantized, rest = held_kib((tmp / f"{name}.stderr").read_text())
+        planned = plan(load_config(str(tmp / f"{name}.yaml"), []), world_size=ranks).components
+        assert planned["4-bit weights + absmax"] / 1024 == pytest.approx(quantized, rel=0.02), name
+        assert planned["unquantized weights (embeddings, head, norms)"] / 1024 == pytest.approx(rest, rel=0.02), name
+    two, one = held_kib((tmp / "2rank-zero3.stderr").read_text()), held_kib((tmp / "1rank-zero3.stderr").read_text())
+    # Half the packed weights and absmax; the codebooks and nested absmax (not parameters) stay whole,
+    # which on this tiny model is a third of its quantized bytes (on a 7B, a thousandth).
+    assert one[0] / 2 < two[0] < 0.7 * one[0] and two[1] == pytest.approx(one[1] / 2, rel=0.02)
+
+
 def test_zero3_saves_the_full_adapter_equal_to_zero2(runs):
     tmp, _ = runs
     zero2, zero3 = adapter(tmp / "2rank-zero2"), adapter(tmp / "2rank-zero3")
