@@ -4,6 +4,7 @@ rates, then `dpo-lora generate` samples the 61 held-out prompts from the policy 
 and scores them with the task's judge: mean reward and KL(policy || reference), as the demo does.
 
     python bench/methods.py [--methods sigmoid,rpo,...] [--lrs 3.5e-4,7e-4,1.4e-3]
+    python bench/methods.py --plot-only      # one plot of every result file so far
 
 Writes bench/results/methods-TIMESTAMP.json (one row per run, as it finishes) and, with
 matplotlib, docs/methods-frontier.png: reward against KL, the DPO paper's sentiment frontier axes.
@@ -92,7 +93,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--lrs", default="7e-4,3.5e-4,1.4e-3")
+    parser.add_argument("--plot-only", action="store_true", help="replot every bench/results/methods-*.json")
     args = parser.parse_args()
+    if args.plot_only:
+        files = sorted((REPO / "bench" / "results").glob("methods-*.json"))
+        plot([row for file in files for row in json.loads(file.read_text())], REPO / "docs" / "methods-frontier.png")
+        print(f"replotted {len(files)} result files into docs/methods-frontier.png")
+        return 0
     out = REPO / "bench" / "results" / f"methods-{time.strftime('%Y%m%d-%H%M%S')}.json"
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
