@@ -1,5 +1,5 @@
 """dpo-lora's routes beyond OpenAI's: a job's events as server-sent events, a checkpoint's adapter
-as a .tar.gz, exports of merged models, and /v1/models."""
+as a .tar.gz, exports of merged models (their folder streamed as a tar), and /v1/models."""
 
 from __future__ import annotations
 
@@ -146,6 +146,46 @@ def retrieve_export(state: State, job_id: str, export_id: str) -> dict:
         if export is None or export.job_id != job_id:
             raise not_found("export", export_id)
         return wire.export_object(export)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/exports/{export_id}/content")
+def export_content(state: State, job_id: str, export_id: str):
+    """A finished export's model folder as an uncompressed tar, streamed as it is read: a 7B merged
+    model is ~14 GB, so nothing is staged on disk or held in memory (safetensors barely compress)."""
+    with state.store.session() as s:
+        export = s.get(Export, export_id)
+        if export is None or export.job_id != job_id:
+            raise not_found("export", export_id)
+        status, folder = export.status, Path(export.options["out"])
+    if status != "succeeded":
+        raise ApiError(409, f"export {export_id} is {status}; its content exists once it has succeeded",
+                       code="export_not_ready")  # fmt: skip
+    if not folder.is_dir():
+        raise ApiError(410, f"export {export_id}'s folder is gone from the server", code="gone")
+    return StreamingResponse(
+        tar_stream(folder, export_id),
+        media_type="application/x-tar",
+        headers={"Content-Disposition": f'attachment; filename="{export_id}.tar"'},
+    )
+
+
+def tar_stream(folder: Path, arcname: str, chunk: int = 1 << 20):
+    """`folder`'s regular files as a POSIX tar under `arcname/`, in `chunk`-byte pieces (symlinks and
+    anything else that is not a plain file are left out)."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+        info = tarfile.TarInfo(f"{arcname}/{path.relative_to(folder).as_posix()}")
+        stat = path.stat()
+        info.size, info.mtime, info.mode = stat.st_size, int(stat.st_mtime), 0o644
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        with open(path, "rb") as source:
+            left = info.size
+            while left > 0 and (piece := source.read(min(chunk, left))):
+                left -= len(piece)
+                yield piece
+        if left:
+            raise OSError(f"{path} shrank while it was streamed")
+        yield b"\0" * (-info.size % tarfile.BLOCKSIZE)
+    yield b"\0" * (2 * tarfile.BLOCKSIZE)  # the end-of-archive marker
 
 
 @router.get("/models")

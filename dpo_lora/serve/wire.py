@@ -188,7 +188,9 @@ def export_object(export: Export) -> dict:
         "error": export.error,
         "finished_at": export.finished_at,
         "merge_into": export.options["merge_into"],
-        "path": export.options["out"],
+        # Where to download it once it has succeeded (a tar of the model folder); the folder's
+        # place on the server is not the client's business.
+        "content_url": f"/v1/fine_tuning/jobs/{export.job_id}/exports/{export.id}/content",
     }
 
 

@@ -216,6 +216,10 @@ def test_malformed_requests_are_json_400s_that_say_not_to_retry_and_leave_nothin
     assert caught.value.body["param"] == "training_file" and "purpose 'batch'" in caught.value.body["message"]
     with pytest.raises(openai.BadRequestError):
         client.files.create(file=train.open("rb"), purpose="fine-tune-results")
+    for path in ("/fine_tuning/jobs/ftjob-none/exports/ftexport-none/content",  # made-up ids, and one
+                 "/fine_tuning/jobs/ftjob-none/exports/..%2f..%2fconfig.yaml/content"):  # fmt: skip
+        with pytest.raises(openai.NotFoundError):
+            client.get(path, cast_to=bytes)
     assert client.fine_tuning.jobs.list().data == [] and job_folders(server) == []
 
 
