@@ -14,12 +14,14 @@ Merge targets:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from dpo_lora.core.errors import UserError
 from dpo_lora.core.sizes import parse_size
+from dpo_lora.model.gguf_export import GGUF_TYPES, check_supported, gguf_name, modelfile, verify_gguf, write_gguf
 from dpo_lora.model.requantize import Requantizer
 from dpo_lora.model.verify import verify_export
 from dpo_lora.model.weight_files import ShardWriter, WeightFolder
@@ -138,9 +140,12 @@ def export_model(
     overwrite: bool = False,
     push: str | None = None,
     checkpoint: str | None = None,
+    format: str = "safetensors",
+    gguf_type: str = "f16",
 ) -> dict:
     """Export a run/adapter/checkpoint (or the run's `checkpoint`: best, latest, a step) to `out`;
-    returns the export report (also in out/export_report.json)."""
+    returns the export report (also in out/export_report.json). `format: gguf` writes one GGUF file
+    (`gguf_type` f16 or q8_0) from a float32 merge, with an Ollama Modelfile, instead of safetensors."""
     import shutil
     import tempfile
 
@@ -168,17 +173,25 @@ def export_model(
                 if merge_into == "dequantized" and run_config.model.quantization == "none":
                     raise UserError("--merge-into dequantized: the run's base was not quantized (use original)")
                 requantize = Requantizer(base_path, run_config.model) if merge_into == "dequantized" else None
-                max_shard_bytes = parse_size(max_shard_size)
+                gguf = format == "gguf"
+                if gguf:  # checked before the merge: a one-line refusal, not one after minutes of work
+                    check_supported(json.loads((base_path / "config.json").read_text()))
+                merged = Path(scratch) / "merged" if gguf else staging
+                merged.mkdir(exist_ok=True)
+                dtype = "float32" if gguf else dtype  # the GGUF converts from float32, rounding once
                 summary = merge(
-                    base_path, adapter_dir, staging, dtype=dtype, max_shard_bytes=max_shard_bytes, requantize=requantize
-                )
-                write_model_files(base_path, adapter_dir, staging, dtype)
-                report = {**summary, **verify_export(staging, base_path, adapter_dir, run_config, merge_into, dtype)}
+                    base_path, adapter_dir, merged, dtype=dtype, max_shard_bytes=parse_size(max_shard_size),
+                    requantize=requantize,
+                )  # fmt: skip
+                write_model_files(base_path, adapter_dir, merged, dtype)
+                report = {**summary, **verify_export(merged, base_path, adapter_dir, run_config, merge_into, dtype)}
                 if report["max_logp_diff_vs_claimed"] > report["tolerance"]:
                     raise UserError(
                         f"export failed verification: merged model differs from the {report['claimed']} by "
                         f"{report['max_logp_diff_vs_claimed']:.4g} in log-prob (tolerance {report['tolerance']}); nothing written"
                     )
+                if gguf:
+                    report |= _write_gguf(merged, staging, gguf_type, out_path.name)
             (staging / "export_report.json").write_text(json.dumps(report, indent=2))
         shutil.rmtree(out_path, ignore_errors=True)
         staging.rename(out_path)
@@ -186,6 +199,25 @@ def export_model(
         shutil.rmtree(staging, ignore_errors=True)
     if push:
         push_to_hub(out_path, push)
+    return report
+
+
+def _write_gguf(merged: Path, staging: Path, gguf_type: str, name: str) -> dict:
+    """The verified float32 merge as one GGUF file in `staging`, checked, with its Ollama Modelfile."""
+    from transformers import AutoTokenizer
+
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"--gguf-type {gguf_type!r}: must be one of {', '.join(GGUF_TYPES)}")
+    gguf_file = staging / gguf_name(name, gguf_type)
+    report = {"format": "gguf", "gguf_file": gguf_file.name, **write_gguf(merged, gguf_file, gguf_type, name)}
+    report |= verify_gguf(gguf_file, merged, gguf_type)
+    if not report["gguf_tokenizer_matches"] or report["max_logp_diff_gguf_vs_merged"] > report["gguf_tolerance"]:
+        raise UserError(
+            f"GGUF export failed verification: log-probs differ from the merged model by "
+            f"{report['max_logp_diff_gguf_vs_merged']:.4g} (tolerance {report['gguf_tolerance']}), tokenizer "
+            f"{'matches' if report['gguf_tokenizer_matches'] else 'differs'}; nothing written"
+        )
+    (staging / "Modelfile").write_text(modelfile(gguf_file.name, AutoTokenizer.from_pretrained(str(merged)).eos_token))
     return report
 
 
@@ -200,6 +232,8 @@ SPEC_KEYS = (
     "adapter_only",
     "overwrite",
     "push",
+    "format",
+    "gguf_type",
 )
 
 
@@ -224,4 +258,11 @@ def run(args) -> int:
         options = {key: getattr(args, key) for key in SPEC_KEYS}
     report = export_model(options.pop("source"), **options)
     print(json.dumps(report, indent=2))
+    if report.get("format") == "gguf":
+        print(
+            f"serve it with Ollama: cd {options['out']} && ollama create NAME -f Modelfile (Modelfile: "
+            f"{(Path(options['out']) / 'Modelfile').read_text().strip()!r}); or llama.cpp: "
+            f"llama-cli -m {Path(options['out']) / report['gguf_file']}",
+            file=sys.stderr,
+        )
     return 0

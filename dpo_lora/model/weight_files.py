@@ -40,6 +40,10 @@ class WeightFolder:
     def names(self) -> list[str]:
         return list(self.shard_of)
 
+    def shape(self, name: str) -> list[int]:
+        """A tensor's shape from its shard's header, nothing read."""
+        return self.shard_of[name].get_slice(name).get_shape()
+
 
 class ShardWriter:
     """Collects tensors into safetensors shards of at most `max_bytes` and writes the index."""

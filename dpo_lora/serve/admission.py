@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -18,7 +19,7 @@ from sqlalchemy import select
 from dpo_lora.core import rundir
 from dpo_lora.core.config import load_config
 from dpo_lora.core.errors import UserError
-from dpo_lora.serve import runfiles, wire
+from dpo_lora.serve import models, runfiles, wire
 from dpo_lora.serve.jobspec import JobSpec, SpecError, build_spec
 from dpo_lora.serve.state import ServerState, State
 from dpo_lora.serve.status import JobStatus
@@ -27,6 +28,7 @@ from dpo_lora.serve.store import Job
 from dpo_lora.serve.wire import ApiError
 
 router = APIRouter()
+INIT_ADAPTER = "init_adapter"  # in a job's folder: the adapter of the fine-tuned model it continues from
 EARLIER_JOBS = 5  # the newest succeeded jobs on a base whose measured speed corrects its quotes
 
 
@@ -46,11 +48,12 @@ def request_spec(state: ServerState, body: wire.JobCreate, directory: Path, quot
         raise ApiError(400, f"method '{body.method.type}' is not supported; this server trains DPO", param="method")
     if body.integrations:
         raise ApiError(400, "integrations are not supported; metrics are in the job's events", param="integrations")
-    if body.model not in state.models:
-        known = ", ".join(sorted(state.models)) or "none (start the server with --models DIR)"
-        raise ApiError(400, f"model '{body.model}' is not one this server trains (known: {known})", param="model")
     stored = {}
     with state.store.session() as s:
+        try:  # a base, or a fine-tuned model or checkpoint to continue from (its adapter)
+            source = models.resolve(state.models, s, body.model)
+        except models.UnknownModel as err:
+            raise ApiError(400, str(err), param="model") from None
         for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
             file = s.get(StoredFile, file_id) if file_id is not None else None
             if file_id is not None and file is None:
@@ -66,7 +69,7 @@ def request_spec(state: ServerState, body: wire.JobCreate, directory: Path, quot
     try:
         spec = build_spec(
             state.base_config,
-            state.models[body.model],
+            source.base_path,
             stored["training_file"] if quoting else str(directory / "train.jsonl"),
             (stored["validation_file"] if quoting else str(directory / "eval.jsonl")) if body.validation_file else None,
             str(directory / "run"),
@@ -75,12 +78,14 @@ def request_spec(state: ServerState, body: wire.JobCreate, directory: Path, quot
             body.dpo_lora,
             body.seed,
             state.devices,
+            # A job's folder holds what its run reads: the parent's adapter is copied in at create.
+            init_adapter=source.adapter and str(source.adapter if quoting else directory / INIT_ADAPTER),
         )
     except SpecError as err:
         raise ApiError(400, str(err), param=err.param, code="invalid_config") from None
     if quoting:
         (directory / "deepspeed.json").write_text(json.dumps(spec.deepspeed))
-    return spec
+    return replace(spec, parent_adapter=source.adapter and str(source.adapter))
 
 
 def admit(state: ServerState, model: str, spec: JobSpec) -> None:

@@ -172,6 +172,8 @@ def _new_job(state: ServerState, body: wire.JobCreate) -> Job:
     try:  # the job's folder holds everything its run reads besides the base model
         (directory / "deepspeed.json").write_text(json.dumps(spec.deepspeed, indent=2))
         (directory / "config.yaml").write_text(dump_yaml(spec.config))
+        if spec.parent_adapter:
+            shutil.copytree(spec.parent_adapter, directory / admission.INIT_ADAPTER)
         admission.admit(state, body.model, spec)  # its plan reads the DeepSpeed JSON
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)

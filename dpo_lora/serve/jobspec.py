@@ -68,6 +68,7 @@ class JobSpec:
     hyperparameters: dict  # resolved, as echoed back
     devices: int
     force: bool = False  # queue it even where its quote does not fit the server's devices
+    parent_adapter: str | None = None  # the fine-tuned model's adapter, copied to config.lora.init_adapter
 
 
 def client_may_set(key: str) -> bool:
@@ -163,8 +164,10 @@ def build_spec(
     extra: dict,
     seed: int | None,
     max_devices: int,
+    init_adapter: str | None = None,
 ) -> JobSpec:
-    """Resolve and validate; raises SpecError naming the request field or config key."""
+    """Resolve and validate; raises SpecError naming the request field or config key. `init_adapter`:
+    the adapter of the fine-tuned model the job continues from (also its reference)."""
     flat = _flatten(extra or {})
     devices, stage, offload, force = _service_fields(flat, max_devices)
     for key in flat:
@@ -206,6 +209,8 @@ def build_spec(
         "output_dir": output_dir,
         "deepspeed": deepspeed_file,
     }
+    if init_adapter is not None:
+        typed["lora.init_adapter"] = init_adapter
     config = _load(base_config, typed)
     try:
         deepspeed = zero_config(stage, offload) if stage is not None else read_json(base.deepspeed)

@@ -159,10 +159,16 @@ def event_object(event: Event) -> dict:
     }
 
 
+def base_name(model_id: str) -> str:
+    """The base a model id is built on: itself for a base, the second field of an `ft:` id."""
+    return model_id.split(":")[1] if model_id.startswith("ft:") and model_id.count(":") >= 2 else model_id
+
+
 def fine_tuned_name(job: Job) -> str:
-    """`ft:BASE:dpo-lora[:SUFFIX]:ID`, the shape of OpenAI's fine-tuned model names."""
+    """`ft:BASE:dpo-lora[:SUFFIX]:ID`, the shape of OpenAI's fine-tuned model names (BASE is the
+    root base when the job started from a fine-tuned model, as OpenAI names those)."""
     suffix = f":{job.suffix}" if job.suffix else ""
-    return f"ft:{job.model}:dpo-lora{suffix}:{job.id.removeprefix('ftjob-')[:8]}"
+    return f"ft:{base_name(job.model)}:dpo-lora{suffix}:{job.id.removeprefix('ftjob-')[:8]}"
 
 
 def checkpoint_object(checkpoint: Checkpoint, job: Job) -> dict:

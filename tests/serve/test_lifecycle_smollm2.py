@@ -1,8 +1,8 @@
 """The whole life of a DPO job on the real SmolLM2-135M-Instruct (CPU rank), through the `openai`
 client, on a server whose devices have 2 GiB: upload, quote, create, estimated_finish while it
 runs, metrics events, the health warning at lr 1e-3, checkpoints with the best one marked,
-success, result file, the adapter downloaded and loaded with PEFT, the event stream, and a merged
-export."""
+success, result file, the adapter downloaded and loaded with PEFT, the event stream, a merged
+export downloaded as a tar, and a second round continuing from the fine-tuned model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import tarfile
 import time
 import urllib.request
 
-import httpx
+import openai
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -128,13 +128,34 @@ def test_a_dpo_job_on_smollm2_from_upload_to_a_peft_adapter_and_an_export(server
         export = client.get(f"/fine_tuning/jobs/{job.id}/exports/{export['id']}", cast_to=object)
     assert export["status"] == "succeeded", export
     assert "path" not in export  # where it lies on the server is not the client's business
-    # Downloaded through the openai client, streamed to disk (the header asks it not to read the body).
-    response = client.get(export["content_url"].removeprefix("/v1"), cast_to=httpx.Response,
-                          options={"headers": {"X-Stainless-Raw-Response": "stream"}})  # fmt: skip
-    with response, open(tmp_path / "export.tar", "wb") as out:
-        for piece in response.iter_bytes():
-            out.write(piece)
-    with tarfile.open(tmp_path / "export.tar") as tar:
+    content = client.get(export["content_url"].removeprefix("/v1"), cast_to=bytes)  # the openai client's way
+    with tarfile.open(fileobj=io.BytesIO(content)) as tar:
         tar.extractall(tmp_path / "export", filter="data")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / export["id"], dtype=torch.float32)
     assert merged.config.architectures == base.config.architectures
+
+    # A second preference round on top of the first: the fine-tuned model as the job's base, its
+    # adapter both where the policy starts and the reference (copied into the new job's folder).
+    second = client.fine_tuning.jobs.create(
+        model=job.fine_tuned_model, training_file=train_file.id, method=request["method"],
+        extra_body={"dpo_lora": {**extra["dpo_lora"], "train": {"max_steps": 2, "log_every": 1, "save_every": 0}}},
+    )  # fmt: skip
+    assert second.model == job.fine_tuned_model  # the job object names its parent, as OpenAI's does
+    second = wait_for_status(client, second.id, ("succeeded",), timeout=600)
+    assert second.fine_tuned_model.startswith("ft:SmolLM2-135M-Instruct:dpo-lora:")  # named by the root base
+    assert second.fine_tuned_model != job.fine_tuned_model
+    rows = [e.data for e in all_events(client, second.id) if e.type == "metrics" and "loss" in e.data]
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as its reference, the parent
+    assert abs(rows[0]["logps/chosen"] - metrics[0]["logps/chosen"]) > 1e-2  # the same first pairs, not the base
+    folder = server.state_dir / "jobs" / second.id
+    copied = load_file(folder / "init_adapter" / "adapter_model.safetensors")
+    assert copied.keys() == trained.keys() and all(torch.equal(copied[k], trained[k]) for k in trained)
+    after = load_file(folder / "run" / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.equal(after[k], trained[k]) for k in trained)  # trained on top
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.fine_tuning.jobs.create(model=job.fine_tuned_model + "x", training_file=train_file.id)
+    assert unknown.value.body["param"] == "model" and "is not one this server knows" in unknown.value.body["message"]
+    # A checkpoint can be the base too (quoted here: the same resolution as a create).
+    quoted = client.post("/fine_tuning/quotes", cast_to=object,
+                         body={**request, **extra, "model": checkpoints[1].fine_tuned_model_checkpoint})  # fmt: skip
+    assert quoted["fits"] is True
