@@ -243,7 +243,8 @@ def zero3_runs(args, work: Path, geometry: dict, billions: float) -> None:
     if not args.keep:
         shutil.rmtree(work / "model")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = REPO / f"bench/results/scale-{args.geometry}-zero3-r{args.ranks}-{stamp}.json"
+    cut = f"-{args.layers}layers" if args.layers else ""  # a cut-down check of the bench, not the model
+    path = REPO / f"bench/results/scale-{args.geometry}{cut}-zero3-r{args.ranks}-{stamp}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("components_gib")}, indent=2))
     print(f"wrote {path.relative_to(REPO)}")

@@ -27,9 +27,9 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sharp_base(tiny_model_dir, tmp_path_factory):
-    """The tiny base with its q and k projections scaled up 30x: the random model's attention is then
-    far from uniform, so a wrong rotary layout in the GGUF changes the log-probs (at the tiny
-    model's own scale it barely would)."""
+    """The tiny base with its q and k projections scaled up 30x and RoPE's base at 1e5: the random
+    model's attention is then far from uniform, so a wrong rotary layout or base in the GGUF changes
+    the log-probs (at the tiny model's own scale they barely would)."""
     from safetensors.torch import load_file, save_file
 
     base = tmp_path_factory.mktemp("sharp") / "base"
@@ -39,6 +39,12 @@ def sharp_base(tiny_model_dir, tmp_path_factory):
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             tensors[name] = tensors[name] * 30
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())  # and not RoPE's default base (as SmolLM2's)
+    if "rope_parameters" in config:
+        config["rope_parameters"]["rope_theta"] = 100000.0
+    else:
+        config["rope_theta"] = 100000.0
+    (base / "config.json").write_text(json.dumps(config))
     return base
 
 
@@ -57,7 +63,7 @@ def test_a_gguf_export_loads_in_transformers_with_the_merged_models_log_probs(
     assert report["gguf_tokenizer_matches"] is True  # the ids of plain and chat-templated probes
     # Against the float32 merge it was written from; f16 rounds only the storage, q8_0 quantizes.
     assert report["max_logp_diff_gguf_vs_merged"] <= GGUF_TOLERANCE[gguf_type]
-    assert report["max_logp_diff_gguf_vs_merged"] < (0.02 if gguf_type == "f16" else 0.2)
+    assert report["max_logp_diff_gguf_vs_merged"] < (0.1 if gguf_type == "f16" else 0.5)
     assert report["max_logp_diff_vs_claimed"] <= report["tolerance"]  # the merge itself, checked as always
     reader = gguf.GGUFReader(out / report["gguf_file"])
     fields = {
