@@ -1,5 +1,5 @@
 """End to end on the real SmolLM2-135M-Instruct: NF4 + LoRA + DeepSpeed ZeRO-2 on the CPU,
-one process and two ranks through DeepSpeed's own launcher."""
+one process and two ranks through DeepSpeed's own launcher, and the run's GGUF export."""
 
 from __future__ import annotations
 
@@ -83,6 +83,16 @@ def test_single_process_trains_and_the_adapter_reloads_with_peft(smollm2, tmp_pa
             chosen += stats["logps/chosen"].sum().item()
             pairs += len(stats["loss"])
     assert chosen / pairs == pytest.approx(after["eval/logps/chosen"], rel=1e-4)
+
+    # The run as one q8_0 GGUF for llama.cpp/Ollama: transformers loads it (tokenizer and chat template
+    # included) with the float32 merge's log-probs within q8_0's tolerance.
+    from dpo_lora.commands.export import export_model
+    from dpo_lora.model.gguf_export import GGUF_TOLERANCE
+
+    report = export_model(str(out), out=str(tmp_path / "gguf"), format="gguf", gguf_type="q8_0")
+    assert report["gguf_tokenizer_matches"] is True and report["tensors"] == 272  # SmolLM2: tied head, 30 layers
+    assert report["max_logp_diff_gguf_vs_merged"] <= GGUF_TOLERANCE["q8_0"]
+    assert (tmp_path / "gguf" / "Modelfile").read_text().startswith(f"FROM ./{report['gguf_file']}\n")
 
 
 @pytest.mark.skipif(
