@@ -173,9 +173,20 @@ def _add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
         tokens.append(f"[PAD{index}]")
         types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model("gpt2")
+    if (pre := pre_tokenizer(tokenizer_json)) is not None:
+        writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
+
+
+def pre_tokenizer(tokenizer_json: dict) -> str | None:
+    """llama.cpp's name for the tokenizer's pre-tokenization: `gpt-2` for a plain byte-level one with
+    GPT-2's split (SmolLM2's); None (llama.cpp then uses its default, and warns) for others."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    return None
 
 
 def modelfile(gguf_file: str, eos_token: str | None) -> str:

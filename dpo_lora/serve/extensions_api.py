@@ -124,6 +124,7 @@ def create_export(state: State, job_id: str, body: wire.ExportCreate | None = No
             "merge_into": body.merge_into,
             "overwrite": True,
             **({"dtype": body.dtype} if body.dtype else {}),
+            **({"format": "gguf", "gguf_type": body.gguf_type} if body.format == "gguf" else {}),
         }
         (directory / EXPORT_SPEC).write_text(json.dumps(spec, indent=2))
         export = Export(
@@ -132,7 +133,12 @@ def create_export(state: State, job_id: str, body: wire.ExportCreate | None = No
             created_at=now(),
             status="queued",
             directory=str(directory),
-            options={"spec": str(directory / EXPORT_SPEC), "merge_into": body.merge_into, "out": spec["out"]},
+            options={
+                "spec": str(directory / EXPORT_SPEC),
+                "merge_into": body.merge_into,
+                "out": spec["out"],
+                "format": body.format,
+            },  # fmt: skip
         )
         s.add(export)
         state.store.add_event(s, job_id, f"Export {export_id} queued ({body.merge_into})")

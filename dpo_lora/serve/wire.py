@@ -96,6 +96,8 @@ class ExportCreate(BaseModel):
     merge_into: Literal["original", "dequantized"] = "original"
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
     checkpoint: str | None = None  # an ftckpt- id; the final adapter when unset
+    format: Literal["safetensors", "gguf"] = "safetensors"  # gguf: one file for llama.cpp/Ollama
+    gguf_type: Literal["f16", "q8_0"] = "f16"
 
 
 def file_object(file: File) -> dict:
@@ -194,6 +196,7 @@ def export_object(export: Export) -> dict:
         "error": export.error,
         "finished_at": export.finished_at,
         "merge_into": export.options["merge_into"],
+        "format": export.options.get("format", "safetensors"),
         # Where to download it once it has succeeded (a tar of the model folder); the folder's
         # place on the server is not the client's business.
         "content_url": f"/v1/fine_tuning/jobs/{export.job_id}/exports/{export.id}/content",

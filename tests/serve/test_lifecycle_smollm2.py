@@ -2,7 +2,7 @@
 client, on a server whose devices have 2 GiB: upload, quote, create, estimated_finish while it
 runs, metrics events, the health warning at lr 1e-3, checkpoints with the best one marked,
 success, result file, the adapter downloaded and loaded with PEFT, the event stream, a merged
-export downloaded as a tar, and a second round continuing from the fine-tuned model."""
+export (GGUF) downloaded as a tar, and a second round continuing from the fine-tuned model."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_a_dpo_job_on_smollm2_from_upload_to_a_peft_adapter_and_an_export(server
     assert [e["id"] for e in streamed[:-1]] == [e.id for e in events]
     assert "event: end" in lines and streamed[-1] == {"status": "succeeded"}
 
-    export = client.post(f"/fine_tuning/jobs/{job.id}/export", cast_to=object, body={"dtype": "float32"})
+    export = client.post(f"/fine_tuning/jobs/{job.id}/export", cast_to=object, body={"format": "gguf"})
     deadline = time.monotonic() + 300
     while export["status"] in ("queued", "running"):
         assert time.monotonic() < deadline
@@ -131,7 +131,10 @@ def test_a_dpo_job_on_smollm2_from_upload_to_a_peft_adapter_and_an_export(server
     content = client.get(export["content_url"].removeprefix("/v1"), cast_to=bytes)  # the openai client's way
     with tarfile.open(fileobj=io.BytesIO(content)) as tar:
         tar.extractall(tmp_path / "export", filter="data")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / export["id"], dtype=torch.float32)
+    folder = tmp_path / "export" / export["id"]
+    (gguf_file,) = folder.glob("*.gguf")  # with its Modelfile and report
+    assert export["format"] == "gguf" and (folder / "Modelfile").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file.name, dtype=torch.float32)
     assert merged.config.architectures == base.config.architectures
 
     # A second preference round on top of the first: the fine-tuned model as the job's base, its
