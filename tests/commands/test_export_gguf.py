@@ -73,6 +73,7 @@ def test_a_gguf_export_loads_in_transformers_with_the_merged_models_log_probs(
     }
     assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
     assert "<|im_start|>" in fields["tokenizer.chat_template"]
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # llama.cpp's name for this split
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["blk.0.attn_norm.weight"] == "F32" and kinds["blk.0.ffn_up.weight"] == gguf_type.upper()
     assert (out / "Modelfile").read_text() == f'FROM ./{report["gguf_file"]}\nPARAMETER stop "<|im_end|>"\n'
