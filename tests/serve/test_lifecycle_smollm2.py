@@ -112,9 +112,9 @@ def test_a_dpo_job_on_smollm2_from_upload_to_a_peft_adapter_and_an_export(server
     for name, tensor in trained.items():
         assert torch.equal(loaded[name.replace(".weight", ".default.weight")], tensor)
 
-    request = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/fine_tuning/jobs/{job.id}/events/stream",
+    stream_request = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/fine_tuning/jobs/{job.id}/events/stream",
                                      headers={"Authorization": f"Bearer {server.api_key}"})  # fmt: skip
-    with urllib.request.urlopen(request, timeout=60) as stream:  # server-sent events; ends with the job
+    with urllib.request.urlopen(stream_request, timeout=60) as stream:  # server-sent events; ends with the job
         lines = [line.decode().rstrip("\n") for line in stream]
     streamed = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
     assert [e["id"] for e in streamed[:-1]] == [e.id for e in events]
@@ -135,20 +135,24 @@ def test_a_dpo_job_on_smollm2_from_upload_to_a_peft_adapter_and_an_export(server
     (gguf_file,) = folder.glob("*.gguf")  # with its Modelfile and report
     assert export["format"] == "gguf" and (folder / "Modelfile").is_file()
     merged = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file.name, dtype=torch.float32)
-    assert merged.config.architectures == base.config.architectures
+    assert type(merged) is type(base) and merged.config.num_hidden_layers == base.config.num_hidden_layers
 
     # A second preference round on top of the first: the fine-tuned model as the job's base, its
     # adapter both where the policy starts and the reference (copied into the new job's folder).
     second = client.fine_tuning.jobs.create(
-        model=job.fine_tuned_model, training_file=train_file.id, method=request["method"],
+        model=job.fine_tuned_model, training_file=train_file.id, validation_file=eval_file.id,
+        method=request["method"],
         extra_body={"dpo_lora": {**extra["dpo_lora"], "train": {"max_steps": 2, "log_every": 1, "save_every": 0}}},
     )  # fmt: skip
     assert second.model == job.fine_tuned_model  # the job object names its parent, as OpenAI's does
     second = wait_for_status(client, second.id, ("succeeded",), timeout=600)
     assert second.fine_tuned_model.startswith("ft:SmolLM2-135M-Instruct:dpo-lora:")  # named by the root base
     assert second.fine_tuned_model != job.fine_tuned_model
-    rows = [e.data for e in all_events(client, second.id) if e.type == "metrics" and "loss" in e.data]
-    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as its reference, the parent
+    second_events = all_events(client, second.id)
+    rows = [e.data for e in second_events if e.type == "metrics" and "loss" in e.data]
+    before = next(e.data for e in second_events if e.type == "metrics" and "eval/loss" in e.data)
+    # Before any step (eval mode, no dropout) the policy is its reference, the parent: ln 2 exactly.
+    assert before["eval/loss"] == pytest.approx(0.6931, abs=1e-4) and before["eval/rewards/margins"] == 0
     assert abs(rows[0]["logps/chosen"] - metrics[0]["logps/chosen"]) > 1e-2  # the same first pairs, not the base
     folder = server.state_dir / "jobs" / second.id
     copied = load_file(folder / "init_adapter" / "adapter_model.safetensors")
