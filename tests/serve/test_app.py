@@ -52,7 +52,7 @@ def test_config_errors_are_400s_naming_the_key_and_say_not_to_retry(servers, tin
         ({"extra_body": {"dpo_lora": {"gpus": 2}}}, "gpus", "from 1 to 1"),
         ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 0}}}}, "batch_size", "positive"),
         ({"method": {"type": "supervised"}}, "method", "not supported"),
-        ({"model": "gpt-4o-mini"}, "model", "known: tiny-llama"),
+        ({"model": "gpt-4o-mini"}, "model", "bases: tiny-llama"),
         ({"training_file": "file-nope"}, "training_file", "no file 'file-nope'"),
     ]
     for options, param, message in cases:
