@@ -138,7 +138,7 @@ def create_export(state: State, job_id: str, body: wire.ExportCreate | None = No
                 "merge_into": body.merge_into,
                 "out": spec["out"],
                 "format": body.format,
-            },  # fmt: skip
+            },
         )
         s.add(export)
         state.store.add_event(s, job_id, f"Export {export_id} queued ({body.merge_into})")
