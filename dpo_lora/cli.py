@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--prompts", required=True, help=".txt (one prompt per line) or .jsonl with a 'prompt' field")
     generate.add_argument("--n", type=int, default=4, help="samples per prompt for each side")
-    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     generate.add_argument("--max-new-tokens", type=int, default=64, help="longest sample")
     generate.add_argument("--reward", help="module:function scoring a completion text (text -> float)")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -149,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="slurm: an sbatch option for every job, e.g. --slurm-option=--partition=gpu (repeatable)",
     )
     serve.add_argument("--slurm-script", help="slurm: the batch script template (default: launch/slurm.sbatch)")
+    serve.add_argument(
+        "--inference-devices",
+        default="auto",
+        help="where /v1/chat/completions runs: auto (the CPU; on GPUs, one no job holds, lent while in use), cpu, "
+        "or GPU indices like 3 (kept from jobs)",
+    )
+    serve.add_argument("--inference-adapters", type=int, default=8, help="adapters one loaded base holds (LRU)")
+    serve.add_argument("--inference-idle-seconds", type=float, default=600.0, help="unload a base idle this long")
     serve.set_defaults(handler="dpo_lora.serve.server:serve")
 
     fetch = commands.add_parser("fetch-default-model", help="make a model folder of SmolLM2-135M-Instruct")

@@ -91,14 +91,21 @@ def sample_both(model, prompts: dict, n: int, **generate_kwargs) -> tuple[torch.
     each row with its own adapter (policy rows: the adapter; reference rows: none, or the init
     adapter), so both share every decoding step (on the demo, half the sampling time of two calls).
 
-    prompts: input_ids / attention_mask [b, P], left-padded. Returns two [b*n, P+G] tensors.
+    prompts: input_ids / attention_mask [b, P], left-padded. Returns two [b*n, P+G] tensors (G may
+    differ between them when greedy).
     """
 
     reference = REFERENCE_ADAPTER if REFERENCE_ADAPTER in model.peft_config else "__base__"
     rows = {key: value.repeat_interleave(n, dim=0) for key, value in prompts.items()}
     count = rows["input_ids"].shape[0]
-    both = {key: torch.cat([value, value]) for key, value in rows.items()}
     with torch.no_grad():
+        if not generate_kwargs.get("do_sample", True):
+            # Greedy: one call per side, so each answer is what the model gives its prompts alone
+            # (batching the two sides changes the kernels' rounding, which can flip a near-tie).
+            policy, ref = (model.generate(**rows, adapter_names=[name] * count, **generate_kwargs)
+                           for name in (POLICY_ADAPTER, reference))  # fmt: skip
+            return policy, ref
+        both = {key: torch.cat([value, value]) for key, value in rows.items()}
         sequences = model.generate(
             **both, adapter_names=[POLICY_ADAPTER] * count + [reference] * count, **generate_kwargs
         )
@@ -131,8 +138,8 @@ def generate_run(
     rows, kl_terms, wins = [], [], []
     torch.manual_seed(seed)
     kwargs = dict(
-        do_sample=True,
-        temperature=temperature,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
         max_new_tokens=max_new_tokens,
         pad_token_id=eos,
         eos_token_id=eos,

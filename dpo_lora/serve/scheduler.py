@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +40,8 @@ class Scheduler:
         self._adopted_checked = False
         self._reported_state: dict[str, str] = {}  # job id -> the backend state last put in its events
         self._dispatch_after = 0.0  # monotonic time before which no job is started (backend down)
+        self._lent: set[str] = set()  # devices inference holds now: no job starts on them
+        self._lending = threading.Lock()  # between picking free devices and claiming them
 
     def run_forever(self, stopping) -> None:
         while not stopping.is_set():
@@ -123,19 +126,38 @@ class Scheduler:
     def _dispatch(self) -> None:
         """Start queued jobs in FIFO order while the head of the queue fits on the free devices."""
         while time.monotonic() >= self._dispatch_after:
-            with self.store.session() as s:
-                mine = select(Job).where(Job.runner == self.runner, Job.devices.is_not(None))
-                held = {d for job in s.scalars(mine) for d in job.devices}
-                head = s.scalars(
-                    select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.queue_seq).limit(1)
-                ).first()
-            free = [d for d in self.devices if d not in held]
-            if head is None or head.devices_wanted > len(free):
-                return
-            devices = free[: head.devices_wanted]
-            if not self.store.claim(head.id, devices, head.attempt + 1, self.runner):
-                continue  # another server on this database took it
+            with self._lending:
+                with self.store.session() as s:
+                    head = s.scalars(
+                        select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.queue_seq).limit(1)
+                    ).first()
+                free = self._free()
+                if head is None or head.devices_wanted > len(free):
+                    return
+                devices = free[: head.devices_wanted]
+                if not self.store.claim(head.id, devices, head.attempt + 1, self.runner):
+                    continue  # another server on this database took it
             self._launch(head.id, devices, head.attempt + 1)
+
+    def _free(self) -> list[str]:
+        """Devices that no job of this server holds and inference has not borrowed."""
+        with self.store.session() as s:
+            mine = select(Job).where(Job.runner == self.runner, Job.devices.is_not(None))
+            held = {d for job in s.scalars(mine) for d in job.devices}
+        return [d for d in self.devices if d not in held and d not in self._lent]
+
+    def lend(self) -> str | None:
+        """A device no job holds, kept from jobs until given back (inference on the GPUs); None: all busy."""
+        with self._lending:
+            free = self._free()
+            if free:
+                self._lent.add(free[-1])  # from the end: jobs take devices from the start
+                return free[-1]
+        return None
+
+    def give_back(self, device: str) -> None:
+        with self._lending:
+            self._lent.discard(device)
 
     def _launch(self, job_id: str, devices: list[str], attempt: int) -> None:
         with self.store.session() as s:

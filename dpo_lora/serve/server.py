@@ -58,6 +58,7 @@ def serve(args) -> int:
         import uvicorn
 
         from dpo_lora.serve.app import create_app
+        from dpo_lora.serve.inference import Inference, parse_devices
         from dpo_lora.serve.scheduler import Scheduler
         from dpo_lora.serve.state import ServerState
         from dpo_lora.serve.store import Store
@@ -87,6 +88,11 @@ def serve(args) -> int:
     devices, backend = _backend(args)
     slurm = args.backend == "slurm"
     device_type = "cuda" if (args.slurm_gpus_per_rank > 0 if slurm else backend.on_gpu) else "cpu"
+    inference_devices = parse_devices(args.inference_devices, devices if device_type == "cuda" and not slurm else None)
+    if inference_devices and inference_devices != ["cpu"]:
+        devices = [d for d in devices if d not in inference_devices]  # jobs never get them
+        if not devices:
+            raise UserError(f"--inference-devices {args.inference_devices}: that leaves no GPU for jobs")
     if args.device_memory:
         device_memory = parse_size(args.device_memory, flag="--device-memory")
     else:  # a SLURM node's GPUs are not visible from here
@@ -112,6 +118,14 @@ def serve(args) -> int:
         runner=runner,
     )
     scheduler = Scheduler(store, devices, backend, runner, grace_s=args.grace_seconds)
+    if args.inference_adapters < 1:
+        raise UserError(f"--inference-adapters {args.inference_adapters}: must be at least 1")
+    state.inference = Inference(
+        inference_devices,
+        scheduler if not slurm else None,
+        max_adapters=args.inference_adapters,
+        idle_s=args.inference_idle_seconds,
+    )
     stopping = threading.Event()
     thread = threading.Thread(target=scheduler.run_forever, args=(stopping,), name="scheduler", daemon=True)
     thread.start()
@@ -123,6 +137,7 @@ def serve(args) -> int:
     finally:
         stopping.set()  # running jobs keep running: their process groups outlive the server
         thread.join(timeout=5)
+        state.inference.close()
         store.dispose()
         lock.close()
     return 0

@@ -29,6 +29,7 @@ class ServerState:
     max_streams: int = 64  # open event streams per API key
     backend: object | None = None  # stops a cancelled job's process at once (the scheduler's backend)
     runner: str | None = None  # this server's name in the rows it claims
+    inference: object | None = None  # the engines behind /v1/chat/completions (inference.Inference)
     started_at: int = field(default_factory=now)
     streams: dict[str, int] = field(default_factory=dict)  # API key -> open event streams
 

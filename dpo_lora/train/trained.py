@@ -146,21 +146,31 @@ def load_policy(adapter_dir: Path, model_config, device: torch.device, reference
     adapter's parameters in the compute dtype. Like DeepSpeed's mixed precision this casts
     parameters only: buffers such as rotary frequencies stay in float32. A run that continued
     from `reference_adapter` (its lora.init_adapter) gets it back as its reference, as in training."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(load_base(model_config, device), str(adapter_dir), adapter_name=POLICY_ADAPTER)
+    model = attach_trained(load_base(model_config, device), adapter_dir, POLICY_ADAPTER, model_config)
     if reference_adapter:
         if not (Path(reference_adapter) / "adapter_config.json").is_file():
             raise UserError(f"config key 'lora.init_adapter': the run's reference adapter {reference_adapter} is gone")
-        model.load_adapter(reference_adapter, adapter_name=REFERENCE_ADAPTER)
+        attach_trained(model, Path(reference_adapter), REFERENCE_ADAPTER, model_config)
         model.set_adapter(POLICY_ADAPTER)
-    # Under float32_residual the adapter stays float32 and computes in float32, as it trained.
+    return model.eval()
+
+
+def attach_trained(model, adapter_dir: Path, name: str, model_config):
+    """Load a trained PEFT adapter onto `model` (a base, or a PeftModel with other adapters) as
+    `name`, its parameters in the dtype it trained in; returns the PeftModel. Under float32_residual
+    the adapter stays float32 and computes in float32, as it trained."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(adapter_dir), adapter_name=name)
+    else:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
     dtype = torch.float32 if float32_residual(model_config) else torch_dtype(model_config.dtype)
-    for name, p in model.named_parameters():
-        if "lora_" in name and p.dtype != dtype:
+    for param_name, p in model.named_parameters():
+        if "lora_" in param_name and f".{name}." in param_name and p.dtype != dtype:
             p.data = p.data.to(dtype)
     lora_in_float32(model)
-    return model.eval()
+    return model
 
 
 def inference_device() -> torch.device:

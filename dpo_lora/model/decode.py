@@ -1,0 +1,115 @@
+"""Batched decoding where every row brings its own adapter, sampling settings, seed and length.
+
+`generate()` of transformers takes one set of sampling settings per call, one random stream, and
+streams only a batch of one. A server batches requests that differ in all three, and streams each
+row as it goes, so it decodes with this loop: one prefill of the left-padded prompts, then one
+token per step through the KV cache, each row picked by its own rule.
+
+    prefill:  logits[:, -1] of the prompts, cache filled
+    step:     token_i = pick(logits_i, sampling_i, generator_i)      for every live row i
+              on_token(i, token_i) -> keep going?  (EOS, max_tokens and the caller end a row)
+              logits = model(tokens of live rows, cache)
+
+Rows that end leave the batch (the cache drops them), so a long answer does not make the short
+ones' rows compute on. With a PeftModel each row runs its own adapter (PEFT's mixed-batch
+forward); `BASE` runs the base alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0  # 0: greedy (the most likely token)
+    top_p: float = 1.0  # nucleus: sample among the most likely tokens whose probabilities reach top_p
+    max_tokens: int = 16
+
+
+@dataclass
+class Row:
+    prompt: list[int]  # token ids
+    sampling: Sampling
+    adapter: str = BASE
+    generator: torch.Generator | None = None  # a seeded stream; None: torch's global one
+
+
+def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """The next token from one row's logits [V]: argmax at temperature 0, else a sample of
+    softmax(logits / temperature) restricted to the smallest set of tokens whose probability
+    reaches top_p (the most likely token always stays)."""
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        before = sorted_probs.cumsum(0) - sorted_probs  # probability of the tokens ranked above each
+        sorted_probs[before >= sampling.top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    choice = torch.multinomial(probs.to(generator.device if generator else probs.device), 1, generator=generator)
+    return int(choice)
+
+
+def decode(model, rows: list[Row], eos_ids: set[int], pad_id: int, on_token: Callable[[int, int], bool]) -> None:
+    """Decode every row until it picks an EOS, reaches its max_tokens, or `on_token(row, token)`
+    returns False (a stop string, a cancelled request). `on_token` sees every picked token, EOS
+    included, in order per row."""
+    from peft import PeftModel
+
+    device = next(model.parameters()).device
+    width = max(len(row.prompt) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
+        mask[i, width - len(row.prompt) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    cache_key = _cache_argument(model)
+    live = list(range(len(rows)))  # rows still decoding, in batch order
+    counts = [0] * len(rows)
+    cache = None
+    with torch.no_grad():
+        while True:
+            adapters = {"adapter_names": [rows[i].adapter for i in live]} if isinstance(model, PeftModel) else {}
+            positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_key: cache},
+                **adapters,
+            )
+            cache, logits = getattr(out, cache_key), out.logits[:, -1]
+            tokens, keep = [], []
+            for slot, i in enumerate(live):
+                token = pick(logits[slot], rows[i].sampling, rows[i].generator)
+                counts[i] += 1
+                going = on_token(i, token) and token not in eos_ids and counts[i] < rows[i].sampling.max_tokens
+                if going:
+                    tokens.append(token)
+                    keep.append(slot)
+            if not keep:
+                return
+            if len(keep) < len(live):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask = mask[index]
+                live = [live[slot] for slot in keep]
+            ids = torch.tensor(tokens, device=device).unsqueeze(1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+
+def _cache_argument(model) -> str:
+    """What the model's forward calls its KV cache: `cache` from transformers 5.x, `past_key_values` before."""
+    import inspect
+
+    forward = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"

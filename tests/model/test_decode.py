@@ -1,0 +1,114 @@
+"""The server's batched decoding loop against transformers' generate() and a float64 sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_lora.model.decode import BASE, Row, Sampling, decode, pick
+
+from ..conftest import build_tiny_model
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def two_adapters():
+    """A tiny Llama with a sharpened head (clear argmaxes, so greedy paths do not hinge on the
+    last bit) and two random LoRA adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build_tiny_model(VOCAB, seed=3)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(40)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["k_proj", "up_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def reference_greedy(model, prompt: list[int], adapter: str, max_tokens: int, eos: int) -> list[int]:
+    """transformers' greedy generate() on one prompt alone, with the adapter set the plain way."""
+    ids = torch.tensor([prompt])
+    kwargs = dict(max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    if adapter == BASE:
+        with model.disable_adapter():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    else:
+        model.set_adapter(adapter)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return out[0, len(prompt) :].tolist()
+
+
+def run(model, rows, eos=63, stop=None):
+    got = [[] for _ in rows]
+
+    def on_token(i, token):
+        got[i].append(token)
+        return stop is None or not stop(i, got[i])
+
+    decode(model, rows, {eos}, pad_id=0, on_token=on_token)
+    return got
+
+
+def test_a_mixed_batch_decodes_each_row_as_generate_does_alone(two_adapters):
+    prompts = [[5, 9, 12, 3, 7, 30], [8, 2], [17, 4, 4, 11], [40, 41, 42]]
+    adapters = ["a", "b", BASE, "a"]
+    lengths = [12, 5, 9, 1]
+    rows = [Row(p, Sampling(temperature=0, max_tokens=n), a) for p, a, n in zip(prompts, adapters, lengths)]
+    got = run(two_adapters, rows)
+    for prompt, adapter, n, tokens in zip(prompts, adapters, lengths, got):
+        want = reference_greedy(two_adapters, prompt, adapter, n, eos=63)
+        assert tokens == want, f"adapter {adapter}"
+    assert [len(t) for t in got] == lengths, "each row stops at its own max_tokens"
+    assert len({tuple(t) for t in got[:2]}) == 2
+
+
+def test_eos_and_the_callback_end_a_row_and_the_others_go_on(two_adapters):
+    rows = [Row([5, 9, 12], Sampling(temperature=0, max_tokens=10), "a") for _ in range(3)]
+    free = run(two_adapters, rows[:1])[0]
+    at = next(k for k in range(3, len(free)) if free[k] not in free[:k])
+    eos = free[at]  # a later token that did not come before: pretend it is the EOS
+    got = run(two_adapters, rows, eos=eos, stop=lambda i, tokens: i == 1 and len(tokens) == 2)
+    assert got[0] == free[: at + 1], "the EOS is passed on, then the row ends"
+    assert got[1] == free[:2], "the callback ends its row"
+    assert got[2] == got[0]
+
+
+def test_a_seeded_row_samples_the_same_whatever_else_is_in_the_batch(two_adapters):
+    def seeded(adapter):
+        return Row([3, 14, 15], Sampling(temperature=1.0, top_p=0.9, max_tokens=8), adapter, torch.Generator().manual_seed(7))
+
+    alone = run(two_adapters, [seeded("b")])[0]
+    crowded = run(two_adapters, [Row([1, 2, 3, 4, 5, 6, 7], Sampling(temperature=1.0, max_tokens=8), "a"), seeded("b")])
+    assert crowded[1] == alone
+    other = run(two_adapters, [Row([3, 14, 15], Sampling(1.0, 0.9, 8), "b", torch.Generator().manual_seed(8))])[0]
+    assert other != alone, "another seed, another sample"
+
+
+def test_pick_samples_softmax_over_temperature_and_cuts_at_top_p():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    draws = 20000
+    generator = torch.Generator().manual_seed(0)
+
+    def frequencies(sampling):
+        counts = torch.zeros(5, dtype=torch.float64)
+        for _ in range(draws):
+            counts[pick(logits, sampling, generator)] += 1
+        return counts / draws
+
+    t = 0.7
+    oracle = torch.softmax(logits.double() / t, 0)
+    assert torch.allclose(frequencies(Sampling(t, 1.0)), oracle, atol=0.015)
+    # top_p 0.95 at t=0.7: 0.700 + 0.168 + 0.082 = 0.950..., so the three most likely tokens stay
+    # (the third is needed to reach 0.95) and the last two go.
+    kept = oracle[:3] / oracle[:3].sum()
+    nucleus = frequencies(Sampling(t, 0.95))
+    assert torch.allclose(nucleus[:3], kept, atol=0.015) and nucleus[3:].sum() == 0
+    assert frequencies(Sampling(t, 0.8))[2:].sum() == 0, "0.700 + 0.168 already reach 0.8"
+    assert pick(logits, Sampling(1.0, 1e-6), generator) == 0, "a tiny top_p keeps only the argmax"
+    assert pick(torch.tensor([0.0, 3.0, 1.0]), Sampling(0.0), None) == 1
