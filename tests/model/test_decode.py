@@ -59,9 +59,11 @@ def test_a_mixed_batch_decodes_each_row_as_generate_does_alone(two_adapters):
     prompts = [[5, 9, 12, 3, 7, 30], [8, 2], [17, 4, 4, 11], [40, 41, 42]]
     adapters = ["a", "b", BASE, "a"]
     lengths = [12, 5, 9, 1]
-    rows = [Row(p, Sampling(temperature=0, max_tokens=n), a) for p, a, n in zip(prompts, adapters, lengths)]
+    rows = [
+        Row(p, Sampling(temperature=0, max_tokens=n), a) for p, a, n in zip(prompts, adapters, lengths, strict=True)
+    ]
     got = run(two_adapters, rows)
-    for prompt, adapter, n, tokens in zip(prompts, adapters, lengths, got):
+    for prompt, adapter, n, tokens in zip(prompts, adapters, lengths, got, strict=True):
         want = reference_greedy(two_adapters, prompt, adapter, n, eos=63)
         assert tokens == want, f"adapter {adapter}"
     assert [len(t) for t in got] == lengths, "each row stops at its own max_tokens"
@@ -81,7 +83,9 @@ def test_eos_and_the_callback_end_a_row_and_the_others_go_on(two_adapters):
 
 def test_a_seeded_row_samples_the_same_whatever_else_is_in_the_batch(two_adapters):
     def seeded(adapter):
-        return Row([3, 14, 15], Sampling(temperature=1.0, top_p=0.9, max_tokens=8), adapter, torch.Generator().manual_seed(7))
+        return Row(
+            [3, 14, 15], Sampling(temperature=1.0, top_p=0.9, max_tokens=8), adapter, torch.Generator().manual_seed(7)
+        )
 
     alone = run(two_adapters, [seeded("b")])[0]
     crowded = run(two_adapters, [Row([1, 2, 3, 4, 5, 6, 7], Sampling(temperature=1.0, max_tokens=8), "a"), seeded("b")])

@@ -46,7 +46,13 @@ def trained(tmp_path_factory, tiny_tokenizer):
     ]
     jobs = [wait_for_status(client, job.id, ("succeeded",), timeout=600) for job in jobs]
     checkpoint = client.fine_tuning.jobs.checkpoints.list(jobs[0].id).data[-1].fine_tuned_model_checkpoint
-    yield client, "sharp-llama", [job.fine_tuned_model for job in jobs], root / "state" / "jobs" / jobs[0].id, checkpoint
+    yield (
+        client,
+        "sharp-llama",
+        [job.fine_tuned_model for job in jobs],
+        root / "state" / "jobs" / jobs[0].id,
+        checkpoint,
+    )
     server.stop()
 
 
