@@ -1,0 +1,75 @@
+"""Where inference runs: never on a device a job holds, and a lent GPU goes back to the jobs."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpo_lora.core.errors import UserError
+from dpo_lora.serve.engine import EngineError
+from dpo_lora.serve.inference import Inference, parse_devices
+from dpo_lora.serve.scheduler import Scheduler
+from dpo_lora.serve.store import Job, Store
+
+from .test_store import queued_job
+
+
+class GpuBackend:
+    """Starts nothing; records which devices each job got."""
+
+    on_gpu, interval_s = True, 0.1
+
+    def __init__(self) -> None:
+        self.started: dict[str, list[str]] = {}
+
+    def start(self, job_id, directory, devices, attempt):
+        self.started[job_id] = devices
+        return 4000 + len(self.started), None
+
+    def is_alive(self, handle, started):
+        return True
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    yield store
+    store.dispose()
+
+
+def test_a_lent_gpu_is_kept_from_jobs_until_it_is_given_back(store, tmp_path):
+    backend = GpuBackend()
+    scheduler = Scheduler(store, ["0", "1"], backend, runner="me")
+    queued_job(store, "holds-0", tmp_path, status="running", devices=["0"], runner="me", attempt=1, pid=1)
+    assert scheduler.lend() == "1", "the GPU no job holds"
+    assert scheduler.lend() is None, "none left: the job holds 0, inference 1"
+    queued_job(store, "wants-1", tmp_path, queue_seq=1, devices_wanted=1)
+    scheduler._dispatch()
+    assert "wants-1" not in backend.started, "the lent GPU is not free for jobs"
+    scheduler.give_back("1")
+    scheduler._dispatch()
+    assert backend.started["wants-1"] == ["1"]
+    with store.session() as s:
+        assert s.get(Job, "wants-1").devices == ["1"]
+
+
+def test_auto_placement_borrows_a_free_gpu_or_answers_503(store):
+    scheduler = Scheduler(store, ["0"], GpuBackend(), runner="me")
+    inference = Inference(None, scheduler)
+    assert inference._place() == "0"
+    with pytest.raises(EngineError, match="every GPU is held") as caught:
+        inference._place()
+    assert caught.value.status == 503
+    scheduler.give_back("0")
+    assert inference._place() == "0"
+    assert Inference(None, None)._place() == "cpu", "no GPU server: the CPU"
+    assert Inference(["2", "3"], scheduler)._place() in ("2", "3")
+
+
+def test_inference_devices_are_auto_cpu_or_the_servers_gpus():
+    assert parse_devices("auto", ["0", "1"]) is None
+    assert parse_devices("cpu", None) == ["cpu"]
+    assert parse_devices("1", ["0", "1"]) == ["1"]
+    with pytest.raises(UserError, match="--inference-devices 2: expected auto, cpu or GPU indices among 0,1"):
+        parse_devices("2", ["0", "1"])
+    with pytest.raises(UserError, match="no GPU here"):
+        parse_devices("0", None)
