@@ -1,6 +1,7 @@
 """The dashboard at GET / in a real headless Chromium (Debian's chromium and chromium-driver,
 driven by Selenium): the token typed into the page, jobs created from its form, a finished job's
-charts, checkpoints and events, a running job's chart gaining points, and a cancel from its button."""
+charts, checkpoints and events, its playground answering beside the base, a running job's chart
+gaining points, and a cancel from its button."""
 
 from __future__ import annotations
 
@@ -112,6 +113,17 @@ def test_the_dashboard_creates_charts_and_cancels_jobs_in_a_real_browser(servers
     assert texts(browser, f'tr[data-job="{finished}"] td')[3] == "30 / 30"
     warned = texts(browser, "#events li.warn")
     assert any("\u26a0 KL growth at step" in e and "monitor.kl_nats_per_token=1e-06" in e for e in warned), warned
+    # The playground: one prompt to the fine-tuned model and to its base, streamed side by side.
+    wait(browser, lambda d: texts(d, "#play-model option")[:1] == [client.fine_tuning.jobs.retrieve(finished).fine_tuned_model], 30, "the fine-tuned model to play with")  # fmt: skip
+    assert len(texts(browser, "#play-model option")) == 4, "the model and its three checkpoints"
+    for field, value in (("#play-temperature", "0"), ("#play-max", "24"), ("#play-prompt", "Review the film in one line")):
+        by_css(browser, field)[0].clear()
+        by_css(browser, field)[0].send_keys(value)
+    by_css(browser, "#play")[0].click()
+    wait(browser, lambda d: texts(d, "#play-status")[0].startswith("answered"), 120, "both answers")
+    base, tuned = texts(browser, "#play-base")[0], texts(browser, "#play-tuned")[0]
+    assert base and tuned and base != tuned, (base, tuned)
+    assert texts(browser, "#play-base-name") == ["tiny-llama"]
     browser.save_screenshot(str(tmp_path / "dashboard.png"))
     if SCREENSHOT:
         shutil.copyfile(tmp_path / "dashboard.png", SCREENSHOT)
