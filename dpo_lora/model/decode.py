@@ -17,6 +17,7 @@ forward); `BASE` runs the base alone.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,8 +61,6 @@ def decode(model, rows: list[Row], eos_ids: set[int], pad_id: int, on_token: Cal
     """Decode every row until it picks an EOS, reaches its max_tokens, or `on_token(row, token)`
     returns False (a stop string, a cancelled request). `on_token` sees every picked token, EOS
     included, in order per row."""
-    from peft import PeftModel
-
     device = next(model.parameters()).device
     width = max(len(row.prompt) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -76,17 +75,17 @@ def decode(model, rows: list[Row], eos_ids: set[int], pad_id: int, on_token: Cal
     cache = None
     with torch.no_grad():
         while True:
-            adapters = {"adapter_names": [rows[i].adapter for i in live]} if isinstance(model, PeftModel) else {}
             positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-            out = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{cache_key: cache},
-                **adapters,
-            )
+            with _adapters(model, [rows[i].adapter for i in live]) as adapters:
+                out = model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{cache_key: cache},
+                    **adapters,
+                )
             cache, logits = getattr(out, cache_key), out.logits[:, -1]
             tokens, keep = [], []
             for slot, i in enumerate(live):
@@ -113,3 +112,22 @@ def _cache_argument(model) -> str:
 
     forward = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+@contextlib.contextmanager
+def _adapters(model, names: list[str]):
+    """The forward's adapter arguments for these rows. One adapter for all of them runs PEFT's
+    plain path (a quarter faster per token on SmolLM2 than its mixed-batch path); mixed rows
+    name theirs."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        yield {}
+    elif len(set(names)) > 1:
+        yield {"adapter_names": names}
+    elif names[0] == BASE:
+        with model.disable_adapter():
+            yield {}
+    else:
+        model.set_adapter(names[0])
+        yield {}

@@ -116,7 +116,11 @@ def test_the_dashboard_creates_charts_and_cancels_jobs_in_a_real_browser(servers
     # The playground: one prompt to the fine-tuned model and to its base, streamed side by side.
     wait(browser, lambda d: texts(d, "#play-model option")[:1] == [client.fine_tuning.jobs.retrieve(finished).fine_tuned_model], 30, "the fine-tuned model to play with")  # fmt: skip
     assert len(texts(browser, "#play-model option")) == 4, "the model and its three checkpoints"
-    for field, value in (("#play-temperature", "0"), ("#play-max", "24"), ("#play-prompt", "Review the film in one line")):
+    for field, value in (
+        ("#play-temperature", "0"),
+        ("#play-max", "24"),
+        ("#play-prompt", "Review the film in one line"),
+    ):
         by_css(browser, field)[0].clear()
         by_css(browser, field)[0].send_keys(value)
     by_css(browser, "#play")[0].click()

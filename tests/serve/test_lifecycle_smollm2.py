@@ -2,13 +2,15 @@
 client, on a server whose devices have 2 GiB: upload, quote, create, estimated_finish while it
 runs, metrics events, the health warning at lr 1e-3, checkpoints with the best one marked,
 success, result file, the adapter downloaded and loaded with PEFT, the event stream, a merged
-export (GGUF) downloaded as a tar, and a second round continuing from the fine-tuned model."""
+export (GGUF) downloaded as a tar, chat completions with the result (the README's example), and a
+second round continuing from the fine-tuned model."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import runpy
 import tarfile
 import time
 import urllib.request
@@ -137,6 +139,15 @@ def test_a_dpo_job_on_smollm2_from_upload_to_a_peft_adapter_and_an_export(server
     merged = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file.name, dtype=torch.float32)
     assert type(merged) is type(base) and merged.config.num_hidden_layers == base.config.num_hidden_layers
 
+    # Chat with it, as the README's example does: streamed, beside the base; DPO changed the answer.
+    example = runpy.run_path(str(REPO / "examples" / "train_and_chat.py"))
+    tuned, plain = (example["chat"](client, model) for model in (job.fine_tuned_model, "SmolLM2-135M-Instruct"))
+    assert tuned["text"] and plain["text"] and tuned["text"] != plain["text"]
+    assert 0 < tuned["first_token_s"] < 60 and tuned["tokens_per_s"] > 0 and 0 < tuned["tokens"] <= 48
+    checkpoint = client.chat.completions.create(model=checkpoints[1].fine_tuned_model_checkpoint, max_tokens=8,
+                                                messages=[{"role": "user", "content": "Hi"}], temperature=0)  # fmt: skip
+    assert checkpoint.choices[0].message.content and checkpoint.usage.completion_tokens <= 8
+
     # A second preference round on top of the first: the fine-tuned model as the job's base, its
     # adapter both where the policy starts and the reference (copied into the new job's folder).
     second = client.fine_tuning.jobs.create(
@@ -159,6 +170,7 @@ def test_a_dpo_job_on_smollm2_from_upload_to_a_peft_adapter_and_an_export(server
     assert copied.keys() == trained.keys() and all(torch.equal(copied[k], trained[k]) for k in trained)
     after = load_file(folder / "run" / "adapter" / "adapter_model.safetensors")
     assert any(not torch.equal(after[k], trained[k]) for k in trained)  # trained on top
+    assert example["chat"](client, second.fine_tuned_model)["text"]  # served as base + its own adapter
     with pytest.raises(openai.BadRequestError) as unknown:
         client.fine_tuning.jobs.create(model=job.fine_tuned_model + "x", training_file=train_file.id)
     assert unknown.value.body["param"] == "model" and "is not one this server knows" in unknown.value.body["message"]
