@@ -7,6 +7,7 @@ launch/node.sh with one rank, exactly as two cluster nodes without ssh would.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -135,6 +136,28 @@ def test_a_world_of_one_starts_without_compiling_the_shared_memory_allreduce():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "shm None 1 2.0" in result.stdout
     assert "built successfully" not in result.stdout + result.stderr
+
+
+def test_two_cpu_ranks_reduce_without_the_kernel_and_leave_no_shared_memory_behind(tmp_path):
+    """DeepSpeed's CPU backend left a 64 MiB /dev/shm segment per rank after every multi-rank run
+    (it never unlinks them); training reduces through torch.distributed without its kernel."""
+    script = tmp_path / "reduce.py"
+    script.write_text(
+        "import torch, deepspeed.comm\n"
+        "from dpo_lora.core.distributed import init_distributed\n"
+        "info = init_distributed()\n"
+        "value = torch.tensor([float(info.rank + 1)])\n"
+        "deepspeed.comm.all_reduce(value)\n"
+        "print('rank', info.rank, 'of', info.world_size, 'sum', float(value[0]))\n"
+    )
+    port = "29697"
+    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, str(script)]
+    result = subprocess.run(command, cwd=REPO, env=venv_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rank 0 of 2 sum 3.0" in result.stdout and "rank 1 of 2 sum 3.0" in result.stdout
+    assert "built successfully" not in result.stdout + result.stderr
+    left = [name for name in os.listdir("/dev/shm") if f"_{port}_" in name]
+    assert left == []
 
 
 def test_gathered_is_a_no_op_for_unpartitioned_parameters():
