@@ -211,6 +211,7 @@ class Engine:
         name = "ft_" + hashlib.sha1(str(folder).encode()).hexdigest()[:12]
         self.model = attach_trained(self.model, folder, name, self.model_config).eval()
         self.adapters[folder] = name
+        self.model.set_adapter(name)  # the active one is never the one evicted
         while len(self.adapters) > self.max_adapters:
             _, old = self.adapters.popitem(last=False)
             self.model.delete_adapter(old)

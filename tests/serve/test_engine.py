@@ -1,0 +1,86 @@
+"""The inference engine in-process: adapters by name with least-recently-used eviction, the idle
+unload that hands the device back, and a model that does not load failing its requests only."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from dpo_lora.core.config import load_config
+from dpo_lora.model.decode import Sampling
+from dpo_lora.serve.engine import Engine, EngineError, Request
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    """Two random LoRA adapters of the tiny Llama, saved in PEFT's format."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folders = []
+    for seed in (1, 2):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # fmt: skip
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0, 0.5)
+        folder = tmp_path_factory.mktemp(f"adapter{seed}")
+        model.save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+def settings(tiny_model_dir):
+    return load_config(None, {"model.path": str(tiny_model_dir), "model.quantization": "none", "model.dtype": "float32"}).model  # fmt: skip
+
+
+def answer(engine: Engine, adapter, prompt=(5, 6, 7, 8)) -> str:
+    request = Request([list(prompt)], 1, Sampling(temperature=0, max_tokens=6), adapter, str(adapter))
+    engine.submit(request)
+    texts = []
+    while (event := request.events.get(timeout=60))[0] != "done":
+        if event[0] == "error":
+            raise event[1]
+        if event[0] == "text":
+            texts.append(event[2])
+    return "".join(texts)
+
+
+def test_one_adapter_slot_evicts_the_least_recently_used_and_answers_stay_the_same(tiny_model_dir, adapters):
+    roomy = Engine(settings(tiny_model_dir), lambda: "cpu", max_adapters=8)
+    want = {folder: answer(roomy, folder) for folder in [None, *adapters]}
+    assert len(set(want.values())) == 3, "base and two adapters answer differently"
+    assert list(roomy.adapters) == adapters
+    tight = Engine(settings(tiny_model_dir), lambda: "cpu", max_adapters=1)
+    for folder in [adapters[0], adapters[1], adapters[0], None, adapters[1]]:
+        assert answer(tight, folder) == want[folder]
+        if folder is not None:
+            assert list(tight.adapters) == [folder], "only the newest adapter is held"
+    held = [name for name in tight.model.peft_config]
+    assert held == [tight.adapters[adapters[1]]], "the evicted ones left the model too"
+    roomy.close(), tight.close()
+
+
+def test_an_idle_engine_unloads_and_hands_its_device_back_then_reloads(tiny_model_dir, adapters):
+    placed, released = [], []
+    engine = Engine(settings(tiny_model_dir), lambda: placed.append("cpu") or "cpu", idle_s=0.3, on_unload=lambda: released.append(1))  # fmt: skip
+    first = answer(engine, adapters[0])
+    deadline = time.monotonic() + 10
+    while not released:
+        assert time.monotonic() < deadline, "the idle engine kept its model"
+        time.sleep(0.05)
+    assert released == [1] and engine.model is None
+    assert answer(engine, adapters[0]) == first, "loaded again on the next request"
+    assert placed == ["cpu", "cpu"]
+    engine.close()
+
+
+def test_a_missing_adapter_fails_its_request_and_the_engine_serves_on(tiny_model_dir, adapters, tmp_path):
+    engine = Engine(settings(tiny_model_dir), lambda: "cpu")
+    with pytest.raises(EngineError, match="the model did not load"):
+        answer(engine, tmp_path / "gone")
+    assert answer(engine, adapters[1])
+    engine.close()
