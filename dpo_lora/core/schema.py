@@ -68,6 +68,12 @@ class ModelConfig:
         "attention kernel: auto (sdpa where the model supports it, else eager) or one passed to transformers",
         ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"),
     )
+    fused_lora: bool = knob(
+        False,
+        "run each 4-bit LoRA linear as one autograd function (dequantize, one GEMM, the adapter added by addmm; "
+        "backward computes only dX and the adapter's gradients) instead of PEFT's chain of modules; where it does "
+        "not apply (int8, unquantized, DoRA, ZeRO-3) one line says so and PEFT's layers run",
+    )
 
 
 @dataclass

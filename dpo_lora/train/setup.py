@@ -25,6 +25,7 @@ from dpo_lora.data.batches import PairBatches, pair_lengths
 from dpo_lora.data.layout import batch_layout
 from dpo_lora.data.prepare import prepare_splits
 from dpo_lora.model import chunked_logps, fitting
+from dpo_lora.model.fused_lora import fuse
 from dpo_lora.model.load import attach_adapter, load_base, load_tokenizer
 from dpo_lora.train.best import BestTracker
 from dpo_lora.train.checkpoints import clear_run, load_checkpoint, resume_point
@@ -238,6 +239,9 @@ def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):
     train_cfg = config.train
     set_seed(train_cfg.seed)  # same LoRA init on every rank
     model = attach_adapter(load_base(config.model, dist.device, ds_config), config.lora)
+    if config.model.fused_lora and (fused := fuse(model, config.model, ds_config["zero_optimization"]["stage"])):
+        if dist.is_main:
+            print(f"dpo-lora: model.fused_lora: {fused} 4-bit LoRA layers run as one function each", file=sys.stderr)
     chunked_logps.install(model, train_cfg.logps_chunk_size)  # before DeepSpeed wraps the head
     trainable = [p for p in model.parameters() if p.requires_grad]
     adamw = _adamw(ds_config["zero_optimization"])

@@ -1,0 +1,131 @@
+"""A 4-bit linear layer with its LoRA adapter as one autograd function (`model.fused_lora`).
+
+PEFT runs a LoRA layer over a bitsandbytes 4-bit base as a chain of modules: the base layer
+(cast, dequantize, matmul, cast back), a defensive clone, dropout, A, B, a scale and an add, each
+with its own autograd node, about 11 kernels forward and 15 backward. Here one function computes
+
+    y = x W^T + b + s * (dropout(x) A^T) B^T          W = dequantize(NF4 weight), s = alpha / r
+
+forward: dequantize W, one GEMM for the base, then the adapter added in place by `addmm`
+(no clone). backward: dX = dY W (W dequantized again rather than kept), and only the adapter's
+gradients: dA = s (dY B)^T dropout(x), dB = s dY^T (dropout(x) A^T). The base weight gets none.
+Dropout runs outside the function, and only when its p is non-zero.
+
+Dtypes follow PEFT's: the base matmul in the quantization's compute dtype, the adapter in its
+own (float32), each result cast to the input's dtype before the sum; autocast (the
+float32-residual policy) does not reach inside.
+
+The adapter-off pass (the reference) runs the same function without the adapter. What it does
+not cover falls back to PEFT's layers, named in one line: 8-bit and unquantized bases, DoRA and
+other LoRA variants, and ZeRO-3 (it gathers a layer's weights in hooks on the base layer's own
+forward, which this path does not call). Mixed-adapter batches (inference) and merged layers take
+PEFT's path per call.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+FUSED = "_dpo_lora_fused"
+
+
+class LoRA4bitLinear(torch.autograd.Function):
+    """y = x W^T + b, plus s * (xd A^T) B^T when A is given (xd: x after dropout); W dequantized
+    from `weight` in `compute` dtype, as bitsandbytes' own layer computes it."""
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, quant_state, bias, lora_a, lora_b, scale, compute):
+        import bitsandbytes.functional as bnb_functional
+
+        w = bnb_functional.dequantize_4bit(weight, quant_state).to(compute)  # [out, in]
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.nn.functional.linear(flat.to(compute), w, None if bias is None else bias.to(compute)).to(x.dtype)
+        if lora_a is not None:
+            flat_xd = xd.reshape(-1, xd.shape[-1]).to(lora_a.dtype)
+            t = flat_xd @ lora_a.t()  # [N, r]
+            if y.dtype == lora_a.dtype:
+                y.addmm_(t, lora_b.t(), alpha=scale)  # the base output is ours: no clone
+            else:
+                y += (scale * (t @ lora_b.t())).to(y.dtype)
+            ctx.save_for_backward(flat_xd, t, lora_a, lora_b)
+        ctx.weight, ctx.quant_state, ctx.scale, ctx.compute = weight, quant_state, scale, compute
+        ctx.x_meta, ctx.xd_dtype, ctx.has_lora = (x.shape, x.dtype), xd.dtype, lora_a is not None
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        import bitsandbytes.functional as bnb_functional
+
+        x_shape, x_dtype = ctx.x_meta
+        dy = grad.reshape(-1, grad.shape[-1])
+        dx = dxd = da = db = None
+        if ctx.needs_input_grad[0]:
+            w = bnb_functional.dequantize_4bit(ctx.weight, ctx.quant_state).to(ctx.compute)  # again, not kept
+            dx = (dy.to(ctx.compute) @ w).to(x_dtype).reshape(x_shape)
+        if ctx.has_lora:
+            flat_xd, t, lora_a, lora_b = ctx.saved_tensors
+            dy_lora = dy.to(lora_a.dtype)
+            dt = (dy_lora @ lora_b) * ctx.scale  # [N, r]
+            if ctx.needs_input_grad[5]:
+                da = dt.t() @ flat_xd
+            if ctx.needs_input_grad[6]:
+                db = ctx.scale * (dy_lora.t() @ t)
+            if ctx.needs_input_grad[1]:
+                dxd = (dt @ lora_a).to(ctx.xd_dtype).reshape(x_shape)
+        return dx, dxd, None, None, None, da, db, None, None
+
+
+def fuse(model, model_config, zero_stage: int = 0) -> int:
+    """Give every 4-bit LoRA layer of `model` (a PeftModel) the fused forward; the count, or 0
+    with one line saying why none could take it."""
+    reason = None
+    if model_config.quantization not in ("nf4", "fp4"):
+        reason = f"model.quantization={model_config.quantization} (it fuses 4-bit layers only)"
+    elif zero_stage == 3:
+        reason = "ZeRO-3 gathers each layer's weights in hooks on its own forward"
+    layers = [m for m in model.modules() if _is_lora_4bit(m)]
+    if reason is None and any(getattr(m, "lora_variant", None) for m in layers):
+        reason = "a LoRA variant (DoRA) is on"
+    if reason is not None:
+        print(f"dpo-lora: model.fused_lora: PEFT's layers instead: {reason}", file=sys.stderr)
+        return 0
+    for module in layers:
+        if not getattr(module, FUSED, False):
+            module.forward = _fused_forward(module, module.forward)
+            setattr(module, FUSED, True)
+    return len(layers)
+
+
+def _is_lora_4bit(module) -> bool:
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), bnb.nn.Linear4bit)
+
+
+def _fused_forward(layer, peft_forward):
+    base = layer.get_base_layer()
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs or layer.merged:  # mixed-adapter batches and merged layers: PEFT's path
+            return peft_forward(x, *args, **kwargs)
+        active = [name for name in layer.active_adapters if name in layer.lora_A]
+        if layer.disable_adapters or not active:
+            lora = (None, None, 1.0)
+            xd = x
+        else:
+            if len(active) > 1:
+                return peft_forward(x)
+            name = active[0]
+            dropout = layer.lora_dropout[name]
+            xd = dropout(x) if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 else x
+            lora = (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
+        weight = base.weight
+        with torch.autocast(x.device.type, enabled=False):
+            return LoRA4bitLinear.apply(
+                x, xd, weight, weight.quant_state, base.bias, *lora, base.compute_dtype or x.dtype
+            )
+
+    return forward
