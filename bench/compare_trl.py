@@ -40,9 +40,11 @@ REPO = Path(__file__).resolve().parent.parent
 # memory dpo-lora saves spent on not recomputing, to compare at TRL's memory rather than its settings.
 # "dpo-lora-auto" is as shipped with `model.checkpoint_layers=auto`: on a GPU it checkpoints only the
 # layers the card's memory needs (on a CPU, every layer: the same run as "dpo-lora").
+# "dpo-lora-fused" is as shipped with `model.fused_lora=true`: each 4-bit LoRA linear as one function.
 SYSTEMS = (
     "trl", "dpo-lora-plain", "dpo-lora-unshared", "dpo-lora", "dpo-lora-online", "dpo-lora-mask",
     "trl-lowmem", "dpo-lora-lowmem", "trl-thp", "dpo-lora-allbf16", "dpo-lora-nockpt", "dpo-lora-auto",
+    "dpo-lora-fused",
 )  # fmt: skip
 LOWMEM_MB = 4
 # (prompt tokens, completion tokens, micro batch, max_length), as in the peer figures.
@@ -147,6 +149,7 @@ def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> tuple[list[f
             f"model.float32_residual={not system.endswith('allbf16')}",
             f"model.gradient_checkpointing={not system.endswith('nockpt')}",
             f"model.checkpoint_layers={'auto' if system.endswith('auto') else 'all'}",
+            f"model.fused_lora={system.endswith('fused')}",
         ],
     )  # fmt: skip
     os.environ["DPO_LORA_CACHE"] = str(work / system / "cache")  # a cold cache: the precompute is paid in this run
