@@ -30,6 +30,7 @@ from dpo_lora.serve.wire import ApiError
 
 DEFAULT_MAX_TOKENS = {"chat": 512, "text": 16}  # OpenAI's legacy completions default to 16
 MAX_N = 8
+MAX_ROWS = 32  # answers in one request: prompts x n
 POLL_S = 0.005
 UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "functions", "tool_choice", "logit_bias", "suffix", "audio")
 
@@ -98,6 +99,8 @@ def _prepare(state: ServerState, body: Sampled, kind: str) -> tuple[Request, Eng
         rendered = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not rendered:
             raise ApiError(400, "prompt: empty", param="prompt")
+    if len(rendered) * body.n > MAX_ROWS:
+        raise ApiError(400, f"prompt: at most {MAX_ROWS} answers per request (prompts x n)", param="prompt")
     prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
     if any(not ids for ids in prompts):
         raise ApiError(400, "prompt: no tokens in it", param="messages" if kind == "chat" else "prompt")
@@ -121,7 +124,8 @@ def _prepare(state: ServerState, body: Sampled, kind: str) -> tuple[Request, Eng
     try:
         engine.submit(request)
     except EngineError as err:
-        raise ApiError(err.status, str(err), code="engine_unavailable", kind="server_error") from None
+        kind = "rate_limit_error" if err.status == 429 else "server_error"
+        raise ApiError(err.status, str(err), code="engine_unavailable", kind=kind) from None
     return request, engine
 
 

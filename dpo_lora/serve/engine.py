@@ -30,6 +30,7 @@ from dpo_lora.model.decode import BASE, Row, Sampling, decode
 from dpo_lora.serve.text_stream import TextStream
 
 CLOSE = object()  # an engine's queue item: unload and end the worker
+MAX_WAITING = 64  # requests queued for one engine; past it a request is a 429
 
 
 class EngineError(Exception):
@@ -92,7 +93,9 @@ class Engine:
     def submit(self, request: Request) -> None:
         with self.ready:
             if self.closed:
-                raise EngineError("the engine was closed; retry")
+                raise EngineError("the engine was closed; retry", 503)
+            if len(self.waiting) >= MAX_WAITING:
+                raise EngineError(f"{MAX_WAITING} requests already wait for this model; retry later", 429)
             self.waiting.append(request)
             self.ready.notify()
 

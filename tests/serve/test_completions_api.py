@@ -138,5 +138,7 @@ def test_unknown_models_and_bad_parameters_are_openai_errors(trained):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model=base, messages=ASK, **options)
         assert caught.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError, match="at most 32 answers per request"):
+        client.completions.create(model=base, prompt=["The plot"] * 5, n=8, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="role: 'tool' is not supported"):
         greedy(client, base, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])

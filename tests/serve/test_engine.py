@@ -84,3 +84,22 @@ def test_a_missing_adapter_fails_its_request_and_the_engine_serves_on(tiny_model
         answer(engine, tmp_path / "gone")
     assert answer(engine, adapters[1])
     engine.close()
+
+
+def test_a_full_queue_is_a_429_and_nothing_queued_is_lost(tiny_model_dir, monkeypatch):
+    from dpo_lora.serve import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_WAITING", 2)
+    engine = Engine(settings(tiny_model_dir), lambda: "cpu")
+    with engine.ready:  # hold the worker off while the queue fills
+        queued = [Request([[5, 6]], 1, Sampling(temperature=0, max_tokens=2), None, "base") for _ in range(2)]
+        for request in queued:
+            engine.waiting.append(request)
+        with pytest.raises(EngineError, match="2 requests already wait") as caught:
+            engine.submit(Request([[5, 6]], 1, Sampling(temperature=0, max_tokens=2), None, "base"))
+        assert caught.value.status == 429
+        engine.ready.notify()
+    for request in queued:
+        while (event := request.events.get(timeout=60))[0] != "done":
+            assert event[0] != "error"
+    engine.close()
