@@ -16,7 +16,7 @@ import torch
 
 from dpo_lora.core.errors import UserError
 from dpo_lora.model import grad_checkpointing
-from dpo_lora.model.precision import float32_residual, quantization_config, weights_dtype
+from dpo_lora.model.precision import float32_residual, quantization_config, torch_dtype, weights_dtype
 from dpo_lora.model.zero3_loading import load_partitioned
 
 POLICY_ADAPTER = "default"
@@ -183,6 +183,24 @@ def attach_adapter(base, lora_config):
     for name, param in model.named_parameters():
         if "lora_" in name and param.dtype != torch.float32:
             param.data = param.data.float()
+    lora_in_float32(model)
+    return model
+
+
+def attach_trained(model, adapter_dir: Path, name: str, model_config):
+    """Load a trained PEFT adapter onto `model` (a base, or a PeftModel with other adapters) as
+    `name`, its parameters in the dtype it trained in; returns the PeftModel. Under float32_residual
+    the adapter stays float32 and computes in float32, as it trained."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(adapter_dir), adapter_name=name)
+    else:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
+    dtype = torch.float32 if float32_residual(model_config) else torch_dtype(model_config.dtype)
+    for param_name, p in model.named_parameters():
+        if "lora_" in param_name and f".{name}." in param_name and p.dtype != dtype:
+            p.data = p.data.to(dtype)
     lora_in_float32(model)
     return model
 

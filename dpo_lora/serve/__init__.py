@@ -1,7 +1,8 @@
 """`dpo-lora serve`: an OpenAI-compatible fine-tuning jobs service.
 
 The service talks to runs only through the config it writes, the process it starts and the files
-a run writes (metrics.jsonl, checkpoints, adapter); it never imports the trainer.
+a run writes (metrics.jsonl, checkpoints, adapter); it never imports the trainer. Inference loads
+what runs wrote with the model package's loaders (dpo_lora.model.load, .decode).
 
     status.py     JobStatus and StopRequest (the store's enum columns)
     store.py      the durable job store (SQLAlchemy; SQLite in WAL mode by default)
@@ -17,7 +18,11 @@ a run writes (metrics.jsonl, checkpoints, adapter); it never imports the trainer
     scheduler.py  validate, queue, dispatch onto free devices, watch, stop, recover
     guard.py      auth, body caps, Host/Origin checks: before any route reads a body
     state.py      the server's state as a route dependency, and the lookups routes share
-    files_api.py, jobs_api.py, extensions_api.py   the /v1 routes, one router each
+    models.py     model ids (bases, ft: models, checkpoints) -> the base folder and adapter
+    text_stream.py  an answer's tokens as settled text, cut at its first stop string
+    engine.py     one loaded base with its adapters by name: batches requests, decodes, streams
+    inference.py  which engine answers a model, and on which device (GPUs lent by the scheduler)
+    files_api.py, jobs_api.py, extensions_api.py, completions_api.py   the /v1 routes, one router each
     dashboard.py  GET / (dashboard.html) and the progress and chart routes it reads
     app.py        the FastAPI app: the guard, the routers, the error shapes
     server.py     `dpo-lora serve`: wires them together under uvicorn

@@ -208,7 +208,7 @@ class Engine:
         if folder in self.adapters:
             self.adapters.move_to_end(folder)
             return self.adapters[folder]
-        from dpo_lora.train.trained import attach_trained
+        from dpo_lora.model.load import attach_trained
 
         start = time.monotonic()
         name = "ft_" + hashlib.sha1(str(folder).encode()).hexdigest()[:12]

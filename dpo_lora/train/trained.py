@@ -12,8 +12,7 @@ from dpo_lora.core import rundir
 from dpo_lora.core.config import load_config
 from dpo_lora.core.errors import UserError
 from dpo_lora.core.schema import Config
-from dpo_lora.model.load import POLICY_ADAPTER, REFERENCE_ADAPTER, load_base, load_tokenizer, lora_in_float32
-from dpo_lora.model.precision import float32_residual, torch_dtype
+from dpo_lora.model.load import POLICY_ADAPTER, REFERENCE_ADAPTER, attach_trained, load_base, load_tokenizer
 from dpo_lora.train.checkpoints import DEEPSPEED_TAG, _deepspeed_checkpoint_types, latest_checkpoint
 
 LORA_KEY_PARTS = (".lora_A.", ".lora_B.")
@@ -153,24 +152,6 @@ def load_policy(adapter_dir: Path, model_config, device: torch.device, reference
         attach_trained(model, Path(reference_adapter), REFERENCE_ADAPTER, model_config)
         model.set_adapter(POLICY_ADAPTER)
     return model.eval()
-
-
-def attach_trained(model, adapter_dir: Path, name: str, model_config):
-    """Load a trained PEFT adapter onto `model` (a base, or a PeftModel with other adapters) as
-    `name`, its parameters in the dtype it trained in; returns the PeftModel. Under float32_residual
-    the adapter stays float32 and computes in float32, as it trained."""
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        model.load_adapter(str(adapter_dir), adapter_name=name)
-    else:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
-    dtype = torch.float32 if float32_residual(model_config) else torch_dtype(model_config.dtype)
-    for param_name, p in model.named_parameters():
-        if "lora_" in param_name and f".{name}." in param_name and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-    lora_in_float32(model)
-    return model
 
 
 def inference_device() -> torch.device:
