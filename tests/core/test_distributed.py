@@ -148,7 +148,7 @@ def test_two_cpu_ranks_reduce_without_the_kernel_and_leave_no_shared_memory_behi
         "info = init_distributed()\n"
         "value = torch.tensor([float(info.rank + 1)])\n"
         "deepspeed.comm.all_reduce(value)\n"
-        "print('rank', info.rank, 'of', info.world_size, 'sum', float(value[0]))\n"
+        "print(f'rank {info.rank} of {info.world_size} sum {float(value[0])}')  # one write: ranks share the pipe\n"
     )
     port = "29697"
     command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, str(script)]
