@@ -142,14 +142,17 @@ class Engine:
         batch = [request for request in batch if not request.cancelled.is_set()]
         if not batch:
             return
-        try:
-            self._load()
-            names = {request.adapter: self._adapter(request.adapter, request.label) for request in batch}
-        except Exception as err:  # noqa: BLE001 (a model that does not load fails its requests, not the server)
-            if not isinstance(err, EngineError):
-                err = EngineError(f"the model did not load: {type(err).__name__}: {(str(err) or ' ').splitlines()[0]}")
-            for request in batch:
+        names = {}  # adapter folder -> PEFT name, for the requests whose model loaded
+        for request in batch:  # a model that does not load fails its requests, not the server
+            try:
+                self._load()
+                names[request.adapter] = self._adapter(request.adapter, request.label)
+            except Exception as err:  # noqa: BLE001
+                if not isinstance(err, EngineError):
+                    err = EngineError(f"the model did not load: {type(err).__name__}: {(str(err) or ' ').splitlines()[0]}")  # fmt: skip
                 request.events.put(("error", err))
+        batch = [request for request in batch if request.adapter in names]
+        if not batch:
             return
         rows, owners, streams = [], [], []
         for request in batch:

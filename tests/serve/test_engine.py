@@ -82,7 +82,17 @@ def test_a_missing_adapter_fails_its_request_and_the_engine_serves_on(tiny_model
     engine = Engine(settings(tiny_model_dir), lambda: "cpu")
     with pytest.raises(EngineError, match="the model did not load"):
         answer(engine, tmp_path / "gone")
-    assert answer(engine, adapters[1])
+    want = answer(engine, adapters[1])
+    # In one batch with a good request: only the bad one fails.
+    bad, good = (Request([[5, 6, 7, 8]], 1, Sampling(temperature=0, max_tokens=6), a, "m") for a in (tmp_path / "gone", adapters[1]))  # fmt: skip
+    with engine.ready:
+        engine.waiting.extend([bad, good])
+        engine.ready.notify()
+    assert bad.events.get(timeout=60)[0] == "error"
+    texts = []
+    while (event := good.events.get(timeout=60))[0] != "done":
+        texts += [event[2]] if event[0] == "text" else []
+    assert "".join(texts) == want
     engine.close()
 
 
