@@ -72,7 +72,7 @@ class ModelConfig:
         False,
         "run each 4-bit LoRA linear as one autograd function (dequantize, one GEMM, the adapter added by addmm; "
         "backward computes only dX and the adapter's gradients) instead of PEFT's chain of modules; where it does "
-        "not apply (int8, unquantized, DoRA, ZeRO-3) one line says so and PEFT's layers run",
+        "not apply (int8, unquantized, DoRA) one line says so and PEFT's layers run",
     )
 
 

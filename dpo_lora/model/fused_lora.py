@@ -17,9 +17,8 @@ float32-residual policy) does not reach inside.
 
 The adapter-off pass (the reference) runs the same function without the adapter. What it does
 not cover falls back to PEFT's layers, named in one line: 8-bit and unquantized bases, DoRA and
-other LoRA variants, and ZeRO-3 (it gathers a layer's weights in hooks on the base layer's own
-forward, which this path does not call). Mixed-adapter batches (inference) and merged layers take
-PEFT's path per call.
+other LoRA variants. Mixed-adapter batches (inference) and merged layers take PEFT's path per
+call. Under ZeRO-3 each fused layer gathers the weights it reads (DeepSpeed's external parameters).
 """
 
 from __future__ import annotations
@@ -83,8 +82,6 @@ def fuse(model, model_config, zero_stage: int = 0) -> int:
     reason = None
     if model_config.quantization not in ("nf4", "fp4"):
         reason = f"model.quantization={model_config.quantization} (it fuses 4-bit layers only)"
-    elif zero_stage == 3:
-        reason = "ZeRO-3 gathers each layer's weights in hooks on its own forward"
     layers = [m for m in model.modules() if _is_lora_4bit(m)]
     if reason is None and any(getattr(m, "lora_variant", None) for m in layers):
         reason = "a LoRA variant (DoRA) is on"
@@ -95,7 +92,21 @@ def fuse(model, model_config, zero_stage: int = 0) -> int:
         if not getattr(module, FUSED, False):
             module.forward = _fused_forward(module, module.forward)
             setattr(module, FUSED, True)
+            if zero_stage == 3:
+                _gather_with(module)
     return len(layers)
+
+
+def _gather_with(layer) -> None:
+    """Under ZeRO-3 the fused forward reads the base layer's partitioned weight (and its absmax)
+    and the adapter's matrices without calling their modules, whose hooks would gather them: the
+    layer itself gathers them for its forward and backward instead."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    owners = [layer.get_base_layer(), *layer.lora_A.values(), *layer.lora_B.values()]
+    for owner in owners:
+        for param in owner.parameters(recurse=False):
+            register_external_parameter(layer, param)
 
 
 def _is_lora_4bit(module) -> bool:
