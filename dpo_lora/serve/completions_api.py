@@ -94,7 +94,10 @@ def _prepare(state: ServerState, body: Sampled, kind: str) -> tuple[Request, Eng
     if kind == "chat":
         if not tokenizer.chat_template:
             raise ApiError(400, f"model '{body.model}' has no chat template; use /v1/completions", param="model")
-        rendered = [tokenizer.apply_chat_template(_messages(body.messages), tokenize=False, add_generation_prompt=True)]
+        try:
+            rendered = [tokenizer.apply_chat_template(_messages(body.messages), tokenize=False, add_generation_prompt=True)]  # fmt: skip
+        except Exception as err:  # the template's own checks (jinja's raise_exception), e.g. roles out of order
+            raise ApiError(400, f"messages: the model's chat template refused them: {err}", param="messages") from None
     else:
         rendered = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not rendered:
