@@ -34,7 +34,7 @@ SETTINGS = [
 def first_step_gradients(dtype: str, out: Path, chosen_logps: bool, overrides: list[str]) -> None:
     """Child process: the run's first optimizer step's LoRA gradients, saved to `out`."""
     from dpo_lora.core.config import load_config
-    from dpo_lora.train.evaluation import to_device
+    from dpo_lora.data.layout import to_device
     from dpo_lora.train.setup import setup_run
     from dpo_lora.train.step import concatenated_logps, preference_step
 

@@ -72,8 +72,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from dpo_lora.core.config import load_config
+    from dpo_lora.data.layout import to_device
     from dpo_lora.model.load import reference_mode
-    from dpo_lora.train.evaluation import to_device
     from dpo_lora.train.setup import setup_run
     from dpo_lora.train.step import concatenated_logps, pair_losses
 

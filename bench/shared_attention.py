@@ -16,7 +16,7 @@ import types
 
 import torch
 
-from dpo_lora.data.layout import attention_bias, collate_shared
+from dpo_lora.data.layout import HOST, attention_bias, collate_shared
 from dpo_lora.model import shared_attention
 
 SHAPES = {"short": (64, 60, 60, 4), "long": (300, 480, 480, 2)}  # prompt, chosen, rejected, rows
@@ -43,7 +43,7 @@ def time_shape(name: str, prompt: int, chosen: int, rejected: int, rows: int, dt
     query = torch.randn(rows, 9, length, 64, dtype=dtype, requires_grad=True)
     key, value = (torch.randn(rows, 3, length, 64, dtype=dtype, requires_grad=True) for _ in range(2))
     module = types.SimpleNamespace(num_key_value_groups=3, is_causal=True, training=True)
-    plan = shared_attention.layout_plan(shared_attention.row_lengths(batch["branch_lengths"]), length, query.device)
+    plan = shared_attention.layout_plan(batch[HOST].branch_lengths, length, query.device)
     lengths = {shared_attention.PLAN_KEY: plan}
 
     def split():

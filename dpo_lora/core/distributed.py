@@ -125,6 +125,18 @@ def any_rank(flag: bool) -> bool:
     return all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64)).item() > 0
 
 
+def any_rank_flag(flag: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor (on the rank's device), true on every rank when it is true on any rank;
+    reduced on the device, so the host does not wait for it."""
+    import torch.distributed as dist
+
+    if not _multi_rank():
+        return flag
+    as_number = flag.to(_collective_device, torch.float32)
+    dist.all_reduce(as_number, op=dist.ReduceOp.MAX)
+    return as_number.to(flag.device) > 0
+
+
 def broadcast_from_main(value):
     """Rank 0's `value` (any picklable object) on every rank."""
     import torch.distributed as dist

@@ -23,9 +23,11 @@ attention in every layer; elsewhere the plain layout is kept (`unsupported_reaso
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
+from dpo_lora.core import transfer
 from dpo_lora.model import shared_attention
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1  # the branch of each token in the shared layout
@@ -33,6 +35,23 @@ MASK_KERNELS = ("sdpa", "eager")  # attention implementations that take a 4D add
 SHARED_KERNELS = (*MASK_KERNELS, shared_attention.KERNEL)  # ... and sdpa's split path (no mask at all)
 # Attention kernels that run packed sequences (found from restarting position_ids) without a dense mask.
 VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
+
+
+HOST = "host"  # the batch key of its HostFacts
+
+
+class HostFacts(NamedTuple):
+    """What the step needs to know about a batch as Python values, so it never reads them back
+    from the device (each read would make the host wait for the GPU's queue to drain)."""
+
+    tokens: int  # real tokens (attention_mask's sum): the throughput counter
+    max_completion: int  # the longest completion: the width of the per-sequence sum
+    branch_lengths: tuple[tuple[int, int, int], ...] | None  # shared layout: each row's (P, C, R)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch's tensors on `device`, copied without making the host wait; HOST stays."""
+    return {key: value if key == HOST else transfer.to_device(value, device) for key, value in batch.items()}
 
 
 def batch_layout(config, model, pad_token_id: int):
@@ -73,7 +92,8 @@ def collate_pairs(
 
     Returns input_ids and attention_mask (both [2B, T]); where the model is scored: score_index [N] (flat positions into 2B*T, each
     predicting the next token), score_target [N], completion_lengths [2B] (chosen then rejected;
-    N = their sum); `row_index`/`weight` [B] and `reference_logps` [2B] when the features carry them.
+    N = their sum); `row_index`/`weight` [B] and `reference_logps` [2B] when the features carry them;
+    HOST: the batch's HostFacts.
     With `pack`, all 2B sequences share one row [1, T] with no padding, and position_ids [1, T]
     restart at 0 for each, from which the attention kernel finds the sequence boundaries.
     With `share_prompt`, the shared layout instead (`collate_shared`: B rows, the prompt once).
@@ -109,6 +129,8 @@ def collate_pairs(
     }
     if pack:
         batch["position_ids"] = position_ids
+    lengths = [len(c) for _, c in sequences]
+    batch[HOST] = HostFacts(sum(len(p) for p, _ in sequences) + sum(lengths), max(lengths), None)
     return add_pair_fields(batch, features)
 
 
@@ -129,7 +151,7 @@ def collate_shared(features: list[dict], pad_token_id: int) -> dict[str, torch.T
 
     Returns input_ids, attention_mask (1 on real tokens), position_ids, branch (PROMPT/CHOSEN/
     REJECTED/PAD), all [B, T]; branch_lengths [B, 3] (each row's prompt, chosen and rejected token
-    counts, for dpo_lora.model.shared_attention); score_index [N] (flat positions into B*T), score_target
+    counts, for dpo_lora.model.shared_attention; the same as Python ints in HostFacts); score_index [N] (flat positions into B*T), score_target
     [N] and completion_lengths [2B], ordered like the unshared layout: all chosen, then all rejected.
     """
     width = max(len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in features)
@@ -157,14 +179,13 @@ def collate_shared(features: list[dict], pad_token_id: int) -> dict[str, torch.T
         chosen_index += range(row + n_prompt - 1, row + n_prompt + n_chosen - 1)
         rejected_start = row + n_prompt + n_chosen
         rejected_index += [row + n_prompt - 1, *range(rejected_start, rejected_start + n_rejected - 1)]
+    rows = tuple((len(f["prompt_ids"]), len(f["chosen_ids"]), len(f["rejected_ids"])) for f in features)
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "branch": branch,
-        "branch_lengths": torch.tensor(
-            [[len(f["prompt_ids"]), len(f["chosen_ids"]), len(f["rejected_ids"])] for f in features], dtype=torch.long
-        ),
+        "branch_lengths": torch.tensor(rows, dtype=torch.long),
         "score_index": torch.tensor(chosen_index + rejected_index, dtype=torch.long),
         "score_target": torch.tensor(
             [t for f in features for t in f["chosen_ids"]] + [t for f in features for t in f["rejected_ids"]],
@@ -173,6 +194,7 @@ def collate_shared(features: list[dict], pad_token_id: int) -> dict[str, torch.T
         "completion_lengths": torch.tensor(
             [len(f["chosen_ids"]) for f in features] + [len(f["rejected_ids"]) for f in features], dtype=torch.long
         ),
+        HOST: HostFacts(sum(map(sum, rows)), max(max(c, r) for _, c, r in rows), rows),
     }
     return add_pair_fields(batch, features)
 

@@ -19,23 +19,49 @@ model everywhere else.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import NamedTuple
 
 import torch
 
+from dpo_lora.core import transfer
+
 KERNEL = "dpo_lora_shared_prompt"  # the attention implementation name the model is switched to
 PLAN_KEY = "shared_prompt_plan"  # the forward keyword carrying the micro-batch's layout_plan
+
+
+_PLANNED = contextvars.ContextVar("dpo_lora_planned_forward", default=False)
 
 
 def register() -> None:
     """Make KERNEL known to transformers (idempotent): this attention, and sdpa's mask builder for
     the batches that fall through to sdpa."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(KERNEL, shared_prompt_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(KERNEL, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(KERNEL, _mask)
+
+
+@contextlib.contextmanager
+def planned(enabled: bool = True):
+    """A forward whose batch carries a plan: it builds no attention mask (the attention reads the
+    plan), so transformers does not read the padding mask back from the device to decide whether
+    it may skip one."""
+    token = _PLANNED.set(enabled)
+    try:
+        yield
+    finally:
+        _PLANNED.reset(token)
+
+
+def _mask(*args, **kwargs):
+    """sdpa's mask builder, or no mask inside `planned`."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if _PLANNED.get() else sdpa_mask(*args, **kwargs)
 
 
 def use_on(model) -> None:
@@ -45,6 +71,7 @@ def use_on(model) -> None:
     base.set_attn_implementation(KERNEL)
 
 
+@torch.compiler.disable  # its plan's Python lists differ every batch: a graph would recompile each time
 def shared_prompt_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -129,7 +156,10 @@ def layout_plan(lengths: tuple[tuple[int, int, int], ...], length: int, device: 
         output += [row * head_width + t for t in range(p + c)] + list(range(tail_start, tail_start + r))
         output += [row * head_width] * (length - p - c - r)
         tail_start += r
-    as_index = functools.partial(torch.tensor, dtype=torch.long, device=device)
+
+    def as_index(values: list[int]) -> torch.Tensor:
+        return transfer.to_device(torch.tensor(values, dtype=torch.long), device)
+
     return _Plan(
         head_width,
         as_index(tail_queries),
@@ -139,8 +169,3 @@ def layout_plan(lengths: tuple[tuple[int, int, int], ...], length: int, device: 
         as_index(output),
         tuple(causal_lower_right(r, p + r) for p, _, r in lengths if r),
     )
-
-
-def row_lengths(branch_lengths: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
-    """[B, 3] (prompt, chosen, rejected) token counts -> the forward keyword's per-row tuples."""
-    return tuple(tuple(row) for row in branch_lengths.tolist())

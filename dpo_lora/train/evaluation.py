@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from dpo_lora.data.layout import HOST, to_device
 from dpo_lora.train.metrics import MetricWindow, pair_metrics
 from dpo_lora.train.step import pair_losses, preference_step, reference_logps
 
@@ -27,10 +28,6 @@ class EvalShard(torch.utils.data.Dataset):
         return {**self.dataset[index], "weight": weight}
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device) for key, value in batch.items()}
-
-
 def evaluate(engine, loader, dpo_config, device, policy_is_reference: bool = False) -> dict[str, float]:
     """Pair metrics over the whole eval set (all ranks), named `eval/...`.
 
@@ -49,7 +46,7 @@ def evaluate(engine, loader, dpo_config, device, policy_is_reference: bool = Fal
                 _, stats = pair_losses(ref_logps, ref_logps, lengths, dpo_config, labels=labels)
             else:
                 _, stats = preference_step(engine, batch, dpo_config)
-            window.add(stats, tokens=int(batch["attention_mask"].sum()), weight=batch["weight"])
+            window.add(stats, tokens=batch[HOST].tokens, weight=batch["weight"])
     engine.train()
     reduced = window.reduce()
     return {f"eval/{name}": value for name, value in reduced.items() if name != "tokens"}

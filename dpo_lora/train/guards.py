@@ -86,20 +86,23 @@ class NumericGuard:
         self.bad_in_row = 0
 
     @staticmethod
-    def loss_is_bad(loss: torch.Tensor) -> bool:
-        return not bool(torch.isfinite(loss.detach()).all())
+    def loss_is_bad(loss: torch.Tensor) -> torch.Tensor:
+        """A boolean tensor on the loss's device (reading it would wait for the device)."""
+        return ~torch.isfinite(loss.detach()).all()
 
     @staticmethod
-    def poison(loss: torch.Tensor, trainable: list[torch.Tensor]) -> torch.Tensor:
-        """A loss whose gradient is NaN for the adapter, so the step is rejected as an overflow."""
-        return torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0) + trainable[0].sum() * math.nan
+    def poison(loss: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+        """`loss` unchanged (times exactly 1) where the device flag `bad` is false; where it is true,
+        a loss whose gradient is NaN for everything it reaches, so the step is rejected as an overflow."""
+        return loss * torch.where(bad, math.nan, 1.0)
 
     @staticmethod
     def flag_overflow_at_zero0(engine, trainable: list[torch.Tensor]) -> None:
         """ZeRO-0 has no overflow check of its own: flag non-finite gradients on the optimizer
         (a SkippableAdamW), which then skips its update while DeepSpeed counts a skipped step."""
         if engine.zero_optimization_stage() == 0 and isinstance(engine.optimizer, SkippableAdamW):
-            engine.optimizer.overflow = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in trainable)
+            finite = [torch.isfinite(p.grad).all() for p in trainable if p.grad is not None]
+            engine.optimizer.overflow = bool(finite) and not bool(torch.stack(finite).all())
 
     def record(self, step: int, skip_reason: str | None, rows: list[int]) -> bool:
         """Count a step; True when it was skipped. Raises after `max_bad_steps` skipped in a row.

@@ -16,13 +16,14 @@ import torch
 
 from dpo_lora.core import rundir
 from dpo_lora.core.config import to_dict
-from dpo_lora.core.distributed import all_reduce_sum, any_rank, barrier, gather_lists, peak_memory_bytes
+from dpo_lora.core.distributed import all_reduce_sum, any_rank_flag, barrier, gather_lists, peak_memory_bytes
 from dpo_lora.core.errors import UserError
 from dpo_lora.core.rundir import RowKind
 from dpo_lora.core.schema import Config
+from dpo_lora.data.layout import HOST, to_device
 from dpo_lora.train import best
 from dpo_lora.train.checkpoints import save_checkpoint
-from dpo_lora.train.evaluation import EvalShard, to_device  # noqa: F401  (EvalShard: part of this module's API)
+from dpo_lora.train.evaluation import EvalShard  # noqa: F401  (part of this module's API)
 from dpo_lora.train.guards import LOSS_SCALE_OVERFLOW, NumericGuard, StopRequest
 from dpo_lora.train.metrics import margin_length_correlation
 from dpo_lora.train.plots import plot_run
@@ -174,32 +175,34 @@ def save(run: Run, step: int, is_best: bool = False) -> Path:
 
 
 def optimizer_step(engine, stream, config: Config, guard: NumericGuard, trainable, device, bco_delta: float):
-    """One optimizer step over `grad_accum` micro-batches.
+    """One optimizer step over `grad_accum` micro-batches. Nothing in it reads a value back from the
+    device until DeepSpeed's step does: whether a loss was finite is kept as a device flag, read
+    only when the step was skipped.
 
     Returns (per-micro-batch (stats, tokens), skip reason or None, the bad rows of all ranks).
     """
-    micro_stats, bad_rows, loss_bad = [], [], False
+    micro_stats, bad_flags, rows = [], [], []
     skipped_before = engine.skipped_steps
     for micro in range(config.train.grad_accum):
-        batch = to_device(next(stream), device)
+        host_batch = next(stream)
+        batch = to_device(host_batch, device)
         loss, stats = preference_step(engine, batch, config.dpo, bco_delta=bco_delta)
-        if guard.loss_is_bad(loss):
-            bad_rows += batch["row_index"].tolist()
-        boundary = micro == config.train.grad_accum - 1
-        if boundary:
-            loss_bad = any_rank(bool(bad_rows))
-            if loss_bad:
-                loss = guard.poison(loss, trainable)
+        bad_flags.append(guard.loss_is_bad(loss))
+        rows.append(host_batch["row_index"])
+        if micro == config.train.grad_accum - 1:
+            any_bad = any_rank_flag(torch.stack(bad_flags).any())
+            loss = guard.poison(loss, any_bad)
         engine.backward(loss)
-        if boundary:
+        if micro == config.train.grad_accum - 1:
             guard.flag_overflow_at_zero0(engine, trainable)
         engine.step()
-        micro_stats.append((stats, int(batch["attention_mask"].sum())))
+        micro_stats.append((stats, batch[HOST].tokens))
     if engine.skipped_steps == skipped_before:
         return micro_stats, None, []
-    if not loss_bad and engine.fp16_enabled():
+    if not bool(any_bad) and engine.fp16_enabled():
         return micro_stats, LOSS_SCALE_OVERFLOW, []  # the scaler lowers its scale and goes on
-    return micro_stats, "loss" if loss_bad else "gradient norm", gather_lists(bad_rows)
+    bad_rows = [row for flag, micro_rows in zip(bad_flags, rows, strict=True) if flag for row in micro_rows.tolist()]
+    return micro_stats, "loss" if bool(any_bad) else "gradient norm", gather_lists(bad_rows)
 
 
 def _reward_sums(micro_stats) -> list[float]:

@@ -59,35 +59,36 @@ def margin_length_correlation(means: dict) -> dict:
 
 
 class MetricWindow:
-    """Sums per-pair statistics (weighted) until `reduce` averages them over all ranks."""
+    """Sums per-pair statistics (weighted) until `reduce` averages them over all ranks. The sums
+    stay on the statistics' device until then, so adding a step's does not wait for the device."""
 
     def __init__(self, names: tuple[str, ...] = PAIR_METRICS) -> None:
         self.names = names
-        self.sums = torch.zeros(len(names), dtype=torch.float64)
-        self.pairs = 0.0
+        self.sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # the metrics', then the pairs' weight
         self.tokens = 0.0
 
     def add(self, stats: dict[str, torch.Tensor], tokens: int, weight: torch.Tensor | None = None) -> None:
         """stats: per-pair tensors [B] keyed by `names`; weight [B] (0 drops a pair)."""
         first = stats[self.names[0]]
         weight = torch.ones_like(first, dtype=torch.float64) if weight is None else weight.double().to(first.device)
-        values = torch.stack([stats[name].double() for name in self.names])  # [M, B]
-        self.sums += (values * weight).sum(-1).cpu()
-        self.pairs += float(weight.sum())
+        values = torch.stack([*(stats[name].double() * weight for name in self.names), weight])  # [M + 1, B]
+        self.sums = self.sums.to(first.device) + values.sum(-1)
         self.tokens += tokens
 
     def state(self) -> dict:
         """The unlogged part of the window (saved in checkpoints so resumed rows are identical)."""
-        return {"sums": self.sums.clone(), "pairs": self.pairs, "tokens": self.tokens}
+        sums = self.sums.cpu()
+        return {"sums": sums[:-1].clone(), "pairs": sums[-1].item(), "tokens": self.tokens}
 
     def load_state(self, state: dict) -> None:
-        if state["sums"].shape != self.sums.shape:  # a checkpoint of a version that logged other metrics
+        if state["sums"].shape != (len(self.names),):  # a checkpoint of a version that logged other metrics
             return
-        self.sums, self.pairs, self.tokens = state["sums"].clone(), state["pairs"], state["tokens"]
+        self.sums = torch.cat([state["sums"], torch.tensor([state["pairs"]], dtype=torch.float64)])
+        self.tokens = state["tokens"]
 
     def reduce(self) -> dict[str, float]:
         """Means over every pair seen on every rank since the last reset, plus global counts."""
-        packed = all_reduce_sum(torch.cat([self.sums, torch.tensor([self.pairs, self.tokens], dtype=torch.float64)]))
+        packed = all_reduce_sum(torch.cat([self.sums.cpu(), torch.tensor([self.tokens], dtype=torch.float64)]))
         pairs, tokens = packed[-2].item(), packed[-1].item()
         means = {name: (packed[i].item() / pairs if pairs else math.nan) for i, name in enumerate(self.names)}
         self.__init__(self.names)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from dpo_lora.core.distributed import barrier, broadcast_from_main, gather_lists
+from dpo_lora.data.layout import to_device
 from dpo_lora.model.load import reference_mode
-from dpo_lora.train.evaluation import to_device
 from dpo_lora.train.step import concatenated_logps
 
 CHOSEN, REJECTED = "reference_chosen_logps", "reference_rejected_logps"

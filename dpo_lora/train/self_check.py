@@ -17,10 +17,9 @@ import functools
 import torch
 
 from dpo_lora.core.distributed import all_reduce_sum
-from dpo_lora.data.layout import collate_pairs
+from dpo_lora.data.layout import collate_pairs, to_device
 from dpo_lora.model import chunked_logps
 from dpo_lora.model.load import reference_mode
-from dpo_lora.train.evaluation import to_device
 from dpo_lora.train.step import concatenated_logps
 
 # Largest accepted per-token difference of a sequence's log-prob, by compute dtype: the fast paths

@@ -6,7 +6,7 @@ import torch
 
 from dpo_lora.core.distributed import all_reduce_sum
 from dpo_lora.core.schema import SMOOTHED_LOSSES
-from dpo_lora.data.layout import attention_bias
+from dpo_lora.data.layout import HOST, attention_bias
 from dpo_lora.model import shared_attention
 from dpo_lora.model.chunked_logps import scoring
 from dpo_lora.model.load import reference_mode
@@ -21,9 +21,7 @@ def forward_inputs(batch: dict, model) -> dict:
         # Shared prompt, split attention: the rows' layout instead of a mask; the 2D mask only
         # keeps transformers from reading the restarted positions as packed sequences.
         ids = batch["input_ids"]
-        plan = shared_attention.layout_plan(
-            shared_attention.row_lengths(batch["branch_lengths"]), ids.shape[1], ids.device
-        )
+        plan = shared_attention.layout_plan(batch[HOST].branch_lengths, ids.shape[1], ids.device)
         return {
             "input_ids": ids,
             "attention_mask": batch["attention_mask"],
@@ -49,12 +47,15 @@ def concatenated_logps(model, batch: dict, chunked_head: bool = True) -> tuple[t
     peft_model = getattr(model, "module", model)
     inputs = forward_inputs(batch, peft_model)
     index, targets = batch["score_index"], batch["score_target"]
-    with scoring(model, index, targets, enabled=chunked_head) as chunked:
+    with (
+        scoring(model, index, targets, enabled=chunked_head) as chunked,
+        shared_attention.planned(shared_attention.PLAN_KEY in inputs),
+    ):
         output = model(**inputs, use_cache=False).logits
     # Chunked, the head already returned each target's log-prob ([N]); plain, it gave logits.
     token_logps = output if chunked else token_logps_at(output, index, targets)
     lengths = batch["completion_lengths"]
-    return sum_by_sequence(token_logps, lengths), lengths
+    return sum_by_sequence(token_logps, lengths, batch[HOST].max_completion), lengths
 
 
 def preference_step(model, batch: dict, dpo_config, bco_delta: float = 0.0) -> tuple[torch.Tensor, dict]:

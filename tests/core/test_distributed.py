@@ -98,7 +98,8 @@ def test_every_collective_of_the_trainer_runs_on_the_ranks_device(two_rank_world
     callers = {
         "metric window": window.reduce,
         "stop request": stop.agreed,
-        "numeric guard": lambda: distributed.any_rank(True),
+        "stop request (any rank)": lambda: distributed.any_rank(True),
+        "numeric guard": lambda: distributed.any_rank_flag(torch.tensor(True)),
         "bco_pair reward sums": lambda: _reward_sums([(stats, 4)]),
         "reference cache decision": lambda: distributed.broadcast_from_main(True),
         "kto reference point": lambda: kto_kl(torch.ones(2), torch.zeros(2), reduce=distributed.all_reduce_sum),

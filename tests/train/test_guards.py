@@ -133,3 +133,37 @@ def test_zero0_clipping_scales_to_the_norm_bound_against_a_float64_oracle(max_no
     optimizer.step()
     assert float(optimizer._global_grad_norm) == pytest.approx(6.0)
     torch.testing.assert_close(weights[0].grad, torch.full((4,), 3.0 * min(1.0, max_norm / (6.0 + 1e-6))))
+
+
+def test_the_poison_leaves_a_good_loss_exact_and_makes_every_gradient_nan_for_a_bad_one():
+    from dpo_lora.train.guards import NumericGuard
+
+    weight = torch.randn(3, requires_grad=True)
+    for bad in (False, True):
+        weight.grad = None
+        loss = (weight**2).sum()
+        flag = NumericGuard.loss_is_bad(loss) | torch.tensor(bad)  # another rank's bad loss
+        poisoned = NumericGuard.poison(loss, flag)
+        poisoned.backward()
+        if bad:
+            assert torch.isnan(poisoned) and torch.isnan(weight.grad).all()
+        else:
+            assert poisoned.item() == loss.item() and torch.equal(weight.grad, 2 * weight.detach())
+    assert NumericGuard.loss_is_bad(torch.tensor(math.inf)) and not NumericGuard.loss_is_bad(torch.tensor(1.0))
+
+
+def test_the_guard_and_the_metric_window_keep_their_values_on_the_device():
+    """`meta` stands in for a GPU: reading a meta tensor's value raises, as a read from a GPU waits."""
+    from dpo_lora.train.guards import NumericGuard
+    from dpo_lora.train.metrics import PAIR_METRICS, MetricWindow
+
+    meta = torch.device("meta")
+    loss = torch.ones((), device=meta, requires_grad=True)
+    bad = NumericGuard.loss_is_bad(loss)
+    assert bad.device == meta and NumericGuard.poison(loss, bad).device == meta
+    window = MetricWindow()
+    for _ in range(2):
+        window.add({name: torch.ones(2, device=meta) for name in PAIR_METRICS}, tokens=3)
+    assert window.sums.device == meta and window.tokens == 6
+    with pytest.raises(Exception, match="meta"):
+        torch.ones(2, device=meta).sum().item()  # what the window did per step before

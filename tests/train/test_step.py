@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo_lora.core.schema import DpoConfig, LoraConfig, ModelConfig
 from dpo_lora.data.layout import collate_pairs
+from dpo_lora.model import shared_attention
 from dpo_lora.model.load import attach_adapter, load_base
-from dpo_lora.train.step import preference_step
+from dpo_lora.model.logprobs import sum_by_sequence
+from dpo_lora.train.step import forward_inputs, preference_step
 
 
 def batch_of(vocab: int) -> dict:
@@ -80,3 +83,37 @@ def test_a_mixture_is_the_weighted_sum_of_its_terms_each_logged(tiny_model_dir):
     torch.testing.assert_close(stats["rewards/margins"], dpo["rewards/margins"])
     assert not torch.all(dpo["rewards/margins"] == 0)
     assert "loss/sigmoid" not in dpo  # one term: the metrics rows stay as they were
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the host's reads of a tensor's value (`.item()`, `int()`, `bool()`, `.tolist()` on a
+    device): on a GPU each one waits until the device has run everything queued before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_shared_prompt_step_reads_nothing_back_from_the_device(tiny_model_dir):
+    """Reference forward, policy forward, loss and backward in the default layout (shared prompt,
+    split attention): the lengths come from the collate as Python ints, and transformers builds
+    no mask it would have to inspect."""
+    model = fresh_policy(tiny_model_dir)
+    shared_attention.use_on(model)
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    features = [{"prompt_ids": ids(4 + i), "chosen_ids": ids(3), "rejected_ids": ids(5 - i)} for i in range(3)]
+    batch = collate_pairs(features, pad_token_id=0, share_prompt=True)
+    forward_inputs(batch, model)  # the plan's masks are tensor subclasses: made outside the mode, as training does
+    with HostReads() as reads:
+        loss, stats = preference_step(model, batch, DpoConfig(beta=0.1))
+        loss.backward()
+    assert reads.count == 0
+    token_logps = torch.ones(sum(len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in features))
+    with HostReads() as reads:  # the counter sees what the step used to do
+        sum_by_sequence(token_logps, batch["completion_lengths"])
+    assert reads.count == 1
