@@ -32,6 +32,7 @@ def owned_values(config, world_size: int) -> dict[str, object]:
 
 
 ZERO_STAGES = (0, 1, 2, 3)
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 _BUCKETS = {"overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 50_000_000}
 _CPU = {"device": "cpu", "pin_memory": True}
 
@@ -109,6 +110,21 @@ def fill_deepspeed_config(config, world_size: int) -> dict:
     ds.setdefault("steps_per_print", 10**9)  # dpo-lora logs itself
     ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
     return ds
+
+
+def size_buckets(ds: dict, trainable_numel: int) -> dict:
+    """`ds` with its gradient reduce bucket no larger than the adapter. DeepSpeed allocates the
+    bucket at full size whatever it holds (ZeRO-1/2 with contiguous gradients, ZeRO-3): the shipped
+    50M elements are 200 MB of float32 (its default, 500M, 2 GB), while a LoRA adapter is often a
+    few million. One bucket still holds the whole adapter, so what is reduced together is unchanged.
+    `trainable_numel`: the adapter's elements on this rank (whole parameters, not ZeRO-3 shards)."""
+    zero = dict(ds.get("zero_optimization", {}))
+    if zero.get("stage", 0) == 0:
+        return ds
+    zero["reduce_bucket_size"] = max(
+        1, min(int(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)), trainable_numel)
+    )
+    return {**ds, "zero_optimization": zero}
 
 
 def _remaining_autos(node: dict, prefix: str = "") -> list[str]:

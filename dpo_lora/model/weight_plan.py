@@ -23,6 +23,7 @@ import json
 import math
 from dataclasses import dataclass
 
+from dpo_lora.core.dsconfig import DEEPSPEED_REDUCE_BUCKET
 from dpo_lora.model.precision import quantization_config, weights_dtype
 from dpo_lora.model.requantize import quantized_layers
 
@@ -42,7 +43,7 @@ class ZeroSettings:
     offload_optimizer: bool = False
     persistence_threshold: int = 100_000  # DeepSpeed's defaults
     prefetch_bucket: int = 50_000_000
-    reduce_bucket: int = 500_000_000
+    reduce_bucket: int = DEEPSPEED_REDUCE_BUCKET
 
     @classmethod
     def of(cls, zero: dict) -> ZeroSettings:
@@ -56,7 +57,7 @@ class ZeroSettings:
             offload_optimizer=stage >= 1 and offloaded("offload_optimizer"),
             persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
             prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
-            reduce_bucket=int(zero.get("reduce_bucket_size", 500_000_000)),
+            reduce_bucket=int(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)),
         )
 
 
@@ -184,7 +185,8 @@ def optimizer_components(lora_numel: int, zero: ZeroSettings, world_size: int) -
     as the ZeRO stage splits them."""
     full, shard = 4 * lora_numel, 4 * math.ceil(lora_numel / world_size)
     device = {"LoRA parameters": shard if zero.stage == 3 else full}
-    # Stage 2+ keeps only its gradient partition (plus the bucket being reduced); 0-1 keep them all.
+    # Stage 2+ keeps only its gradient partition (plus the bucket being reduced, which training
+    # sizes to the adapter: dpo_lora.core.dsconfig.size_buckets); 0-1 keep them all.
     bucket = 4 * min(zero.reduce_bucket, lora_numel)
     device["LoRA gradients"] = shard + bucket if zero.stage >= 2 else full
     optimizer = ADAM_STATES * (shard if zero.stage >= 1 else full)

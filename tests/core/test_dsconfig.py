@@ -65,3 +65,16 @@ def test_missing_or_broken_json_is_a_user_error(tmp_path):
     for path, message in ((tmp_path / "none.json", "file not found"), (tmp_path / "broken.json", "not valid JSON")):
         with pytest.raises(UserError, match=message):
             fill_deepspeed_config(load_config(None, [f"deepspeed={path}"]), world_size=1)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_reduce_bucket_is_sized_to_the_adapter_never_larger_than_asked(stage):
+    from dpo_lora.core.dsconfig import size_buckets, zero_config
+
+    shipped = zero_config(stage)  # 50M elements
+    assert size_buckets(shipped, 4_900_000)["zero_optimization"]["reduce_bucket_size"] == 4_900_000
+    assert size_buckets(shipped, 80_000_000)["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    assert shipped["zero_optimization"]["reduce_bucket_size"] == 50_000_000  # not changed in place
+    unset = {"zero_optimization": {"stage": stage}}  # DeepSpeed's own default: 500M elements
+    assert size_buckets(unset, 600_000_000)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    assert size_buckets({"zero_optimization": {"stage": 0}}, 10) == {"zero_optimization": {"stage": 0}}

@@ -155,3 +155,24 @@ def test_checkpointing_some_layers_or_auto_trains_the_adapter_bit_for_bit(tiny_m
         assert adapters[name].keys() == adapters["none"].keys()
         for key, tensor in adapters[name].items():
             assert torch.equal(tensor, adapters["none"][key]), (name, key)
+
+
+def test_deepspeed_gets_a_reduce_bucket_of_the_adapters_size(tiny_model_dir, tmp_path, monkeypatch):
+    """DeepSpeed allocates its reduce bucket at full size (the shipped 50M elements: 200 MB of float32);
+    the engine is built with one of the adapter's size, as `dpo-lora plan` counts it."""
+    import deepspeed
+
+    real, seen = deepspeed.initialize, {}
+
+    def initialize(*, model, config, **kwargs):
+        seen["bucket"] = config["zero_optimization"]["reduce_bucket_size"]
+        seen["adapter"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        engine = real(model=model, config=config, **kwargs)  # (engine, optimizer, loader, scheduler)
+        seen["allocated"] = engine[0].optimizer.reduce_bucket_size
+        return engine
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    train(
+        tiny_config(tiny_model_dir, tmp_path / "run", "train.max_steps=1", "data.eval=null", "train.self_check=false")
+    )
+    assert seen["bucket"] == seen["adapter"] == seen["allocated"] < 50_000_000
