@@ -275,6 +275,8 @@ def flat_items(tree: dict, prefix: str = "") -> dict:
 # Keys added after runs were saved, with the value that trains as those versions did.
 ADDED_KEYS = {
     "model.float32_residual": False,
+    "model.fused_lora": False,
+    "model.compile": "off",
     "dpo.loss_weights": None,
     "dpo.simpo_gamma": 0.5,
     "dpo.orpo_lambda": 0.1,

@@ -74,6 +74,12 @@ class ModelConfig:
         "backward computes only dX and the adapter's gradients) instead of PEFT's chain of modules; where it does "
         "not apply (int8, unquantized, DoRA) one line says so and PEFT's layers run",
     )
+    compile: str = knob(
+        "off",
+        "layers: compile each decoder layer with torch.compile (fuses the small kernels around the matmuls; "
+        "shapes dynamic, the first steps pay the compile; not under ZeRO-3, where one line says so)",
+        ("off", "layers"),
+    )
 
 
 @dataclass

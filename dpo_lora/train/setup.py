@@ -17,7 +17,7 @@ from dpo_lora.core.build_locks import clear_stale_build_locks
 from dpo_lora.core.config import dump_yaml
 from dpo_lora.core.cpu_memory import cap_heap_fragmentation
 from dpo_lora.core.distributed import barrier, gathered, init_distributed
-from dpo_lora.core.dsconfig import fill_deepspeed_config
+from dpo_lora.core.dsconfig import fill_deepspeed_config, size_buckets
 from dpo_lora.core.errors import UserError
 from dpo_lora.core.rundir import RowKind
 from dpo_lora.core.schema import Config
@@ -26,6 +26,7 @@ from dpo_lora.data.layout import batch_layout
 from dpo_lora.data.prepare import prepare_splits
 from dpo_lora.model import chunked_logps, fitting
 from dpo_lora.model.fused_lora import fuse
+from dpo_lora.model.regional_compile import compile_layers
 from dpo_lora.model.load import attach_adapter, load_base, load_tokenizer
 from dpo_lora.train.best import BestTracker
 from dpo_lora.train.checkpoints import clear_run, load_checkpoint, resume_point
@@ -242,8 +243,12 @@ def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):
     if config.model.fused_lora and (fused := fuse(model, config.model, ds_config["zero_optimization"]["stage"])):
         if dist.is_main:
             print(f"dpo-lora: model.fused_lora: {fused} 4-bit LoRA layers run as one function each", file=sys.stderr)
+    if config.model.compile == "layers" and (compiled := compile_layers(model, ds_config["zero_optimization"]["stage"])):
+        if dist.is_main:
+            print(f"dpo-lora: model.compile: {compiled} decoder layers compile on first use", file=sys.stderr)
     chunked_logps.install(model, train_cfg.logps_chunk_size)  # before DeepSpeed wraps the head
     trainable = [p for p in model.parameters() if p.requires_grad]
+    ds_config = size_buckets(ds_config, sum(getattr(p, "ds_numel", p.numel()) for p in trainable))
     adamw = _adamw(ds_config["zero_optimization"])
     optimizer = adamw(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     if adamw is SkippableAdamW and not ds_config["fp16"]["enabled"]:

@@ -159,6 +159,17 @@ def test_a_run_saved_before_float32_residual_resumes_unless_it_would_now_train_d
     assert resume_differences(saved, with_key) == []  # the way to continue such a run exactly
 
 
+def test_a_run_saved_before_fused_lora_and_compile_resumes_and_turning_them_on_is_a_difference():
+    from dpo_lora.core.config import resume_differences, to_dict
+
+    current = load_config(None, [])
+    saved = to_dict(current)
+    del saved["model"]["fused_lora"], saved["model"]["compile"]  # as versions before the keys wrote them
+    assert resume_differences(saved, current) == []
+    changed = load_config(None, ["model.fused_lora=true", "model.compile=layers"])
+    assert resume_differences(saved, changed) == ["model.compile: 'off' -> 'layers'", "model.fused_lora: False -> True"]
+
+
 def test_the_collective_timeout_must_be_positive():
     with pytest.raises(UserError, match="'train.collective_timeout_s' must be >= 1"):
         load_config(None, ["train.collective_timeout_s=0"])
