@@ -56,6 +56,11 @@ def zero_config(stage: int, offload: bool = False) -> dict:
             **_BUCKETS,
             "stage3_prefetch_bucket_size": 50_000_000,
             "stage3_param_persistence_threshold": 100_000,
+            # DeepSpeed keeps a gathered parameter whose next use comes within this many elements
+            # (its default, 1e9, is most of a 13B: the reference and policy forwards reuse every
+            # layer, so nearly the whole model stayed gathered on every rank). 50M keeps a layer's
+            # weights from its recompute to its backward, and releases them between the passes.
+            "stage3_max_reuse_distance": 50_000_000,
             "stage3_gather_16bit_weights_on_model_save": False,
         }
     return {

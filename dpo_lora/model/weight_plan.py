@@ -12,7 +12,8 @@ ZeRO-3 is counted as dpo_lora.model.zero3_loading partitions the base:
   quantization statistics (the nested absmax, codebooks, int8 row scales) are attributes, not
   parameters: every rank keeps them whole, on the device, even with `offload_param`;
 - a forward or backward gathers one module's parameters at a time, while the next ones prefetch:
-  the working set is the largest gathered tensor plus `stage3_prefetch_bucket_size` elements;
+  the working set is the largest gathered tensor plus `stage3_prefetch_bucket_size` elements and
+  those kept for reuse within `stage3_max_reuse_distance`;
 - with `offload_param` the partitions live in host memory (reported apart from the device's).
 """
 
@@ -30,7 +31,7 @@ from dpo_lora.model.requantize import quantized_layers
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, float32
 QUANTIZED_LABEL = {"int8": "int8 weights + row scales", "4bit": "4-bit weights + absmax"}
 UNQUANTIZED_LABEL = "unquantized weights (embeddings, head, norms)"
-GATHERED_LABEL = "ZeRO-3 gathered (largest tensor + prefetch)"
+GATHERED_LABEL = "ZeRO-3 gathered (largest tensor + prefetch + reuse)"
 OPTIMIZER_LABEL = "optimizer states (AdamW) + ZeRO float32 partition"
 
 
@@ -43,6 +44,7 @@ class ZeroSettings:
     offload_optimizer: bool = False
     persistence_threshold: int = 100_000  # DeepSpeed's defaults
     prefetch_bucket: int = 50_000_000
+    reuse_distance: int = 1_000_000_000
     reduce_bucket: int = DEEPSPEED_REDUCE_BUCKET
 
     @classmethod
@@ -57,6 +59,7 @@ class ZeroSettings:
             offload_optimizer=stage >= 1 and offloaded("offload_optimizer"),
             persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
             prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
+            reuse_distance=int(zero.get("stage3_max_reuse_distance", 1_000_000_000)),
             reduce_bucket=int(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)),
         )
 
@@ -169,15 +172,20 @@ def weight_components(config, zero: ZeroSettings, world_size: int) -> tuple[dict
 
 
 def gathered_working_set(tensors: list[BaseTensor], zero: ZeroSettings) -> int:
-    """Bytes ZeRO-3 holds gathered at once beyond the partitions: the largest tensor being used
-    and the prefetch bucket's next ones (counted at the decoder layers' bytes per stored element)."""
+    """Bytes ZeRO-3 holds gathered at once beyond the partitions: the largest tensor being used,
+    the prefetch bucket's next ones, and those kept because their next use comes within
+    `stage3_max_reuse_distance` elements (a DPO step reuses every layer: reference forward, policy
+    forward, recompute and backward; DeepSpeed's default distance keeps up to 1e9 elements), each
+    counted at the decoder layers' bytes per stored element."""
     partitioned = [t for t in tensors if t.stored > zero.persistence_threshold]
     if not partitioned:
         return 0
     largest = max(t.stored * t.element for t in partitioned)
     layer_element = max(partitioned, key=lambda t: (t.quantized, t.stored)).element
-    prefetch = min(zero.prefetch_bucket, sum(t.stored for t in partitioned)) * layer_element
-    return largest + prefetch
+    total = sum(t.stored for t in partitioned)
+    prefetch = min(zero.prefetch_bucket, total) * layer_element
+    kept = min(zero.reuse_distance, total) * layer_element
+    return largest + prefetch + kept
 
 
 def optimizer_components(lora_numel: int, zero: ZeroSettings, world_size: int) -> tuple[dict, dict]:
