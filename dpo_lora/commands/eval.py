@@ -10,7 +10,7 @@ import torch
 
 from dpo_lora.core.distributed import DistInfo
 from dpo_lora.core.errors import UserError
-from dpo_lora.data.layout import batch_layout
+from dpo_lora.data.layout import batch_layout, to_device
 from dpo_lora.data.prepare import tokenized_split
 from dpo_lora.model import chunked_logps
 from dpo_lora.train.reference import with_reference_logps
@@ -26,7 +26,7 @@ def pair_report(model, pairs, collate, dpo_config, batch_size: int) -> dict:
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             features = [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]
-            batch = {k: v.to(model.device) for k, v in collate(features).items()}
+            batch = to_device(collate(features), model.device)
             _, stats = preference_step(model, batch, dpo_config)
             for name, value in stats.items():
                 columns.setdefault(name, []).append(value.double().cpu())
