@@ -26,8 +26,8 @@ from dpo_lora.data.layout import batch_layout
 from dpo_lora.data.prepare import prepare_splits
 from dpo_lora.model import chunked_logps, fitting
 from dpo_lora.model.fused_lora import fuse
-from dpo_lora.model.regional_compile import compile_layers
 from dpo_lora.model.load import attach_adapter, load_base, load_tokenizer
+from dpo_lora.model.regional_compile import compile_layers
 from dpo_lora.train.best import BestTracker
 from dpo_lora.train.checkpoints import clear_run, load_checkpoint, resume_point
 from dpo_lora.train.evaluation import EvalShard, evaluate
@@ -243,7 +243,9 @@ def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):
     if config.model.fused_lora and (fused := fuse(model, config.model, ds_config["zero_optimization"]["stage"])):
         if dist.is_main:
             print(f"dpo-lora: model.fused_lora: {fused} 4-bit LoRA layers run as one function each", file=sys.stderr)
-    if config.model.compile == "layers" and (compiled := compile_layers(model, ds_config["zero_optimization"]["stage"])):
+    if config.model.compile == "layers" and (
+        compiled := compile_layers(model, ds_config["zero_optimization"]["stage"])
+    ):
         if dist.is_main:
             print(f"dpo-lora: model.compile: {compiled} decoder layers compile on first use", file=sys.stderr)
     chunked_logps.install(model, train_cfg.logps_chunk_size)  # before DeepSpeed wraps the head
