@@ -13,19 +13,22 @@ from dpo_lora.model.load import attach_adapter, load_base
 from ..conftest import REPO
 
 
+def random_adapter(config):
+    """The config's base with its adapter drawn at random (seed 0; a fresh adapter's B is zero)."""
+    model = attach_adapter(load_base(config.model, torch.device("cpu")), config.lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
 def pair(tiny_model_dir, dtype: str, dropout: float = 0.0):
     """The same NF4 tiny Llama with the same random adapter twice: PEFT's layers, and fused."""
     config = load_config(None, {"model.path": str(tiny_model_dir), "model.quantization": "nf4", "model.dtype": dtype,
                                 "lora.r": 4, "lora.dropout": dropout})  # fmt: skip
-    models = []
-    for _ in range(2):
-        model = attach_adapter(load_base(config.model, torch.device("cpu")), config.lora)
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.normal_(0, 0.1)
-        models.append(model.train())
+    models = [random_adapter(config).train() for _ in range(2)]
     assert fuse(models[1], config.model) == 2 * 7, "every linear of both layers"
     return models
 

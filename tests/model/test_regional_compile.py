@@ -9,20 +9,16 @@ import torch
 from dpo_lora.core.config import load_config
 from dpo_lora.data.layout import collate_pairs
 from dpo_lora.model import shared_attention
-from dpo_lora.model.load import attach_adapter, load_base
 from dpo_lora.model.regional_compile import compile_layers
 from dpo_lora.train.step import concatenated_logps, forward_inputs
+
+from .test_fused_lora import random_adapter
 
 
 def policy(tiny_model_dir):
     config = load_config(None, {"model.path": str(tiny_model_dir), "model.quantization": "nf4", "model.dtype": "float32",
                                 "model.gradient_checkpointing": True, "lora.r": 4, "lora.dropout": 0.0})  # fmt: skip
-    model = attach_adapter(load_base(config.model, torch.device("cpu")), config.lora)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.1)
+    model = random_adapter(config)
     shared_attention.use_on(model)
     return model.train()
 
