@@ -110,6 +110,18 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def _restore_functional_linear():
+    """DeepSpeed's ZeRO-3 swaps `torch.nn.functional.linear` for its own autograd function and
+    leaves it there: a later test in the same worker would then save other tensors for backward
+    (tests/model/test_memory_plan.py counts them). A training process, one run each, never notices."""
+    import torch
+
+    linear = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = linear
+
+
 @pytest.fixture
 def fp16_on_cpu(monkeypatch):
     """Let DeepSpeed run fp16 (loss scaling) on this CPU. Its CPU accelerator reports fp16 as
