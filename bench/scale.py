@@ -17,8 +17,9 @@ quick check of the bench itself. Results: bench/results/scale-GEOMETRY-TIMESTAMP
 
 With `--zero 3` (deepspeed_configs/zero3.json, prefetch off, `train.cpu_mmap_threshold_mb=1`:
 CPU_RANKS below says why) the model trains the same 2 steps on `--ranks` CPU ranks through
-DeepSpeed's launcher (one pair per rank per step), then on one rank, each rank's on its own; the adapter is exported with `--adapter-only`. Each rank's share of the
-parameters is what the ZeRO-3 loader reports. Results: bench/results/scale-GEOMETRY-zero3-rN-TIMESTAMP.json
+DeepSpeed's launcher (one pair per rank per step), then on one rank, each rank's process sampled
+on its own; the adapter is exported with `--adapter-only`. Each rank's share of the parameters is
+what the ZeRO-3 loader reports. Results: bench/results/scale-GEOMETRY-zero3-rN-TIMESTAMP.json
 with per_rank_peak_anon_gib, one_rank_peak_anon_gib, per_rank_params_gib, plan_per_rank_gib and the losses.
 """
 
