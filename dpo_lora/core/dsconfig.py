@@ -54,7 +54,10 @@ def zero_config(stage: int, offload: bool = False) -> dict:
     elif stage == 3:
         zero |= {
             **_BUCKETS,
-            "stage3_prefetch_bucket_size": 50_000_000,
+            # Off: once DeepSpeed has traced a step its prefetcher keeps every layer gathered from
+            # the policy forward to the backward (gradient checkpointing reuses each layer in its
+            # recompute), so a rank would hold the whole base (dpo_lora.model.weight_plan).
+            "stage3_prefetch_bucket_size": 0,
             "stage3_param_persistence_threshold": 100_000,
             # DeepSpeed keeps a gathered parameter whose next use comes within this many elements
             # (its default, 1e9, is most of a 13B: the reference and policy forwards reuse every

@@ -13,6 +13,7 @@ from dpo_lora.cli import main
 from dpo_lora.core.config import load_config
 from dpo_lora.model.memory_plan import plan
 from dpo_lora.model.quote import memory_quote
+from dpo_lora.model.weight_plan import GATHERED_LABEL
 
 from ..conftest import REPO
 
@@ -47,10 +48,10 @@ def test_70b_fits_eight_24gib_gpus_under_zero3_with_an_eighth_of_the_base_each(l
     # The packed weights and their absmax split eight ways; the nested statistics stay whole (tiny).
     assert eight["components"][FOUR_BIT] == pytest.approx(whole[FOUR_BIT] / 8, rel=0.01)
     assert eight["components"][UNQUANTIZED] == pytest.approx(whole[UNQUANTIZED] / 8, rel=0.01)
-    # One float32 head or embedding (128256 x 8192) is gathered whole, plus the prefetch bucket and
-    # the reuse window (stage3_max_reuse_distance: 50M elements in the shipped configs).
-    gathered = eight["components"]["ZeRO-3 gathered (largest tensor + prefetch + reuse)"]
-    assert gathered == 128256 * 8192 * 4 + 50_000_000 + 50_000_000
+    # One float32 head or embedding (128256 x 8192) is gathered whole, plus the reuse window
+    # (stage3_max_reuse_distance: 50M elements in the shipped configs, which prefetch nothing).
+    gathered = eight["components"][GATHERED_LABEL]
+    assert gathered == 128256 * 8192 * 4 + 50_000_000
     assert eight["host_bytes_per_rank"] == 0
     # The cluster table: the cheapest shipped configuration that fits each GPU count.
     table = {row["gpus"]: row for row in eight["by_gpus"]}

@@ -321,22 +321,27 @@ def test_plan_says_when_the_run_fits_without_gradient_checkpointing(run_config):
     assert checkpointing_hint(unchecked, without, 2**40) is None  # nothing to turn off
 
 
-def test_zero3s_gathered_set_counts_what_the_reuse_distance_keeps():
+def test_zero3s_gathered_set_counts_what_the_reuse_distance_and_the_prefetch_keep():
     """DeepSpeed keeps a gathered parameter whose next use is within `stage3_max_reuse_distance`
-    elements; its default (1e9) kept nearly a whole 13B gathered on each of two CPU ranks (11.6 GiB
-    of anonymous memory per rank against 3.66 GiB of partitioned parameters), so the shipped configs
-    set 50M and the plan counts whichever applies."""
+    elements, and with a prefetch bucket every layer (from the second step on, gradient
+    checkpointing's recompute being each layer's next use): on two CPU ranks a 13B was OOM-killed
+    at 11.6 GiB of anonymous memory per rank against 3.66 GiB of partitioned parameters. The
+    shipped configs set 50M and no prefetch, and the plan counts whichever applies."""
     from dpo_lora.core.dsconfig import zero_config
     from dpo_lora.model.weight_plan import BaseTensor, ZeroSettings, gathered_working_set
 
     layers = [BaseTensor(stored=40_000_000, element=4, absmax=0, stats=0, quantized=True) for _ in range(40)]
     head = BaseTensor(stored=160_000_000, element=4, absmax=0, stats=0, quantized=False)
+    everything = (40 * 40_000_000 + 160_000_000) * 4
     shipped = ZeroSettings.of(zero_config(3)["zero_optimization"])
-    assert shipped.reuse_distance == 50_000_000
-    largest, prefetch = 160_000_000 * 4, 50_000_000 * 4
-    assert gathered_working_set([*layers, head], shipped) == largest + prefetch + 50_000_000 * 4
-    default = ZeroSettings.of({"stage": 3})  # a config without the key: DeepSpeed's 1e9
-    assert gathered_working_set([*layers, head], default) == largest + prefetch + 1_000_000_000 * 4
+    assert (shipped.reuse_distance, shipped.prefetch_bucket) == (50_000_000, 0)
+    largest = 160_000_000 * 4
+    assert gathered_working_set([*layers, head], shipped) == largest + 50_000_000 * 4
+    reuse_only = ZeroSettings.of({"stage": 3, "stage3_prefetch_bucket_size": 0})  # DeepSpeed's 1e9 distance
+    assert gathered_working_set([*layers, head], reuse_only) == largest + 1_000_000_000 * 4
+    prefetching = ZeroSettings.of({"stage": 3, "stage3_max_reuse_distance": 50_000_000})  # DeepSpeed's 50M bucket
+    assert gathered_working_set([*layers, head], prefetching) == largest + everything
     for name in ("zero3.json", "zero3_offload.json"):  # the shipped files say what zero_config says
         shipped_file = json.loads((REPO / "deepspeed_configs" / name).read_text())["zero_optimization"]
         assert shipped_file["stage3_max_reuse_distance"] == 50_000_000
+        assert shipped_file["stage3_prefetch_bucket_size"] == 0
