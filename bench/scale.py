@@ -15,8 +15,8 @@ cache, not the process's) and peak RSS. The compute dtype is float32: on CPUs wi
 (this one), bitsandbytes' bf16 4-bit backward is ~30x slower. `--layers N` cuts the depth for a
 quick check of the bench itself. Results: bench/results/scale-GEOMETRY-TIMESTAMP.{json,md}.
 
-With `--zero 3` (deepspeed_configs/zero3.json, prefetch off, `train.cpu_mmap_threshold_mb=1`:
-CPU_RANKS below says why) the model trains the same 2 steps on `--ranks` CPU ranks through
+With `--zero 3` (deepspeed_configs/zero3.json, `train.cpu_mmap_threshold_mb=1`: see
+CPU_MMAP_THRESHOLD_MB) the model trains the same 2 steps on `--ranks` CPU ranks through
 DeepSpeed's launcher (one pair per rank per step), then on one rank, each rank's process sampled
 on its own; the adapter is exported with `--adapter-only`. Each rank's share of the parameters is
 what the ZeRO-3 loader reports. Results: bench/results/scale-GEOMETRY-zero3-rN-TIMESTAMP.json
@@ -193,24 +193,13 @@ print(sum(p.numel() for p in model.parameters()))
 """
 
 
-# CPU ranks, measured on the 4-layer cut of llama2-13b at 2 ranks (float32, 2-core AVX2): each
-# rank's peak RssAnon was 4.51 GiB with zero3.json as shipped; 4.38 with tensors of 1 MB and more
-# on their own pages (glibc otherwise kept 1.2-1.3 GiB of freed heap per rank after a backward); 3.31
-# with the prefetch also off (in the second step, once DeepSpeed has a trace, its prefetch held about
-# 1 GiB more gathered). On GPUs the prefetch hides the all-gathers behind compute; here it saved 7%.
-CPU_RANKS = {"zero_optimization": {"stage3_prefetch_bucket_size": 0}, "cpu_mmap_threshold_mb": 1}
+# CPU ranks: tensors of 1 MB and more on their own pages. Measured on the 4-layer cut of llama2-13b
+# at 2 ranks (float32, 2-core AVX2): glibc otherwise kept 1.2-1.3 GiB of freed heap per rank after a
+# backward (each rank's peak RssAnon 4.38 GiB against 3.29 with this and zero3.json's prefetch off).
+CPU_MMAP_THRESHOLD_MB = 1
 
 
-def cpu_ranks_config(work: Path) -> Path:
-    """zero3.json with CPU_RANKS' DeepSpeed settings, written to `work`."""
-    config = json.loads((REPO / "deepspeed_configs/zero3.json").read_text())
-    config["zero_optimization"] |= CPU_RANKS["zero_optimization"]
-    path = work / "zero3-cpu-ranks.json"
-    path.write_text(json.dumps(config, indent=2))
-    return path
-
-
-def train_args(work: Path, zero_json: str | Path, out: Path) -> list[str]:
+def train_args(work: Path, zero_json: str, out: Path) -> list[str]:
     """`dpo-lora train`'s arguments: NF4, LoRA r16 all-linear, 2 steps of one pair per rank x 256 tokens.
     No self-check: its five no-grad forwards of the first pair (eval mode, bitsandbytes' CPU
     inference kernel) took over 20 minutes at 13B on 2 cores and reach no higher peak than a step."""
@@ -224,10 +213,7 @@ def train_args(work: Path, zero_json: str | Path, out: Path) -> list[str]:
 
 
 def zero3_args(work: Path, out: Path) -> list[str]:
-    return [
-        *train_args(work, cpu_ranks_config(work), out),
-        f"train.cpu_mmap_threshold_mb={CPU_RANKS['cpu_mmap_threshold_mb']}",
-    ]
+    return [*train_args(work, "zero3.json", out), f"train.cpu_mmap_threshold_mb={CPU_MMAP_THRESHOLD_MB}"]
 
 
 def zero3_runs(args, work: Path, geometry: dict, billions: float) -> None:
@@ -235,7 +221,7 @@ def zero3_runs(args, work: Path, geometry: dict, billions: float) -> None:
     import re
 
     result = {"geometry": args.geometry, "shape": geometry, "billions": billions, "ranks": args.ranks,
-              "zero": "deepspeed_configs/zero3.json", "cpu_ranks": CPU_RANKS, "dtype": "float32", "cpu_flags": cpu_flags()}  # fmt: skip
+              "zero": "deepspeed_configs/zero3.json", "cpu_mmap_threshold_mb": CPU_MMAP_THRESHOLD_MB, "dtype": "float32", "cpu_flags": cpu_flags()}  # fmt: skip
     for ranks in dict.fromkeys((args.ranks, 1)):
         out = work / f"run-r{ranks}"
         launcher = DPO_LORA
