@@ -176,3 +176,63 @@ def test_deepspeed_gets_a_reduce_bucket_of_the_adapters_size(tiny_model_dir, tmp
         tiny_config(tiny_model_dir, tmp_path / "run", "train.max_steps=1", "data.eval=null", "train.self_check=false")
     )
     assert seen["bucket"] == seen["adapter"] == seen["allocated"] < 50_000_000
+
+
+@pytest.mark.parametrize("prefetch", [0, 50_000_000])
+def test_zero3_releases_each_layer_between_the_passes_unless_it_prefetches(tiny_model_dir, tmp_path, prefetch):
+    """Under the shipped ZeRO-3 config (no prefetch), a rank holds no decoder layer's weights
+    gathered after the policy forward: each is released after its forward and gathered again for
+    its recompute. With a prefetch bucket and the reference precomputed (a step is then policy
+    forward, recompute, backward), DeepSpeed's traced prefetcher keeps every layer gathered from
+    the forward to the backward from the second step on: what weight_plan.gathered_working_set
+    plans for a prefetching config, and why the shipped configs turn it off. (The reuse distance is
+    0 here: the whole tiny model is within the shipped 50M elements, a single 13B layer is not.)"""
+    import dpo_lora.train.step as step
+
+    zero3 = json.loads((REPO / "deepspeed_configs" / "zero3.json").read_text())
+    assert zero3["zero_optimization"]["stage3_prefetch_bucket_size"] == 0
+    zero3["zero_optimization"] |= {
+        "stage3_param_persistence_threshold": 0,
+        "stage3_max_reuse_distance": 0,
+        "stage3_prefetch_bucket_size": prefetch,
+    }
+    (tmp_path / "zero3.json").write_text(json.dumps(zero3))
+    pairs = tmp_path / "pairs.jsonl"  # three steps of four pairs, scored once up front
+    pairs.write_text("".join(SENTIMENT_TRAIN.read_text().splitlines(keepends=True)[:12]))
+    real, gathered, models = step.concatenated_logps, [], []
+
+    def policy_forward(model, batch, *args, **kwargs):
+        out = real(model, batch, *args, **kwargs)
+        if torch.is_grad_enabled():  # the policy's pass, not the reference's
+            held = {
+                name
+                for name, p in model.named_parameters()
+                if ".layers." in name and "lora_" not in name and hasattr(p, "ds_id") and p.data.numel() > 0
+            }
+            gathered.append(held)
+            models.append(model)
+        return out
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(step, "concatenated_logps", policy_forward)
+    try:
+        train(
+            tiny_config(
+                tiny_model_dir,
+                tmp_path / "run",
+                "train.max_steps=3",
+                "data.eval=null",
+                "train.self_check=false",
+                "model.gradient_checkpointing=true",
+                f"deepspeed={tmp_path / 'zero3.json'}",
+                "dpo.reference=precompute",
+                f"data.train={pairs}",
+                "train.micro_batch_size=4",
+                "train.grad_accum=1",
+            )
+        )
+    finally:
+        monkeypatch.undo()
+    layer_weights = {name for name, p in models[0].named_parameters() if ".layers." in name and "lora_" not in name}
+    assert len(layer_weights) == 32  # 2 layers x (7 4-bit weights, their 7 absmax, 2 norms), none persistent
+    assert gathered == ([set()] * 3 if prefetch == 0 else [set(), layer_weights, layer_weights])
