@@ -34,6 +34,8 @@ def checkpointed_count(value: int | str, layers: int) -> int:
 def enable(model, model_config, zero_stage: int) -> None:
     """Checkpoint the first `model.checkpoint_layers` decoder layers of `model` (a transformers model)."""
     options = checkpoint_options(model_config, zero_stage)
+    if options["use_reentrant"]:  # the checkpointed layers' inputs must require grad for the adapter's to flow
+        model.enable_input_require_grads()
     if hasattr(model, "activation_checkpointing_enable"):  # the newer name; the old one warns
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:
@@ -59,15 +61,20 @@ def keeps_attention_outputs(model_config, zero_stage: int) -> bool:
 
 
 def checkpoint_options(model_config, zero_stage: int = 0) -> dict:
-    """torch.utils.checkpoint's options. Non-reentrant: it needs no input grads and works with PEFT
-    under every ZeRO stage. Selective where keeps_attention_outputs: the fused attention kernels'
+    """torch.utils.checkpoint's options. Non-reentrant, but for ZeRO-3: it needs no input grads.
+    Under ZeRO-3, reentrant: the checkpointed forward then runs without autograd. A non-reentrant
+    forward records every quantized matmul's node, and bitsandbytes keeps the weight it read on the
+    node itself (`ctx.tensors`, not a saved tensor that checkpointing drops): under ZeRO-3 that is
+    the gathered weight, which DeepSpeed's release then cannot free, so every layer's gathered
+    weights stayed until the backward (each rank held the whole base). Selective where
+    keeps_attention_outputs: the fused attention kernels'
     outputs ([rows, heads, tokens, head_dim] and a float32 [rows, heads, tokens] log-normalizer per
     call, what their backward reads) are kept from the forward, so the recompute reruns the layer's
     matmuls but not attention, the only part whose cost grows with the square of the length. The
     eager (matmul + softmax) path has no such kernel and is recomputed whole. Not under ZeRO-3:
     selective checkpointing replays the forward's ops in order, and ZeRO-3's parameter gathering
     runs different ops in the recompute than in the forward."""
-    options = {"use_reentrant": False}
+    options = {"use_reentrant": zero_stage == 3}
     if keeps_attention_outputs(model_config, zero_stage):
         options["context_fn"] = _keep_attention_outputs
     return options

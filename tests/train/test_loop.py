@@ -178,15 +178,34 @@ def test_deepspeed_gets_a_reduce_bucket_of_the_adapters_size(tiny_model_dir, tmp
     assert seen["bucket"] == seen["adapter"] == seen["allocated"] < 50_000_000
 
 
-@pytest.mark.parametrize("prefetch", [0, 50_000_000])
-def test_zero3_releases_each_layer_between_the_passes_unless_it_prefetches(tiny_model_dir, tmp_path, prefetch):
-    """Under the shipped ZeRO-3 config (no prefetch), a rank holds no decoder layer's weights
-    gathered after the policy forward: each is released after its forward and gathered again for
-    its recompute. With a prefetch bucket and the reference precomputed (a step is then policy
-    forward, recompute, backward), DeepSpeed's traced prefetcher keeps every layer gathered from
-    the forward to the backward from the second step on: what weight_plan.gathered_working_set
-    plans for a prefetching config, and why the shipped configs turn it off. (The reuse distance is
-    0 here: the whole tiny model is within the shipped 50M elements, a single 13B layer is not.)"""
+def quantized_weights_on_the_graph(output: torch.Tensor) -> int:
+    """bitsandbytes matmul nodes reachable from `output` that keep the weight they read on the node
+    (`ctx.tensors`: checkpointing cannot drop it, and under ZeRO-3 it is the gathered weight)."""
+    seen, stack, count = set(), [output.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        kept = getattr(node, "tensors", ())
+        count += any(isinstance(t, torch.Tensor) and t.numel() > 0 for t in kept)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return count
+
+
+@pytest.mark.parametrize("case", ["shipped", "prefetch", "non-reentrant"])
+def test_zero3_holds_no_layer_gathered_between_the_forward_and_its_recompute(
+    tiny_model_dir, tmp_path, monkeypatch, case
+):
+    """After the policy forward under the shipped ZeRO-3 config a rank holds none of the decoder
+    layers' weights gathered, neither as DeepSpeed's parameters nor on the autograd graph: each is
+    gathered again for its recompute. Two ways it held them all (each rank then held the whole base):
+    - a prefetch bucket: with the reference precomputed (a step is policy forward, recompute,
+      backward), DeepSpeed's traced prefetcher keeps every layer gathered from the second step on;
+    - non-reentrant checkpointing: its forward records each 4-bit matmul, and bitsandbytes keeps the
+      (gathered) weight on the node until the backward.
+    The reuse distance is 0 here: the whole tiny model is within the shipped 50M elements."""
+    import dpo_lora.model.grad_checkpointing as grad_checkpointing
     import dpo_lora.train.step as step
 
     zero3 = json.loads((REPO / "deepspeed_configs" / "zero3.json").read_text())
@@ -194,12 +213,12 @@ def test_zero3_releases_each_layer_between_the_passes_unless_it_prefetches(tiny_
     zero3["zero_optimization"] |= {
         "stage3_param_persistence_threshold": 0,
         "stage3_max_reuse_distance": 0,
-        "stage3_prefetch_bucket_size": prefetch,
+        "stage3_prefetch_bucket_size": 50_000_000 if case == "prefetch" else 0,
     }
     (tmp_path / "zero3.json").write_text(json.dumps(zero3))
     pairs = tmp_path / "pairs.jsonl"  # three steps of four pairs, scored once up front
     pairs.write_text("".join(SENTIMENT_TRAIN.read_text().splitlines(keepends=True)[:12]))
-    real, gathered, models = step.concatenated_logps, [], []
+    real, gathered, on_graph, models = step.concatenated_logps, [], [], []
 
     def policy_forward(model, batch, *args, **kwargs):
         out = real(model, batch, *args, **kwargs)
@@ -210,29 +229,30 @@ def test_zero3_releases_each_layer_between_the_passes_unless_it_prefetches(tiny_
                 if ".layers." in name and "lora_" not in name and hasattr(p, "ds_id") and p.data.numel() > 0
             }
             gathered.append(held)
+            on_graph.append(quantized_weights_on_the_graph(out[0]))
             models.append(model)
         return out
 
-    monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(step, "concatenated_logps", policy_forward)
-    try:
-        train(
-            tiny_config(
-                tiny_model_dir,
-                tmp_path / "run",
-                "train.max_steps=3",
-                "data.eval=null",
-                "train.self_check=false",
-                "model.gradient_checkpointing=true",
-                f"deepspeed={tmp_path / 'zero3.json'}",
-                "dpo.reference=precompute",
-                f"data.train={pairs}",
-                "train.micro_batch_size=4",
-                "train.grad_accum=1",
-            )
+    if case == "non-reentrant":
+        options = grad_checkpointing.checkpoint_options
+        monkeypatch.setattr(grad_checkpointing, "checkpoint_options", lambda *a: options(*a) | {"use_reentrant": False})
+    train(
+        tiny_config(
+            tiny_model_dir,
+            tmp_path / "run",
+            "train.max_steps=3",
+            "data.eval=null",
+            "train.self_check=false",
+            "model.gradient_checkpointing=true",
+            f"deepspeed={tmp_path / 'zero3.json'}",
+            "dpo.reference=precompute",
+            f"data.train={pairs}",
+            "train.micro_batch_size=4",
+            "train.grad_accum=1",
         )
-    finally:
-        monkeypatch.undo()
+    )
     layer_weights = {name for name, p in models[0].named_parameters() if ".layers." in name and "lora_" not in name}
     assert len(layer_weights) == 32  # 2 layers x (7 4-bit weights, their 7 absmax, 2 norms), none persistent
-    assert gathered == ([set()] * 3 if prefetch == 0 else [set(), layer_weights, layer_weights])
+    assert gathered == ([set()] * 3 if case != "prefetch" else [set(), layer_weights, layer_weights])
+    assert on_graph == ([14] * 3 if case == "non-reentrant" else [0] * 3)  # 2 layers x 7 4-bit matmuls
