@@ -59,10 +59,10 @@ def zero_config(stage: int, offload: bool = False) -> dict:
             # recompute), so a rank would hold the whole base (dpo_lora.model.weight_plan).
             "stage3_prefetch_bucket_size": 0,
             "stage3_param_persistence_threshold": 100_000,
-            # DeepSpeed keeps a gathered parameter whose next use comes within this many elements
-            # (its default, 1e9, is most of a 13B: the reference and policy forwards reuse every
-            # layer, so nearly the whole model stayed gathered on every rank). 50M keeps a layer's
-            # weights from its recompute to its backward, and releases them between the passes.
+            # DeepSpeed keeps a gathered parameter whose next use comes within this many elements;
+            # its default, 1e9, spans most of a 13B's layers, and a DPO step reuses every layer
+            # (reference forward, policy forward, recompute, backward). 50M keeps a layer's weights
+            # from its recompute to its backward, and releases them between the passes.
             "stage3_max_reuse_distance": 50_000_000,
             "stage3_gather_16bit_weights_on_model_save": False,
         }

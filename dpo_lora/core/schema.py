@@ -51,7 +51,9 @@ class ModelConfig:
         "bfloat16 + quantized: keep unquantized weights, the residual stream, the head and LoRA in float32, the base's "
         "matmuls in bf16 under autocast (small LoRA updates survive; off: all bf16)",
     )
-    gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory (non-reentrant)")
+    gradient_checkpointing: bool = knob(
+        False, "recompute activations in backward to save memory (non-reentrant; reentrant under ZeRO-3)"
+    )
     checkpoint_layers: int | str = knob(
         "all",
         "with gradient_checkpointing, how many decoder layers (the first) recompute: all, a number (the rest keep "

@@ -12,7 +12,7 @@ import torch
 
 from dpo_lora.core.distributed import gather_lists
 from dpo_lora.model.grad_checkpointing import checkpointed_count
-from dpo_lora.model.memory_plan import Plan, activations_of, plan, text_config_of
+from dpo_lora.model.memory_plan import Plan, activations_of, plan, text_config_of, zero_settings
 
 AUTO_MEMORY_FRACTION = 0.9  # of a GPU's free memory that `auto` plans into
 
@@ -58,13 +58,17 @@ def device_budget(device: torch.device) -> int | None:
 
 def resolve_auto(config, device: torch.device, world_size: int, announce: bool):
     """`config` with `model.checkpoint_layers: auto` replaced by a layer count, saying which and why.
-    Every rank takes the same count, sized to the rank with the least free memory: under ZeRO-3
-    the recompute gathers parameters, so the ranks' layers must checkpoint alike."""
+    Every rank takes the same count, sized to the rank with the least free memory. Under ZeRO-3
+    every layer: one not checkpointed keeps the gathered weights its quantized matmuls read on the
+    autograd graph until the backward (dpo_lora.model.grad_checkpointing), which the plan does not
+    count."""
     if not config.model.gradient_checkpointing or config.model.checkpoint_layers != "auto":
         return config
     budgets = gather_lists([device_budget(device)])
     budget = None if None in budgets else min(budgets)
-    if budget is None:
+    if zero_settings(config).stage == 3:
+        count, why = "all", "under ZeRO-3 a layer not checkpointed keeps its gathered weights until the backward"
+    elif budget is None:
         count, why = "all", "auto sizes to GPU memory; on a CPU it checkpoints every layer"
     else:
         count, planned, layers = fewest_fitting(config, budget, world_size)
@@ -109,8 +113,9 @@ def largest_fitting(config, planned: Plan, budget: int, key: str) -> int:
 
 def checkpointing_hint(config, planned: Plan, budget: int, world_size: int = 1) -> str | None:
     """One line when the run fits `budget` with gradient checkpointing and would fit with fewer
-    checkpointed layers too: the memory spent on recomputing them buys nothing. None otherwise."""
-    if not config.model.gradient_checkpointing or planned.total_bytes > budget:
+    checkpointed layers too: the memory spent on recomputing them buys nothing. None otherwise, and
+    under ZeRO-3 (where a layer not checkpointed keeps its gathered weights: resolve_auto)."""
+    if not config.model.gradient_checkpointing or planned.total_bytes > budget or zero_settings(config).stage == 3:
         return None
     fewest, fewest_bytes, layers = fewest_fitting(config, budget, world_size)
     if fewest >= checkpointed_count(config.model.checkpoint_layers, layers) - 1:  # the last layer's recompute is free

@@ -130,6 +130,10 @@ def test_auto_takes_the_fewest_layers_that_fit_the_gpu_and_every_layer_on_a_cpu(
     assert resolve_auto(three_layer_config, torch.device("cuda", 0), 1, True) is three_layer_config  # not auto
     unchecked = replace(auto, model=replace(auto.model, gradient_checkpointing=False))
     assert resolve_auto(unchecked, torch.device("cuda", 0), 1, True) is unchecked
+    # Under ZeRO-3 a layer left out would keep its gathered quantized weights on the graph.
+    zero3 = replace(auto, deepspeed=str(REPO / "deepspeed_configs" / "zero3.json"))
+    assert resolve_auto(zero3, torch.device("cuda", 0), 1, True).model.checkpoint_layers == "all"
+    assert "-> all (under ZeRO-3 a layer not checkpointed keeps" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["-1", "some", "true", "1.5"])
