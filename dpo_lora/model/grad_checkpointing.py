@@ -66,12 +66,13 @@ def checkpoint_options(model_config, zero_stage: int = 0) -> dict:
     forward records every quantized matmul's node, and bitsandbytes keeps the weight it read on the
     node itself (`ctx.tensors`, not a saved tensor that checkpointing drops): under ZeRO-3 that is
     the gathered weight, which DeepSpeed's release then cannot free, so every layer's gathered
-    weights stayed until the backward (each rank held the whole base). Selective where
-    keeps_attention_outputs: the fused attention kernels'
-    outputs ([rows, heads, tokens, head_dim] and a float32 [rows, heads, tokens] log-normalizer per
-    call, what their backward reads) are kept from the forward, so the recompute reruns the layer's
-    matmuls but not attention, the only part whose cost grows with the square of the length. The
-    eager (matmul + softmax) path has no such kernel and is recomputed whole. Not under ZeRO-3:
+    weights stayed until the backward (each rank held the whole base).
+
+    Selective where keeps_attention_outputs: the fused attention kernels' outputs ([rows, heads,
+    tokens, head_dim] and a float32 [rows, heads, tokens] log-normalizer per call, what their
+    backward reads) are kept from the forward, so the recompute reruns the layer's matmuls but not
+    attention, the only part whose cost grows with the square of the length. The eager (matmul +
+    softmax) path has no such kernel and is recomputed whole. Not under ZeRO-3:
     selective checkpointing replays the forward's ops in order, and ZeRO-3's parameter gathering
     runs different ops in the recompute than in the forward."""
     options = {"use_reentrant": zero_stage == 3}
