@@ -28,25 +28,55 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# dpo-lora's unoptimized path (plain logits, no prompt sharing, online reference), without prompt
-# sharing (online reference), as shipped (defaults: shared prompt with split attention, and
-# `dpo.reference: auto`, which precomputes on this one-epoch run), as shipped but with the online
-# reference, as shipped but with the dense 4D mask, and both trainers with a fixed malloc mmap
-# threshold (dpo_lora.core.cpu_memory; "-lowmem", CPU only). Every dpo-lora variant puts large CPU
-# tensors on huge pages, as its CLI does; "trl-thp" is TRL given the same (torch's
-# THP_MEM_ALLOC_ENABLE), which TRL does not set itself. "dpo-lora-allbf16" is as shipped but with
-# `model.float32_residual` off (bf16 runs): what the default's float32 residual stream and head cost.
-# "dpo-lora-nockpt" is as shipped without gradient checkpointing (every system else checkpoints): the
-# memory dpo-lora saves spent on not recomputing, to compare at TRL's memory rather than its settings.
-# "dpo-lora-auto" is as shipped with `model.checkpoint_layers=auto`: on a GPU it checkpoints only the
-# layers the card's memory needs (on a CPU, every layer: the same run as "dpo-lora").
-# "dpo-lora-fused" is as shipped with `model.fused_lora=true`: each 4-bit LoRA linear as one function.
+# The systems: TRL as its users run it, "trl-lowmem" and "trl-thp" (below), and dpo-lora as shipped
+# ("dpo-lora": shared prompt with split attention, chunked log-probs, `dpo.reference: auto`, which
+# precomputes on this one-epoch run, gradient checkpointing) or changed by "-"-joined MODIFIERS:
+# "dpo-lora-nockpt-allbf16" is as shipped without checkpointing and without the float32 residual.
+# Every dpo-lora variant puts large CPU tensors on huge pages, as its CLI does; "trl-thp" is TRL
+# given the same (torch's THP_MEM_ALLOC_ENABLE), which TRL does not set itself. "-lowmem" gives
+# either trainer a fixed malloc mmap threshold (dpo_lora.core.cpu_memory; CPU only).
 SYSTEMS = (
     "trl", "dpo-lora-plain", "dpo-lora-unshared", "dpo-lora", "dpo-lora-online", "dpo-lora-mask",
     "trl-lowmem", "dpo-lora-lowmem", "trl-thp", "dpo-lora-allbf16", "dpo-lora-nockpt", "dpo-lora-auto",
     "dpo-lora-fused",
 )  # fmt: skip
 LOWMEM_MB = 4
+SHIPPED = {
+    "dpo.reference": "auto", "train.share_prompt": "true", "train.shared_prompt_attention": "split",
+    "train.logps_chunk_size": "1024", "train.cpu_mmap_threshold_mb": "0", "model.float32_residual": "true",
+    "model.gradient_checkpointing": "true", "model.checkpoint_layers": "all", "model.fused_lora": "false",
+}  # fmt: skip
+MODIFIERS = {
+    # the unoptimized path: full logits, no prompt sharing, online reference
+    "plain": {"dpo.reference": "online", "train.share_prompt": "false", "train.logps_chunk_size": "0"},
+    "unshared": {"dpo.reference": "online", "train.share_prompt": "false"},  # chunked, online reference
+    "online": {"dpo.reference": "online"},
+    "mask": {"train.shared_prompt_attention": "mask"},  # the dense 4D mask instead of split attention
+    "lowmem": {"train.cpu_mmap_threshold_mb": str(LOWMEM_MB)},
+    "allbf16": {"model.float32_residual": "false"},  # bf16 runs: what the float32 residual and head cost
+    # without recompute (every other system checkpoints): the memory dpo-lora saves spent on speed,
+    # to compare at TRL's memory rather than at its settings; "-ckptK" checkpoints the first K layers
+    "nockpt": {"model.gradient_checkpointing": "false"},
+    "auto": {"model.checkpoint_layers": "auto"},  # on a GPU, what the card needs; on a CPU, every layer
+    "fused": {"model.fused_lora": "true"},  # each 4-bit LoRA linear as one autograd function
+}
+
+
+def dpo_lora_settings(system: str) -> dict[str, str]:
+    """The config keys a dpo-lora system name sets: SHIPPED changed by each of its modifiers."""
+    settings = dict(SHIPPED)
+    for modifier in system.removeprefix("dpo-lora").split("-")[1:]:
+        if modifier.startswith("ckpt") and modifier[4:].isdigit():
+            settings["model.checkpoint_layers"] = modifier[4:]
+        elif modifier in MODIFIERS:
+            settings.update(MODIFIERS[modifier])
+        else:
+            raise SystemExit(
+                f"--systems: {system!r} has no modifier {modifier!r} (known: {', '.join(MODIFIERS)}, ckptK)"
+            )
+    return settings
+
+
 # (prompt tokens, completion tokens, micro batch, max_length), as in the issue's peer figures.
 WORKLOADS = {"short": (64, 60, 4, 256), "long": (300, 480, 2, 1024)}
 
@@ -137,21 +167,11 @@ def run_dpo_lora(args, data_file: Path, work: Path, system: str) -> tuple[list[f
     from dpo_lora.core.config import load_config
     from dpo_lora.train.loop import train
 
-    reference = "online" if system.endswith(("online", "plain", "unshared")) else "auto"
+    settings = [f"{key}={value}" for key, value in dpo_lora_settings(system).items()]
     config = load_config(
         REPO / "configs/demo.yaml",
-        [
-            *workload_overrides(args, data_file, work / system), "train.log_every=1", f"dpo.reference={reference}",
-            f"train.share_prompt={not system.endswith(('unshared', 'plain'))}",
-            f"train.shared_prompt_attention={'mask' if system.endswith('mask') else 'split'}",
-            f"train.logps_chunk_size={0 if system.endswith('plain') else 1024}",
-            f"train.cpu_mmap_threshold_mb={LOWMEM_MB if system.endswith('lowmem') else 0}",
-            f"model.float32_residual={not system.endswith('allbf16')}",
-            f"model.gradient_checkpointing={not system.endswith('nockpt')}",
-            f"model.checkpoint_layers={'auto' if system.endswith('auto') else 'all'}",
-            f"model.fused_lora={system.endswith('fused')}",
-        ],
-    )  # fmt: skip
+        [*workload_overrides(args, data_file, work / system), "train.log_every=1", *settings],
+    )
     os.environ["DPO_LORA_CACHE"] = str(work / system / "cache")  # a cold cache: the precompute is paid in this run
     precompute_s = time_precompute()
     train(config)
@@ -286,7 +306,7 @@ def main() -> None:
     parser.add_argument(
         "--systems",
         default=",".join(s for s in SYSTEMS if s != "dpo-lora-auto"),  # the same run as dpo-lora but on a GPU
-        help=f"comma-separated subset of {SYSTEMS}",
+        help=f"comma-separated, from {SYSTEMS}, or dpo-lora with any '-'-joined modifiers of {(*MODIFIERS, 'ckptK')}",
     )
     parser.add_argument("--model", default=str(REPO / "models/SmolLM2-135M-Instruct"))
     parser.add_argument(
@@ -296,6 +316,11 @@ def main() -> None:
     for hidden in ("--child", "--data", "--work", "--result"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for system in args.systems.split(","):
+        if system.startswith("dpo-lora"):
+            dpo_lora_settings(system)  # an unknown modifier stops here, not after the other systems ran
+        elif system not in SYSTEMS:
+            parser.error(f"--systems: unknown system {system!r}")
     if args.child and (args.child.startswith("dpo-lora") or args.child == "trl-thp"):
         from dpo_lora.core.cpu_memory import huge_pages_for_tensors
 
