@@ -45,6 +45,7 @@ SHIPPED = {
     "dpo.reference": "auto", "train.share_prompt": "true", "train.shared_prompt_attention": "split",
     "train.logps_chunk_size": "1024", "train.cpu_mmap_threshold_mb": "0", "model.float32_residual": "true",
     "model.gradient_checkpointing": "true", "model.checkpoint_layers": "all", "model.fused_lora": "false",
+    "model.compile": "off",
 }  # fmt: skip
 MODIFIERS = {
     # the unoptimized path: full logits, no prompt sharing, online reference
@@ -59,6 +60,7 @@ MODIFIERS = {
     "nockpt": {"model.gradient_checkpointing": "false"},
     "auto": {"model.checkpoint_layers": "auto"},  # on a GPU, what the card needs; on a CPU, every layer
     "fused": {"model.fused_lora": "true"},  # each 4-bit LoRA linear as one autograd function
+    "compile": {"model.compile": "layers"},  # each decoder layer compiled (the first steps pay the compile)
 }
 
 

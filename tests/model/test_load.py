@@ -237,3 +237,33 @@ def test_the_float32_head_survives_the_chunked_head_being_removed(tiny_model_dir
     chunked_logps.uninstall(model)  # what the self-check does where the chunked head is wrong
     with torch.no_grad():
         assert model(input_ids=tokens(model.config.vocab_size)).logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("float32_residual", [True, False])
+def test_the_head_multiplies_a_sliced_hidden_state_as_one_matrix(tiny_model_dir, float32_residual):
+    """`logits_to_keep` hands the head a non-contiguous slice, which torch's matmul would run as a
+    batched matmul over copies of the head's weight (_head_reads_contiguous): it must run as one mm,
+    with the logits of the whole-sequence forward at those positions."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Matmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm):
+                self.ops.append((func.overloadpacket.__name__, tuple(args[1].shape)))
+            return func(*args, **(kwargs or {}))
+
+    config = ModelConfig(path=str(tiny_model_dir), dtype="bfloat16", float32_residual=float32_residual)
+    model = load_base(config, CPU)
+    ids = tokens(model.config.vocab_size).repeat(3, 1)  # [3, T]: a batch, so the slice is strided
+    head_shape = tuple(model.get_output_embeddings().weight.shape[::-1])
+    with torch.no_grad():
+        every = model(input_ids=ids).logits
+        with Matmuls() as seen:
+            kept = model(input_ids=ids, logits_to_keep=5).logits
+    head_ops = [name for name, shape in seen.ops if shape[-2:] == head_shape]
+    assert head_ops == ["mm"]
+    torch.testing.assert_close(kept, every[:, -5:], rtol=0, atol=0)
