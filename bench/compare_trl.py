@@ -43,7 +43,7 @@ SYSTEMS = (
 LOWMEM_MB = 4
 SHIPPED = {
     "dpo.reference": "auto", "train.share_prompt": "true", "train.shared_prompt_attention": "split",
-    "train.logps_chunk_size": "1024", "train.cpu_mmap_threshold_mb": "0", "model.float32_residual": "true",
+    "train.logps_chunk_size": "1024", "train.cpu_mmap_threshold_mb": "0", "model.float32_residual": "auto",
     "model.gradient_checkpointing": "true", "model.checkpoint_layers": "all", "model.fused_lora": "false",
     "model.compile": "off",
 }  # fmt: skip
@@ -54,7 +54,9 @@ MODIFIERS = {
     "online": {"dpo.reference": "online"},
     "mask": {"train.shared_prompt_attention": "mask"},  # the dense 4D mask instead of split attention
     "lowmem": {"train.cpu_mmap_threshold_mb": str(LOWMEM_MB)},
-    "allbf16": {"model.float32_residual": "false"},  # bf16 runs: what the float32 residual and head cost
+    # bf16 runs: all bf16, or the float32 residual stream and head (auto: all bf16 on a GPU, f32res on a CPU)
+    "allbf16": {"model.float32_residual": "false"},
+    "f32res": {"model.float32_residual": "true"},
     # without recompute (every other system checkpoints): the memory dpo-lora saves spent on speed,
     # to compare at TRL's memory rather than at its settings; "-ckptK" checkpoints the first K layers
     "nockpt": {"model.gradient_checkpointing": "false"},

@@ -14,13 +14,13 @@ if [[ -n "${GEOMETRY:-}" ]]; then
     model="runs/gpu-compare/$GEOMETRY"
     [[ -f "$model/model.safetensors.index.json" ]] || "$python" bench/random_model.py "$model" --geometry "$GEOMETRY"
     # A 7B step is arithmetic-bound and steady, so few steps settle; each process loads 13+ GB.
-    short_steps=6 long_steps=4 systems="trl,dpo-lora,dpo-lora-fused,dpo-lora-mask,dpo-lora-auto" extra=""
+    short_steps=6 long_steps=4 systems="trl,dpo-lora,dpo-lora-fused,dpo-lora-mask,dpo-lora-auto,dpo-lora-f32res" extra=""
 else
     model="${MODEL:-models/SmolLM2-135M-Instruct}"
     # More steps than the CPU defaults (8 and 4): a small model's GPU step takes well under a
     # second and is launch-bound, so its times scatter and the median needs more of them.
     short_steps=24 long_steps=12 systems="trl,dpo-lora,dpo-lora-fused,dpo-lora-plain,dpo-lora-online,dpo-lora-mask"
-    extra=",dpo-lora-allbf16"
+    extra=",dpo-lora-f32res"  # the float32 residual stream and head (on a GPU, auto is all bf16)
 fi
 for workload in ${WORKLOADS:-short long}; do
     steps="${workload}_steps"

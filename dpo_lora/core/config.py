@@ -208,6 +208,8 @@ def validate(config: Config) -> None:
         raise _refuse("lora.r", "must be >= 1")
     if not 0.0 <= config.lora.dropout < 1.0:
         raise _refuse("lora.dropout", "must be in [0, 1)")
+    if config.model.float32_residual not in (True, False, "auto"):
+        raise _refuse("model.float32_residual", f"must be true, false or auto; got {config.model.float32_residual!r}")
     layers = config.model.checkpoint_layers
     if layers not in ("all", "auto") and not (isinstance(layers, int) and layers >= 0):
         raise _refuse("model.checkpoint_layers", f"must be all, auto or a count >= 0; got {layers!r}")
@@ -291,7 +293,8 @@ def _as_trained(flat: dict) -> dict:
     behaviour, and `model.float32_residual` counts only where it applies (a quantized bf16 base)."""
     flat = {**ADDED_KEYS, **flat}
     applies = flat.get("model.dtype") == "bfloat16" and flat.get("model.quantization") != "none"
-    flat["model.float32_residual"] = bool(flat["model.float32_residual"]) and applies
+    chosen = flat["model.float32_residual"]  # "auto" until a run resolves it for its device
+    flat["model.float32_residual"] = (chosen if chosen == "auto" else bool(chosen)) and applies
     return flat
 
 

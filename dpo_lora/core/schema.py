@@ -46,10 +46,11 @@ class ModelConfig:
     dtype: str = knob(
         "bfloat16", "compute dtype of the base and of DeepSpeed mixed precision", ("bfloat16", "float16", "float32")
     )
-    float32_residual: bool = knob(
-        True,
+    float32_residual: bool | str = knob(
+        "auto",
         "bfloat16 + quantized: keep unquantized weights, the residual stream, the head and LoRA in float32, the base's "
-        "matmuls in bf16 under autocast (small LoRA updates survive; off: all bf16)",
+        "matmuls in bf16 under autocast (small LoRA updates survive; false: all bf16, LoRA's weights and optimizer "
+        "states still float32); auto: all bf16 on a GPU, float32 residual on a CPU (docs/performance.md)",
     )
     gradient_checkpointing: bool = knob(
         False, "recompute activations in backward to save memory (non-reentrant; reentrant under ZeRO-3)"

@@ -16,7 +16,7 @@ import torch
 
 from dpo_lora.core.errors import UserError
 from dpo_lora.model import grad_checkpointing
-from dpo_lora.model.precision import float32_residual, quantization_config, torch_dtype, weights_dtype
+from dpo_lora.model.precision import float32_residual, quantization_config, resolved, torch_dtype, weights_dtype
 from dpo_lora.model.zero3_loading import load_partitioned
 
 POLICY_ADAPTER = "default"
@@ -73,6 +73,7 @@ def load_base(model_config, device: torch.device, ds_config: dict | None = None)
     stage 3) it is loaded a tensor at a time straight into this rank's partitions."""
     from transformers import AutoModelForCausalLM
 
+    model_config = resolved(model_config, device.type)
     _check_model_path(model_config.path)
     kernel = None if model_config.attn_implementation == "auto" else model_config.attn_implementation
     model = None

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_lora.model import precision
 from dpo_lora.model.decode import BASE, Row, Sampling, decode
 from dpo_lora.serve.text_stream import TextStream
 
@@ -192,6 +193,7 @@ class Engine:
         from dpo_lora.model.load import load_base
 
         self.device_name = self.place()
+        self.model_config = precision.resolved(self.model_config, _torch_device(self.device_name).type)
         start = time.monotonic()
         try:
             self.model = load_base(self.model_config, _torch_device(self.device_name)).eval()

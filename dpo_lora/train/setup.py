@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from dpo_lora.core.schema import Config
 from dpo_lora.data.batches import PairBatches, pair_lengths
 from dpo_lora.data.layout import batch_layout
 from dpo_lora.data.prepare import prepare_splits
-from dpo_lora.model import chunked_logps, fitting
+from dpo_lora.model import chunked_logps, fitting, precision
 from dpo_lora.model.fused_lora import fuse
 from dpo_lora.model.load import attach_adapter, load_base, load_tokenizer
 from dpo_lora.model.regional_compile import compile_layers
@@ -96,6 +96,7 @@ def setup_run(config: Config) -> Run:
     clear_stale_build_locks()  # DeepSpeed's kernel builds would wait on a killed build's lock forever
     dist = init_distributed(config.train.collective_timeout_s)
     config = fitting.resolve_auto(config, dist.device, dist.world_size, announce=dist.is_main)
+    config = replace(config, model=precision.resolved(config.model, dist.device.type))
     train_cfg = config.train
     if dist.device.type == "cpu":
         cap_heap_fragmentation(train_cfg.cpu_mmap_threshold_mb)

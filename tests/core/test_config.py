@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -147,12 +148,16 @@ def test_a_run_saved_before_float32_residual_resumes_unless_it_would_now_train_d
     dtype, quantization, refused
 ):
     from dpo_lora.core.config import resume_differences, to_dict
+    from dpo_lora.model.precision import resolved
 
     current = load_config(None, [f"model.dtype={dtype}", f"model.quantization={quantization}"])
     saved = to_dict(current)
     del saved["model"]["float32_residual"]  # as versions before the key wrote it: they trained without it
+    # A run resolves `auto` for its device before comparing: float32 residual on a CPU, all bf16 on a GPU.
+    on_cpu = dataclasses.replace(current, model=resolved(current.model, "cpu"))
     expected = ["model.float32_residual: False -> True"] if refused else []
-    assert resume_differences(saved, current) == expected
+    assert resume_differences(saved, on_cpu) == expected
+    assert resume_differences(saved, dataclasses.replace(current, model=resolved(current.model, "cuda"))) == []
     with_key = load_config(
         None, [f"model.dtype={dtype}", f"model.quantization={quantization}", "model.float32_residual=false"]
     )

@@ -48,10 +48,10 @@ def test_70b_fits_eight_24gib_gpus_under_zero3_with_an_eighth_of_the_base_each(l
     # The packed weights and their absmax split eight ways; the nested statistics stay whole (tiny).
     assert eight["components"][FOUR_BIT] == pytest.approx(whole[FOUR_BIT] / 8, rel=0.01)
     assert eight["components"][UNQUANTIZED] == pytest.approx(whole[UNQUANTIZED] / 8, rel=0.01)
-    # One float32 head or embedding (128256 x 8192) is gathered whole, plus the reuse window
+    # One bf16 head or embedding (128256 x 8192; all bf16 on a GPU) is gathered whole, plus the reuse window
     # (stage3_max_reuse_distance: 50M elements in the shipped configs, which prefetch nothing).
     gathered = eight["components"][GATHERED_LABEL]
-    assert gathered == 128256 * 8192 * 4 + 50_000_000
+    assert gathered == 128256 * 8192 * 2 + 50_000_000
     assert eight["host_bytes_per_rank"] == 0
     # The cluster table: the cheapest shipped configuration that fits each GPU count.
     table = {row["gpus"]: row for row in eight["by_gpus"]}
