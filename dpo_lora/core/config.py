@@ -48,6 +48,19 @@ def _as(value: Any, kind: Any) -> Any:
     return _NOT
 
 
+# YAML 1.1 reads these words, unquoted, as booleans: `compile: off` arrives as False.
+YAML_BOOL_WORDS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
+
+
+def _unbooled(value: Any, hint: Any, choices: tuple | None) -> Any:
+    """A boolean given to a field that takes no booleans, as the one word among its choices that
+    YAML read as that boolean (`model.compile=off` -> "off"); any other value as it is."""
+    if not isinstance(value, bool) or not choices or bool in typing.get_args(hint) or hint is bool:
+        return value
+    words = [word for word in YAML_BOOL_WORDS[value] if word in choices]
+    return words[0] if len(words) == 1 else value
+
+
 def _check_type(key: str, value: Any, hint: Any) -> Any:
     """`value` coerced to the field's type `hint` (a type, or a union of them), or a ConfigError
     naming `key`."""
@@ -84,8 +97,8 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         if dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], values[name], key + ".")
             continue
-        value = _check_type(key, values[name], hints[name])
         choices = f.metadata.get("choices")
+        value = _check_type(key, _unbooled(values[name], hints[name], choices), hints[name])
         if choices and any(item not in choices for item in (value if isinstance(value, list) else [value])):
             raise ConfigError(key, f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
         kwargs[name] = value

@@ -178,3 +178,20 @@ def test_a_run_saved_before_fused_lora_and_compile_resumes_and_turning_them_on_i
 def test_the_collective_timeout_must_be_positive():
     with pytest.raises(UserError, match="'train.collective_timeout_s' must be >= 1"):
         load_config(None, ["train.collective_timeout_s=0"])
+
+
+def test_a_choice_yaml_reads_as_a_boolean_is_the_word_written(tmp_path):
+    """YAML 1.1 reads an unquoted `off` as false: a field whose choices include it gets the word."""
+    assert load_config(None, ["model.compile=off"]).model.compile == "off"
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  compile: off\n")
+    config = load_config(path, [])
+    assert config.model.compile == "off"
+    assert load_config(None, [f"model.compile={config.model.compile}"]).model.compile == "off"
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(dump_yaml(config))
+    assert load_config(saved, []).model.compile == "off"
+    with pytest.raises(UserError, match="'model.compile' must be str, got True"):  # `on` is no choice of it
+        load_config(None, ["model.compile=on"])
+    with pytest.raises(UserError, match="'data.train' must be str, got False"):  # no choices: as before
+        load_config(None, ["data.train=off"])
