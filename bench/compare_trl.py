@@ -296,7 +296,7 @@ def bf16_capability() -> str:
 
     if torch.cuda.is_available():
         return f"bf16: native ({torch.cuda.get_device_name()})"
-    from dpo_lora.model.load import cpu_has_native_bf16
+    from dpo_lora.model.precision import cpu_has_native_bf16
 
     if cpu_has_native_bf16():
         return "bf16: native on this CPU (AVX512-BF16 or AMX)"
@@ -334,7 +334,7 @@ def main() -> None:
     if args.dtype is None:
         import torch
 
-        from dpo_lora.model.load import cpu_has_native_bf16
+        from dpo_lora.model.precision import cpu_has_native_bf16
 
         args.dtype = "bfloat16" if torch.cuda.is_available() or cpu_has_native_bf16() else "float32"
     if args.child:

@@ -81,7 +81,7 @@ def main() -> int:
     seeds = [0] if args.dry_run else [int(s) for s in args.seeds.split(",")]
     import torch
 
-    from dpo_lora.model.load import cpu_has_native_bf16
+    from dpo_lora.model.precision import cpu_has_native_bf16
 
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else (
         "CPU, native bf16" if cpu_has_native_bf16() else "CPU, bf16 EMULATED (slow)")  # fmt: skip

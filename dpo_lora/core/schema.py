@@ -50,7 +50,8 @@ class ModelConfig:
         "auto",
         "bfloat16 + quantized: keep unquantized weights, the residual stream, the head and LoRA in float32, the base's "
         "matmuls in bf16 under autocast (small LoRA updates survive; false: all bf16, LoRA's weights and optimizer "
-        "states still float32); auto: all bf16 on a GPU, float32 residual on a CPU (docs/performance.md)",
+        "states still float32); auto: all bf16 where bf16 is native (a GPU, a CPU with AVX512-BF16 or AMX), the float32 "
+        "residual where it is emulated (docs/performance.md)",
     )
     gradient_checkpointing: bool = knob(
         False, "recompute activations in backward to save memory (non-reentrant; reentrant under ZeRO-3)"

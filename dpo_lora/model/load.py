@@ -16,7 +16,14 @@ import torch
 
 from dpo_lora.core.errors import UserError
 from dpo_lora.model import grad_checkpointing
-from dpo_lora.model.precision import float32_residual, quantization_config, resolved, torch_dtype, weights_dtype
+from dpo_lora.model.precision import (
+    cpu_has_native_bf16,
+    float32_residual,
+    quantization_config,
+    resolved,
+    torch_dtype,
+    weights_dtype,
+)
 from dpo_lora.model.zero3_loading import load_partitioned
 
 POLICY_ADAPTER = "default"
@@ -118,11 +125,6 @@ def _head_reads_contiguous(model) -> None:
     copied input's one matmul took 0.45 s (16 x 33 positions, AMX). The copy made here is
     batch x k x hidden."""
     model.get_output_embeddings().register_forward_pre_hook(lambda _head, args: (args[0].contiguous(), *args[1:]))
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 AUTOCAST_DEVICE = "_dpo_lora_autocast_device"  # set on a base whose forward runs under bf16 autocast

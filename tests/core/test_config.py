@@ -153,11 +153,13 @@ def test_a_run_saved_before_float32_residual_resumes_unless_it_would_now_train_d
     current = load_config(None, [f"model.dtype={dtype}", f"model.quantization={quantization}"])
     saved = to_dict(current)
     del saved["model"]["float32_residual"]  # as versions before the key wrote it: they trained without it
-    # A run resolves `auto` for its device before comparing: float32 residual on a CPU, all bf16 on a GPU.
-    on_cpu = dataclasses.replace(current, model=resolved(current.model, "cpu"))
-    expected = ["model.float32_residual: False -> True"] if refused else []
-    assert resume_differences(saved, on_cpu) == expected
+    # A run resolves `auto` for its device before comparing: all bf16 on a GPU, as those versions trained.
     assert resume_differences(saved, dataclasses.replace(current, model=resolved(current.model, "cuda"))) == []
+    kept = load_config(
+        None, [f"model.dtype={dtype}", f"model.quantization={quantization}", "model.float32_residual=true"]
+    )
+    expected = ["model.float32_residual: False -> True"] if refused else []
+    assert resume_differences(saved, kept) == expected
     with_key = load_config(
         None, [f"model.dtype={dtype}", f"model.quantization={quantization}", "model.float32_residual=false"]
     )

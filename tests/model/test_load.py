@@ -230,20 +230,23 @@ def test_float32_residual_applies_to_quantized_bfloat16_bases_only(tiny_model_di
     assert dtype_of(dtype="bfloat16", quantization="nf4", float32_residual=False) == torch.bfloat16
 
 
-def test_float32_residual_auto_is_all_bf16_on_a_gpu_float32_residual_elsewhere_and_only_true_false_auto(
-    tiny_model_dir,
+@pytest.mark.parametrize("native_cpu", [True, False])
+def test_float32_residual_auto_is_all_bf16_where_bf16_is_native_and_only_true_false_auto(
+    tiny_model_dir, monkeypatch, native_cpu
 ):
     from dpo_lora.core.config import load_config
-    from dpo_lora.model.precision import float32_residual, resolved
+    from dpo_lora.model import precision
 
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_cpu)  # AMX/AVX512-BF16 or not
     config = ModelConfig(path=str(tiny_model_dir), dtype="bfloat16")
     assert config.float32_residual == "auto"
-    assert resolved(config, "cuda").float32_residual is False
-    assert resolved(config, "cpu").float32_residual is True
-    assert resolved(replace(config, float32_residual=False), "cpu").float32_residual is False  # as set, anywhere
-    assert float32_residual(config) is False  # unresolved, it reads as on a GPU: what plans are for
-    # load_base resolves for the device it loads on: here float32 outside the 4-bit matmuls
-    assert load_base(config, CPU).model.embed_tokens.weight.dtype == torch.float32
+    assert precision.resolved(config, "cuda").float32_residual is False
+    assert precision.resolved(config, "cpu").float32_residual is (not native_cpu)
+    assert precision.resolved(replace(config, float32_residual=True), "cuda").float32_residual is True  # as set
+    assert precision.float32_residual(config) is False  # unresolved, it reads as on a GPU: what plans are for
+    # load_base resolves for the device it loads on: float32 outside the 4-bit matmuls where bf16 is emulated
+    embeddings = load_base(config, CPU).model.embed_tokens.weight.dtype
+    assert embeddings == (torch.bfloat16 if native_cpu else torch.float32)
     for value in ("true", "false", "auto"):
         load_config(None, [f"model.float32_residual={value}"])
     with pytest.raises(UserError, match="'model.float32_residual' must be true, false or auto; got 'fp32'"):
@@ -253,7 +256,7 @@ def test_float32_residual_auto_is_all_bf16_on_a_gpu_float32_residual_elsewhere_a
 def test_the_float32_head_survives_the_chunked_head_being_removed(tiny_model_dir):
     from dpo_lora.model import chunked_logps
 
-    config = ModelConfig(path=str(tiny_model_dir), dtype="bfloat16")  # auto: float32 residual on the CPU
+    config = ModelConfig(path=str(tiny_model_dir), dtype="bfloat16", float32_residual=True)
     model = attach_adapter(load_base(config, CPU), LoraConfig(dropout=0.0))
     assert chunked_logps.install(model, 4)
     chunked_logps.uninstall(model)  # what the self-check does where the chunked head is wrong

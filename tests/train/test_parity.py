@@ -39,6 +39,7 @@ COMMON = [
     "model.quantization=nf4", "model.gradient_checkpointing=true",
     "lora.dropout=0.0", "data.eval=null", "train.micro_batch_size=2", "train.max_steps=4",
     "train.log_every=1", "train.scheduler=constant", f"train.max_grad_norm={MAX_GRAD_NORM}",
+    "model.float32_residual=true",  # whatever `auto` picks on this CPU; ALL_BF16 turns it off
 ]  # fmt: skip
 ALL_BF16 = "1rank-zero2-all-bf16"  # model.float32_residual=false
 COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen")
