@@ -17,6 +17,7 @@ import torch
 from dpo_lora.core.errors import UserError
 from dpo_lora.model import grad_checkpointing
 from dpo_lora.model.precision import (
+    bf16_is_native,
     cpu_has_native_bf16,
     float32_residual,
     quantization_config,
@@ -80,7 +81,7 @@ def load_base(model_config, device: torch.device, ds_config: dict | None = None)
     stage 3) it is loaded a tensor at a time straight into this rank's partitions."""
     from transformers import AutoModelForCausalLM
 
-    model_config = resolved(model_config, device.type)
+    model_config = resolved(model_config, bf16_is_native(device.type))
     _check_model_path(model_config.path)
     kernel = None if model_config.attn_implementation == "auto" else model_config.attn_implementation
     model = None

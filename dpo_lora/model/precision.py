@@ -23,17 +23,18 @@ def cpu_has_native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def resolved(model_config, device_type: str):
-    """`model_config` with `float32_residual: auto` replaced by its choice on `device_type`: all bf16
-    where bf16 is native, the float32 residual where it is emulated.
+def resolved(model_config, bf16_native: bool):
+    """`model_config` with `float32_residual: auto` replaced by its choice: all bf16 where bf16 is
+    native (`bf16_native`: `bf16_is_native` of the device, or of every rank of a run, so that the
+    ranks agree), the float32 residual where it is emulated.
 
     Measured (docs/performance.md, "The precision policy"): on the bundled task the all-bf16 policy
     held the quality gate against the float32-residual one (held-out reward within 0.02, KL within
-    10%), and on a CPU with AMX it trained the long benchmark workload 1.26x as fast. Where bf16 is
-    emulated nothing was measured, and the float32 residual stays."""
+    10%), and on a CPU with AMX it trained the long benchmark workload 1.22-1.26x as fast. Where bf16
+    is emulated nothing was measured, and the float32 residual stays."""
     if model_config.float32_residual != "auto":
         return model_config
-    return dataclasses.replace(model_config, float32_residual=not bf16_is_native(device_type))
+    return dataclasses.replace(model_config, float32_residual=not bf16_native)
 
 
 def float32_residual(model_config) -> bool:
@@ -45,7 +46,7 @@ def float32_residual(model_config) -> bool:
     rewards after one update were half of float32's. With the unquantized weights (embeddings,
     norms, head) in float32 and the forward under bf16 autocast, every matmul still runs in bf16,
     but sums (residual adds, base + LoRA) and the head's logits stay float32."""
-    chosen = resolved(model_config, "cuda").float32_residual
+    chosen = resolved(model_config, bf16_native=True).float32_residual
     return chosen and model_config.dtype == "bfloat16" and model_config.quantization != "none"
 
 

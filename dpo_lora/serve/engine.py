@@ -193,7 +193,8 @@ class Engine:
         from dpo_lora.model.load import load_base
 
         self.device_name = self.place()
-        self.model_config = precision.resolved(self.model_config, _torch_device(self.device_name).type)
+        native = precision.bf16_is_native(_torch_device(self.device_name).type)
+        self.model_config = precision.resolved(self.model_config, native)
         start = time.monotonic()
         try:
             self.model = load_base(self.model_config, _torch_device(self.device_name)).eval()

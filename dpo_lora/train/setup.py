@@ -16,7 +16,7 @@ from dpo_lora.core import rundir
 from dpo_lora.core.build_locks import clear_stale_build_locks
 from dpo_lora.core.config import dump_yaml
 from dpo_lora.core.cpu_memory import cap_heap_fragmentation
-from dpo_lora.core.distributed import barrier, gathered, init_distributed
+from dpo_lora.core.distributed import barrier, gather_lists, gathered, init_distributed
 from dpo_lora.core.dsconfig import fill_deepspeed_config, size_buckets
 from dpo_lora.core.errors import UserError
 from dpo_lora.core.rundir import RowKind
@@ -96,7 +96,8 @@ def setup_run(config: Config) -> Run:
     clear_stale_build_locks()  # DeepSpeed's kernel builds would wait on a killed build's lock forever
     dist = init_distributed(config.train.collective_timeout_s)
     config = fitting.resolve_auto(config, dist.device, dist.world_size, announce=dist.is_main)
-    config = replace(config, model=precision.resolved(config.model, dist.device.type))
+    native_everywhere = all(gather_lists([precision.bf16_is_native(dist.device.type)]))  # the ranks agree
+    config = replace(config, model=precision.resolved(config.model, native_everywhere))
     train_cfg = config.train
     if dist.device.type == "cpu":
         cap_heap_fragmentation(train_cfg.cpu_mmap_threshold_mb)

@@ -146,7 +146,7 @@ def load_policy(adapter_dir: Path, model_config, device: torch.device, reference
     adapter's parameters in the compute dtype. Like DeepSpeed's mixed precision this casts
     parameters only: buffers such as rotary frequencies stay in float32. A run that continued
     from `reference_adapter` (its lora.init_adapter) gets it back as its reference, as in training."""
-    model_config = precision.resolved(model_config, device.type)
+    model_config = precision.resolved(model_config, precision.bf16_is_native(device.type))
     model = attach_trained(load_base(model_config, device), adapter_dir, POLICY_ADAPTER, model_config)
     if reference_adapter:
         if not (Path(reference_adapter) / "adapter_config.json").is_file():

@@ -154,7 +154,7 @@ def test_a_run_saved_before_float32_residual_resumes_unless_it_would_now_train_d
     saved = to_dict(current)
     del saved["model"]["float32_residual"]  # as versions before the key wrote it: they trained without it
     # A run resolves `auto` for its device before comparing: all bf16 on a GPU, as those versions trained.
-    assert resume_differences(saved, dataclasses.replace(current, model=resolved(current.model, "cuda"))) == []
+    assert resume_differences(saved, dataclasses.replace(current, model=resolved(current.model, True))) == []
     kept = load_config(
         None, [f"model.dtype={dtype}", f"model.quantization={quantization}", "model.float32_residual=true"]
     )

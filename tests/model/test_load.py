@@ -240,9 +240,10 @@ def test_float32_residual_auto_is_all_bf16_where_bf16_is_native_and_only_true_fa
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_cpu)  # AMX/AVX512-BF16 or not
     config = ModelConfig(path=str(tiny_model_dir), dtype="bfloat16")
     assert config.float32_residual == "auto"
-    assert precision.resolved(config, "cuda").float32_residual is False
-    assert precision.resolved(config, "cpu").float32_residual is (not native_cpu)
-    assert precision.resolved(replace(config, float32_residual=True), "cuda").float32_residual is True  # as set
+    assert precision.bf16_is_native("cuda") and precision.bf16_is_native("cpu") is native_cpu
+    assert precision.resolved(config, bf16_native=True).float32_residual is False
+    assert precision.resolved(config, bf16_native=False).float32_residual is True
+    assert precision.resolved(replace(config, float32_residual=True), bf16_native=True).float32_residual  # as set
     assert precision.float32_residual(config) is False  # unresolved, it reads as on a GPU: what plans are for
     # load_base resolves for the device it loads on: float32 outside the 4-bit matmuls where bf16 is emulated
     embeddings = load_base(config, CPU).model.embed_tokens.weight.dtype
