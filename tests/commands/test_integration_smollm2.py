@@ -15,7 +15,7 @@ import torch
 from dpo_lora.commands.fetch import fetch_default_model
 from dpo_lora.core.config import load_config
 
-from ..conftest import REPO, SENTIMENT_EVAL, SENTIMENT_TRAIN
+from ..conftest import REPO, SENTIMENT_EVAL, SENTIMENT_TRAIN, free_port
 
 pytestmark = pytest.mark.slow
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
@@ -102,7 +102,7 @@ def test_two_ranks_through_the_deepspeed_launcher(smollm2, tmp_path):
     out = tmp_path / "run"
     launcher = shutil.which("deepspeed") or str(REPO / ".venv/bin/deepspeed")
     result = run(
-        [launcher, "--num_gpus", "2", "--master_port", "29531", "--module", "dpo_lora", "train", "configs/demo.yaml",
+        [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dpo_lora", "train", "configs/demo.yaml",
          f"model.path={smollm2}", f"output_dir={out}", "train.max_steps=6", "train.micro_batch_size=4", *COMMON],
         env_extra={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
