@@ -20,7 +20,7 @@ from .conftest import all_events, wait_for_status
 from .test_scheduler import create, wait_for_event
 
 # Two CPU ranks of one CPU each fill the test node (2 CPUs).
-STEPS = 240
+STEPS = 600
 BACKEND = ["--backend", "slurm", "--slurm-max-ranks", "2", "--slurm-gpus-per-rank", "0", "--slurm-cpus-per-rank", "1"]
 
 
@@ -62,7 +62,8 @@ def test_a_slurm_job_pauses_survives_a_server_restart_resumes_and_another_is_can
     server = servers(models, config, *BACKEND, env=slurm)
     client = server.client()
     file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
-    # ~7 steps/s: long enough to outlast a server restart and still be paused mid-run.
+    # 7-15 steps/s by machine: long enough to outlast a server restart and still be paused mid-run
+    # (at 240 steps a fast machine finished before the pause landed).
     job = create(client, file_id, {"train": {"max_steps": STEPS, "save_every": 20}, "gpus": 2})
     wait_for_event(client, job.id, ": RUNNING", timeout=120)
     directory = server.state_dir / "jobs" / job.id
