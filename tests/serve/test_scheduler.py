@@ -72,22 +72,24 @@ def test_pause_then_resume_finishes_with_the_uninterrupted_adapter(servers, tiny
     models, config, train, _ = tiny_setup
     client = servers(models, config).client()
     file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
-    uninterrupted = create(client, file_id)
-    paused = create(client, file_id)
+    # 120 steps: the pause must land before the end (at 40, a fast or loaded machine finished first).
+    steps = {"train": {"max_steps": 120, "save_every": 2}}
+    uninterrupted = create(client, file_id, steps)
+    paused = create(client, file_id, steps)
     wait_for_status(client, uninterrupted.id, ("succeeded",))
 
     wait_for_event(client, paused.id, "Checkpoint created at step 2")
     client.fine_tuning.jobs.pause(paused.id)
     job = wait_for_status(client, paused.id, ("paused",), timeout=120)
     stopped_at = client.fine_tuning.jobs.checkpoints.list(paused.id).data[0].step_number
-    assert 2 <= stopped_at < 40, stopped_at
+    assert 2 <= stopped_at < 120, stopped_at
     assert job.fine_tuned_model is None
     client.fine_tuning.jobs.resume(paused.id)
     job = wait_for_status(client, paused.id, ("succeeded",))
     messages = [e.message for e in all_events(client, paused.id)]
     assert f"The job is paused; resume continues from step {stopped_at}" in messages
-    steps = [e.data["step"] for e in all_events(client, paused.id) if e.type == "metrics" and "loss" in e.data]
-    assert steps == list(range(1, 41))  # each step reported once, across the pause
+    reported = [e.data["step"] for e in all_events(client, paused.id) if e.type == "metrics" and "loss" in e.data]
+    assert reported == list(range(1, 121))  # each step reported once, across the pause
     assert_same_adapter(final_adapter(client, paused.id), final_adapter(client, uninterrupted.id))
 
 
