@@ -53,6 +53,7 @@ MODIFIERS = {
     "unshared": {"dpo.reference": "online", "train.share_prompt": "false"},  # chunked, online reference
     "online": {"dpo.reference": "online"},
     "mask": {"train.shared_prompt_attention": "mask"},  # the dense 4D mask instead of split attention
+    "flex": {"train.shared_prompt_attention": "flex"},  # one FlexAttention call a layer (CUDA; elsewhere split)
     "lowmem": {"train.cpu_mmap_threshold_mb": str(LOWMEM_MB)},
     # bf16 runs: all bf16, or the float32 residual stream and head (auto: all bf16 on a GPU, f32res on a CPU)
     "allbf16": {"model.float32_residual": "false"},

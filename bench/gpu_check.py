@@ -17,6 +17,7 @@ BASE = ["configs/demo.yaml", "--overwrite", "model.dtype=bfloat16", "train.max_s
 CUDA_TESTS = [  # tests whose engines, models and kernels run on the GPU when one is present
     "tests/train/test_step.py", "tests/train/test_loop.py", "tests/train/test_guards.py", "tests/train/test_checkpoints.py",
     "tests/model/test_chunked_logps.py", "tests/data/test_layout.py", "tests/model/test_load.py",
+    "tests/model/test_shared_attention.py",  # FlexAttention's gradients: CUDA only
 ]  # fmt: skip
 
 

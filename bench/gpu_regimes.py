@@ -7,7 +7,8 @@
   checkpointing): the long workload (300 prompt + 480 per completion tokens, max_length 1024) at
   micro-batch 4 and 8, and a long-prompt one (1,500 + 250, max_length 2048) at micro-batch 4, where
   sharing the prompt matters most. Systems: TRL, TRL with `precompute_ref_log_probs=True`,
-  dpo-lora as shipped, and with `model.fused_lora=true`.
+  dpo-lora as shipped, with `model.fused_lora=true`, and with `train.shared_prompt_attention=flex`
+  (one FlexAttention call a layer instead of split attention's two SDPA calls and per-row loop).
 - **memory-cap**: each process capped at `--cap-gb` (24) with
   `torch.cuda.set_per_process_memory_fraction`: an H100/H200 at 24 GB, not a consumer card. Each
   system runs the long workload at its largest micro-batch that fits (dpo-lora: its plan's,
@@ -48,7 +49,7 @@ REPO = compare_trl.REPO
 # (prompt tokens, tokens per completion, max_length)
 WORKLOADS = {"long": (300, 480, 1024), "long-prompt": (1500, 250, 2048)}
 EQUAL_SETTINGS = [("long", 4), ("long", 8), ("long-prompt", 4)]
-EQUAL_SYSTEMS = ["trl", "dpo-lora", "trl-precompute", "dpo-lora-fused"]
+EQUAL_SYSTEMS = ["trl", "dpo-lora", "trl-precompute", "dpo-lora-fused", "dpo-lora-flex"]
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768]
 DRY_GEOMETRY = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=4, vocab_size=32000, rope_theta=10000.0)  # fmt: skip

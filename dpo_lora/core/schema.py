@@ -192,8 +192,9 @@ class TrainConfig:
     )
     shared_prompt_attention: str = knob(
         "split",
-        "shared-prompt attention on sdpa models: split (two fused causal calls, no mask) or mask (one dense 4D mask)",
-        ("split", "mask"),
+        "shared-prompt attention on sdpa models: split (two fused causal calls, no mask), flex (one FlexAttention "
+        "call with a block mask; CUDA only, elsewhere one line says so and split runs) or mask (one dense 4D mask)",
+        ("split", "flex", "mask"),
     )
     pack_sequences: bool = knob(
         False, "padding-free: a micro-batch's sequences in one row (flash_attention_2/3 only; else padded rows)"

@@ -15,7 +15,8 @@ shared, P + C + R. The row is made to compute exactly what the two unshared sequ
 - positions: the rejected branch restarts at P, as if it followed the prompt directly;
 - scoring: the first completion token of both branches is predicted from the last prompt token.
 On sdpa models the attention runs as two fused causal calls with no mask
-(dpo_lora.model.shared_attention, `train.shared_prompt_attention: split`); elsewhere, or with `mask`, as
+(dpo_lora.model.shared_attention, `train.shared_prompt_attention: split`) or, on CUDA, as one
+FlexAttention call with a block mask (`flex`); elsewhere, or with `mask`, as
 one call with a dense 4D mask built from each token's branch (`attention_bias`). Either needs full
 attention in every layer; elsewhere the plain layout is kept (`unsupported_reason`).
 """
@@ -32,7 +33,7 @@ from dpo_lora.model import shared_attention
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1  # the branch of each token in the shared layout
 MASK_KERNELS = ("sdpa", "eager")  # attention implementations that take a 4D additive mask as given
-SHARED_KERNELS = (*MASK_KERNELS, shared_attention.KERNEL)  # ... and sdpa's split path (no mask at all)
+SHARED_KERNELS = (*MASK_KERNELS, *shared_attention.KERNELS.values())  # ... and sdpa's split and flex paths
 # Attention kernels that run packed sequences (found from restarting position_ids) without a dense mask.
 VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
 
@@ -63,8 +64,14 @@ def batch_layout(config, model, pad_token_id: int):
     if share and (reason := unsupported_reason(model, config.data.max_length)):
         share = False
         notices.append(f"train.share_prompt off: {reason}")
-    if share and config.train.shared_prompt_attention == "split" and model.config._attn_implementation == "sdpa":
-        shared_attention.use_on(model)
+    choice = config.train.shared_prompt_attention
+    if share and choice in shared_attention.KERNELS and model.config._attn_implementation == "sdpa":
+        device = next(model.parameters()).device
+        dropout = getattr(model.config, "attention_dropout", 0.0) or 0.0
+        if choice == "flex" and (reason := shared_attention.flex_unavailable(device, dropout)):
+            choice = "split"
+            notices.append(f"train.shared_prompt_attention: split, not flex: {reason}")
+        shared_attention.use_on(model, choice)
     if pack and (kernel := model.config._attn_implementation) not in VARLEN_KERNELS:
         pack = False
         notices.append(f"train.pack_sequences off: {kernel!r} has no varlen kernel (use flash_attention_2)")

@@ -15,6 +15,12 @@ block or above the diagonal, which the 4D-mask path (`layout.attention_bias`) sp
 with transformers' AttentionInterface as KERNEL; a batch without the layout's lengths (plain rows,
 generation) runs transformers' own sdpa function with its own mask, so the model stays an sdpa
 model everywhere else.
+
+FLEX_KERNEL (`train.shared_prompt_attention: flex`) runs the same visibility rule as one
+FlexAttention call per layer: a block mask skips the blocks above the diagonal and the
+rejected-to-chosen block, with no per-row loop and no gathers. It is for CUDA: torch's FlexAttention
+has no backward on the CPU, where it runs only without grad (the tests' exactness check), and it
+takes no attention dropout. `flex_unavailable` says why it cannot run; the layout then keeps split.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ import torch
 from dpo_lora.core import transfer
 
 KERNEL = "dpo_lora_shared_prompt"  # the attention implementation name the model is switched to
+FLEX_KERNEL = "dpo_lora_shared_prompt_flex"  # ... for FlexAttention (no "flex_attention" in it: transformers
+# would build its own block masks for a name that contains it)
+KERNELS = {"split": KERNEL, "flex": FLEX_KERNEL}  # by `train.shared_prompt_attention`
 PLAN_KEY = "shared_prompt_plan"  # the forward keyword carrying the micro-batch's layout_plan
 
 
@@ -42,7 +51,9 @@ def register() -> None:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(KERNEL, shared_prompt_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(KERNEL, _mask)
+    AttentionInterface.register(FLEX_KERNEL, flex_shared_prompt_attention)
+    for kernel in KERNELS.values():
+        ALL_MASK_ATTENTION_FUNCTIONS.register(kernel, _mask)
 
 
 @contextlib.contextmanager
@@ -64,11 +75,18 @@ def _mask(*args, **kwargs):
     return None if _PLANNED.get() else sdpa_mask(*args, **kwargs)
 
 
-def use_on(model) -> None:
-    """Switch an sdpa model (a PeftModel or a transformers model) to this attention."""
+def use_on(model, choice: str = "split") -> None:
+    """Switch an sdpa model (a PeftModel or a transformers model) to this attention: `choice` is a
+    key of KERNELS."""
     register()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(KERNEL)
+    base.set_attn_implementation(KERNELS[choice])
+
+
+def plan_for(kernel: str, lengths: tuple[tuple[int, int, int], ...], length: int, device: torch.device):
+    """What `kernel` (one of KERNELS' values) reads as PLAN_KEY for a micro-batch of rows of
+    `length` tokens, one (P, C, R) per row: its layout_plan, or FLEX_KERNEL's block mask."""
+    return (flex_plan if kernel == FLEX_KERNEL else layout_plan)(lengths, length, device)
 
 
 @torch.compiler.disable  # its plan's Python lists differ every batch: a graph would recompile each time
@@ -169,3 +187,74 @@ def layout_plan(lengths: tuple[tuple[int, int, int], ...], length: int, device: 
         as_index(output),
         tuple(causal_lower_right(r, p + r) for p, _, r in lengths if r),
     )
+
+
+def flex_unavailable(device: torch.device, attention_dropout: float) -> str | None:
+    """Why FLEX_KERNEL cannot train on `device`, or None."""
+    if _flex_attention() is None:
+        return f"torch {torch.__version__} has no FlexAttention"
+    if device.type == "cpu":
+        return "torch's FlexAttention has no backward on the CPU"
+    if attention_dropout:
+        return f"FlexAttention takes no attention dropout (the model's is {attention_dropout})"
+    return None
+
+
+@functools.cache
+def _flex_attention():
+    """torch's flex_attention, or None where this torch has none."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return None
+    return flex_attention
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """flex_attention compiled once per process: uncompiled it materialises every [T, T] score."""
+    return torch.compile(_flex_attention())
+
+
+@functools.lru_cache(maxsize=8)
+def flex_plan(lengths: tuple[tuple[int, int, int], ...], length: int, device: torch.device):
+    """The block mask of a micro-batch of rows of `length` tokens, one (P, C, R) per row: a query
+    sees a key iff the key is no later and not in the chosen branch when the query is past it
+    (a rejected token, or padding: which sees its row's prompt, so its output stays finite).
+    Made before the forward, like layout_plan, and shared by every layer."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    prompt_end = transfer.to_device(torch.tensor([p for p, _, _ in lengths]), device)
+    chosen_end = transfer.to_device(torch.tensor([p + c for p, c, _ in lengths]), device)
+
+    def visible(row, head, query, key):
+        past_chosen = query >= chosen_end[row]
+        in_chosen = (key >= prompt_end[row]) & (key < chosen_end[row])
+        return (key <= query) & ~(past_chosen & in_chosen)
+
+    return create_block_mask(visible, len(lengths), None, length, length, device=device)
+
+
+@torch.compiler.disable  # the compiled flex_attention is its own graph; a plan per batch
+def flex_shared_prompt_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """As shared_prompt_attention, with `kwargs[PLAN_KEY]` the micro-batch's flex_plan."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    block_mask = kwargs.pop(PLAN_KEY, None)
+    if block_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError("FlexAttention's shared-prompt attention takes no dropout, logit softcap or attention sinks")
+    # On the CPU (no grad: the tests) uncompiled, sparing the compile; its outputs are the same.
+    flex = _compiled_flex_attention() if query.device.type != "cpu" else _flex_attention()
+    output = flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return output.transpose(1, 2).contiguous(), None

@@ -17,11 +17,12 @@ from dpo_lora.train.losses import dpo_loss, kto_kl, kto_loss, orpo_loss, sft_los
 def forward_inputs(batch: dict, model) -> dict:
     """The model's keyword inputs for a collated batch of any layout (dpo_lora.data.layout); `model` is
     the PEFT model (its attention kernel and dtype decide how a shared prompt is masked)."""
-    if "branch" in batch and model.config._attn_implementation == shared_attention.KERNEL:
-        # Shared prompt, split attention: the rows' layout instead of a mask; the 2D mask only
-        # keeps transformers from reading the restarted positions as packed sequences.
+    kernel = model.config._attn_implementation
+    if "branch" in batch and kernel in shared_attention.KERNELS.values():
+        # Shared prompt, split or flex attention: the rows' layout instead of a mask; the 2D mask
+        # only keeps transformers from reading the restarted positions as packed sequences.
         ids = batch["input_ids"]
-        plan = shared_attention.layout_plan(batch[HOST].branch_lengths, ids.shape[1], ids.device)
+        plan = shared_attention.plan_for(kernel, batch[HOST].branch_lengths, ids.shape[1], ids.device)
         return {
             "input_ids": ids,
             "attention_mask": batch["attention_mask"],

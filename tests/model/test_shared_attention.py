@@ -1,6 +1,9 @@
 """Split shared-prompt attention (no dense mask): the attention function against a float64 oracle
 written from the visibility rule, and the model on the shared layout against the unshared one in
-values and LoRA gradients (sdpa, plain and chunked head, gradient checkpointing, the reference)."""
+values and LoRA gradients (sdpa, plain and chunked head, gradient checkpointing, the reference).
+The FlexAttention kernel against the same oracle and the same unshared forward: values on the CPU
+(torch's FlexAttention has no CPU backward), values and gradients where CUDA is present (the GPU
+check runs this file there)."""
 
 from __future__ import annotations
 
@@ -36,22 +39,29 @@ def oracle_attention(query, key, value, lengths, scaling):
     return output
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_split_attention_equals_the_float64_oracle_in_values_and_gradients(seed):
+def random_problem(seed: int, device: torch.device, requires_grad: bool):
+    """(lengths, query [3, 4, T, 8], key and value [3, 2, T, 8], real [3, T]) of random rows."""
     rng = random.Random(seed)
     lengths = [(rng.randint(1, 7), rng.randint(0, 6), rng.randint(0, 6)) for _ in range(3)]
     length = max(sum(row) for row in lengths) + rng.randint(0, 2)  # right padding
-    torch.manual_seed(seed)
-    shape = (3, 4, length, 8)
-    query = torch.randn(shape, requires_grad=True)
-    key, value = (torch.randn(3, 2, length, 8, requires_grad=True) for _ in range(2))  # 2 query heads per KV head
-    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
-    kwargs = {shared_attention.PLAN_KEY: shared_attention.layout_plan(tuple(lengths), length, query.device)}
-    got, _ = shared_attention.shared_prompt_attention(module, query, key, value, None, scaling=0.3, **kwargs)
-    want = oracle_attention(query, key, value, lengths, scaling=0.3)
+    generator = torch.Generator().manual_seed(seed)
+    query, key, value = (
+        torch.randn(3, heads, length, 8, generator=generator).to(device).requires_grad_(requires_grad)
+        for heads in (4, 2, 2)  # 2 query heads per KV head
+    )
     real = torch.zeros(3, length, dtype=torch.bool)
     for row, total in enumerate(sum(row) for row in lengths):
         real[row, :total] = True
+    return lengths, query, key, value, real
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_attention_equals_the_float64_oracle_in_values_and_gradients(seed):
+    lengths, query, key, value, real = random_problem(seed, torch.device("cpu"), requires_grad=True)
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    kwargs = {shared_attention.PLAN_KEY: shared_attention.layout_plan(tuple(lengths), query.shape[2], query.device)}
+    got, _ = shared_attention.shared_prompt_attention(module, query, key, value, None, scaling=0.3, **kwargs)
+    want = oracle_attention(query, key, value, lengths, scaling=0.3)
     torch.testing.assert_close(got[real].double(), want[real], rtol=1e-5, atol=1e-6)
 
     weights = torch.randn(got.shape) * real[:, :, None, None]  # a loss over the real positions only
@@ -61,6 +71,42 @@ def test_split_attention_equals_the_float64_oracle_in_values_and_gradients(seed)
     want_grads = torch.autograd.grad((want_out * weights.double()).sum(), leaves)
     for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_flex_attention_equals_the_float64_oracle(seed):
+    """Values everywhere; gradients on CUDA (FlexAttention's backward exists only there)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    grads = device.type == "cuda"
+    lengths, query, key, value, real = random_problem(seed, device, requires_grad=grads)
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    kwargs = {shared_attention.PLAN_KEY: shared_attention.flex_plan(tuple(lengths), query.shape[2], device)}
+    with torch.set_grad_enabled(grads):
+        got, _ = shared_attention.flex_shared_prompt_attention(module, query, key, value, None, scaling=0.3, **kwargs)
+    got = got.cpu()
+    want = oracle_attention(query.detach().cpu(), key.detach().cpu(), value.detach().cpu(), lengths, scaling=0.3)
+    torch.testing.assert_close(got[real].double(), want[real], rtol=1e-5, atol=1e-6)
+    assert got[~real].isfinite().all()  # padding reads its row's prompt: finite, unread by real tokens
+    if grads:
+        weights = torch.randn(got.shape) * real[:, :, None, None]
+        got_grads = torch.autograd.grad((got * weights).sum(), (query, key, value))
+        leaves = [t.detach().cpu().double().requires_grad_() for t in (query, key, value)]
+        want_out = oracle_attention(*leaves, lengths, scaling=0.3)
+        want_grads = torch.autograd.grad((want_out * weights.double()).sum(), leaves)
+        for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_flex_is_refused_with_its_reason_where_it_cannot_train():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert shared_attention.flex_unavailable(cuda, 0.0) is None
+    assert "no backward on the CPU" in shared_attention.flex_unavailable(cpu, 0.0)
+    assert "attention dropout (the model's is 0.1)" in shared_attention.flex_unavailable(cuda, 0.1)
+    lengths, query, key, value, _ = random_problem(0, cpu, requires_grad=False)
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=True)
+    kwargs = {shared_attention.PLAN_KEY: shared_attention.flex_plan(tuple(lengths), query.shape[2], cpu)}
+    with pytest.raises(ValueError, match="no dropout"):
+        shared_attention.flex_shared_prompt_attention(module, query, key, value, None, 0.1, **kwargs)
 
 
 def test_without_the_layouts_lengths_it_is_sdpa():
@@ -118,13 +164,48 @@ def test_split_shared_forward_equals_unshared_in_values_and_lora_gradients(
 
 @pytest.mark.parametrize(
     ("kernel", "choice", "switched"),
-    [("sdpa", "split", True), ("sdpa", "mask", False), ("eager", "split", False)],  # eager keeps the 4D mask
-)
+    [("sdpa", "split", True), ("sdpa", "mask", False), ("eager", "split", False), ("sdpa", "flex", True)],
+)  # eager keeps the 4D mask; flex on the CPU runs split, saying why
 def test_the_layout_switches_sdpa_models_to_split_attention_unless_told_mask(
     tiny_model_dir, tmp_path, kernel, choice, switched
 ):
     model = lora_model(tiny_model_dir, kernel)
     config = tiny_config("unused", tmp_path, f"train.shared_prompt_attention={choice}")
-    collate, _ = batch_layout(config, model, pad_token_id=0)
+    collate, notices = batch_layout(config, model, pad_token_id=0)
     assert collate.keywords["share_prompt"]
     assert (model.config._attn_implementation == shared_attention.KERNEL) == switched
+    flex_refused = ["train.shared_prompt_attention: split, not flex: torch's FlexAttention has no backward on the CPU"]
+    assert notices == (flex_refused if choice == "flex" else [])
+
+
+@pytest.mark.parametrize("chunk_size", [0, 5])
+def test_flex_shared_forward_equals_unshared_without_grad_on_the_cpu(
+    tiny_model_dir, tiny_tokenizer, monkeypatch, chunk_size
+):
+    """The model switched to FLEX_KERNEL by hand (the layout refuses it for training on the CPU):
+    its block mask, positions and scoring give the unshared log-probs, adapter on and off."""
+    from dpo_lora.model import chunked_logps
+    from dpo_lora.model.load import reference_mode
+
+    model = lora_model(tiny_model_dir, "sdpa")
+    if chunk_size:
+        assert chunked_logps.install(model, chunk_size)
+    features = random_pairs(6, len(tiny_tokenizer), seed=20 + chunk_size)
+    unshared = collate_pairs(features, tiny_tokenizer.pad_token_id)
+    shared = collate_pairs(features, tiny_tokenizer.pad_token_id, share_prompt=True)
+    with torch.no_grad():
+        want = concatenated_logps(model, unshared)[0]
+        with reference_mode(model):
+            want_reference = concatenated_logps(model, unshared)[0]
+        shared_attention.use_on(model, "flex")
+        assert model.config._attn_implementation == shared_attention.FLEX_KERNEL
+        calls, flex = [], shared_attention._flex_attention()
+        counted = lambda *args, **kwargs: calls.append(1) or flex(*args, **kwargs)  # noqa: E731
+        monkeypatch.setattr(shared_attention, "_flex_attention", lambda: counted)
+        torch.testing.assert_close(concatenated_logps(model, shared)[0], want, rtol=1e-5, atol=1e-5)
+        with reference_mode(model):
+            torch.testing.assert_close(concatenated_logps(model, shared)[0], want_reference, rtol=1e-5, atol=1e-5)
+        # unshared batches on the switched model run sdpa, unchanged
+        layers = len(calls) // 2
+        assert torch.equal(concatenated_logps(model, unshared)[0], want)
+    assert layers == model.config.num_hidden_layers and len(calls) == 2 * layers  # one call a layer, shared only
