@@ -234,6 +234,8 @@ def validate(config: Config) -> None:
         )
     if not 0 <= train.seed < 2**32:
         raise _refuse("train.seed", "must be in [0, 2**32)")
+    if train.pad_to_multiple_of < 0:
+        raise _refuse("train.pad_to_multiple_of", "must be >= 0")
     if not 0 <= train.cpu_mmap_threshold_mb <= 32:
         raise _refuse("train.cpu_mmap_threshold_mb", "must be in [0, 32] (glibc's limit)")
     _validate_monitor(config.monitor)
@@ -269,6 +271,7 @@ RESUME_MAY_CHANGE = {
     "train.resume",
     "train.max_bad_steps",
     "train.cpu_mmap_threshold_mb",
+    "train.pad_to_multiple_of",  # padding is masked out: the same log-probs (tests/data/test_layout.py)
     "model.recompute_attention",
     "model.checkpoint_layers",  # the same gradients, bit for bit (tests/model/test_grad_checkpointing.py)
     "train.collective_timeout_s",
@@ -292,6 +295,7 @@ ADDED_KEYS = {
     "model.float32_residual": False,
     "model.fused_lora": False,
     "model.compile": "off",
+    "train.pad_to_multiple_of": 0,
     "dpo.loss_weights": None,
     "dpo.simpo_gamma": 0.5,
     "dpo.orpo_lambda": 0.1,

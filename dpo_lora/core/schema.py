@@ -199,6 +199,12 @@ class TrainConfig:
     pack_sequences: bool = knob(
         False, "padding-free: a micro-batch's sequences in one row (flash_attention_2/3 only; else padded rows)"
     )
+    pad_to_multiple_of: int = knob(
+        0,
+        "pad each micro-batch's rows to a multiple of this many tokens: fewer distinct shapes (compiled layers, "
+        "CUDA graphs) and tensor-core-friendly widths, at the cost the log's padding_fraction shows; 0 = to the "
+        "longest row; packed rows are not padded",
+    )
     self_check: bool = knob(
         True, "before training, score one micro-batch by the fast paths and the plain path; turn off any that differ"
     )

@@ -46,6 +46,7 @@ class HostFacts(NamedTuple):
     from the device (each read would make the host wait for the GPU's queue to drain)."""
 
     tokens: int  # real tokens (attention_mask's sum): the throughput counter
+    slots: int  # rows x width: the positions the model computes, padding included
     max_completion: int  # the longest completion: the width of the per-sequence sum
     branch_lengths: tuple[tuple[int, int, int], ...] | None  # shared layout: each row's (P, C, R)
 
@@ -75,7 +76,11 @@ def batch_layout(config, model, pad_token_id: int):
     if pack and (kernel := model.config._attn_implementation) not in VARLEN_KERNELS:
         pack = False
         notices.append(f"train.pack_sequences off: {kernel!r} has no varlen kernel (use flash_attention_2)")
-    return functools.partial(collate_pairs, pad_token_id=pad_token_id, share_prompt=share, pack=pack), notices
+    multiple = config.train.pad_to_multiple_of
+    collate = functools.partial(
+        collate_pairs, pad_token_id=pad_token_id, share_prompt=share, pack=pack, pad_to_multiple_of=multiple
+    )
+    return collate, notices
 
 
 def unsupported_reason(model, max_length: int) -> str | None:
@@ -91,8 +96,17 @@ def unsupported_reason(model, max_length: int) -> str | None:
     return None
 
 
+def padded_width(longest: int, multiple: int) -> int:
+    """A batch's width: its longest row, rounded up to a multiple of `multiple` (0: not rounded)."""
+    return -(-longest // multiple) * multiple if multiple else longest
+
+
 def collate_pairs(
-    features: list[dict], pad_token_id: int, share_prompt: bool = False, pack: bool = False
+    features: list[dict],
+    pad_token_id: int,
+    share_prompt: bool = False,
+    pack: bool = False,
+    pad_to_multiple_of: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Stack B pairs into one right-padded batch of 2B sequences: rows [0, B) are prompt+chosen,
     rows [B, 2B) prompt+rejected, so one forward scores both.
@@ -104,13 +118,15 @@ def collate_pairs(
     With `pack`, all 2B sequences share one row [1, T] with no padding, and position_ids [1, T]
     restart at 0 for each, from which the attention kernel finds the sequence boundaries.
     With `share_prompt`, the shared layout instead (`collate_shared`: B rows, the prompt once).
+    Padded rows are `pad_to_multiple_of` wide (rounded up; 0: the longest row); packed ones are not padded.
     """
     if share_prompt:
-        return collate_shared(features, pad_token_id)
+        return collate_shared(features, pad_token_id, pad_to_multiple_of)
     sequences = [(f["prompt_ids"], f["chosen_ids"]) for f in features]
     sequences += [(f["prompt_ids"], f["rejected_ids"]) for f in features]
     rows = [sequences] if pack else [[sequence] for sequence in sequences]
     width = max(sum(len(p) + len(c) for p, c in row) for row in rows)
+    width = width if pack else padded_width(width, pad_to_multiple_of)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -137,7 +153,8 @@ def collate_pairs(
     if pack:
         batch["position_ids"] = position_ids
     lengths = [len(c) for _, c in sequences]
-    batch[HOST] = HostFacts(sum(len(p) for p, _ in sequences) + sum(lengths), max(lengths), None)
+    tokens = sum(len(p) for p, _ in sequences) + sum(lengths)
+    batch[HOST] = HostFacts(tokens, len(rows) * width, max(lengths), None)
     return add_pair_fields(batch, features)
 
 
@@ -153,15 +170,16 @@ def add_pair_fields(batch: dict, features: list[dict]) -> dict:
     return batch
 
 
-def collate_shared(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """B pairs -> B right-padded rows [prompt | chosen | rejected].
+def collate_shared(features: list[dict], pad_token_id: int, pad_to_multiple_of: int = 0) -> dict[str, torch.Tensor]:
+    """B pairs -> B right-padded rows [prompt | chosen | rejected], `pad_to_multiple_of` wide as in collate_pairs.
 
     Returns input_ids, attention_mask (1 on real tokens), position_ids, branch (PROMPT/CHOSEN/
     REJECTED/PAD), all [B, T]; branch_lengths [B, 3] (each row's prompt, chosen and rejected token
     counts, for dpo_lora.model.shared_attention; the same as Python ints in HostFacts); score_index [N] (flat positions into B*T), score_target
     [N] and completion_lengths [2B], ordered like the unshared layout: all chosen, then all rejected.
     """
-    width = max(len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in features)
+    longest = max(len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in features)
+    width = padded_width(longest, pad_to_multiple_of)
     shape = (len(features), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros(shape, dtype=torch.long)
@@ -201,7 +219,7 @@ def collate_shared(features: list[dict], pad_token_id: int) -> dict[str, torch.T
         "completion_lengths": torch.tensor(
             [len(f["chosen_ids"]) for f in features] + [len(f["rejected_ids"]) for f in features], dtype=torch.long
         ),
-        HOST: HostFacts(sum(map(sum, rows)), max(max(c, r) for _, c, r in rows), rows),
+        HOST: HostFacts(sum(map(sum, rows)), len(rows) * width, max(max(c, r) for _, c, r in rows), rows),
     }
     return add_pair_fields(batch, features)
 

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 
 from dpo_lora.core.dsconfig import read_json
-from dpo_lora.data.layout import unsupported_reason
+from dpo_lora.data.layout import padded_width, unsupported_reason
 from dpo_lora.data.prepare import tokenized_split
 from dpo_lora.model.grad_checkpointing import checkpointed_count, keeps_attention_outputs
 from dpo_lora.model.load import load_tokenizer
@@ -182,6 +182,7 @@ def activation_components(
     micro = config.train.micro_batch_size
     lengths = lengths or RowLengths.worst_case(config.data.max_length)
     rows, tokens = (micro, lengths.shared_row) if shared else (2 * micro, lengths.unshared_row)
+    tokens = padded_width(tokens, config.train.pad_to_multiple_of)  # what the collate pads a row to
     per_layer, layer_input, attention_output = saved_by_layer(config, rows, tokens, shared)
     element = torch.tensor([], dtype=torch_dtype(config.model.dtype)).element_size()
     if float32_residual(config.model):

@@ -49,4 +49,4 @@ def evaluate(engine, loader, dpo_config, device, policy_is_reference: bool = Fal
             window.add(stats, tokens=batch[HOST].tokens, weight=batch["weight"])
     engine.train()
     reduced = window.reduce()
-    return {f"eval/{name}": value for name, value in reduced.items() if name != "tokens"}
+    return {f"eval/{name}": value for name, value in reduced.items() if name not in ("tokens", "slots")}

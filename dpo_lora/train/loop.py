@@ -103,8 +103,8 @@ def record_step(run: Run, step: int, micro_stats, skip_reason: str | None, bad_r
     if run.guard.record(step, skip_reason, bad_rows):
         run.log(RowKind.SKIPPED, {"step": step, "epoch": run.epoch(), "skipped": skip_reason, "rows": bad_rows})
         return
-    for stats, tokens in micro_stats:
-        run.window.add(stats, tokens)
+    for stats, facts in micro_stats:
+        run.window.add(stats, facts.tokens, slots=facts.slots)
     if "bco_pair" in dict(run.config.dpo.terms):
         run.reward_sums = [a + b for a, b in zip(run.reward_sums, _reward_sums(micro_stats), strict=True)]
 
@@ -123,13 +123,15 @@ def log_window(run: Run, step: int, lr: float, window_start: float, progress) ->
         "step": step,
         "total_steps": run.total_steps,  # progress and ETA for whoever watches the file
         "epoch": run.epoch(),
-        **{name: reduced[name] for name in reduced if name not in ("pairs", "tokens")},
+        **{name: reduced[name] for name in reduced if name not in ("pairs", "tokens", "slots")},
         "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "pairs": reduced["pairs"],  # of this window, all ranks
         "tokens": reduced["tokens"],  # of this window, all ranks (prompt once per pair)
         "pairs_per_s": reduced["pairs"] / elapsed,
         "tokens_per_s": reduced["tokens"] / elapsed,
+        # the share of computed positions that were padding (train.pad_to_multiple_of, group_by_length)
+        "padding_fraction": 1.0 - reduced["tokens"] / reduced["slots"] if reduced["slots"] else None,
         "pairs_per_s_per_rank": reduced["pairs"] / elapsed / world_size,
         "world_size": world_size,
         "global_batch": run.ds_config["train_batch_size"],
@@ -196,7 +198,7 @@ def optimizer_step(engine, stream, config: Config, guard: NumericGuard, trainabl
         if micro == config.train.grad_accum - 1:
             guard.flag_overflow_at_zero0(engine, trainable)
         engine.step()
-        micro_stats.append((stats, batch[HOST].tokens))
+        micro_stats.append((stats, batch[HOST]))
     if engine.skipped_steps == skipped_before:
         return micro_stats, None, []
     if not bool(any_bad) and engine.fp16_enabled():

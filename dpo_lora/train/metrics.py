@@ -66,33 +66,40 @@ class MetricWindow:
         self.names = names
         self.sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # the metrics', then the pairs' weight
         self.tokens = 0.0
+        self.slots = 0.0  # positions computed, padding included
 
-    def add(self, stats: dict[str, torch.Tensor], tokens: int, weight: torch.Tensor | None = None) -> None:
-        """stats: per-pair tensors [B] keyed by `names`; weight [B] (0 drops a pair)."""
+    def add(
+        self, stats: dict[str, torch.Tensor], tokens: int, weight: torch.Tensor | None = None, slots: int = 0
+    ) -> None:
+        """stats: per-pair tensors [B] keyed by `names`; weight [B] (0 drops a pair); `tokens` real
+        and `slots` computed positions of the batch (HostFacts)."""
         first = stats[self.names[0]]
         weight = torch.ones_like(first, dtype=torch.float64) if weight is None else weight.double().to(first.device)
         values = torch.stack([*(stats[name].double() * weight for name in self.names), weight])  # [M + 1, B]
         self.sums = self.sums.to(first.device) + values.sum(-1)
         self.tokens += tokens
+        self.slots += slots
 
     def state(self) -> dict:
         """The unlogged part of the window (saved in checkpoints so resumed rows are identical)."""
         sums = self.sums.cpu()
-        return {"sums": sums[:-1].clone(), "pairs": sums[-1].item(), "tokens": self.tokens}
+        return {"sums": sums[:-1].clone(), "pairs": sums[-1].item(), "tokens": self.tokens, "slots": self.slots}
 
     def load_state(self, state: dict) -> None:
         if state["sums"].shape != (len(self.names),):  # a checkpoint of a version that logged other metrics
             return
         self.sums = torch.cat([state["sums"], torch.tensor([state["pairs"]], dtype=torch.float64)])
         self.tokens = state["tokens"]
+        self.slots = state.get("slots", 0.0)  # a checkpoint from before slots were counted
 
     def reduce(self) -> dict[str, float]:
         """Means over every pair seen on every rank since the last reset, plus global counts."""
-        packed = all_reduce_sum(torch.cat([self.sums.cpu(), torch.tensor([self.tokens], dtype=torch.float64)]))
-        pairs, tokens = packed[-2].item(), packed[-1].item()
+        counts = torch.tensor([self.tokens, self.slots], dtype=torch.float64)
+        packed = all_reduce_sum(torch.cat([self.sums.cpu(), counts]))
+        pairs, tokens, slots = packed[-3].item(), packed[-2].item(), packed[-1].item()
         means = {name: (packed[i].item() / pairs if pairs else math.nan) for i, name in enumerate(self.names)}
         self.__init__(self.names)
-        return {**means, "pairs": pairs, "tokens": tokens}
+        return {**means, "pairs": pairs, "tokens": tokens, "slots": slots}
 
 
 class MetricsWriter:

@@ -81,6 +81,7 @@ def test_a_loss_is_one_name_or_a_list_of_terms_with_weights():
         (["dpo.loss_weights=[-1]"], "'dpo.loss_weights' must be >= 0"),
         (["dpo.loss_weights=[x]"], "'dpo.loss_weights' must be list"),
         (["dpo.simpo_gamma=-1"], "'dpo.simpo_gamma' must be >= 0"),
+        (["train.pad_to_multiple_of=-8"], "'train.pad_to_multiple_of' must be >= 0"),
         (["dpo.loss=[kto, sft]"], "'dpo.loss' kto trains on unpaired rows and can't be mixed"),
         (["dpo.kto_undesirable_weight=-0.5"], "'dpo.kto_undesirable_weight' must be >= 0"),
         (["monitor.window_pairs=0"], "'monitor.window_pairs' must be >= 1"),

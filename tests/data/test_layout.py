@@ -11,6 +11,7 @@ import torch
 
 from dpo_lora.data.layout import (
     CHOSEN,
+    HOST,
     PAD,
     PROMPT,
     REJECTED,
@@ -43,7 +44,7 @@ def test_the_batch_layout_follows_what_the_attention_kernel_can_do(tmp_path, ker
     config = tiny_config("unused", tmp_path, "train.share_prompt=true", f"train.pack_sequences={asked_pack}",
                          "train.shared_prompt_attention=mask")  # fmt: skip
     collate, notices = batch_layout(config, model, pad_token_id=0)
-    assert collate.keywords == {"pad_token_id": 0, "share_prompt": share, "pack": pack}
+    assert collate.keywords == {"pad_token_id": 0, "share_prompt": share, "pack": pack, "pad_to_multiple_of": 0}
     assert any(notice in line for line in notices) if notice else notices == []
 
 
@@ -146,6 +147,31 @@ def test_shared_forward_equals_unshared_in_values_and_lora_gradients(tiny_model_
         torch.testing.assert_close(
             concatenated_logps(model, shared)[0], concatenated_logps(model, unshared)[0], rtol=1e-5, atol=1e-5
         )
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_rows_padded_to_a_multiple_score_the_same_in_values_and_lora_gradients(
+    tiny_model_dir, tiny_tokenizer, share_prompt
+):
+    from dpo_lora.model import shared_attention
+
+    model = lora_model(tiny_model_dir, "sdpa")
+    shared_attention.use_on(model)  # split attention where the prompt is shared; sdpa for plain rows
+    features = random_pairs(4, len(tiny_tokenizer), seed=7)
+    pad = tiny_tokenizer.pad_token_id
+    tight = collate_pairs(features, pad, share_prompt=share_prompt)
+    padded = collate_pairs(features, pad, share_prompt=share_prompt, pad_to_multiple_of=24)
+    rows, width = padded["input_ids"].shape
+    assert width % 24 == 0 and width > tight["input_ids"].shape[1]
+    assert padded[HOST].tokens == tight[HOST].tokens == int(padded["attention_mask"].sum())
+    assert padded[HOST].slots == rows * width and tight[HOST].slots == tight["input_ids"].numel()
+
+    want, got = logps_and_grads(model, tight), logps_and_grads(model, padded)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for name, grad in want[2].items():
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    packed = collate_pairs(features, pad, pack=True, pad_to_multiple_of=24)  # packed rows carry no padding
+    assert packed[HOST].slots == packed[HOST].tokens == packed["input_ids"].numel()
 
 
 @pytest.mark.parametrize("attention", ["mask", "split"])

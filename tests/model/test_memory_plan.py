@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -144,6 +145,11 @@ def test_a_plan_at_shorter_rows_matches_a_real_step_at_that_length(run_config):
     counted = counted_step(run_config, tokens=29)[activations]
     assert planned.components[activations] == pytest.approx(counted, rel=0.02)
     assert counted < 0.7 * plan(run_config).components[activations]  # 29 of 48 tokens: the comparison bites
+    # Rows padded to a multiple of 16 are 32 tokens wide: the plan counts the padding a real step computes.
+    padded_config = replace(run_config, train=replace(run_config.train, pad_to_multiple_of=16))
+    padded = plan(padded_config, lengths=shorter)
+    assert padded.tokens_per_row == 32
+    assert padded.components[activations] == pytest.approx(counted_step(run_config, tokens=32)[activations], rel=0.02)
 
 
 def test_data_lengths_are_the_longest_tokenized_pair_within_max_length(tiny_model_dir, tmp_path):

@@ -44,20 +44,26 @@ def train_rows(output_dir) -> list[dict]:
 
 
 def test_micro_batch_times_accumulation_is_one_big_batch(tiny_model_dir, tmp_path):
+    """... and padding every row to a multiple of 48 tokens trains the same (padding is masked out)."""
     runs = {}
-    for micro, accum in ((4, 1), (2, 2), (1, 4)):
-        out = tmp_path / f"m{micro}a{accum}"
+    for micro, accum, multiple in ((4, 1, 0), (2, 2, 0), (1, 4, 0), (4, 1, 48)):
+        out = tmp_path / f"m{micro}a{accum}p{multiple}"
         config = tiny_config(
             tiny_model_dir,
             out,
             "train.max_steps=3",
             f"train.micro_batch_size={micro}",
             f"train.grad_accum={accum}",
+            f"train.pad_to_multiple_of={multiple}",
             "data.eval=null",
         )
         train(config)
-        runs[(micro, accum)] = (train_rows(out), load_file(out / ADAPTER_DIR / "adapter_model.safetensors"))
-    reference_rows, reference_adapter = runs[(4, 1)]
+        runs[(micro, accum, multiple)] = (train_rows(out), load_file(out / ADAPTER_DIR / "adapter_model.safetensors"))
+    reference_rows, reference_adapter = runs[(4, 1, 0)]
+    padded_rows = runs[(4, 1, 48)][0]
+    for unpadded, padded in zip(reference_rows, padded_rows, strict=True):
+        assert padded["tokens"] == unpadded["tokens"]  # real tokens only
+        assert 0 <= unpadded["padding_fraction"] < padded["padding_fraction"] < 1
     assert [r["loss"] for r in reference_rows][0] == pytest.approx(0.693147, abs=1e-5)  # policy == reference
     for key, (rows, adapter) in runs.items():
         for row, expected in zip(rows, reference_rows, strict=True):
@@ -81,7 +87,7 @@ def test_training_writes_metrics_adapter_and_config_and_improves(tiny_model_dir,
     expected_keys = {
         "step", "total_steps", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
         "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens", "pairs_per_s", "tokens_per_s",
-        "pairs_per_s_per_rank", "world_size", "global_batch", "peak_memory_gb", "kind",  # kind: core/rundir.py
+        "pairs_per_s_per_rank", "padding_fraction", "world_size", "global_batch", "peak_memory_gb", "kind",  # kind: core/rundir.py
         "pairs", "lengths/chosen", "lengths/rejected", "logratios/chosen_per_token", "rewards/margin_length_corr",
     }  # fmt: skip
     assert all(set(r) == expected_keys and r["total_steps"] == 12 for r in rows if "loss" in r)
