@@ -89,26 +89,32 @@ def plan_for(kernel: str, lengths: tuple[tuple[int, int, int], ...], length: int
     return (flex_plan if kernel == FLEX_KERNEL else layout_plan)(lengths, length, device)
 
 
-@torch.compiler.disable  # its plan's Python lists differ every batch: a graph would recompile each time
-def shared_prompt_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """query [B, H, T, D], key and value [B, Hkv, T, D] -> ([B, T, H, D], None), transformers'
-    attention-function contract. `kwargs[PLAN_KEY]`: the micro-batch's layout_plan, or absent."""
+def _planned(kernel):
+    """transformers' attention-function contract around `kernel(module, query, key, value, plan,
+    dropout, scaling) -> [B, T, H, D]`: query [B, H, T, D], key and value [B, Hkv, T, D] ->
+    ([B, T, H, D], None). `kwargs[PLAN_KEY]` is the micro-batch's plan (`plan_for`); a batch
+    without one runs sdpa with the mask transformers built."""
+
+    @torch.compiler.disable  # a plan per batch: a graph would recompile for each
+    @functools.wraps(kernel)
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        plan = kwargs.pop(PLAN_KEY, None)
+        if plan is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            raise ValueError("shared-prompt attention takes no logit softcap or attention sinks")
+        return kernel(module, query, key, value, plan, dropout, scaling), None
+
+    return attention
+
+
+@_planned
+def shared_prompt_attention(module, query, key, value, plan, dropout, scaling) -> torch.Tensor:
+    """Split attention (the module's docstring) on `plan`, a layout_plan."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    plan = kwargs.pop(PLAN_KEY, None)
-    if plan is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise ValueError("shared-prompt attention takes no logit softcap or attention sinks")
     batch, heads, length, dim = query.shape
     width = plan.head_width
     # Prompt and chosen: sdpa's own function (GQA, scaling, dropout) with plain causal attention.
@@ -133,7 +139,7 @@ def shared_prompt_attention(
         for q, k, v, mask in zip(queries, keys, values, plan.tail_masks, strict=True)
     ]
     pieces = torch.cat([head.flatten(0, 1), *tails])  # [B*width + sum R, H, D]
-    return pieces.index_select(0, plan.output).view(batch, length, heads, dim), None
+    return pieces.index_select(0, plan.output).view(batch, length, heads, dim)
 
 
 def _by_token(states: torch.Tensor) -> torch.Tensor:
@@ -235,26 +241,12 @@ def flex_plan(lengths: tuple[tuple[int, int, int], ...], length: int, device: to
     return create_block_mask(visible, len(lengths), None, length, length, device=device)
 
 
-@torch.compiler.disable  # the compiled flex_attention is its own graph; a plan per batch
-def flex_shared_prompt_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """As shared_prompt_attention, with `kwargs[PLAN_KEY]` the micro-batch's flex_plan."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    block_mask = kwargs.pop(PLAN_KEY, None)
-    if block_mask is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise ValueError("FlexAttention's shared-prompt attention takes no dropout, logit softcap or attention sinks")
+@_planned
+def flex_shared_prompt_attention(module, query, key, value, block_mask, dropout, scaling) -> torch.Tensor:
+    """One FlexAttention call on `block_mask`, a flex_plan."""
+    if dropout:
+        raise ValueError("FlexAttention's shared-prompt attention takes no dropout")
     # On the CPU (no grad: the tests) uncompiled, sparing the compile; its outputs are the same.
     flex = _compiled_flex_attention() if query.device.type != "cpu" else _flex_attention()
     output = flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
-    return output.transpose(1, 2).contiguous(), None
+    return output.transpose(1, 2).contiguous()
