@@ -209,3 +209,27 @@ def test_flex_shared_forward_equals_unshared_without_grad_on_the_cpu(
         layers = len(calls) // 2
         assert torch.equal(concatenated_logps(model, unshared)[0], want)
     assert layers == model.config.num_hidden_layers and len(calls) == 2 * layers  # one call a layer, shared only
+
+
+def test_compiled_flex_attention_does_not_recompile_for_new_lengths_in_a_batch_of_the_same_shape():
+    """The GPU path compiles flex_attention once per process. Each batch brings a new block mask
+    whose mask_mod reads that batch's lengths: those must be inputs to the compiled graph, not
+    constants it guards on, or every batch would compile again (seconds each)."""
+    from torch._dynamo.utils import counters
+
+    compiled = shared_attention._compiled_flex_attention()
+    cpu = torch.device("cpu")
+    graphs = []
+    for seed in (0, 1):  # same shapes, different rows
+        lengths, query, key, value, real = random_problem(seed, cpu, requires_grad=False)
+        lengths = [(p, c, r) for p, c, r in lengths]
+        length = 24  # both problems padded to one width
+        query, key, value = (torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[2])) for t in (query, key, value))
+        block_mask = shared_attention.flex_plan(tuple(lengths), length, cpu)
+        with torch.no_grad():
+            got = compiled(query, key, value, block_mask=block_mask, scale=0.3, enable_gqa=True)
+        want = oracle_attention(query, key, value, lengths, scaling=0.3)  # [B, T, H, D]
+        real = torch.nn.functional.pad(real, (0, length - real.shape[1]))
+        torch.testing.assert_close(got.transpose(1, 2)[real].double(), want[real], rtol=1e-5, atol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0] >= 1
