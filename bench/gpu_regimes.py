@@ -54,7 +54,9 @@ EQUAL_SETTINGS = [("long", 4), ("long", 8), ("long-prompt", 4)]
 EQUAL_ROUNDS = [["trl", "dpo-lora"], ["trl-precompute", "dpo-lora-flex", "dpo-lora-fused"]]
 EQUAL_SYSTEMS = [system for round_ in EQUAL_ROUNDS for system in round_]
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768]
-DRY_GEOMETRY = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+# intermediate_size a multiple of 32: bitsandbytes' CPU 4-bit inference path (TRL's precompute, no grad)
+# asserts it ("N must be divisible by block_n"); 7B's 11008 is one.
+DRY_GEOMETRY = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=4, vocab_size=32000, rope_theta=10000.0)  # fmt: skip
 
 
