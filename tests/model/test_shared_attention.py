@@ -222,7 +222,6 @@ def test_compiled_flex_attention_does_not_recompile_for_new_lengths_in_a_batch_o
     graphs = []
     for seed in (0, 1):  # same shapes, different rows
         lengths, query, key, value, real = random_problem(seed, cpu, requires_grad=False)
-        lengths = [(p, c, r) for p, c, r in lengths]
         length = 24  # both problems padded to one width
         query, key, value = (torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[2])) for t in (query, key, value))
         block_mask = shared_attention.flex_plan(tuple(lengths), length, cpu)
