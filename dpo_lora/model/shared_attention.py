@@ -125,8 +125,8 @@ def shared_prompt_attention(module, query, key, value, plan, dropout, scaling) -
     # backward, not a full-size gradient per slice), then one lower-right causal call per row.
     groups = heads // key.shape[1]
     queries = _by_token(query).index_select(0, plan.tail_queries).split(plan.tail_lengths)
-    keys = _by_token(key).index_select(0, plan.tail_keys).repeat_interleave(groups, 1).split(plan.tail_key_lengths)
-    values = _by_token(value).index_select(0, plan.tail_keys).repeat_interleave(groups, 1).split(plan.tail_key_lengths)
+    keys = _grouped(_by_token(key).index_select(0, plan.tail_keys), groups).split(plan.tail_key_lengths)
+    values = _grouped(_by_token(value).index_select(0, plan.tail_keys), groups).split(plan.tail_key_lengths)
     tails = [
         torch.nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1)[None],
@@ -140,6 +140,12 @@ def shared_prompt_attention(module, query, key, value, plan, dropout, scaling) -
     ]
     pieces = torch.cat([head.flatten(0, 1), *tails])  # [B*width + sum R, H, D]
     return pieces.index_select(0, plan.output).view(batch, length, heads, dim)
+
+
+def _grouped(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """[N, h, D] key or value heads repeated for the `groups` query heads that share each (GQA);
+    without grouping, as they are (repeat_interleave by 1 would still copy them)."""
+    return states.repeat_interleave(groups, 1) if groups > 1 else states
 
 
 def _by_token(states: torch.Tensor) -> torch.Tensor:

@@ -39,15 +39,15 @@ def oracle_attention(query, key, value, lengths, scaling):
     return output
 
 
-def random_problem(seed: int, device: torch.device, requires_grad: bool):
-    """(lengths, query [3, 4, T, 8], key and value [3, 2, T, 8], real [3, T]) of random rows."""
+def random_problem(seed: int, device: torch.device, requires_grad: bool, kv_heads: int = 2):
+    """(lengths, query [3, 4, T, 8], key and value [3, kv_heads, T, 8], real [3, T]) of random rows."""
     rng = random.Random(seed)
     lengths = [(rng.randint(1, 7), rng.randint(0, 6), rng.randint(0, 6)) for _ in range(3)]
     length = max(sum(row) for row in lengths) + rng.randint(0, 2)  # right padding
     generator = torch.Generator().manual_seed(seed)
     query, key, value = (
         torch.randn(3, heads, length, 8, generator=generator).to(device).requires_grad_(requires_grad)
-        for heads in (4, 2, 2)  # 2 query heads per KV head
+        for heads in (4, kv_heads, kv_heads)  # 4 // kv_heads query heads per KV head
     )
     real = torch.zeros(3, length, dtype=torch.bool)
     for row, total in enumerate(sum(row) for row in lengths):
@@ -55,10 +55,11 @@ def random_problem(seed: int, device: torch.device, requires_grad: bool):
     return lengths, query, key, value, real
 
 
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["grouped", "ungrouped"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_split_attention_equals_the_float64_oracle_in_values_and_gradients(seed):
-    lengths, query, key, value, real = random_problem(seed, torch.device("cpu"), requires_grad=True)
-    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+def test_split_attention_equals_the_float64_oracle_in_values_and_gradients(seed, kv_heads):
+    lengths, query, key, value, real = random_problem(seed, torch.device("cpu"), requires_grad=True, kv_heads=kv_heads)
+    module = types.SimpleNamespace(num_key_value_groups=4 // kv_heads, is_causal=True, training=False)
     kwargs = {shared_attention.PLAN_KEY: shared_attention.layout_plan(tuple(lengths), query.shape[2], query.device)}
     got, _ = shared_attention.shared_prompt_attention(module, query, key, value, None, scaling=0.3, **kwargs)
     want = oracle_attention(query, key, value, lengths, scaling=0.3)
