@@ -6,14 +6,15 @@ with its own autograd node, about 11 kernels forward and 15 backward. Here one f
 
     y = x W^T + b + s * (dropout(x) A^T) B^T          W = dequantize(NF4 weight), s = alpha / r
 
-forward: dequantize W, one GEMM for the base, then the adapter added in place by `addmm`
-(no clone). backward: dX = dY W (W dequantized again rather than kept), and only the adapter's
+forward: bitsandbytes' 4-bit product for the base (one op: a fused dequantize-GEMM, or dequantize
+then one GEMM), then the adapter added in place by `addmm` (no clone). backward: dX = dY W (W dequantized again rather than kept), and only the adapter's
 gradients: dA = s (dY B)^T dropout(x), dB = s dY^T (dropout(x) A^T). The base weight gets none.
 Dropout runs outside the function, and only when its p is non-zero.
 
-Dtypes follow PEFT's: the base matmul in the quantization's compute dtype, the adapter in its
-own (float32), each result cast to the input's dtype before the sum; autocast (the
-float32-residual policy) does not reach inside.
+Dtypes follow PEFT's: the base matmul in the quantization's compute dtype, the adapter's first
+product in its own dtype (float32); where the layer's output is bf16 (all bf16), the second product
+runs in bf16 into the output with float32 accumulation, where PEFT rounds a float32 product and
+then the sum. Autocast (the float32-residual policy) does not reach inside.
 
 The adapter-off pass (the reference) runs the same function without the adapter. What it does
 not cover falls back to PEFT's layers, named in one line: 8-bit and unquantized bases, DoRA and
@@ -36,18 +37,20 @@ class LoRA4bitLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, xd, weight, quant_state, bias, lora_a, lora_b, scale, compute):
-        import bitsandbytes.functional as bnb_functional
+        import bitsandbytes as bnb
 
-        w = bnb_functional.dequantize_4bit(weight, quant_state).to(compute)  # [out, in]
         flat = x.reshape(-1, x.shape[-1])
-        y = torch.nn.functional.linear(flat.to(compute), w, None if bias is None else bias.to(compute)).to(x.dtype)
+        # bitsandbytes' own 4-bit product, as its layer runs it without grad: one op that picks the
+        # device's kernel (a fused dequantize-GEMM, or dequantize then one GEMM)
+        bias = None if bias is None else bias.to(compute)
+        y = bnb.matmul_4bit(flat.to(compute), weight.t(), bias=bias, quant_state=quant_state).to(x.dtype)
         if lora_a is not None:
             flat_xd = xd.reshape(-1, xd.shape[-1]).to(lora_a.dtype)
-            t = flat_xd @ lora_a.t()  # [N, r]
-            if y.dtype == lora_a.dtype:
-                y.addmm_(t, lora_b.t(), alpha=scale)  # the base output is ours: no clone
-            else:
-                y += (scale * (t @ lora_b.t())).to(y.dtype)
+            t = flat_xd @ lora_a.t()  # [N, r], in the adapter's dtype
+            # The base output is ours: the adapter is added in place (no clone), scaled by the GEMM.
+            # Where the output is narrower than the adapter (all bf16), t and B are rounded to it and
+            # the GEMM accumulates in float32, rounding the sum once.
+            y.addmm_(t.to(y.dtype), lora_b.t().to(y.dtype), alpha=scale)
             ctx.save_for_backward(flat_xd, t, lora_a, lora_b)
         ctx.weight, ctx.quant_state, ctx.scale, ctx.compute = weight, quant_state, scale, compute
         ctx.x_meta, ctx.xd_dtype, ctx.has_lora = (x.shape, x.dtype), xd.dtype, lora_a is not None

@@ -24,10 +24,10 @@ def random_adapter(config):
     return model
 
 
-def pair(tiny_model_dir, dtype: str, dropout: float = 0.0):
+def pair(tiny_model_dir, dtype: str, dropout: float = 0.0, float32_residual: bool | str = "auto"):
     """The same NF4 tiny Llama with the same random adapter twice: PEFT's layers, and fused."""
     config = load_config(None, {"model.path": str(tiny_model_dir), "model.quantization": "nf4", "model.dtype": dtype,
-                                "lora.r": 4, "lora.dropout": dropout})  # fmt: skip
+                                "lora.r": 4, "lora.dropout": dropout, "model.float32_residual": float32_residual})  # fmt: skip
     models = [random_adapter(config).train() for _ in range(2)]
     assert fuse(models[1], config.model) == 2 * 7, "every linear of both layers"
     return models
@@ -57,12 +57,15 @@ def test_fused_layers_give_peft_values_and_gradients_in_float32(tiny_model_dir, 
         torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_layers_in_bfloat16_stay_within_rounding_of_peft(tiny_model_dir):
-    plain, fused = pair(tiny_model_dir, "bfloat16")
+@pytest.mark.parametrize("float32_residual", [True, False], ids=["f32res", "allbf16"])
+def test_fused_layers_in_bfloat16_stay_within_rounding_of_peft(tiny_model_dir, float32_residual):
+    """Both precision policies: the layers' outputs float32 (the adapter added in float32) or bf16
+    (the adapter's second product in bf16)."""
+    plain, fused = pair(tiny_model_dir, "bfloat16", float32_residual=float32_residual)
     ids = torch.randint(3, 300, (2, 9))
     want, want_grads = run(plain, ids)
     got, got_grads = run(fused, ids)
-    assert got.dtype == want.dtype
+    assert got.dtype == want.dtype == (torch.float32 if float32_residual else torch.bfloat16)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     for name in want_grads:
         scale = want_grads[name].abs().max()
