@@ -33,7 +33,10 @@ and 2 measured steps, no cap, no profile of GPU kernels. TRL is the bench extra:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -96,6 +99,74 @@ def child(spec: dict) -> dict:
     return result
 
 
+class OpCount:
+    """Counts the device ops dispatched in one step, by name: TorchDispatchMode sees each op once,
+    after autograd and below Python (a custom op such as bitsandbytes' dequantize counts once,
+    whatever it runs inside). Views and allocations launch nothing and are left out. Each op left is
+    at least one kernel launch on a GPU, so on the CPU this is a device-free measure of launch
+    overhead (`bench/op_counts.py`)."""
+
+    FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense",
+            "lift_fresh", "set_", "resize_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
+            "_unsafe_view", "_record_function_enter_new", "_record_function_exit"}  # fmt: skip
+
+    def __init__(self, into: dict, prefix: str = "") -> None:
+        self.into, self.prefix = into, prefix  # "upfront_": a reference precompute's ops
+
+    def __enter__(self):
+        import collections
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts, free, section = collections.Counter(), self.FREE, self.section
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if not func.is_view and name not in free:
+                    where = section[0]
+                    if where == "cpu_only" and name.startswith("_scaled_dot_product"):
+                        where = "step"  # the attention itself runs on every device
+                    counts[where, f"{func.namespace}::{name}"] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.counts, self.mode = counts, Mode()
+        self.mode.__enter__()
+        return self
+
+    # Where the ops being counted belong: "step"; "optimizer" (on the CPU the optimizers run per
+    # tensor where CUDA's run fused or foreach: the counts do not carry over); "cpu_only" (torch's
+    # lower-right causal masks, materialised on the CPU and taken natively by CUDA's flash kernel).
+    SECTIONS = {"step": "ops", "optimizer": "optimizer_ops", "cpu_only": "cpu_only_ops"}
+    section = ["step"]
+
+    @staticmethod
+    def apart(where: str, function):
+        """`function` with the ops it dispatches counted in section `where`."""
+
+        @functools.wraps(function)
+        def counted(*args, **kwargs):
+            OpCount.section[0] = where
+            try:
+                return function(*args, **kwargs)
+            finally:
+                OpCount.section[0] = "step"
+
+        return counted
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+        for section, key in self.SECTIONS.items():
+            named = {name: n for (where, name), n in self.counts.most_common() if where == section}
+            self.into[f"{self.prefix}{key}"] = sum(named.values())
+            self.into[f"{self.prefix}{key}_by_name"] = named
+
+
+def probe(spec: dict, into: dict):
+    """What the measured step runs under: the profiler, or the op count (`spec["probe"] == "ops"`)."""
+    return OpCount(into) if spec.get("probe") == "ops" else StepProfile(into)
+
+
 class StepProfile:
     """torch.profiler around one step: kernels launched and the GPU's busy fraction of its wall time."""
 
@@ -143,6 +214,12 @@ def trl_run(spec: dict, pairs: Path, profiled: dict) -> tuple[list[float], float
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
     )
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, quantization_config=quantization)
+    if not torch.cuda.is_available():
+        # As dpo-lora does: on a CPU with AVX512-BF16 the precompute's eval-mode forward would let
+        # bitsandbytes repack the weights for inference, after which they pass no gradient.
+        from dpo_lora.model.load import _keep_4bit_layout_trainable
+
+        _keep_4bit_layout_trainable(model)
     config = DPOConfig(
         output_dir=str(Path(spec["work"]) / spec["system"]), per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=1, max_steps=spec["total_steps"], learning_rate=2e-4, lr_scheduler_type="constant",
@@ -152,16 +229,28 @@ def trl_run(spec: dict, pairs: Path, profiled: dict) -> tuple[list[float], float
         precompute_ref_log_probs=spec["system"] == "trl-precompute",
     )  # fmt: skip
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    times, marks = [], {}
+    times, precompute_s = [], []
+    # precompute_ref_log_probs runs while DPOTrainer is built: timed (and counted) here, as dpo-lora's is
+    precompute = DPOTrainer._precompute_ref_logps
+
+    def timed_precompute(*args, **kwargs):
+        started = time.perf_counter()
+        with OpCount(profiled, "upfront_") if spec.get("probe") == "ops" else contextlib.nullcontext():
+            result = precompute(*args, **kwargs)
+        precompute_s.append(time.perf_counter() - started)
+        return result
+
+    DPOTrainer._precompute_ref_logps = timed_precompute
 
     class Steps(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            marks["begin"] = time.perf_counter()
+        def on_train_begin(self, *_, optimizer, **__):
+            if spec.get("probe") == "ops":
+                optimizer.step = OpCount.apart("optimizer", optimizer.step)
+                trainer._clip_grad_norm = OpCount.apart("optimizer", trainer._clip_grad_norm)
 
         def on_step_begin(self, *_, **__):
-            marks.setdefault("first_step", time.perf_counter())
             if len(times) == spec["warmup"]:
-                self.profile = StepProfile(profiled).__enter__()
+                self.profile = probe(spec, profiled).__enter__()
             self.start = time.perf_counter()
 
         def on_step_end(self, *_, **__):
@@ -174,32 +263,64 @@ def trl_run(spec: dict, pairs: Path, profiled: dict) -> tuple[list[float], float
         train_dataset=load_dataset("json", data_files=str(pairs), split="train"), peft_config=lora, callbacks=[Steps()],
     )  # fmt: skip
     trainer.train()
-    return times, marks["first_step"] - marks["begin"]
+    return times, sum(precompute_s)
 
 
 def dpo_lora_run(spec: dict, pairs: Path, profiled: dict) -> tuple[list[float], float]:
+    import torch
+
     from dpo_lora.core.config import load_config
     from dpo_lora.train import loop
 
     output_dir = Path(spec["work"]) / spec["system"]
     overrides = [
         f"model.path={spec['model']}", f"model.dtype={spec['dtype']}", "model.gradient_checkpointing=true",
-        f"model.fused_lora={spec['system'].endswith('fused')}", "lora.dropout=0.0", f"data.train={pairs}",
+        "lora.dropout=0.0", f"data.train={pairs}",
         "data.eval=null", f"data.max_length={spec['max_length']}",
         f"data.max_prompt_length={min(spec['max_length'] - 1, 2 * spec['prompt'])}",
         f"train.micro_batch_size={spec['micro_batch']}", "train.grad_accum=1", f"train.max_steps={spec['total_steps']}",
         "train.scheduler=constant", "train.warmup_ratio=0", "train.log_every=1", "train.save_every=0",
         f"output_dir={output_dir}", "overwrite=true",
+        # as shipped, changed by the name's modifiers ("dpo-lora-flex": FlexAttention), as compare_trl's
+        *(f"{key}={value}" for key, value in compare_trl.dpo_lora_settings(spec["system"]).items()),
     ]  # fmt: skip
+    os.environ["DPO_LORA_CACHE"] = str(output_dir / "cache")  # cold: every variant pays its own precompute
     precompute_s = compare_trl.time_precompute()
+    if spec.get("probe") == "ops":
+        from dpo_lora.train import setup as run_setup
+
+        precomputed = run_setup._precomputed
+
+        def counted(*args, **kwargs):
+            with OpCount(profiled, "upfront_"):
+                return precomputed(*args, **kwargs)
+
+        run_setup._precomputed = counted
+        from dpo_lora.model import shared_attention
+
+        plan_for = shared_attention.plan_for
+
+        def uncounted_plan(*args, **kwargs):  # torch makes its masks (tensor subclasses) under no dispatch mode
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            with _disable_current_modes():
+                return plan_for(*args, **kwargs)
+
+        shared_attention.plan_for = uncounted_plan
+        if not torch.cuda.is_available():
+            from torch.nn.attention.bias import CausalBias
+
+            CausalBias._dispatch = staticmethod(OpCount.apart("cpu_only", CausalBias._dispatch))
     real_step, calls = loop.optimizer_step, []
 
-    def optimizer_step(*args, **kwargs):
+    def optimizer_step(engine, *args, **kwargs):
         calls.append(1)
         if len(calls) != spec["warmup"] + 1:
-            return real_step(*args, **kwargs)
-        with StepProfile(profiled):
-            return real_step(*args, **kwargs)
+            return real_step(engine, *args, **kwargs)
+        if spec.get("probe") == "ops":
+            engine.step = OpCount.apart("optimizer", engine.step)
+        with probe(spec, profiled):
+            return real_step(engine, *args, **kwargs)
 
     loop.optimizer_step = optimizer_step
     loop.train(load_config(REPO / "configs/demo.yaml", overrides))
