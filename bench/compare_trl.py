@@ -64,6 +64,7 @@ MODIFIERS = {
     "auto": {"model.checkpoint_layers": "auto"},  # on a GPU, what the card needs; on a CPU, every layer
     "fused": {"model.fused_lora": "true"},  # each 4-bit LoRA linear as one autograd function
     "compile": {"model.compile": "layers"},  # each decoder layer compiled (the first steps pay the compile)
+    "zero0": {"deepspeed": "deepspeed_configs/zero0.json"},  # DeepSpeed without ZeRO (every other: zero2.json)
 }
 
 

@@ -17,7 +17,9 @@
 
 Each measured run: `--warmup` steps (5), one profiled step (torch.profiler: kernels launched and
 the fraction of the step's wall time the GPU was busy), then `--steps` (20); medians with their
-spread (min-max and interquartile). Reported: pairs/s, useful tokens/s (the prompt once per pair),
+spread (min-max and interquartile). A reference precompute (dpo-lora's, with a cold cache per run;
+TRL's `precompute_ref_log_probs`, which runs while its trainer is built) is timed and spread over
+the run's steps. Reported: pairs/s, useful tokens/s (the prompt once per pair),
 model FLOP utilisation against this GPU's measured bf16 matmul rate (compare_trl's useful FLOPs:
 4 x parameters per token), `max_memory_allocated` and `max_memory_reserved`. Every run is its own
 process. Runs go in priority order and a run that would pass `--budget-s` is skipped and recorded
