@@ -33,7 +33,7 @@ def owned_values(config, world_size: int) -> dict[str, object]:
 
 ZERO_STAGES = (0, 1, 2, 3)
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
-_BUCKETS = {"overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 50_000_000}
+_BUCKETS = {"overlap_comm": False, "reduce_bucket_size": 50_000_000}
 _CPU = {"device": "cpu", "pin_memory": True}
 
 
@@ -50,10 +50,11 @@ def zero_config(stage: int, offload: bool = False) -> dict:
         if stage == 3:
             zero["offload_param"] = dict(_CPU)
     if stage in (1, 2):
-        zero |= {**_BUCKETS, "allgather_bucket_size": 50_000_000}
+        zero |= {**_BUCKETS, "contiguous_gradients": "auto", "allgather_bucket_size": 50_000_000}
     elif stage == 3:
         zero |= {
             **_BUCKETS,
+            "contiguous_gradients": True,
             # Off: once DeepSpeed has traced a step its prefetcher keeps every layer gathered from
             # the policy forward to the backward (gradient checkpointing reuses each layer in its
             # recompute), so a rank would hold the whole base (dpo_lora.model.weight_plan).
@@ -113,11 +114,26 @@ def fill_deepspeed_config(config, world_size: int) -> dict:
                 f"{path}: '{dotted}' is {current!r} but the config gives {wanted!r}; "
                 'set it to "auto" or change the YAML'
             )
+    zero = ds.get("zero_optimization", {})
+    if zero.get("contiguous_gradients") == "auto":
+        offloaded = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
+        zero["contiguous_gradients"] = contiguous_gradients("auto", offloaded, world_size)
     for dotted in _remaining_autos(ds):
         raise UserError(f"{path}: '{dotted}' is \"auto\" but dpo-lora does not fill it; give a value")
     ds.setdefault("steps_per_print", 10**9)  # dpo-lora logs itself
     ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
     return ds
+
+
+def contiguous_gradients(setting: bool | str, offloaded: bool, world_size: int) -> bool:
+    """Whether ZeRO-1/2 copies gradients into its reduce bucket as they are made, for the JSON's
+    `contiguous_gradients` (true, false or "auto"). "auto": on for several ranks (the reduction
+    needs no flattening and memory does not fragment), off for one, which reduces nothing: there
+    the bucket would be a second float32 copy of the adapter's gradients, filled by one copy a
+    gradient. Optimizer offload turns it on whatever the JSON says (DeepSpeed's rule)."""
+    if setting == "auto":
+        return world_size > 1 or offloaded
+    return bool(setting) or offloaded
 
 
 def size_buckets(ds: dict, trainable_numel: int) -> dict:

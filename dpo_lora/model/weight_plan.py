@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from dpo_lora.core.dsconfig import DEEPSPEED_REDUCE_BUCKET
+from dpo_lora.core.dsconfig import DEEPSPEED_REDUCE_BUCKET, contiguous_gradients
 from dpo_lora.model.precision import quantization_config, weights_dtype
 from dpo_lora.model.requantize import quantized_layers
 
@@ -46,6 +46,7 @@ class ZeroSettings:
     prefetch_bucket: int = 50_000_000
     reuse_distance: int = 1_000_000_000
     reduce_bucket: int = DEEPSPEED_REDUCE_BUCKET
+    contiguous_gradients: bool | str = True  # or "auto" (dpo_lora.core.dsconfig.contiguous_gradients)
 
     @classmethod
     def of(cls, zero: dict) -> ZeroSettings:
@@ -61,6 +62,7 @@ class ZeroSettings:
             prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
             reuse_distance=int(zero.get("stage3_max_reuse_distance", 1_000_000_000)),
             reduce_bucket=int(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)),
+            contiguous_gradients=zero.get("contiguous_gradients", True),
         )
 
 
@@ -200,8 +202,10 @@ def optimizer_components(lora_numel: int, zero: ZeroSettings, world_size: int) -
     full, shard = 4 * lora_numel, 4 * math.ceil(lora_numel / world_size)
     device = {"LoRA parameters": shard if zero.stage == 3 else full}
     # Stage 2+ keeps only its gradient partition (plus the bucket being reduced, which training
-    # sizes to the adapter: dpo_lora.core.dsconfig.size_buckets); 0-1 keep them all.
-    bucket = 4 * min(zero.reduce_bucket, lora_numel)
+    # sizes to the adapter: dpo_lora.core.dsconfig.size_buckets, and which contiguous_gradients
+    # "auto" leaves out on one rank); 0-1 keep them all.
+    contiguous = contiguous_gradients(zero.contiguous_gradients, zero.offload_optimizer, world_size)
+    bucket = 4 * min(zero.reduce_bucket, lora_numel) if contiguous or zero.stage == 3 else 0
     device["LoRA gradients"] = shard + bucket if zero.stage >= 2 else full
     optimizer = ADAM_STATES * (shard if zero.stage >= 1 else full)
     master = shard if zero.stage >= 1 else 0  # ZeRO 1-3 step a float32 copy of their partition

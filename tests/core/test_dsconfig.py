@@ -78,3 +78,34 @@ def test_the_reduce_bucket_is_sized_to_the_adapter_never_larger_than_asked(stage
     unset = {"zero_optimization": {"stage": stage}}  # DeepSpeed's own default: 500M elements
     assert size_buckets(unset, 600_000_000)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
     assert size_buckets({"zero_optimization": {"stage": 0}}, 10) == {"zero_optimization": {"stage": 0}}
+
+
+def test_contiguous_gradients_auto_is_off_on_one_rank_and_on_for_several_or_with_offload():
+    """ZeRO-1/2's shipped "auto": one rank reduces nothing, so no bucket copy of every gradient;
+    several ranks, or optimizer offload (DeepSpeed's rule), keep it. A value the JSON gives is kept."""
+    from dpo_lora.core.dsconfig import contiguous_gradients
+
+    filled = {}
+    for name in ("zero1", "zero2", "zero2_offload"):
+        config = load_config(None, [f"deepspeed={REPO / 'deepspeed_configs' / name}.json"])
+        assert json.loads((REPO / "deepspeed_configs" / f"{name}.json").read_text())["zero_optimization"][
+            "contiguous_gradients"] == "auto"  # fmt: skip
+        for world_size in (1, 2):
+            zero = fill_deepspeed_config(config, world_size)["zero_optimization"]
+            filled[name, world_size] = zero["contiguous_gradients"]
+    assert filled == {("zero1", 1): False, ("zero1", 2): True, ("zero2", 1): False, ("zero2", 2): True,
+                      ("zero2_offload", 1): True, ("zero2_offload", 2): True}  # fmt: skip
+    assert contiguous_gradients(True, False, 1) and not contiguous_gradients(False, False, 4)
+    assert contiguous_gradients(False, True, 1)  # offload
+
+
+def test_the_plan_counts_the_gradient_bucket_only_where_gradients_are_contiguous():
+    from dpo_lora.core.dsconfig import zero_config
+    from dpo_lora.model.weight_plan import ZeroSettings, optimizer_components
+
+    numel = 1_000_000
+    zero2 = ZeroSettings.of(zero_config(2)["zero_optimization"])
+    assert optimizer_components(numel, zero2, 1)[0]["LoRA gradients"] == 4 * numel  # no bucket on one rank
+    assert optimizer_components(numel, zero2, 2)[0]["LoRA gradients"] == 4 * numel // 2 + 4 * numel
+    offload = ZeroSettings.of(zero_config(2, offload=True)["zero_optimization"])
+    assert optimizer_components(numel, offload, 1)[0]["LoRA gradients"] == 2 * 4 * numel
