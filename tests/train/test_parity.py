@@ -53,9 +53,11 @@ def deepspeed_json(tmp_path, name: str, **zero) -> str:
     return str(path)
 
 
-def launch(model_dir, output_dir, nproc: int, deepspeed_config: str, dtype: str, *overrides, threads=None) -> None:
+def launch(
+    model_dir, output_dir, nproc: int, deepspeed_config: str, dtype: str, *overrides, threads=None, env=None
+) -> None:
     """`dpo-lora train` on `nproc` ranks; global batch 4 whatever the ranks. `threads`: torch's
-    CPU threads (one-rank runs started side by side take one core each)."""
+    CPU threads (one-rank runs started side by side take one core each); `env`: more variables."""
     config_file = output_dir.parent / f"{output_dir.name}.yaml"
     config = tiny_config(
         model_dir,
@@ -81,7 +83,7 @@ def launch(model_dir, output_dir, nproc: int, deepspeed_config: str, dtype: str,
             "dpo_lora",
         ]
         command += ["train", str(config_file)]
-    env = venv_env(**({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    env = venv_env(**({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {}))
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     (output_dir.parent / f"{output_dir.name}.stderr").write_text(result.stderr)
