@@ -2,7 +2,7 @@
 turning `model.float32_residual` off on GPUs: on the bundled sentiment task, the held-out mean
 reward of the bf16 policy within 0.02 of the float32-residual policy's, at the same KL +-10%.
 
-    python bench/precision_quality.py [--seeds 0,1,2] [--n 4] [--dry-run]
+    python bench/precision_quality.py [--seeds 0,1,2] [--n 4] [--candidate all-bf16|all-bf16-fused] [--dry-run]
 
 Each policy trains the demo (configs/demo.yaml: SmolLM2-135M-Instruct in NF4, 10 steps of 8 pairs)
 in bfloat16 with `model.float32_residual` true and false, once per seed; then `dpo-lora generate`
@@ -11,7 +11,9 @@ scores them (as bench/methods.py does). One sample per prompt leaves each mean r
 about +-0.05, so the gate reads the mean over seeds and samples, and prints its standard error.
 Run it where bf16 is native (a GPU, or a CPU with AVX512-BF16/AMX): on other CPUs bitsandbytes'
 bf16 backward is ~30x slower. `--dry-run`: float32 (where the two policies are the same run), 2
-steps, one seed, to check the script. Writes bench/results/precision-TIMESTAMP.json.
+steps, one seed, to check the script. `--candidate all-bf16-fused` holds all bf16 with
+`model.fused_lora` (whose adapter's second product rounds to bf16) to the same gate.
+Writes bench/results/precision-TIMESTAMP.json.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-POLICIES = {"float32-residual": "model.float32_residual=true", "all-bf16": "model.float32_residual=false"}
+POLICIES = {
+    "float32-residual": ["model.float32_residual=true"],
+    "all-bf16": ["model.float32_residual=false"],
+    "all-bf16-fused": ["model.float32_residual=false", "model.fused_lora=true"],
+}
 
 
 def run(policy: str, seed: int, args, work: Path) -> dict:
     out = work / f"{policy}-{seed}"
     overrides = [
-        POLICIES[policy],
+        *POLICIES[policy],
         f"model.dtype={args.dtype}",
         f"train.seed={seed}",
         f"output_dir={out}",
@@ -56,15 +62,15 @@ def run(policy: str, seed: int, args, work: Path) -> dict:
     return row
 
 
-def verdict(rows: list[dict]) -> dict:
-    """Mean reward and KL per policy over seeds, and whether the gate holds."""
+def verdict(rows: list[dict], candidate: str = "all-bf16") -> dict:
+    """Mean reward and KL per policy over seeds, and whether the gate holds for `candidate`."""
     by = {}
-    for policy in POLICIES:
+    for policy in ("float32-residual", candidate):
         rewards = [r["policy_mean_reward"] for r in rows if r["policy"] == policy]
         kls = [r["kl_estimate"] for r in rows if r["policy"] == policy]
         error = statistics.stdev(rewards) / len(rewards) ** 0.5 if len(rewards) > 1 else None
         by[policy] = {"reward": statistics.mean(rewards), "reward_stderr": error, "kl": statistics.mean(kls)}
-    reference, bf16 = by["float32-residual"], by["all-bf16"]
+    reference, bf16 = by["float32-residual"], by[candidate]
     reward_gap = bf16["reward"] - reference["reward"]
     kl_ratio = bf16["kl"] / reference["kl"] if reference["kl"] else None
     holds = abs(reward_gap) <= 0.02 and kl_ratio is not None and abs(kl_ratio - 1) <= 0.10
@@ -75,6 +81,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--n", type=int, default=4, help="samples per held-out prompt")
+    parser.add_argument("--candidate", choices=[p for p in POLICIES if p != "float32-residual"], default="all-bf16")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     args.dtype = "float32" if args.dry_run else "bfloat16"
@@ -88,16 +95,18 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for seed in seeds:
-            for policy in POLICIES:
+            for policy in ("float32-residual", args.candidate):
                 rows.append(run(policy, seed, args, Path(scratch)))
-    result = verdict(rows)
+    result = verdict(rows, args.candidate)
     print(
-        f"{machine}, {args.dtype}: reward gap (all-bf16 - float32-residual) {result['reward_gap']:+.3f}, "
+        f"{machine}, {args.dtype}: reward gap ({args.candidate} - float32-residual) {result['reward_gap']:+.3f}, "
         f"KL ratio {result['kl_ratio']:.3f}: the gate (|gap| <= 0.02, KL within 10%) "
         f"{'holds' if result['gate_holds'] else 'does not hold'}"
     )
     out = REPO / "bench" / "results" / f"precision-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"machine": machine, "dtype": args.dtype, "n": args.n, "rows": rows, **result}, indent=2))
+    out.write_text(json.dumps(
+        {"machine": machine, "dtype": args.dtype, "n": args.n, "candidate": args.candidate, "rows": rows, **result}, indent=2
+    ))  # fmt: skip
     print(f"wrote {out.relative_to(REPO)}")
     return 0
 
