@@ -7,8 +7,9 @@ with its own autograd node, about 11 kernels forward and 15 backward. Here one f
     y = x W^T + b + s * (dropout(x) A^T) B^T          W = dequantize(NF4 weight), s = alpha / r
 
 forward: bitsandbytes' 4-bit product for the base (one op: a fused dequantize-GEMM, or dequantize
-then one GEMM), then the adapter added in place by `addmm` (no clone). backward: dX = dY W (W dequantized again rather than kept), and only the adapter's
-gradients: dA = s (dY B)^T dropout(x), dB = s dY^T (dropout(x) A^T). The base weight gets none.
+then one GEMM), then the adapter added in place by `addmm` (no clone). backward: dX = dY W (W
+dequantized again rather than kept), and only the adapter's gradients:
+dA = s (dY B)^T dropout(x), dB = s dY^T (dropout(x) A^T). The base weight gets none.
 Dropout runs outside the function, and only when its p is non-zero.
 
 Dtypes follow PEFT's: the base matmul in the quantization's compute dtype, the adapter's first
