@@ -148,11 +148,11 @@ class OpCount:
 
         @functools.wraps(function)
         def counted(*args, **kwargs):
-            OpCount.section[0] = where
+            outer, OpCount.section[0] = OpCount.section[0], where
             try:
                 return function(*args, **kwargs)
             finally:
-                OpCount.section[0] = "step"
+                OpCount.section[0] = outer
 
         return counted
 
@@ -268,9 +268,33 @@ def trl_run(spec: dict, pairs: Path, profiled: dict) -> tuple[list[float], float
     return times, sum(precompute_s)
 
 
-def dpo_lora_run(spec: dict, pairs: Path, profiled: dict) -> tuple[list[float], float]:
+def count_dpo_lora_ops(profiled: dict) -> None:
+    """Set up OpCount for a dpo-lora run: its reference precompute counted as up-front ops, the
+    shared-prompt plan built outside the count (torch makes its masks, tensor subclasses, under no
+    dispatch mode), and on the CPU the lower-right causal masks counted apart."""
     import torch
+    from torch.nn.attention.bias import CausalBias
+    from torch.utils._python_dispatch import _disable_current_modes
 
+    from dpo_lora.model import shared_attention
+    from dpo_lora.train import setup as run_setup
+
+    precomputed, plan_for = run_setup._precomputed, shared_attention.plan_for
+
+    def counted(*args, **kwargs):
+        with OpCount(profiled, "upfront_"):
+            return precomputed(*args, **kwargs)
+
+    def uncounted_plan(*args, **kwargs):
+        with _disable_current_modes():
+            return plan_for(*args, **kwargs)
+
+    run_setup._precomputed, shared_attention.plan_for = counted, uncounted_plan
+    if not torch.cuda.is_available():
+        CausalBias._dispatch = staticmethod(OpCount.apart("cpu_only", CausalBias._dispatch))
+
+
+def dpo_lora_run(spec: dict, pairs: Path, profiled: dict) -> tuple[list[float], float]:
     from dpo_lora.core.config import load_config
     from dpo_lora.train import loop
 
@@ -289,30 +313,7 @@ def dpo_lora_run(spec: dict, pairs: Path, profiled: dict) -> tuple[list[float], 
     os.environ["DPO_LORA_CACHE"] = str(output_dir / "cache")  # cold: every variant pays its own precompute
     precompute_s = compare_trl.time_precompute()
     if spec.get("probe") == "ops":
-        from dpo_lora.train import setup as run_setup
-
-        precomputed = run_setup._precomputed
-
-        def counted(*args, **kwargs):
-            with OpCount(profiled, "upfront_"):
-                return precomputed(*args, **kwargs)
-
-        run_setup._precomputed = counted
-        from dpo_lora.model import shared_attention
-
-        plan_for = shared_attention.plan_for
-
-        def uncounted_plan(*args, **kwargs):  # torch makes its masks (tensor subclasses) under no dispatch mode
-            from torch.utils._python_dispatch import _disable_current_modes
-
-            with _disable_current_modes():
-                return plan_for(*args, **kwargs)
-
-        shared_attention.plan_for = uncounted_plan
-        if not torch.cuda.is_available():
-            from torch.nn.attention.bias import CausalBias
-
-            CausalBias._dispatch = staticmethod(OpCount.apart("cpu_only", CausalBias._dispatch))
+        count_dpo_lora_ops(profiled)
     real_step, calls = loop.optimizer_step, []
 
     def optimizer_step(engine, *args, **kwargs):
