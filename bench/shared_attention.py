@@ -1,5 +1,6 @@
 """The shared-prompt layout's attention kernels, one layer, forward + backward: the dense 4D mask,
-split attention, and (on CUDA) FlexAttention with a block mask.
+split attention with the rejected rows padded into one call and with one call per row, and (on CUDA)
+FlexAttention with a block mask.
 
     python bench/shared_attention.py [--dtype float32|bfloat16] [--device cpu|cuda]
 
@@ -53,17 +54,22 @@ def time_shape(name: str, shape: tuple, dtype: torch.dtype, device: torch.device
     )
     module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=True)
     lengths = batch[HOST].branch_lengths
-    split_plan = {shared_attention.PLAN_KEY: shared_attention.layout_plan(lengths, length, device)}
+    plans = {padded: shared_attention.layout_plan(lengths, length, device, padded) for padded in (True, False)}
     bias = attention_bias(batch["branch"].to(device), dtype)
     scale = dim**-0.5
 
     def mask():
         return sdpa_attention_forward(module, query, key, value, bias, scaling=scale)
 
-    def split():
-        return shared_attention.shared_prompt_attention(module, query, key, value, None, scaling=scale, **split_plan)
+    def split_padded():  # the rejected rows padded into one call
+        plan = {shared_attention.PLAN_KEY: plans[True]}
+        return shared_attention.shared_prompt_attention(module, query, key, value, None, scaling=scale, **plan)
 
-    kernels = [mask, split]
+    def split_rows():  # one call per rejected row
+        plan = {shared_attention.PLAN_KEY: plans[False]}
+        return shared_attention.shared_prompt_attention(module, query, key, value, None, scaling=scale, **plan)
+
+    kernels = [mask, split_padded, split_rows]
     if shared_attention.flex_unavailable(device, 0.0) is None:
         flex_plan = {shared_attention.PLAN_KEY: shared_attention.flex_plan(lengths, length, device)}
 
@@ -86,7 +92,7 @@ def time_shape(name: str, shape: tuple, dtype: torch.dtype, device: torch.device
         for _ in range(calls):
             run()[0].sum().backward()
         synchronize(device)
-        print(f"{name:<16}{run.__name__:<6}{(time.perf_counter() - started) / calls * 1000:8.1f} ms", flush=True)
+        print(f"{name:<16}{run.__name__:<14}{(time.perf_counter() - started) / calls * 1000:8.1f} ms", flush=True)
 
 
 def synchronize(device: torch.device) -> None:

@@ -7,11 +7,15 @@ it sees in its own unshared sequence, and that splits into two plain causal prob
   padding and a shorter row's rejected tokens lie after every real query of that prefix, so
   causality alone keeps them out (the rejected queries' wrong outputs there are overwritten);
 - rejected queries (R) against [prompt | rejected] keys (P + R): causal aligned to the lower right
-  (rejected token j sees the whole prompt and rejected tokens 0..j), one call per row because P and
-  R differ between rows.
+  (rejected token j sees the whole prompt and rejected tokens 0..j). P and R differ between rows, so
+  either every row's rejected queries and keys are padded to the widest and run as one call with a
+  [rows, 1, R, P + R] mask built once per micro-batch, or each row runs its own call with torch's
+  lower-right causal bias. One call keeps a step's launches from growing with the micro-batch (a
+  GPU at 7B is launch-bound); the plan pads only where that costs at most PADDED_WORK times the
+  per-row arithmetic and a mask of at most PADDED_MASK elements.
 
 Both are fused SDPA calls with no materialised [T, T] mask and no work on the rejected-to-chosen
-block or above the diagonal, which the 4D-mask path (`layout.attention_bias`) spends. Registered
+block, which the 4D-mask path (`layout.attention_bias`) spends. Registered
 with transformers' AttentionInterface as KERNEL; a batch without the layout's lengths (plain rows,
 generation) runs transformers' own sdpa function with its own mask, so the model stays an sdpa
 model everywhere else.
@@ -39,6 +43,8 @@ FLEX_KERNEL = "dpo_lora_shared_prompt_flex"  # ... for FlexAttention (no "flex_a
 # would build its own block masks for a name that contains it)
 KERNELS = {"split": KERNEL, "flex": FLEX_KERNEL}  # by `train.shared_prompt_attention`
 PLAN_KEY = "shared_prompt_plan"  # the forward keyword carrying the micro-batch's layout_plan
+PADDED_WORK = 1.25  # rejected rows run padded in one call if that does at most this times the per-row work
+PADDED_MASK = 1 << 23  # ... and its mask has at most this many elements (16 MiB on the device in bf16)
 
 
 _PLANNED = contextvars.ContextVar("dpo_lora_planned_forward", default=False)
@@ -122,23 +128,21 @@ def shared_prompt_attention(module, query, key, value, plan, dropout, scaling) -
         module, query[:, :, :width], key[:, :, :width], value[:, :, :width], None, dropout, scaling, is_causal=True
     )  # [B, width, H, D]
     # Rejected: every row's queries and [prompt | rejected] keys in one gather each (one scatter in
-    # backward, not a full-size gradient per slice), then one lower-right causal call per row.
+    # backward, not a full-size gradient per slice), then one call for all rows or one per row.
     groups = heads // key.shape[1]
-    queries = _by_token(query).index_select(0, plan.tail_queries).split(plan.tail_lengths)
-    keys = _grouped(_by_token(key).index_select(0, plan.tail_keys), groups).split(plan.tail_key_lengths)
-    values = _grouped(_by_token(value).index_select(0, plan.tail_keys), groups).split(plan.tail_key_lengths)
+    queries = _by_token(query).index_select(0, plan.tail_queries).split([t.rows * t.queries for t in plan.tails])
+    keys, values = (
+        _grouped(_by_token(states).index_select(0, plan.tail_keys), groups).split([t.rows * t.keys for t in plan.tails])
+        for states in (key, value)
+    )
     tails = [
         torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],
-            k.transpose(0, 1)[None],
-            v.transpose(0, 1)[None],
-            attn_mask=mask,
-            dropout_p=dropout,
-            scale=scaling,
-        )[0].transpose(0, 1)  # [R, H, D]
-        for q, k, v, mask in zip(queries, keys, values, plan.tail_masks, strict=True)
-    ]
-    pieces = torch.cat([head.flatten(0, 1), *tails])  # [B*width + sum R, H, D]
+            _by_row(q, t.rows), _by_row(k, t.rows), _by_row(v, t.rows), attn_mask=t.mask(query),
+            dropout_p=dropout, scale=scaling,
+        ).transpose(1, 2).flatten(0, 1)  # [rows * R, H, D]
+        for t, q, k, v in zip(plan.tails, queries, keys, values, strict=True)
+    ]  # fmt: skip
+    pieces = torch.cat([head.flatten(0, 1), *tails])  # [B*width + tail queries, H, D]
     return pieces.index_select(0, plan.output).view(batch, length, heads, dim)
 
 
@@ -153,52 +157,110 @@ def _by_token(states: torch.Tensor) -> torch.Tensor:
     return states.transpose(1, 2).flatten(0, 1)
 
 
+def _by_row(states: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows*N, h, D] -> [rows, h, N, D], sdpa's layout (a view)."""
+    return states.unflatten(0, (rows, -1)).transpose(1, 2)
+
+
+class _Tails(NamedTuple):
+    """One sdpa call over rejected rows: `rows` rows of `queries` rejected queries against `keys`
+    [prompt | rejected] keys each, under `bias`: torch's lower-right causal bias, or booleans on the
+    CPU [rows, 1, queries, K] whose first `keys` columns are the mask (K: `keys` rounded up to 16,
+    so each row starts aligned and CUDA's kernels take it without a padded copy)."""
+
+    rows: int
+    queries: int
+    keys: int
+    bias: object
+
+    def mask(self, query: torch.Tensor):
+        """The bias as sdpa takes it for `query`: the causal bias as it is, or an additive mask on
+        the query's device and in its dtype, made once per micro-batch, not per layer."""
+        from torch.nn.attention.bias import CausalBias
+
+        if isinstance(self.bias, CausalBias):
+            return self.bias
+        return _additive(self.bias, query.dtype, query.device)[..., : self.keys]
+
+
+@functools.lru_cache(maxsize=2)  # the micro-batch's, in a dtype or two: the only copies on the device
+def _additive(visible: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A boolean mask as the additive one sdpa would otherwise build from it in every call."""
+    blocked = ~transfer.to_device(visible, device)
+    return torch.zeros((), dtype=dtype, device=device).masked_fill(blocked, float("-inf"))
+
+
 class _Plan(NamedTuple):
     """Index tensors of one micro-batch's shared layout, for every layer of its forward."""
 
     head_width: int  # the widest prompt + chosen
-    tail_queries: torch.Tensor  # flat [B*T] positions of every row's rejected tokens, row after row
-    tail_lengths: list[int]  # R of each row with a rejected branch
-    tail_keys: torch.Tensor  # flat positions of each such row's [prompt | rejected]
-    tail_key_lengths: list[int]  # P + R of each such row
+    tail_queries: torch.Tensor  # flat [B*T] positions of the tails' queries, call after call, row after row
+    tail_keys: torch.Tensor  # flat positions of the tails' [prompt | rejected] keys, in the same order
     output: torch.Tensor  # [B*T]: where each position's output lies in [head rows | tails]
-    tail_masks: tuple  # each such row's lower-right causal bias, R x (P + R)
+    tails: tuple[_Tails, ...]  # the rejected rows' sdpa calls: one padded, or one per row
 
 
 @functools.lru_cache(maxsize=8)
-def layout_plan(lengths: tuple[tuple[int, int, int], ...], length: int, device: torch.device) -> _Plan:
+def layout_plan(
+    lengths: tuple[tuple[int, int, int], ...], length: int, device: torch.device, padded: bool | None = None
+) -> _Plan:
     """The index tensors and masks of a micro-batch of rows of `length` tokens, one (P, C, R) per row.
+    `padded` runs the rejected rows as one call (True), one per row (False), or as `pads` chooses.
 
     Made before the model's forward and handed to every layer as PLAN_KEY: torch refuses to create
     the masks (tensor subclasses) inside selective checkpointing, which runs the layers' forwards.
     """
-    from torch.nn.attention.bias import causal_lower_right
-
     head_width = max(p + c for p, c, _ in lengths)
-    tail_start = len(lengths) * head_width
+    tails = [(row, p, c, r) for row, (p, c, r) in enumerate(lengths) if r]
+    padded = pads(lengths) if padded is None else padded
+    queries = max((r for *_, r in tails), default=0)  # padded: every row's R and P + R are the widest
+    keys = max((p + r for _, p, _, r in tails), default=0)
     tail_queries, tail_keys, output = [], [], []
     for row, (p, c, r) in enumerate(lengths):
-        start = row * length
-        tail_queries += range(start + p + c, start + p + c + r)
-        if r:
-            tail_keys += [*range(start, start + p), *range(start + p + c, start + p + c + r)]
+        output += [row * head_width + t for t in range(p + c)]
+        output += [len(lengths) * head_width + len(tail_queries) + j for j in range(r)]
         # padding positions read the row's first output: finite, and never seen by a real token
-        output += [row * head_width + t for t in range(p + c)] + list(range(tail_start, tail_start + r))
         output += [row * head_width] * (length - p - c - r)
-        tail_start += r
+        if r:  # padded queries and keys read the row's first token (finite, masked or never read)
+            start = row * length
+            tail_queries += range(start + p + c, start + p + c + r)
+            tail_keys += [*range(start, start + p), *range(start + p + c, start + p + c + r)]
+            if padded:
+                tail_queries += [start] * (queries - r)
+                tail_keys += [start] * (keys - p - r)
 
     def as_index(values: list[int]) -> torch.Tensor:
         return transfer.to_device(torch.tensor(values, dtype=torch.long), device)
 
-    return _Plan(
-        head_width,
-        as_index(tail_queries),
-        [r for _, _, r in lengths if r],
-        as_index(tail_keys),
-        [p + r for p, _, r in lengths if r],
-        as_index(output),
-        tuple(causal_lower_right(r, p + r) for p, _, r in lengths if r),
-    )
+    if padded and tails:
+        calls = (_Tails(len(tails), queries, keys, _padded_mask(tails, queries, keys)),)
+    else:
+        from torch.nn.attention.bias import causal_lower_right
+
+        calls = tuple(_Tails(1, r, p + r, causal_lower_right(r, p + r)) for _, p, _, r in tails)
+    return _Plan(head_width, as_index(tail_queries), as_index(tail_keys), as_index(output), calls)
+
+
+def pads(lengths: tuple[tuple[int, int, int], ...]) -> bool:
+    """Whether the rejected rows of these (P, C, R) rows run padded as one call: at most PADDED_WORK
+    times the per-row calls' query-key products, and a mask of at most PADDED_MASK elements."""
+    tails = [(p, r) for p, _, r in lengths if r]
+    if len(tails) < 2:
+        return False
+    padded = len(tails) * max(r for _, r in tails) * max(p + r for p, r in tails)
+    return padded <= PADDED_MASK and padded <= PADDED_WORK * sum(r * (p + r) for p, r in tails)
+
+
+def _padded_mask(tails: list, queries: int, keys: int) -> torch.Tensor:
+    """[rows, 1, queries, keys rounded up to 16] booleans: rejected token j of a row sees its P
+    prompt keys and its rejected keys 0..j; a padding query sees the row's first key only (a finite
+    output, never read)."""
+    aligned = -(-keys // 16) * 16
+    visible = torch.zeros(len(tails), 1, queries, aligned, dtype=torch.bool)
+    for index, (_, p, _, r) in enumerate(tails):
+        visible[index, 0, :r, : p + r] = torch.ones(r, p + r, dtype=torch.bool).tril(p)
+        visible[index, 0, r:, 0] = True
+    return visible
 
 
 def flex_unavailable(device: torch.device, attention_dropout: float) -> str | None:

@@ -55,12 +55,15 @@ def random_problem(seed: int, device: torch.device, requires_grad: bool, kv_head
     return lengths, query, key, value, real
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["rejected-in-one-call", "rejected-per-row"])
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["grouped", "ungrouped"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_split_attention_equals_the_float64_oracle_in_values_and_gradients(seed, kv_heads):
+def test_split_attention_equals_the_float64_oracle_in_values_and_gradients(seed, kv_heads, padded):
     lengths, query, key, value, real = random_problem(seed, torch.device("cpu"), requires_grad=True, kv_heads=kv_heads)
     module = types.SimpleNamespace(num_key_value_groups=4 // kv_heads, is_causal=True, training=False)
-    kwargs = {shared_attention.PLAN_KEY: shared_attention.layout_plan(tuple(lengths), query.shape[2], query.device)}
+    plan = shared_attention.layout_plan(tuple(lengths), query.shape[2], query.device, padded)
+    assert len(plan.tails) == (1 if padded else sum(r > 0 for *_, r in lengths))
+    kwargs = {shared_attention.PLAN_KEY: plan}
     got, _ = shared_attention.shared_prompt_attention(module, query, key, value, None, scaling=0.3, **kwargs)
     want = oracle_attention(query, key, value, lengths, scaling=0.3)
     torch.testing.assert_close(got[real].double(), want[real], rtol=1e-5, atol=1e-6)
@@ -72,6 +75,21 @@ def test_split_attention_equals_the_float64_oracle_in_values_and_gradients(seed,
     want_grads = torch.autograd.grad((want_out * weights.double()).sum(), leaves)
     for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_rejected_rows_run_in_one_call_where_padding_them_costs_little():
+    assert shared_attention.pads(((300, 480, 480), (298, 476, 479)))  # a few tokens apart
+    assert not shared_attention.pads(((300, 480, 480), (300, 480, 0)))  # one rejected row: nothing to batch
+    assert not shared_attention.pads(((10, 5, 500), (10, 5, 20), (10, 5, 20)))  # padded work 3x the rows'
+    assert not shared_attention.pads(((2000, 10, 2000),) * 3)  # a mask of 3 x 2000 x 4000 elements
+    # padded queries and keys read a real token, and padding queries see one key: every output finite
+    plan = shared_attention.layout_plan(((1, 0, 1), (2, 1, 3)), 8, torch.device("cpu"), padded=True)
+    (tails,) = plan.tails
+    assert (tails.rows, tails.queries, tails.keys) == (2, 3, 5)
+    mask = tails.mask(torch.zeros(1))
+    assert mask.shape == (2, 1, 3, 5) and mask.dtype == torch.float32
+    assert mask.isfinite().any(-1).all() and mask.stride(-2) == 16  # aligned rows, as CUDA's kernels take them
+    assert tails.mask(torch.zeros(1, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -124,16 +142,26 @@ def test_without_the_layouts_lengths_it_is_sdpa():
 
 
 @pytest.mark.parametrize(
-    ("chunk_size", "checkpointing"), [(0, None), (5, None), (0, "recompute attention"), (0, "keep attention")]
+    ("chunk_size", "checkpointing", "padded"),
+    [
+        (0, None, True),
+        (0, None, False),
+        (5, None, True),
+        (0, "recompute attention", True),
+        (0, "keep attention", False),
+    ],
 )
 def test_split_shared_forward_equals_unshared_in_values_and_lora_gradients(
-    tiny_model_dir, tiny_tokenizer, chunk_size, checkpointing
+    tiny_model_dir, tiny_tokenizer, monkeypatch, request, chunk_size, checkpointing, padded
 ):
     from dpo_lora.core.schema import ModelConfig
     from dpo_lora.model import chunked_logps
     from dpo_lora.model.grad_checkpointing import checkpoint_options
     from dpo_lora.model.load import reference_mode
 
+    shared_attention.layout_plan.cache_clear()  # plans made with the choice forced here stay here
+    request.addfinalizer(shared_attention.layout_plan.cache_clear)
+    monkeypatch.setattr(shared_attention, "pads", lambda lengths: padded)
     model = lora_model(tiny_model_dir, "sdpa")
     if chunk_size:
         assert chunked_logps.install(model, chunk_size)
