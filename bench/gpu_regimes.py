@@ -112,15 +112,16 @@ class OpCount:
             "lift_fresh", "set_", "resize_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
             "_unsafe_view", "_record_function_enter_new", "_record_function_exit"}  # fmt: skip
 
-    def __init__(self, into: dict, prefix: str = "") -> None:
+    def __init__(self, into: dict, prefix: str = "", sites: tuple[str, ...] = ()) -> None:
         self.into, self.prefix = into, prefix  # "upfront_": a reference precompute's ops
+        self.sites = sites  # op names whose call sites are counted too (the step's, `sites` below)
 
     def __enter__(self):
         import collections
 
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        counts, free, section = collections.Counter(), self.FREE, self.section
+        counts, free, section, sites = collections.Counter(), self.FREE, self.section, self.sites
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -130,6 +131,8 @@ class OpCount:
                     if where == "cpu_only" and name.startswith("_scaled_dot_product"):
                         where = "step"  # the attention itself runs on every device
                     counts[where, f"{func.namespace}::{name}"] += 1
+                    if where == "step" and name in sites:
+                        counts["sites", f"{name} @ {call_site()}"] += 1
                 return func(*args, **(kwargs or {}))
 
         self.counts, self.mode = counts, Mode()
@@ -139,7 +142,7 @@ class OpCount:
     # Where the ops being counted belong: "step"; "optimizer" (on the CPU the optimizers run per
     # tensor where CUDA's run fused or foreach: the counts do not carry over); "cpu_only" (torch's
     # lower-right causal masks, materialised on the CPU and taken natively by CUDA's flash kernel).
-    SECTIONS = {"step": "ops", "optimizer": "optimizer_ops", "cpu_only": "cpu_only_ops"}
+    SECTIONS = {"step": "ops", "optimizer": "optimizer_ops", "cpu_only": "cpu_only_ops", "sites": "sites"}
     section = ["step"]
 
     @staticmethod
@@ -164,9 +167,19 @@ class OpCount:
             self.into[f"{self.prefix}{key}_by_name"] = named
 
 
+def call_site() -> str:
+    """The innermost two Python frames outside torch and this file ("file:line:function <- ..."):
+    where an op was asked for. Backward ops show the `.backward()` call that ran them."""
+    import traceback
+
+    outside = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and f.filename != __file__]
+    return " <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(outside[-2:]))
+
+
 def probe(spec: dict, into: dict):
-    """What the measured step runs under: the profiler, or the op count (`spec["probe"] == "ops"`)."""
-    return OpCount(into) if spec.get("probe") == "ops" else StepProfile(into)
+    """What the measured step runs under: the profiler, or the op count (`spec["probe"] == "ops"`),
+    with the call sites of the ops named in `spec["sites"]`."""
+    return OpCount(into, sites=tuple(spec.get("sites", ()))) if spec.get("probe") == "ops" else StepProfile(into)
 
 
 class StepProfile:

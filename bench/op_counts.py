@@ -2,6 +2,7 @@
 
     python bench/op_counts.py [--geometry llama2-7b] [--settings long-mb4,long-mb8,long-prompt-mb4]
                               [--systems trl,trl-precompute,dpo-lora,dpo-lora-fused,...] [--dtype bfloat16]
+                              [--sites _to_copy,copy_,clone]
 
 At 7B and a few pairs a step both trainers are launch-bound on an H200 (docs/performance.md: the GPU
 busy 4-10% of the step, ~12,000 kernels a step), so there the system that dispatches fewer ops is the
@@ -19,6 +20,9 @@ lower-right causal masks, which the CPU materialises for split attention's rejec
 flash kernel takes natively. Not the same as a GPU's kernel count: one op can launch several
 kernels (bitsandbytes' gemm_4bit at training sizes: two dequantizations and a GEMM; cuBLAS; SDPA's
 backward), and CUDA-only paths (FlexAttention, which runs split here) are not counted.
+`--sites OP,...` also counts where the step asks for those ops (the innermost two Python frames
+outside torch: `_to_copy @ tuners_utils.py:2235:_cast_input_dtype <- bnb.py:546:forward`; ops run by
+autograd's backward show the `.backward()` call) and prints the busiest sites per system.
 Results go to bench/results/ops-GEOMETRY-TIMESTAMP.json. TRL is the bench extra.
 """
 
@@ -60,14 +64,14 @@ def prepare_model(name: str) -> Path:
     return model
 
 
-def count(system: str, setting: str, model: Path, dtype: str, work: Path) -> dict:
+def count(system: str, setting: str, model: Path, dtype: str, work: Path, sites: list[str]) -> dict:
     """One system's counted step at one setting ("long-mb4"), in its own process."""
     workload, micro_batch = setting.rsplit("-mb", 1)
     prompt, completion, max_length = gpu_regimes.WORKLOADS[workload]
     spec = {
         "system": system, "model": str(model), "dtype": dtype, "work": str(work), "prompt": prompt,
         "completion": completion, "max_length": max_length, "micro_batch": int(micro_batch), "warmup": 1,
-        "total_steps": 2, "cap_gb": None, "probe": "ops",
+        "total_steps": 2, "cap_gb": None, "probe": "ops", "sites": sites,
     }  # fmt: skip
     spec_file = work / f"spec-{system}-{setting}.json"
     spec_file.write_text(json.dumps(spec))
@@ -110,6 +114,12 @@ def report(results: dict, settings: list[str]) -> None:
         named = by_setting[settings[0]].get("ops_by_name", {})
         top = ", ".join(f"{name.split('::')[1]} {n}" for name, n in list(named.items())[:8])
         print(f"  {system}: {top}")
+    for system, by_setting in results.items():
+        sites = by_setting[settings[0]].get("sites_by_name", {})
+        if sites:
+            print(f"\nwhere {system} asks for {', '.join(sorted({s.split(' @ ')[0] for s in sites}))} (first setting):")
+            for site, n in list(sites.items())[:12]:
+                print(f"  {n:>6}  {site}")
 
 
 def main() -> None:
@@ -118,6 +128,7 @@ def main() -> None:
     parser.add_argument("--settings", default="long-mb4,long-mb8,long-prompt-mb4")
     parser.add_argument("--systems", default="trl,trl-precompute,dpo-lora,dpo-lora-fused,dpo-lora-mask")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--sites", default="", help="comma-separated op names whose call sites are counted")
     args = parser.parse_args()
     settings, systems = args.settings.split(","), args.systems.split(",")
     for system in systems:
@@ -132,7 +143,8 @@ def main() -> None:
         for setting in settings:
             for system in systems:
                 started = time.perf_counter()
-                results[system][setting] = count(system, setting, model, args.dtype, Path(tmp))
+                sites = [name for name in args.sites.split(",") if name]
+                results[system][setting] = count(system, setting, model, args.dtype, Path(tmp), sites)
                 print(f"  {system} {setting}: {time.perf_counter() - started:.0f} s", flush=True)
     report(results, settings)
     out = REPO / "bench/results" / f"ops-{args.geometry}-{time.strftime('%Y%m%d-%H%M%S')}.json"
