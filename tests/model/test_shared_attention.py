@@ -59,22 +59,24 @@ def random_problem(seed: int, device: torch.device, requires_grad: bool, kv_head
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["grouped", "ungrouped"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_split_attention_equals_the_float64_oracle_in_values_and_gradients(seed, kv_heads, padded):
-    lengths, query, key, value, real = random_problem(seed, torch.device("cpu"), requires_grad=True, kv_heads=kv_heads)
+    """On CUDA where present (the GPU check runs this file): there the padded rows' mask goes to
+    the memory-efficient kernel, the per-row causal bias to flash."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lengths, query, key, value, real = random_problem(seed, device, requires_grad=True, kv_heads=kv_heads)
     module = types.SimpleNamespace(num_key_value_groups=4 // kv_heads, is_causal=True, training=False)
     plan = shared_attention.layout_plan(tuple(lengths), query.shape[2], query.device, padded)
     assert len(plan.tails) == (1 if padded else sum(r > 0 for *_, r in lengths))
     kwargs = {shared_attention.PLAN_KEY: plan}
     got, _ = shared_attention.shared_prompt_attention(module, query, key, value, None, scaling=0.3, **kwargs)
-    want = oracle_attention(query, key, value, lengths, scaling=0.3)
-    torch.testing.assert_close(got[real].double(), want[real], rtol=1e-5, atol=1e-6)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (query, key, value)]
+    want = oracle_attention(*leaves, lengths, scaling=0.3)
+    torch.testing.assert_close(got.cpu()[real].double(), want[real].detach(), rtol=1e-5, atol=1e-6)
 
     weights = torch.randn(got.shape) * real[:, :, None, None]  # a loss over the real positions only
-    got_grads = torch.autograd.grad((got * weights).sum(), (query, key, value))
-    leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
-    want_out = oracle_attention(*leaves, lengths, scaling=0.3)
-    want_grads = torch.autograd.grad((want_out * weights.double()).sum(), leaves)
+    got_grads = torch.autograd.grad((got * weights.to(device)).sum(), (query, key, value))
+    want_grads = torch.autograd.grad((want * weights.double()).sum(), leaves)
     for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
-        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_rejected_rows_run_in_one_call_where_padding_them_costs_little():
