@@ -38,14 +38,14 @@ REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = (
     "trl", "dpo-lora-plain", "dpo-lora-unshared", "dpo-lora", "dpo-lora-online", "dpo-lora-mask",
     "trl-lowmem", "dpo-lora-lowmem", "trl-thp", "dpo-lora-allbf16", "dpo-lora-nockpt", "dpo-lora-auto",
-    "dpo-lora-fused",
+    "dpo-lora-fused", "dpo-lora-fused-bf16lora",
 )  # fmt: skip
 LOWMEM_MB = 4
 SHIPPED = {
     "dpo.reference": "auto", "train.share_prompt": "true", "train.shared_prompt_attention": "split",
     "train.logps_chunk_size": "1024", "train.cpu_mmap_threshold_mb": "0", "model.float32_residual": "auto",
     "model.gradient_checkpointing": "true", "model.checkpoint_layers": "all", "model.fused_lora": "false",
-    "model.compile": "off",
+    "model.lora_matmul_dtype": "float32", "model.compile": "off",
 }  # fmt: skip
 MODIFIERS = {
     # the unoptimized path: full logits, no prompt sharing, online reference
@@ -63,6 +63,7 @@ MODIFIERS = {
     "nockpt": {"model.gradient_checkpointing": "false"},
     "auto": {"model.checkpoint_layers": "auto"},  # on a GPU, what the card needs; on a CPU, every layer
     "fused": {"model.fused_lora": "true"},  # each 4-bit LoRA linear as one autograd function
+    "bf16lora": {"model.lora_matmul_dtype": "bfloat16"},  # with -fused in all bf16: the adapter's products in bf16
     "compile": {"model.compile": "layers"},  # each decoder layer compiled (the first steps pay the compile)
     "zero0": {"deepspeed": "deepspeed_configs/zero0.json"},  # DeepSpeed without ZeRO (every other: zero2.json)
 }

@@ -18,6 +18,7 @@ CUDA_TESTS = [  # tests whose engines, models and kernels run on the GPU when on
     "tests/train/test_step.py", "tests/train/test_loop.py", "tests/train/test_guards.py", "tests/train/test_checkpoints.py",
     "tests/model/test_chunked_logps.py", "tests/data/test_layout.py", "tests/model/test_load.py",
     "tests/model/test_shared_attention.py",  # FlexAttention's gradients: CUDA only
+    "tests/model/test_fused_lora.py",  # the fused function on bitsandbytes' CUDA kernels
 ]  # fmt: skip
 
 

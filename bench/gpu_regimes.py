@@ -7,8 +7,9 @@
   checkpointing): the long workload (300 prompt + 480 per completion tokens, max_length 1024) at
   micro-batch 4 and 8, and a long-prompt one (1,500 + 250, max_length 2048) at micro-batch 4, where
   sharing the prompt matters most. Systems: TRL, TRL with `precompute_ref_log_probs=True`,
-  dpo-lora as shipped, with `model.fused_lora=true`, and with `train.shared_prompt_attention=flex`
-  (one FlexAttention call a layer instead of split attention's two SDPA calls and per-row loop).
+  dpo-lora as shipped, with `model.fused_lora=true` (and with the adapter's products in bf16,
+  `model.lora_matmul_dtype=bfloat16`), and with `train.shared_prompt_attention=flex` (one
+  FlexAttention call a layer instead of split attention's two SDPA calls).
 - **memory-cap**: each process capped at `--cap-gb` (24) with
   `torch.cuda.set_per_process_memory_fraction`: an H100/H200 at 24 GB, not a consumer card. Each
   system runs the long workload at its largest micro-batch that fits (dpo-lora: its plan's,
@@ -56,7 +57,7 @@ WORKLOADS = {"long": (300, 480, 1024), "long-prompt": (1500, 250, 2048)}
 EQUAL_SETTINGS = [("long", 4), ("long", 8), ("long-prompt", 4)]
 # In rounds, so that the budget covers the comparison the targets are about (TRL against dpo-lora
 # as shipped, at every setting) before the variants.
-EQUAL_ROUNDS = [["trl", "dpo-lora"], ["trl-precompute", "dpo-lora-flex", "dpo-lora-fused"]]
+EQUAL_ROUNDS = [["trl", "dpo-lora"], ["trl-precompute", "dpo-lora-flex", "dpo-lora-fused", "dpo-lora-fused-bf16lora"]]
 EQUAL_SYSTEMS = [system for round_ in EQUAL_ROUNDS for system in round_]
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768]
 # intermediate_size a multiple of 32: bitsandbytes' CPU 4-bit inference path (TRL's precompute, no grad)

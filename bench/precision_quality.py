@@ -14,8 +14,9 @@ seed's two policies are a pair.
 Run it where bf16 is native (a GPU, or a CPU with AVX512-BF16/AMX): on other CPUs bitsandbytes'
 bf16 backward is ~30x slower. `--dry-run`: float32 (where the two policies are the same run), 2
 steps, one seed, to check the script. `--candidates all-bf16-fused` holds all bf16 with
-`model.fused_lora` (whose adapter's second product rounds to bf16) to the same gate; several
-candidates share one float32-residual run per seed.
+`model.fused_lora` (whose adapter's second product rounds to bf16) to the same gate, and
+`all-bf16-fused-bf16lora` that with both of the adapter's products in bf16
+(`model.lora_matmul_dtype`); several candidates share one float32-residual run per seed.
 Writes bench/results/precision-TIMESTAMP.json.
 """
 
@@ -35,6 +36,11 @@ POLICIES = {
     "float32-residual": ["model.float32_residual=true"],
     "all-bf16": ["model.float32_residual=false"],
     "all-bf16-fused": ["model.float32_residual=false", "model.fused_lora=true"],
+    "all-bf16-fused-bf16lora": [
+        "model.float32_residual=false",
+        "model.fused_lora=true",
+        "model.lora_matmul_dtype=bfloat16",
+    ],
 }
 
 

@@ -223,6 +223,8 @@ def validate(config: Config) -> None:
         raise _refuse("lora.dropout", "must be in [0, 1)")
     if config.model.float32_residual not in (True, False, "auto"):
         raise _refuse("model.float32_residual", f"must be true, false or auto; got {config.model.float32_residual!r}")
+    if config.model.lora_matmul_dtype == "bfloat16" and not config.model.fused_lora:
+        raise _refuse("model.lora_matmul_dtype", "bfloat16 runs in the fused layers: set model.fused_lora: true")
     layers = config.model.checkpoint_layers
     if layers not in ("all", "auto") and not (isinstance(layers, int) and layers >= 0):
         raise _refuse("model.checkpoint_layers", f"must be all, auto or a count >= 0; got {layers!r}")
@@ -294,6 +296,7 @@ def flat_items(tree: dict, prefix: str = "") -> dict:
 ADDED_KEYS = {
     "model.float32_residual": False,
     "model.fused_lora": False,
+    "model.lora_matmul_dtype": "float32",
     "model.compile": "off",
     "train.pad_to_multiple_of": 0,
     "dpo.loss_weights": None,

@@ -78,6 +78,13 @@ class ModelConfig:
         "backward computes only dX and the adapter's gradients) instead of PEFT's chain of modules; where it does "
         "not apply (int8, unquantized, DoRA) one line says so and PEFT's layers run",
     )
+    lora_matmul_dtype: str = knob(
+        "float32",
+        "with fused_lora in all bf16: the dtype of the adapter's products (bfloat16: A and B rounded to bf16 per "
+        "call, no casts of activations, half the saved input; their weights, gradients and AdamW states stay "
+        "float32); elsewhere one line says so and float32 runs",
+        ("float32", "bfloat16"),
+    )
     compile: str = knob(
         "off",
         "layers: compile each decoder layer with torch.compile (fuses the small kernels around the matmuls; "

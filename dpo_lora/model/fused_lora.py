@@ -17,6 +17,14 @@ product in its own dtype (float32); where the layer's output is bf16 (all bf16),
 runs in bf16 into the output with float32 accumulation, where PEFT rounds a float32 product and
 then the sum. Autocast (the float32-residual policy) does not reach inside.
 
+`model.lora_matmul_dtype: bfloat16` (all bf16 only) runs both adapter products and their backward
+in bf16 as well: A and B are rounded to bf16 once per call (r x features each, small), so the
+activations are never cast (PEFT casts each input up and each output down, and autograd both
+gradients back: four casts of a [tokens, features] tensor per layer and pass), and the input kept
+for backward is the bf16 one, half the float32 copy's bytes. The gradients of A and B are bf16
+products with float32 accumulation, handed to the float32 weights; the weights and AdamW's states
+stay float32.
+
 The adapter-off pass (the reference) runs the same function without the adapter. What it does
 not cover falls back to PEFT's layers, named in one line: 8-bit and unquantized bases, DoRA and
 other LoRA variants. Mixed-adapter batches (inference) and merged layers take PEFT's path per
@@ -29,6 +37,8 @@ import sys
 
 import torch
 
+from dpo_lora.model.precision import float32_residual
+
 FUSED = "_dpo_lora_fused"
 
 
@@ -37,7 +47,8 @@ class LoRA4bitLinear(torch.autograd.Function):
     from `weight` in `compute` dtype, as bitsandbytes' own layer computes it."""
 
     @staticmethod
-    def forward(ctx, x, xd, weight, quant_state, bias, lora_a, lora_b, scale, compute):
+    def forward(ctx, x, xd, weight, quant_state, bias, lora_a, lora_b, scale, compute, lora_dtype=None):
+        """`lora_dtype`: the dtype of the adapter's products (None: its weights' own)."""
         import bitsandbytes as bnb
 
         flat = x.reshape(-1, x.shape[-1])
@@ -46,8 +57,10 @@ class LoRA4bitLinear(torch.autograd.Function):
         bias = None if bias is None else bias.to(compute)
         y = bnb.matmul_4bit(flat.to(compute), weight.t(), bias=bias, quant_state=quant_state).to(x.dtype)
         if lora_a is not None:
+            ctx.master_dtype = lora_a.dtype
+            lora_a, lora_b = lora_a.to(lora_dtype or lora_a.dtype), lora_b.to(lora_dtype or lora_b.dtype)
             flat_xd = xd.reshape(-1, xd.shape[-1]).to(lora_a.dtype)
-            t = flat_xd @ lora_a.t()  # [N, r], in the adapter's dtype
+            t = flat_xd @ lora_a.t()  # [N, r], in the adapter's product dtype
             # The base output is ours: the adapter is added in place (no clone), scaled by the GEMM.
             # Where the output is narrower than the adapter (all bf16), t and B are rounded to it and
             # the GEMM accumulates in float32, rounding the sum once.
@@ -70,14 +83,14 @@ class LoRA4bitLinear(torch.autograd.Function):
         if ctx.has_lora:
             flat_xd, t, lora_a, lora_b = ctx.saved_tensors
             dy_lora = dy.to(lora_a.dtype)
-            dt = (dy_lora @ lora_b) * ctx.scale  # [N, r]
+            dt = (dy_lora @ lora_b).mul_(ctx.scale)  # [N, r]
             if ctx.needs_input_grad[5]:
-                da = dt.t() @ flat_xd
+                da = (dt.t() @ flat_xd).to(ctx.master_dtype)
             if ctx.needs_input_grad[6]:
-                db = ctx.scale * (dy_lora.t() @ t)
+                db = (dy_lora.t() @ t).to(ctx.master_dtype).mul_(ctx.scale)
             if ctx.needs_input_grad[1]:
                 dxd = (dt @ lora_a).to(ctx.xd_dtype).reshape(x_shape)
-        return dx, dxd, None, None, None, da, db, None, None
+        return dx, dxd, None, None, None, da, db, None, None, None
 
 
 def fuse(model, model_config, zero_stage: int = 0) -> int:
@@ -92,13 +105,29 @@ def fuse(model, model_config, zero_stage: int = 0) -> int:
     if reason is not None:
         print(f"dpo-lora: model.fused_lora: PEFT's layers instead: {reason}", file=sys.stderr)
         return 0
+    lora_dtype = adapter_product_dtype(model_config)
     for module in layers:
         if not getattr(module, FUSED, False):
-            module.forward = _fused_forward(module, module.forward)
+            module.forward = _fused_forward(module, module.forward, lora_dtype)
             setattr(module, FUSED, True)
             if zero_stage == 3:
                 _gather_with(module)
     return len(layers)
+
+
+def adapter_product_dtype(model_config) -> torch.dtype | None:
+    """The dtype the fused layers run the adapter's products in: bf16 where `model.lora_matmul_dtype`
+    asks for it and the layers' outputs are bf16 (all bf16), else None (the adapter's float32),
+    with one line saying why where it was asked for."""
+    if model_config.lora_matmul_dtype != "bfloat16":
+        return None
+    if model_config.dtype != "bfloat16" or float32_residual(model_config):
+        policy = "the float32 residual" if model_config.dtype == "bfloat16" else f"model.dtype={model_config.dtype}"
+        print(
+            f"dpo-lora: model.lora_matmul_dtype: float32 instead: {policy} (bfloat16 needs all bf16)", file=sys.stderr
+        )
+        return None
+    return torch.bfloat16
 
 
 def _gather_with(layer) -> None:
@@ -120,7 +149,7 @@ def _is_lora_4bit(module) -> bool:
     return isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), bnb.nn.Linear4bit)
 
 
-def _fused_forward(layer, peft_forward):
+def _fused_forward(layer, peft_forward, lora_dtype):
     base = layer.get_base_layer()
 
     def forward(x, *args, **kwargs):
@@ -140,7 +169,7 @@ def _fused_forward(layer, peft_forward):
         weight = base.weight
         with torch.autocast(x.device.type, enabled=False):
             return LoRA4bitLinear.apply(
-                x, xd, weight, weight.quant_state, base.bias, *lora, base.compute_dtype or x.dtype
+                x, xd, weight, weight.quant_state, base.bias, *lora, base.compute_dtype or x.dtype, lora_dtype
             )
 
     return forward
