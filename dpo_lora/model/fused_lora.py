@@ -34,6 +34,7 @@ call. Under ZeRO-3 each fused layer gathers the weights it reads (DeepSpeed's ex
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 
 import torch
 
@@ -52,10 +53,13 @@ class LoRA4bitLinear(torch.autograd.Function):
         import bitsandbytes as bnb
 
         flat = x.reshape(-1, x.shape[-1])
-        # bitsandbytes' own 4-bit product, as its layer runs it without grad: one op that picks the
-        # device's kernel (a fused dequantize-GEMM, or dequantize then one GEMM)
         bias = None if bias is None else bias.to(compute)
-        y = bnb.matmul_4bit(flat.to(compute), weight.t(), bias=bias, quant_state=quant_state).to(x.dtype)
+        if quant_state is None:  # a dense weight: the memory plan's meta forward (skeleton_fused)
+            y = torch.nn.functional.linear(flat.to(compute), weight.to(compute), bias).to(x.dtype)
+        else:
+            # bitsandbytes' own 4-bit product, as its layer runs it without grad: one op that picks
+            # the device's kernel (a fused dequantize-GEMM, or dequantize then one GEMM)
+            y = bnb.matmul_4bit(flat.to(compute), weight.t(), bias=bias, quant_state=quant_state).to(x.dtype)
         if lora_a is not None:
             ctx.master_dtype = lora_a.dtype
             lora_a, lora_b = lora_a.to(lora_dtype or lora_a.dtype), lora_b.to(lora_dtype or lora_b.dtype)
@@ -78,7 +82,8 @@ class LoRA4bitLinear(torch.autograd.Function):
         dy = grad.reshape(-1, grad.shape[-1])
         dx = dxd = da = db = None
         if ctx.needs_input_grad[0]:
-            w = bnb_functional.dequantize_4bit(ctx.weight, ctx.quant_state).to(ctx.compute)  # again, not kept
+            w = ctx.weight if ctx.quant_state is None else bnb_functional.dequantize_4bit(ctx.weight, ctx.quant_state)
+            w = w.to(ctx.compute)  # dequantized again, not kept
             dx = (dy.to(ctx.compute) @ w).to(x_dtype).reshape(x_shape)
         if ctx.has_lora:
             flat_xd, t, lora_a, lora_b = ctx.saved_tensors
@@ -115,19 +120,32 @@ def fuse(model, model_config, zero_stage: int = 0) -> int:
     return len(layers)
 
 
-def adapter_product_dtype(model_config) -> torch.dtype | None:
+def adapter_product_dtype(model_config, say: bool = True) -> torch.dtype | None:
     """The dtype the fused layers run the adapter's products in: bf16 where `model.lora_matmul_dtype`
     asks for it and the layers' outputs are bf16 (all bf16), else None (the adapter's float32),
-    with one line saying why where it was asked for."""
+    with one line saying why where it was asked for (`say`)."""
     if model_config.lora_matmul_dtype != "bfloat16":
         return None
     if model_config.dtype != "bfloat16" or float32_residual(model_config):
         policy = "the float32 residual" if model_config.dtype == "bfloat16" else f"model.dtype={model_config.dtype}"
-        print(
-            f"dpo-lora: model.lora_matmul_dtype: float32 instead: {policy} (bfloat16 needs all bf16)", file=sys.stderr
-        )
+        if say:
+            print(f"dpo-lora: model.lora_matmul_dtype: float32 instead: {policy} (bfloat16 needs all bf16)", file=sys.stderr)  # fmt: skip
         return None
     return torch.bfloat16
+
+
+def skeleton_fused(model, model_config) -> None:
+    """The memory plan's meta model (PEFT's LoRA over dense meta weights) given the fused forward
+    where training would fuse its layers, so that the plan counts what they keep for backward."""
+    from peft.tuners.lora import LoraLayer
+
+    if not model_config.fused_lora or model_config.quantization not in ("nf4", "fp4"):
+        return
+    lora_dtype = adapter_product_dtype(model_config, say=False)
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not getattr(module, FUSED, False):
+            module.forward = _fused_forward(module, module.forward, lora_dtype)
+            setattr(module, FUSED, True)
 
 
 def _gather_with(layer) -> None:
@@ -167,9 +185,11 @@ def _fused_forward(layer, peft_forward, lora_dtype):
             xd = dropout(x) if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 else x
             lora = (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
         weight = base.weight
-        with torch.autocast(x.device.type, enabled=False):
+        compute = getattr(base, "compute_dtype", None) or x.dtype
+        device = x.device.type  # no autocast on meta (the plan's forward)
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             return LoRA4bitLinear.apply(
-                x, xd, weight, weight.quant_state, base.bias, *lora, base.compute_dtype or x.dtype, lora_dtype
+                x, xd, weight, getattr(weight, "quant_state", None), base.bias, *lora, compute, lora_dtype
             )
 
     return forward

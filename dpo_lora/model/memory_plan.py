@@ -26,6 +26,7 @@ import torch
 from dpo_lora.core.dsconfig import read_json
 from dpo_lora.data.layout import padded_width, unsupported_reason
 from dpo_lora.data.prepare import tokenized_split
+from dpo_lora.model.fused_lora import skeleton_fused
 from dpo_lora.model.grad_checkpointing import checkpointed_count, keeps_attention_outputs
 from dpo_lora.model.load import load_tokenizer
 from dpo_lora.model.precision import float32_residual, torch_dtype
@@ -139,6 +140,7 @@ def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, i
     from torch.multiprocessing.reductions import StorageWeakRef
 
     model = skeleton(config, layers=2, dtype=torch_dtype(config.model.dtype))  # the compute dtype
+    skeleton_fused(model, config.model)  # model.fused_lora keeps other tensors than PEFT's layers
     model.train()
     params = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
     layers = model.get_base_model().model.layers

@@ -12,8 +12,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo_lora.core.config import load_config
+from dpo_lora.model.fused_lora import fuse
 from dpo_lora.model.load import attach_adapter, load_base
 from dpo_lora.model.memory_plan import plan
+from dpo_lora.model.precision import torch_dtype
 
 from ..conftest import REPO
 
@@ -79,6 +81,8 @@ def counted_step(config, count_attention_outputs: bool = False, tokens: int = 2 
     import bitsandbytes as bnb
 
     model = attach_adapter(load_base(config.model, torch.device("cpu")), config.lora)
+    if config.model.fused_lora:
+        fuse(model, config.model)
     model.train()
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -102,7 +106,10 @@ def counted_step(config, count_attention_outputs: bool = False, tokens: int = 2 
     rows = MICRO  # rows of the shared-prompt layout the plan chose for these models
     ids = torch.randint(0, 512, (rows, tokens))
     positions = torch.arange(tokens).expand(rows, tokens)
-    mask = torch.zeros(rows, 1, tokens, tokens).masked_fill(torch.ones(tokens, tokens).triu(1).bool(), float("-inf"))
+    dtype = torch_dtype(config.model.dtype)  # the additive mask, in the compute dtype as training builds it
+    mask = torch.zeros(rows, 1, tokens, tokens, dtype=dtype).masked_fill(
+        torch.ones(tokens, tokens).triu(1).bool(), float("-inf")
+    )
     kernels = AttentionOutputs() if count_attention_outputs else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), kernels:
         hidden = (
@@ -132,6 +139,21 @@ def test_each_planned_component_matches_a_real_step_within_two_percent(run_confi
         if name in ("layer input", "attention outputs"):
             continue
         assert predicted[name] == pytest.approx(count, rel=0.02), name
+
+
+@pytest.mark.parametrize("layers", ["peft", "fused", "fused-bf16"])
+def test_planned_activations_in_all_bf16_match_a_real_step(run_config, layers):
+    """All bf16, with PEFT's layers, the fused ones, and the fused ones with bf16 products (which
+    keep the bf16 input, not a float32 copy): the plan counts what a real step keeps."""
+    activations = "activations (every layer's saved tensors)"
+    model = replace(run_config.model, dtype="bfloat16", float32_residual=False, fused_lora=layers != "peft",
+                    lora_matmul_dtype="bfloat16" if layers == "fused-bf16" else "float32")  # fmt: skip
+    config = replace(run_config, model=model)
+    counted = counted_step(config)[activations]
+    assert plan(config).components[activations] == pytest.approx(counted, rel=0.02)
+    if layers == "fused-bf16":
+        peft = replace(config, model=replace(model, fused_lora=False, lora_matmul_dtype="float32"))
+        assert counted < 0.8 * counted_step(peft)[activations]  # the float32 copies are gone
 
 
 def test_a_plan_at_shorter_rows_matches_a_real_step_at_that_length(run_config):
