@@ -41,6 +41,7 @@ import torch
 from dpo_lora.model.precision import float32_residual
 
 FUSED = "_dpo_lora_fused"
+QUANTIZATIONS = ("nf4", "fp4")  # the bases it fuses
 
 
 class LoRA4bitLinear(torch.autograd.Function):
@@ -102,7 +103,7 @@ def fuse(model, model_config, zero_stage: int = 0) -> int:
     """Give every 4-bit LoRA layer of `model` (a PeftModel) the fused forward; the count, or 0
     with one line saying why none could take it."""
     reason = None
-    if model_config.quantization not in ("nf4", "fp4"):
+    if model_config.quantization not in QUANTIZATIONS:
         reason = f"model.quantization={model_config.quantization} (it fuses 4-bit layers only)"
     layers = [m for m in model.modules() if _is_lora_4bit(m)]
     if reason is None and any(getattr(m, "lora_variant", None) for m in layers):
@@ -112,11 +113,8 @@ def fuse(model, model_config, zero_stage: int = 0) -> int:
         return 0
     lora_dtype = adapter_product_dtype(model_config)
     for module in layers:
-        if not getattr(module, FUSED, False):
-            module.forward = _fused_forward(module, module.forward, lora_dtype)
-            setattr(module, FUSED, True)
-            if zero_stage == 3:
-                _gather_with(module)
+        if _give_fused_forward(module, lora_dtype) and zero_stage == 3:
+            _gather_with(module)
     return len(layers)
 
 
@@ -139,13 +137,21 @@ def skeleton_fused(model, model_config) -> None:
     where training would fuse its layers, so that the plan counts what they keep for backward."""
     from peft.tuners.lora import LoraLayer
 
-    if not model_config.fused_lora or model_config.quantization not in ("nf4", "fp4"):
+    if not model_config.fused_lora or model_config.quantization not in QUANTIZATIONS:
         return
     lora_dtype = adapter_product_dtype(model_config, say=False)
     for module in model.modules():
-        if isinstance(module, LoraLayer) and not getattr(module, FUSED, False):
-            module.forward = _fused_forward(module, module.forward, lora_dtype)
-            setattr(module, FUSED, True)
+        if isinstance(module, LoraLayer):
+            _give_fused_forward(module, lora_dtype)
+
+
+def _give_fused_forward(layer, lora_dtype) -> bool:
+    """Replace `layer`'s forward by the fused one, once; whether it was replaced now."""
+    if getattr(layer, FUSED, False):
+        return False
+    layer.forward = _fused_forward(layer, layer.forward, lora_dtype)
+    setattr(layer, FUSED, True)
+    return True
 
 
 def _gather_with(layer) -> None:
