@@ -13,6 +13,10 @@ token per step through the KV cache, each row picked by its own rule.
 Rows that end leave the batch (the cache drops them), so a long answer does not make the short
 ones' rows compute on. With a PeftModel each row runs its own adapter (PEFT's mixed-batch
 forward); `BASE` runs the base alone.
+
+A row that asks for log-probs gets, with each token, log softmax(logits)[token] of the model's own
+distribution (before temperature and top_p, as OpenAI's and vLLM's APIs report them) and its
+`logprobs` most likely alternatives. `prompt_logprobs()` scores a prompt's own tokens the same way.
 """
 
 from __future__ import annotations
@@ -39,6 +43,22 @@ class Row:
     sampling: Sampling
     adapter: str = BASE
     generator: torch.Generator | None = None  # a seeded stream; None: torch's global one
+    logprobs: int | None = None  # report each token's log-prob and this many alternatives; None: none
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One token's log-prob under the model, and the `k` most likely tokens there (most likely first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def scored(logprobs: torch.Tensor, token: int, k: int) -> Scored:
+    """`token`'s entry in one position's log-probs [V], with the k most likely tokens."""
+    values, ids = logprobs.topk(k)
+    return Scored(token, float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist(), strict=True)))
 
 
 def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
@@ -57,20 +77,26 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
     return int(choice)
 
 
-def decode(model, rows: list[Row], eos_ids: set[int], pad_id: int, on_token: Callable[[int, int], bool]) -> None:
-    """Decode every row until it picks an EOS, reaches its max_tokens, or `on_token(row, token)`
-    returns False (a stop string, a cancelled request). `on_token` sees every picked token, EOS
-    included, in order per row."""
+OnToken = Callable[[int, int, Scored | None], bool]
+
+
+def decode(model, rows: list[Row], eos_ids: set[int], pad_id: int, on_token: OnToken) -> None:
+    """Decode every row until it picks an EOS, reaches its max_tokens (a row with 0 picks none), or
+    `on_token(row, token, scored)` returns False (a stop string, a cancelled request). `on_token`
+    sees every picked token, EOS included, in order per row; `scored` is its log-probs where the
+    row asked for them, else None."""
     device = next(model.parameters()).device
-    width = max(len(row.prompt) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
-        mask[i, width - len(row.prompt) :] = 1
+    live = [i for i, row in enumerate(rows) if row.sampling.max_tokens > 0]  # rows still decoding, in batch order
+    if not live:
+        return
+    width = max(len(rows[i].prompt) for i in live)
+    ids = torch.full((len(live), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(live), width), dtype=torch.long)
+    for slot, i in enumerate(live):
+        ids[slot, width - len(rows[i].prompt) :] = torch.tensor(rows[i].prompt)
+        mask[slot, width - len(rows[i].prompt) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     cache_key = _cache_argument(model)
-    live = list(range(len(rows)))  # rows still decoding, in batch order
     counts = [0] * len(rows)
     cache = None
     with torch.no_grad():
@@ -87,11 +113,13 @@ def decode(model, rows: list[Row], eos_ids: set[int], pad_id: int, on_token: Cal
                     **adapters,
                 )
             cache, logits = getattr(out, cache_key), out.logits[:, -1]
+            logprobs = _logprobs_if_asked(logits, [rows[i].logprobs for i in live])
             tokens, keep = [], []
             for slot, i in enumerate(live):
                 token = pick(logits[slot], rows[i].sampling, rows[i].generator)
                 counts[i] += 1
-                going = on_token(i, token) and token not in eos_ids and counts[i] < rows[i].sampling.max_tokens
+                score = None if rows[i].logprobs is None else scored(logprobs[slot], token, rows[i].logprobs)
+                going = on_token(i, token, score) and token not in eos_ids and counts[i] < rows[i].sampling.max_tokens
                 if going:
                     tokens.append(token)
                     keep.append(slot)
@@ -104,6 +132,25 @@ def decode(model, rows: list[Row], eos_ids: set[int], pad_id: int, on_token: Cal
                 live = [live[slot] for slot in keep]
             ids = torch.tensor(tokens, device=device).unsqueeze(1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+
+def prompt_logprobs(model, prompt: list[int], adapter: str, k: int, chunk: int = 256) -> list[Scored | None]:
+    """log p(prompt[t] | prompt[:t]) for each prompt token, with the k most likely tokens at each
+    position; None for the first token, which nothing predicts. One forward over the prompt alone;
+    the log-softmax runs `chunk` positions at a time, so its float32 copy stays chunk x vocab."""
+    device = next(model.parameters()).device
+    with torch.no_grad(), _adapters(model, [adapter]) as adapters:
+        logits = model(input_ids=torch.tensor([prompt], device=device), **adapters).logits[0, :-1]
+        entries: list[Scored | None] = [None]
+        for start in range(0, logits.shape[0], chunk):
+            logprobs = torch.log_softmax(logits[start : start + chunk].float(), dim=-1)
+            entries += [scored(row, prompt[start + 1 + t], k) for t, row in enumerate(logprobs)]
+    return entries
+
+
+def _logprobs_if_asked(logits: torch.Tensor, asked: list[int | None]) -> torch.Tensor | None:
+    """log softmax of the live rows' logits [rows, V] in float32, if any row asked for log-probs."""
+    return torch.log_softmax(logits.float(), dim=-1) if any(k is not None for k in asked) else None
 
 
 def _cache_argument(model) -> str:

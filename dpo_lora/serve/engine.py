@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from dpo_lora.model import precision
-from dpo_lora.model.decode import BASE, Row, Sampling, decode
+from dpo_lora.model.decode import BASE, Row, Sampling, Scored, decode, prompt_logprobs
+from dpo_lora.serve.logprobs_wire import TokenTexts
 from dpo_lora.serve.text_stream import TextStream
 
 CLOSE = object()  # an engine's queue item: unload and end the worker
@@ -45,8 +46,11 @@ class EngineError(Exception):
 @dataclass
 class Request:
     """One API request: `n` answers to each prompt, all with one adapter and one sampling rule.
-    Its `events` queue gets ("text", choice, piece), ("end", choice, finish_reason, tokens) per
-    choice, then ("done",); or ("error", EngineError) instead."""
+    Its `events` queue gets, per choice, ("prompt", choice, scored) where it echoes its prompt's
+    log-probs, ("text", choice, piece, scored) as text settles and ("end", choice, finish_reason,
+    tokens, scored); then ("done",); or ("error", EngineError) instead. `scored` lists the
+    `decode.Scored` of the tokens since the last event, where the request asked for log-probs
+    (`logprobs` alternatives each), else it is empty."""
 
     prompts: list[list[int]]
     n: int
@@ -55,6 +59,8 @@ class Request:
     label: str  # the model id, for the log
     stops: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None  # None: no log-probs
+    echo: bool = False  # with logprobs: score the prompt's tokens too
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -80,7 +86,8 @@ class Engine:
         self.max_adapters, self.max_rows, self.idle_s = max_adapters, max_rows, idle_s
         self.device_name: str | None = None  # where the base is loaded now
         self.tokenizer = load_tokenizer(self.model_config)
-        self.context_length: int | None = _context_length(self.model_config)
+        self.token_texts = TokenTexts(self.tokenizer)  # log-probs' token texts and bytes
+        self.context_length, self.vocab_size = _sizes(self.model_config)
         self.model = None
         self.adapters: collections.OrderedDict[Path, str] = collections.OrderedDict()  # folder -> PEFT name
         self.waiting: collections.deque = collections.deque()
@@ -160,20 +167,23 @@ class Engine:
             generator = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
             for p, prompt in enumerate(request.prompts):
                 for k in range(request.n):
-                    rows.append(Row(prompt, request.sampling, names[request.adapter], generator))
+                    rows.append(Row(prompt, request.sampling, names[request.adapter], generator, request.logprobs))
                     owners.append((request, p * request.n + k))
                     streams.append(TextStream(self.tokenizer, request.stops))
         counts = [0] * len(rows)
+        pending: list[list[Scored]] = [[] for _ in rows]  # scored tokens not yet handed on
 
-        def on_token(i: int, token: int) -> bool:
+        def on_token(i: int, token: int, score: Scored | None) -> bool:
             request, choice = owners[i]
             if token not in self.eos_ids:
                 counts[i] += 1
+                pending[i] += [score] if score else []
                 if piece := streams[i].push(token):
-                    request.events.put(("text", choice, piece))
+                    request.events.put(("text", choice, piece, _taken(pending[i])))
             return not (streams[i].stopped or request.cancelled.is_set())
 
         try:
+            self._echo_logprobs(batch, names)
             decode(self.model, rows, self.eos_ids, self.tokenizer.pad_token_id, on_token)
         except Exception as err:  # noqa: BLE001
             for request in batch:
@@ -181,11 +191,20 @@ class Engine:
             return
         for i, (request, choice) in enumerate(owners):
             if piece := streams[i].finish():
-                request.events.put(("text", choice, piece))
+                request.events.put(("text", choice, piece, _taken(pending[i])))
             ended = streams[i].stopped or counts[i] < request.sampling.max_tokens
-            request.events.put(("end", choice, "stop" if ended else "length", counts[i]))
+            request.events.put(("end", choice, "stop" if ended else "length", counts[i], _taken(pending[i])))
         for request in batch:
             request.events.put(("done",))
+
+    def _echo_logprobs(self, batch: list[Request], names: dict) -> None:
+        """The prompt's scored tokens for every choice of the requests that echo with log-probs."""
+        for request in batch:
+            if request.echo and request.logprobs is not None:
+                for p, prompt in enumerate(request.prompts):
+                    scored = prompt_logprobs(self.model, prompt, names[request.adapter], request.logprobs)
+                    for k in range(request.n):
+                        request.events.put(("prompt", p * request.n + k, scored))
 
     def _load(self) -> None:
         if self.model is not None:
@@ -253,8 +272,17 @@ def log(message: str) -> None:
     print(f"dpo-lora serve: inference: {message}", file=sys.stderr, flush=True)
 
 
-def _context_length(model_config) -> int | None:
+def _taken(items: list) -> list:
+    """The items, leaving the list empty."""
+    taken = items[:]
+    items.clear()
+    return taken
+
+
+def _sizes(model_config) -> tuple[int | None, int | None]:
+    """The model's context length and vocabulary size (token ids a prompt may hold), from its config."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_config.path, trust_remote_code=model_config.trust_remote_code)
-    return getattr(config.get_text_config(), "max_position_embeddings", None)
+    text = config.get_text_config()
+    return getattr(text, "max_position_embeddings", None), getattr(text, "vocab_size", None)

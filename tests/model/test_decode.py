@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_lora.model.decode import BASE, Row, Sampling, decode, pick
+from dpo_lora.model.decode import BASE, Row, Sampling, decode, pick, prompt_logprobs
 
 from ..conftest import build_tiny_model
 
@@ -44,11 +44,13 @@ def reference_greedy(model, prompt: list[int], adapter: str, max_tokens: int, eo
     return out[0, len(prompt) :].tolist()
 
 
-def run(model, rows, eos=63, stop=None):
+def run(model, rows, eos=63, stop=None, scores=None):
     got = [[] for _ in rows]
 
-    def on_token(i, token):
+    def on_token(i, token, scored):
         got[i].append(token)
+        if scores is not None:
+            scores[i].append(scored)
         return stop is None or not stop(i, got[i])
 
     decode(model, rows, {eos}, pad_id=0, on_token=on_token)
@@ -116,3 +118,60 @@ def test_pick_samples_softmax_over_temperature_and_cuts_at_top_p():
     assert frequencies(Sampling(t, 0.8))[2:].sum() == 0, "0.700 + 0.168 already reach 0.8"
     assert pick(logits, Sampling(1.0, 1e-6), generator) == 0, "a tiny top_p keeps only the argmax"
     assert pick(torch.tensor([0.0, 3.0, 1.0]), Sampling(0.0), None) == 1
+
+
+def oracle_logprobs(model, tokens: list[int], adapter: str) -> torch.Tensor:
+    """log p(tokens[t] | tokens[:t]) at every position [T-1, V], in float64: one forward over the whole
+    sequence by a float64 copy of the model, no cache, no padding, the adapter set the plain way."""
+    import copy
+
+    double = copy.deepcopy(model).double()
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        if adapter == BASE:
+            with double.disable_adapter():
+                logits = double(input_ids=ids).logits[0, :-1]
+        else:
+            double.set_adapter(adapter)
+            logits = double(input_ids=ids).logits[0, :-1]
+    return torch.log_softmax(logits, dim=-1)
+
+
+def assert_scored_like(entry, oracle_row: torch.Tensor, token: int, k: int) -> None:
+    assert entry.token == token
+    assert abs(entry.logprob - float(oracle_row[token])) < 1e-4
+    values, ids = oracle_row.topk(k)
+    assert [t for t, _ in entry.top] == ids.tolist(), "the k most likely, most likely first"
+    assert torch.allclose(torch.tensor([lp for _, lp in entry.top], dtype=torch.float64), values, atol=1e-4)
+
+
+def test_each_tokens_logprob_is_the_models_own_as_a_float64_forward_over_prompt_and_answer_gives(two_adapters):
+    prompts = [[5, 9, 12, 3, 7, 30], [8, 2], [17, 4, 4, 11]]
+    adapters = ["a", "b", BASE]
+    rows = [
+        Row(prompts[0], Sampling(temperature=0, max_tokens=6), "a", None, 3),
+        Row(prompts[1], Sampling(temperature=1.5, top_p=0.9, max_tokens=5), "b", torch.Generator().manual_seed(4), 2),
+        Row(prompts[2], Sampling(temperature=0, max_tokens=4), BASE),  # asks for none
+        Row([1, 2, 3], Sampling(temperature=0, max_tokens=0), "a", None, 1),  # asks for no token at all
+    ]
+    scores = [[] for _ in rows]
+    got = run(two_adapters, rows, scores=scores)
+    assert got[3] == [] and scores[2] == [None] * len(got[2])
+    for row, adapter, tokens, entries in zip(rows[:2], adapters, got, scores, strict=False):
+        oracle = oracle_logprobs(two_adapters, row.prompt + tokens, adapter)
+        for k, (token, entry) in enumerate(zip(tokens, entries, strict=True)):
+            # temperature and top_p change which token is picked, not the log-probs reported
+            assert_scored_like(entry, oracle[len(row.prompt) + k - 1], token, row.logprobs)
+    assert all(e.logprob == e.top[0][1] for e in scores[0]), "greedy picks the most likely token"
+
+
+def test_a_prompts_logprobs_are_the_float64_forwards_and_its_first_token_has_none(two_adapters):
+    prompt = [5, 9, 12, 3, 7, 30, 2, 2, 41]
+    for adapter in ("a", BASE):
+        entries = prompt_logprobs(two_adapters, prompt, adapter, k=4, chunk=3)  # chunks of 3 positions: 3 chunks
+        oracle = oracle_logprobs(two_adapters, prompt, adapter)
+        assert entries[0] is None and len(entries) == len(prompt)
+        for t in range(1, len(prompt)):
+            assert_scored_like(entries[t], oracle[t - 1], prompt[t], 4)
+    a, base = (prompt_logprobs(two_adapters, prompt, name, k=0) for name in ("a", BASE))
+    assert a[1].top == () and abs(a[-1].logprob - base[-1].logprob) > 1e-3, "the adapter changes the scores"

@@ -8,6 +8,7 @@ the last bit of a batch's rounding), trained by two short jobs of the server its
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import openai
 import pytest
@@ -133,8 +134,9 @@ def test_unknown_models_and_bad_parameters_are_openai_errors(trained):
         greedy(client, "ft:sharp-llama:dpo-lora::nope")
     with pytest.raises(openai.NotFoundError, match="no checkpoint at step 999"):
         greedy(client, f"{first}:ckpt-step-999")
-    for options, param in (({"temperature": 3}, "temperature"), ({"n": 99}, "n"), ({"logprobs": True}, "logprobs"),
-                           ({"max_tokens": 100000}, "max_tokens")):  # fmt: skip
+    for options, param in (({"temperature": 3}, "temperature"), ({"n": 99}, "n"), ({"top_logprobs": 2}, "top_logprobs"),
+                           ({"max_tokens": 100000}, "max_tokens"), ({"tools": [{"type": "function"}]}, "tools"),
+                           ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"max_tokens": 0}, "max_tokens")):  # fmt: skip
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model=base, messages=ASK, **options)
         assert caught.value.body["param"] == param
@@ -142,3 +144,125 @@ def test_unknown_models_and_bad_parameters_are_openai_errors(trained):
         client.completions.create(model=base, prompt=["The plot"] * 5, n=8, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="role: 'tool' is not supported"):
         greedy(client, base, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
+    with pytest.raises(openai.BadRequestError, match="token id 4000 is outside the model's vocabulary") as caught:
+        client.completions.create(model=base, prompt=[[5, 6], [7, 4000]], max_tokens=1)
+    assert caught.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError, match="needs echo: true"):
+        client.completions.create(model=base, prompt="The plot", max_tokens=0)
+
+
+def test_chat_logprobs_cover_each_answer_token_streamed_or_not_and_their_bytes_spell_the_answer(trained):
+    client, _, (first, _), _, _ = trained
+    ask = dict(model=first, messages=ASK, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3)
+    answer = client.chat.completions.create(**ask)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens > 3, "one entry per completion token"
+    assert (
+        bytes(b for entry in content for b in entry.bytes).decode(errors="replace") == answer.choices[0].message.content
+    )
+    for entry in content:
+        tops = [top.logprob for top in entry.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and all(lp <= 0 for lp in tops)
+        assert entry.token == entry.top_logprobs[0].token and entry.logprob == tops[0], "greedy takes the likeliest"
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+    plain = client.chat.completions.create(model=first, messages=ASK, temperature=0, max_tokens=12)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == answer.choices[0].message.content
+
+
+def offline_greedy(run: Path, prompt: list[int], count: int) -> list[int]:
+    """The fine-tuned model's greedy continuation by transformers' generate(), loaded outside the server."""
+    import tempfile
+
+    from dpo_lora.train.trained import load_trained
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model, tokenizer, _ = load_trained(str(run / "run"), Path(scratch))
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+    return [t for t in out[0, len(prompt) :].tolist() if t != tokenizer.eos_token_id]
+
+
+def test_echoed_prompts_are_scored_as_lm_eval_harness_reads_them_and_agree_with_the_decoded_logprobs(trained):
+    """lm-evaluation-harness' `local-completions` scores (context, continuation) by sending both as
+    token ids with echo, logprobs 1 and max_tokens 1, and reads token_logprobs[ctxlen:-1]. Scored
+    by one forward over the prompt, the greedy continuation must get the log-probs its decoding gave."""
+    client, _, (first, _), run, _ = trained
+    context = tiny_tokens("The plot was")
+    made = client.completions.create(model=first, prompt=context, max_tokens=6, temperature=0, logprobs=2).choices[0]
+    greedy_ids = offline_greedy(run, context, 6)
+    assert len(made.logprobs.tokens) == len(greedy_ids) >= 2, "one entry per completion token"
+    assert made.logprobs.text_offset[0] == len("The plot was"), "offsets count from the prompt's start"
+    assert all(made.logprobs.top_logprobs[k][t] == lp for k, (t, lp) in enumerate(zip(made.logprobs.tokens, made.logprobs.token_logprobs, strict=True)))  # fmt: skip
+    other = greedy_ids[:-1] + [next(t for t in tiny_tokens(" the end") if t != greedy_ids[-1])]
+    scored = client.completions.create(model=first, prompt=[context + greedy_ids, context + other], max_tokens=1,
+                                       temperature=0, logprobs=1, echo=True, seed=1234)  # lm-eval's payload  # fmt: skip
+    results = []
+    for choice, ctxlen in zip(sorted(scored.choices, key=lambda c: c.index), [len(context)] * 2, strict=True):
+        logprobs = choice.logprobs.token_logprobs[ctxlen:-1]
+        tops = choice.logprobs.top_logprobs[ctxlen:-1]
+        results.append((sum(logprobs), all(lp == max(top.values()) for lp, top in zip(logprobs, tops, strict=True))))
+    assert results[0][0] == pytest.approx(sum(made.logprobs.token_logprobs), abs=1e-4)
+    assert results[0][1] and not results[1][1], "the decoded continuation is the greedy one, the other is not"
+    assert results[1][0] < results[0][0]
+    assert len(scored.choices[1].logprobs.top_logprobs[-2]) == 2, "the likeliest token and the one sent, not likeliest"
+    echoed = scored.choices[0]
+    assert echoed.logprobs.token_logprobs[0] is None and echoed.logprobs.top_logprobs[0] is None
+    assert len(echoed.logprobs.tokens) == len(context) + len(greedy_ids) + 1
+    assert echoed.text.startswith("The plot was") and echoed.logprobs.text_offset[:2] == [0, len("The")]
+    only = client.completions.create(model=first, prompt="The plot was", max_tokens=0, echo=True, logprobs=0).choices[0]
+    assert only.text == "The plot was" and only.finish_reason == "length" and len(only.logprobs.tokens) == len(context)
+    assert "".join(only.logprobs.tokens) == only.text
+    assert only.logprobs.token_logprobs[1:] == pytest.approx(echoed.logprobs.token_logprobs[1 : len(context)], abs=1e-5)
+
+
+def test_lm_evaluation_harness_scores_a_served_fine_tuned_model_as_the_model_does_offline(
+    trained, tmp_path, monkeypatch
+):
+    """The real harness, as its users run it: `local-completions` (token-id prompts, echo) with the
+    shipped task (examples/lm_eval) on four bundled held-out pairs. Each log-likelihood it reads
+    must be the fine-tuned model's own, computed offline, and its accuracy must follow from them."""
+    import tempfile
+
+    import yaml
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from dpo_lora.train.trained import load_trained
+
+    client, _, (first, _), run, _ = trained
+    monkeypatch.setenv("OPENAI_API_KEY", client.api_key)  # the harness' key for local-completions
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # a local JSON task: no hub
+    rows = (REPO / "data" / "sentiment" / "eval.jsonl").read_text().splitlines()[:4]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    task = yaml.safe_load((REPO / "examples" / "lm_eval" / "sentiment_preference.yaml").read_text())
+    task["dataset_kwargs"]["data_files"]["test"] = str(tmp_path / "pairs.jsonl")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "task.yaml").write_text(yaml.safe_dump(task))
+    tokenizer_dir = run.parents[2] / "models" / "sharp-llama"
+    args = {"model": first, "base_url": f"{client.base_url}completions", "tokenizer": str(tokenizer_dir),
+            "tokenizer_backend": "huggingface", "tokenized_requests": True, "max_retries": 1}  # fmt: skip
+    out = simple_evaluate(model="local-completions", model_args=args, tasks=["sentiment_preference"],
+                          task_manager=TaskManager(include_path=str(tmp_path / "tasks")), log_samples=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch:
+        model, tokenizer, _ = load_trained(str(run / "run"), Path(scratch))
+    wins = []
+    for sample in out["samples"]["sentiment_preference"]:
+        scores = []
+        for (context, continuation), response in zip(sample["arguments"], sample["resps"], strict=True):
+            whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+            # the harness' split: the context's trailing whitespace goes with the continuation
+            start = len(tokenizer(context.rstrip(), add_special_tokens=False)["input_ids"])
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([whole])).logits[0].double()
+            offline = (
+                torch.log_softmax(logits[start - 1 : -1], -1).gather(1, torch.tensor(whole[start:])[:, None]).sum()
+            )
+            assert response[0][0] == pytest.approx(float(offline), abs=2e-3), "the served model's own log-likelihood"
+            scores.append(float(offline))
+        wins.append(scores[0] > scores[1])
+    assert len(wins) == 4 and out["results"]["sentiment_preference"]["acc,none"] == pytest.approx(sum(wins) / 4)
