@@ -58,6 +58,9 @@ class LocalBackend:
             command = [sys.executable, "-m", *train]
         return processes.start(command, directory, attempt, env=job_environment(directory))
 
+    def refresh(self, handles: list[int]) -> None:
+        """Before a tick's is_alive calls (a backend that asks a controller asks once here)."""
+
     def is_alive(self, handle: int, started: int | None) -> bool:
         return processes.is_alive(handle, started)
 

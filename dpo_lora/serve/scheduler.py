@@ -191,7 +191,11 @@ class Scheduler:
     # -- running jobs ----------------------------------------------------------------------------
     def _watch(self) -> None:
         with self.store.session() as s:
-            ids = list(s.scalars(select(Job.id).where(Job.runner == self.runner, Job.devices.is_not(None))))
+            running = s.execute(
+                select(Job.id, Job.pid).where(Job.runner == self.runner, Job.devices.is_not(None))
+            ).all()
+            ids, handles = [job_id for job_id, _ in running], [pid for _, pid in running if pid is not None]
+        self.backend.refresh(handles)  # SLURM: one squeue for all of them
         for job_id in ids:
             with self.store.session() as s:
                 job = self.store.for_update(s, Job, job_id)

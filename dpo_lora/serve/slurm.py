@@ -90,7 +90,7 @@ def render(
 
 class SlurmBackend:
     name = "SLURM"
-    interval_s = 2.0  # between scheduler ticks: each asks squeue about every running job
+    interval_s = 2.0  # between scheduler ticks: each asks one squeue about every running job
 
     def __init__(self, gpus_per_rank: int, cpus_per_rank: int, sbatch_options: list[str], template: Path = TEMPLATE):
         if not template.is_file():
@@ -98,6 +98,7 @@ class SlurmBackend:
         self.gpus_per_rank, self.cpus_per_rank = gpus_per_rank, cpus_per_rank
         self.sbatch_options, self.template = sbatch_options, template
         self._seen: dict[int, str | None] = {}  # job id -> its state at the last is_alive
+        self._fresh: dict[int, str | None] = {}  # job id -> its state from this tick's refresh, until read
 
     def start(self, job_id: str, directory: Path, devices: list[str], attempt: int) -> tuple[int, None]:
         exit_file = processes.exit_path(directory, attempt)
@@ -122,27 +123,34 @@ class SlurmBackend:
         Path(f"{exit_file}.started").write_text(json.dumps({"pid": slurm_job, "start_time": None}))
         return slurm_job, None
 
-    def _query(self, handle: int) -> str | None:
-        """SLURM's state of the job (PENDING, RUNNING, ...; with the reason while pending), None if
-        SLURM no longer knows it. A controller that does not answer raises: never taken as "gone"."""
+    def _states(self, handles: list[int]) -> dict[int, str | None]:
+        """SLURM's state of each job (PENDING, RUNNING, ...; with the reason while pending), None for
+        one SLURM no longer knows; one squeue call. A controller that does not answer raises: never
+        taken as "gone"."""
         result = subprocess.run(
-            ["squeue", "-h", "--states=all", "-o", "%T|%r", "-j", str(handle)],
+            ["squeue", "-h", "--states=all", "-o", "%i|%T|%r", "-j", ",".join(map(str, handles))],
             capture_output=True,
             text=True,
             timeout=60,
         )
+        states: dict[int, str | None] = dict.fromkeys(handles)
         if result.returncode != 0:
-            if "Invalid job id" in result.stderr:
-                return None
+            if "Invalid job id" in result.stderr:  # squeue's answer for one forgotten job (a list leaves them out)
+                return states
             raise SlurmError(f"squeue: {result.stderr.strip() or result.returncode}")
-        line = result.stdout.strip()
-        if not line:
-            return None
-        state, reason = line.split("|", 1)
-        return f"{state} ({reason})" if state == "PENDING" and reason not in ("None", "") else state
+        for line in result.stdout.splitlines():
+            job, state, reason = line.split("|", 2)
+            if job.isdigit() and int(job) in states:
+                states[int(job)] = f"{state} ({reason})" if state == "PENDING" and reason not in ("None", "") else state
+        return states
+
+    def refresh(self, handles: list[int]) -> None:
+        """Ask squeue once about all the running jobs; each is_alive of this tick reads its answer."""
+        self._fresh = self._states(handles) if handles else {}
 
     def is_alive(self, handle: int, started: int | None) -> bool:
-        state = self._seen[handle] = self._query(handle)
+        state = self._fresh.pop(handle) if handle in self._fresh else self._states([handle])[handle]
+        self._seen[handle] = state
         return state is not None and state.split()[0] not in ENDED
 
     def state(self, handle: int) -> str | None:
@@ -151,7 +159,7 @@ class SlurmBackend:
 
     def request_stop(self, handle: int, directory: Path) -> None:
         (directory / NO_REQUEUE).touch()
-        state = self._query(handle) or ""
+        state = self._states([handle])[handle] or ""
         if state.startswith("RUNNING"):
             subprocess.run(["scancel", "--signal=TERM", str(handle)], capture_output=True, timeout=60)
         else:  # nothing runs yet (or any more) that could save a checkpoint

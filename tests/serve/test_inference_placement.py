@@ -25,6 +25,9 @@ class GpuBackend:
         self.started[job_id] = devices
         return 4000 + len(self.started), None
 
+    def refresh(self, handles):
+        pass
+
     def is_alive(self, handle, started):
         return True
 

@@ -118,11 +118,11 @@ def fake_squeue(folder, stdout: str, stderr: str = "", status: int = 0) -> dict:
 @pytest.mark.parametrize(
     "stdout, stderr, status, alive, state",
     [
-        ("PENDING|Resources\n", "", 0, True, "PENDING (Resources)"),
-        ("RUNNING|None\n", "", 0, True, "RUNNING"),
-        ("COMPLETING|None\n", "", 0, True, "COMPLETING"),
-        ("COMPLETED|None\n", "", 0, False, "COMPLETED"),
-        ("CANCELLED|None\n", "", 0, False, "CANCELLED"),
+        ("42|PENDING|Resources\n", "", 0, True, "PENDING (Resources)"),
+        ("42|RUNNING|None\n", "", 0, True, "RUNNING"),
+        ("42|COMPLETING|None\n", "", 0, True, "COMPLETING"),
+        ("42|COMPLETED|None\n", "", 0, False, "COMPLETED"),
+        ("42|CANCELLED|None\n", "", 0, False, "CANCELLED"),
         ("", "slurm_load_jobs error: Invalid job id specified", 1, False, None),  # forgotten (MinJobAge)
     ],
 )
@@ -132,6 +132,21 @@ def test_squeue_states_map_to_alive_or_ended(tmp_path, monkeypatch, stdout, stde
     backend = SlurmBackend(gpus_per_rank=0, cpus_per_rank=1, sbatch_options=[])
     assert backend.is_alive(42, None) is alive
     assert backend.state(42) == state
+
+
+def test_one_squeue_call_answers_every_running_job_of_a_tick(tmp_path, monkeypatch):
+    """As the real squeue does (checked on the test cluster): given a list of ids it prints the jobs
+    it knows and leaves out the forgotten ones, with exit status 0."""
+    calls = tmp_path / "calls"
+    fake_command(tmp_path, "squeue", f"echo \"$@\" >> {calls}\nprintf '7|RUNNING|None\\n8|PENDING|Priority\\n'")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    backend = SlurmBackend(gpus_per_rank=0, cpus_per_rank=1, sbatch_options=[])
+    backend.refresh([7, 8, 9])
+    assert [backend.is_alive(job, None) for job in (7, 8, 9)] == [True, True, False], "9 is forgotten: ended"
+    assert backend.state(8) == "PENDING (Priority)" and backend.state(9) is None
+    assert calls.read_text().splitlines() == ["-h --states=all -o %i|%T|%r -j 7,8,9"]
+    backend.is_alive(7, None)
+    assert len(calls.read_text().splitlines()) == 2, "an answer serves one tick: a later check asks again"
 
 
 def test_a_controller_that_does_not_answer_is_never_taken_for_a_finished_job(tmp_path, monkeypatch):
