@@ -266,3 +266,28 @@ def test_lm_evaluation_harness_scores_a_served_fine_tuned_model_as_the_model_doe
             scores.append(float(offline))
         wins.append(scores[0] > scores[1])
     assert len(wins) == 4 and out["results"]["sentiment_preference"]["acc,none"] == pytest.approx(sum(wins) / 4)
+
+
+def test_the_reward_accuracy_example_over_the_api_is_dpo_lora_evals_offline(trained, tmp_path, tiny_tokenizer):
+    """examples/served_reward_accuracy.py scores each completion under the fine-tuned model and its
+    base through `echo`; its margins must be `dpo-lora eval`'s on the run (which loads the model
+    itself and renders the pairs as training does), divided by beta."""
+    import importlib.util
+
+    from dpo_lora.commands.eval import evaluate_run
+
+    client, base, (first, _), run, _ = trained
+    rows = [{"prompt": [{"role": "user", "content": f"Review {i}: the plot"}],
+             "chosen": [{"role": "assistant", "content": answer}], "rejected": [{"role": "assistant", "content": other}]}
+            for i, (answer, other) in enumerate([("A fine film.", "Dull."), ("Loved it.", "It was bad."), ("Great.", "Poor acting.")])]  # fmt: skip
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    spec = importlib.util.spec_from_file_location(
+        "served_reward_accuracy", REPO / "examples" / "served_reward_accuracy.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    served = example.reward_accuracy(client, first, base, tiny_tokenizer, rows)
+    offline = evaluate_run(str(run / "run"), data=str(tmp_path / "pairs.jsonl"), out=str(tmp_path / "eval.json"))
+    beta = 0.1  # the service's default dpo.beta, which these jobs trained with
+    assert served["pairs"] == 3 and served["reward_accuracy"] == offline["reward_accuracy"]
+    assert served["mean_logratio_margin"] * beta == pytest.approx(offline["mean_margin"], abs=1e-4)
