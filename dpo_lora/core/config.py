@@ -97,6 +97,9 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         if dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], values[name], key + ".")
             continue
+        if values[name] == [] and f.default_factory is not dataclasses.MISSING and f.default_factory() == []:
+            kwargs[name] = []  # a list knob that is empty by default (wandb.tags) may be given empty
+            continue
         choices = f.metadata.get("choices")
         value = _check_type(key, _unbooled(values[name], hints[name], choices), hints[name])
         if choices and any(item not in choices for item in (value if isinstance(value, list) else [value])):
@@ -241,6 +244,7 @@ def validate(config: Config) -> None:
     if not 0 <= train.cpu_mmap_threshold_mb <= 32:
         raise _refuse("train.cpu_mmap_threshold_mb", "must be in [0, 32] (glibc's limit)")
     _validate_monitor(config.monitor)
+    _validate_wandb(config.wandb)
 
 
 def _validate_monitor(monitor) -> None:
@@ -254,6 +258,20 @@ def _validate_monitor(monitor) -> None:
         raise _refuse("monitor.saturation_accuracy", "must be in (0, 1]")
     if not 0 < monitor.length_correlation < 1:
         raise _refuse("monitor.length_correlation", "must be in (0, 1)")
+
+
+W_AND_B_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")  # what W&B allows in project and entity names
+
+
+def _validate_wandb(wandb) -> None:
+    for key in ("project", "entity"):
+        value = getattr(wandb, key)
+        if value is not None and not W_AND_B_NAME.fullmatch(value):
+            raise _refuse(f"wandb.{key}", "must be 1-128 letters, digits, '.', '_' or '-'")
+    if wandb.name is not None and not 0 < len(wandb.name) <= 128:
+        raise _refuse("wandb.name", "must be 1-128 characters")
+    if any(not 0 < len(tag) <= 64 for tag in wandb.tags):
+        raise _refuse("wandb.tags", "each tag must be 1-64 characters")
 
 
 MONITOR_KEYS = tuple(f.name for f in dataclasses.fields(MonitorConfig))
@@ -278,6 +296,7 @@ RESUME_MAY_CHANGE = {
     "model.checkpoint_layers",  # the same gradients, bit for bit (tests/model/test_grad_checkpointing.py)
     "train.collective_timeout_s",
     *(f"monitor.{name}" for name in MONITOR_KEYS),  # warnings only
+    *(f"wandb.{name}" for name in ("project", "entity", "name", "tags", "mode")),  # where metrics also go
 }
 
 

@@ -10,6 +10,7 @@ the service read through it.
             adapter/         the adapter at that step
         best.json            which complete checkpoint is the best by train.best_metric
         tensorboard/, plots/, data_report.json
+        wandb_run_id, wandb/ where wandb.project is set: the W&B run's id (a resume continues it), W&B's files
 
 A failed command's last line on stderr is `error_line(message)`; a rank that dies or times out
 says `dpo-lora: rank R of N ...`.
@@ -28,6 +29,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 TENSORBOARD = "tensorboard"
+WANDB = "wandb"  # W&B's own folder (offline runs, logs)
+WANDB_RUN_ID = "wandb_run_id"  # the W&B run this folder logs to: a resumed run continues it
 BEST = "best.json"  # {"step", "metric", "score"}: the best checkpoint by train.best_metric
 ERROR_PREFIX = "dpo-lora: error: "
 RANK_PREFIX = "dpo-lora: rank"

@@ -266,6 +266,23 @@ class MonitorConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases: the run's metrics rows (those TensorBoard gets) and its resolved config."""
+
+    project: str | None = knob(
+        None, "W&B project to log the run to; unset: no W&B (needs `pip install wandb`, and a key: WANDB_API_KEY)"
+    )
+    entity: str | None = knob(None, "W&B team or user that owns the project (unset: the key's default)")
+    name: str | None = knob(None, "the W&B run's display name (unset: the output folder's name)")
+    tags: list[str] = knob([], "W&B tags of the run")
+    mode: str = knob(
+        "online",
+        "online streams to W&B; offline writes under OUTPUT_DIR/wandb, for `wandb sync` later",
+        ("online", "offline"),
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -273,6 +290,7 @@ class Config:
     dpo: DpoConfig = field(default_factory=DpoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     deepspeed: str = knob(
         "deepspeed_configs/zero2.json", 'DeepSpeed JSON; values set to "auto" are filled from this config'
     )

@@ -25,7 +25,7 @@ from dpo_lora.core import rundir
 from dpo_lora.core.config import resume_differences
 from dpo_lora.core.distributed import barrier
 from dpo_lora.core.errors import UserError
-from dpo_lora.core.rundir import ADAPTER, BEST, CHECKPOINTS, COMPLETE, METRICS, TENSORBOARD, step_name
+from dpo_lora.core.rundir import ADAPTER, BEST, CHECKPOINTS, COMPLETE, METRICS, TENSORBOARD, WANDB_RUN_ID, step_name
 
 DEEPSPEED_TAG = "deepspeed"
 STATE_FILE = "trainer_state.json"
@@ -153,7 +153,7 @@ def load_checkpoint(engine, path: Path, rank: int) -> tuple[dict, dict]:
     return json.loads((path / STATE_FILE).read_text()), rank_state
 
 
-RUN_FILES = (METRICS, ADAPTER, CHECKPOINTS, TENSORBOARD, BEST)
+RUN_FILES = (METRICS, ADAPTER, CHECKPOINTS, TENSORBOARD, BEST, WANDB_RUN_ID)  # W&B's own folder stays: unsynced runs
 
 
 def resume_point(config, output_dir: Path, world_size: int) -> Path | None:

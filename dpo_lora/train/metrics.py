@@ -10,6 +10,7 @@ import torch
 
 from dpo_lora.core.distributed import all_reduce_sum
 from dpo_lora.core.rundir import METRICS
+from dpo_lora.train.wandb_log import WandbLog
 
 PAIR_METRICS = (
     "loss",
@@ -103,10 +104,12 @@ class MetricWindow:
 
 
 class MetricsWriter:
-    """Appends rows to OUTPUT_DIR/metrics.jsonl and, when tensorboard is installed, event files."""
+    """Appends rows to OUTPUT_DIR/metrics.jsonl and, when tensorboard is installed, event files; to
+    W&B too where `wandb` names a project (`config`: the resolved tree it records)."""
 
-    def __init__(self, output_dir: Path) -> None:
+    def __init__(self, output_dir: Path, wandb=None, config: dict | None = None) -> None:
         self.path = output_dir / METRICS
+        self.wandb = WandbLog(output_dir, wandb, config or {}) if wandb is not None and wandb.project else None
         self.tensorboard = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -123,15 +126,19 @@ class MetricsWriter:
     def write(self, row: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        scalars = {
+            key: value
+            for key, value in row.items()
+            if key not in ("step", "total_steps") and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
         if self.tensorboard is not None:
-            for key, value in row.items():
-                if (
-                    key not in ("step", "total_steps")
-                    and isinstance(value, (int, float))
-                    and not isinstance(value, bool)
-                ):
-                    self.tensorboard.add_scalar(key, value, row["step"])
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, row["step"])
+        if self.wandb is not None and scalars:
+            self.wandb.log(scalars, row["step"])
 
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.close()

@@ -14,7 +14,7 @@ import torch
 
 from dpo_lora.core import rundir
 from dpo_lora.core.build_locks import clear_stale_build_locks
-from dpo_lora.core.config import dump_yaml
+from dpo_lora.core.config import dump_yaml, to_dict
 from dpo_lora.core.cpu_memory import cap_heap_fragmentation
 from dpo_lora.core.distributed import barrier, gather_lists, gathered, init_distributed
 from dpo_lora.core.dsconfig import fill_deepspeed_config, size_buckets
@@ -107,6 +107,8 @@ def setup_run(config: Config) -> Run:
     if dist.is_main and resume_from is None:
         clear_run(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+    # Before the model loads: a W&B that can't start (no package, no key) fails the run at once.
+    writer = MetricsWriter(output_dir, config.wandb, to_dict(config)) if dist.is_main else None
     barrier()
 
     tokenizer = load_tokenizer(config.model)
@@ -171,7 +173,7 @@ def setup_run(config: Config) -> Run:
         scheduler=scheduler,
         trainable=trainable,
         eval_loader=eval_loader,
-        writer=MetricsWriter(output_dir) if dist.is_main else None,
+        writer=writer,
         guard=NumericGuard(train_cfg.max_bad_steps),
         window=MetricWindow(train_metrics(config.dpo)),
         monitors=HealthMonitors(config.monitor, has_reference=config.dpo.uses_reference),

@@ -46,6 +46,10 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("data.max_prompt_length=600", "'data.max_prompt_length' must be smaller"),
         ("dpo.label_smoothing=0.5", "'dpo.label_smoothing'"),
         ("train", "must look like dotted.key=value"),
+        ("wandb.project=team/project", "'wandb.project' must be 1-128 letters, digits"),
+        ("wandb.entity=my team", "'wandb.entity' must be 1-128 letters"),
+        ("wandb.mode=sync", "'wandb.mode' must be one of"),
+        (f"wandb.tags=[ok, {'x' * 65}]", "'wandb.tags' each tag must be 1-64 characters"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
