@@ -276,9 +276,10 @@ class WandbConfig:
     name: str | None = knob(None, "the W&B run's display name (unset: the output folder's name)")
     tags: list[str] = knob([], "W&B tags of the run")
     mode: str = knob(
-        "online",
-        "online streams to W&B; offline writes under OUTPUT_DIR/wandb, for `wandb sync` later",
-        ("online", "offline"),
+        "auto",
+        "online streams to W&B; offline writes under OUTPUT_DIR/wandb, for `wandb sync` later; auto: WANDB_MODE, "
+        "else online",
+        ("auto", "online", "offline"),
     )
 
 

@@ -26,6 +26,7 @@ from dpo_lora.serve.status import JobStatus
 from dpo_lora.serve.store import File as StoredFile
 from dpo_lora.serve.store import Job
 from dpo_lora.serve.wire import ApiError
+from dpo_lora.train import wandb_log
 
 router = APIRouter()
 INIT_ADAPTER = "init_adapter"  # in a job's folder: the adapter of the fine-tuned model it continues from
@@ -46,8 +47,6 @@ def request_spec(state: ServerState, body: wire.JobCreate, directory: Path, quot
     JSON is written into `directory` (a job writes it when its folder is made)."""
     if body.method is not None and body.method.type != "dpo":
         raise ApiError(400, f"method '{body.method.type}' is not supported; this server trains DPO", param="method")
-    if body.integrations:
-        raise ApiError(400, "integrations are not supported; metrics are in the job's events", param="integrations")
     stored = {}
     with state.store.session() as s:
         try:  # a base, or a fine-tuned model or checkpoint to continue from (its adapter)
@@ -75,7 +74,7 @@ def request_spec(state: ServerState, body: wire.JobCreate, directory: Path, quot
             str(directory / "run"),
             str(directory / "deepspeed.json"),
             hyperparameters.model_dump(exclude_none=True) if hyperparameters else {},
-            body.dpo_lora,
+            body.knobs(),
             body.seed,
             state.devices,
             # A job's folder holds what its run reads: the parent's adapter is copied in at create.
@@ -83,6 +82,8 @@ def request_spec(state: ServerState, body: wire.JobCreate, directory: Path, quot
         )
     except SpecError as err:
         raise ApiError(400, str(err), param=err.param, code="invalid_config") from None
+    if spec.config.wandb.project and (problem := wandb_log.can_start(spec.config.wandb)):
+        raise ApiError(400, f"integrations: {problem} (in the server's environment)", param="integrations")
     if quoting:
         (directory / "deepspeed.json").write_text(json.dumps(spec.deepspeed))
     return replace(spec, parent_adapter=source.adapter and str(source.adapter))

@@ -187,7 +187,7 @@ def _new_job(state: ServerState, body: wire.JobCreate) -> Job:
         hyperparameters=spec.hyperparameters,
         seed=spec.config.train.seed,
         suffix=body.suffix,
-        extra=body.dpo_lora,
+        extra=body.knobs(),
         job_metadata=body.metadata,
         status=JobStatus.VALIDATING_FILES,
         directory=str(directory),

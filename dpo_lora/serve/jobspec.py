@@ -45,8 +45,11 @@ SERVICE_KEYS = frozenset(
     }
 )
 # Strings without a closed set of choices that a client may still give: module-name patterns that
-# PEFT matches against the model's layer names, and a layer count or its names (all, auto).
-FREE_STRINGS = frozenset({"lora.target_modules", "model.checkpoint_layers"})
+# PEFT matches against the model's layer names, a layer count or its names (all, auto), and W&B's
+# names of the run (checked by the config tree; W&B uses none of them in a local path).
+FREE_STRINGS = frozenset(
+    {"lora.target_modules", "model.checkpoint_layers", "wandb.project", "wandb.entity", "wandb.name", "wandb.tags"}
+)
 # Knobs of these types are numbers and switches: a client may set them (the config tree checks their ranges).
 PLAIN_VALUES = frozenset({bool, int, float, type(None), list[float]})
 HYPERPARAMETER_KEYS = {"beta": "dpo.beta", "n_epochs": "train.epochs"}

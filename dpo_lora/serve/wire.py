@@ -58,6 +58,25 @@ class Method(BaseModel):
     dpo: DpoMethod | None = None
 
 
+class WandbSettings(BaseModel):
+    """OpenAI's W&B integration: the run's project, display name, entity and tags (dpo-lora's wandb.*)."""
+
+    model_config = ConfigDict(extra="forbid")
+    project: str
+    name: str | None = None
+    entity: str | None = None
+    tags: list[str] | None = None
+
+
+class Integration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["wandb"]
+    wandb: WandbSettings
+
+
+WANDB_FIELDS = ("project", "name", "entity", "tags")
+
+
 class JobCreate(BaseModel):
     """POST /v1/fine_tuning/jobs; `dpo_lora` holds this server's own knobs (the client's extra_body)."""
 
@@ -70,8 +89,18 @@ class JobCreate(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)  # OpenAI's range
     suffix: str | None = Field(default=None, max_length=64)
     metadata: dict[str, str] | None = None
-    integrations: list[Any] | None = None
+    integrations: list[Integration] | None = Field(default=None, max_length=1)  # one W&B run per job
     dpo_lora: dict[str, Any] = Field(default_factory=dict)
+
+    def knobs(self) -> dict[str, Any]:
+        """The job's dpo-lora knobs: `dpo_lora` as given, and a W&B integration as wandb.* keys."""
+        if not self.integrations:
+            return self.dpo_lora
+        settings = self.integrations[0].wandb
+        given = {f"wandb.{name}": getattr(settings, name) for name in WANDB_FIELDS if getattr(settings, name) is not None}  # fmt: skip
+        if set(_wandb_knobs(self.dpo_lora)) & set(WANDB_FIELDS):  # wandb.mode may come with an integration
+            raise ApiError(400, "integrations and dpo_lora's wandb keys both name the W&B run; give one", param="integrations")  # fmt: skip
+        return {**self.dpo_lora, **given}
 
     @field_validator("dpo_lora")
     @classmethod
@@ -132,13 +161,27 @@ def job_object(job: Job) -> dict:
         "trained_tokens": job.trained_tokens,
         "seed": job.seed,
         "estimated_finish": _estimated_finish(job),
-        "integrations": [],
+        "integrations": _integrations(job.extra),
         "metadata": job.job_metadata,
         "suffix": job.suffix,
         "hyperparameters": {k: hyper[k] for k in ("batch_size", "learning_rate_multiplier", "n_epochs")},
         "method": {"type": "dpo", "dpo": {"hyperparameters": hyper}},
         "dpo_lora": {**job.extra, "devices": job.devices_wanted},
     }
+
+
+def _wandb_knobs(knobs: dict) -> dict:
+    """The wandb section of dpo-lora knobs given nested ({"wandb": {...}}) or dotted ("wandb.project")."""
+    nested = knobs.get("wandb") if isinstance(knobs.get("wandb"), dict) else {}
+    return {**nested, **{k.split(".", 1)[1]: v for k, v in knobs.items() if k.startswith("wandb.")}}
+
+
+def _integrations(knobs: dict) -> list[dict]:
+    """The job's W&B integration as OpenAI shows it, from its wandb knobs."""
+    wandb = _wandb_knobs(knobs)
+    if not wandb.get("project"):
+        return []
+    return [{"type": "wandb", "wandb": {name: wandb.get(name) for name in WANDB_FIELDS}}]
 
 
 def _estimated_finish(job: Job) -> int | None:

@@ -8,6 +8,8 @@ resolved config goes in as the run's config; a row's numbers go in as they go to
 
 from __future__ import annotations
 
+import netrc
+import os
 import secrets
 from pathlib import Path
 
@@ -31,7 +33,7 @@ class WandbLog:
                 entity=settings.entity,
                 name=settings.name or output_dir.resolve().name,
                 tags=settings.tags,
-                mode=settings.mode,
+                mode=None if settings.mode == "auto" else settings.mode,  # None: W&B reads WANDB_MODE
                 dir=str(output_dir),
                 id=run_id,
                 resume="allow",
@@ -46,3 +48,17 @@ class WandbLog:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def can_start(settings) -> str | None:
+    """Why a run with these `wandb` settings could not log here (no key for online mode), or None:
+    what the service checks before it queues a job with a W&B integration."""
+    mode = settings.mode if settings.mode != "auto" else os.environ.get("WANDB_MODE", "online")
+    if mode in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return None
+    try:  # `wandb login` stores the key in ~/.netrc (or $NETRC)
+        if netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai"):
+            return None
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "no W&B key here: set WANDB_API_KEY (or run `wandb login`), or log offline with wandb.mode=offline"

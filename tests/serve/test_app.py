@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -188,3 +189,39 @@ def test_files_list_by_cursor_read_back_and_delete(servers, tiny_setup):
         client.files.retrieve(uploaded[0].id)
     assert caught.value.body["code"] == "not_found"
     assert [f.id for f in client.files.list()] == [uploaded[2].id, uploaded[1].id]
+
+
+def test_a_wandb_integration_is_checked_echoed_and_its_job_logs_to_that_wandb_run(servers, tiny_setup, tmp_path):
+    """OpenAI's `integrations: [{"type": "wandb", ...}]` become the job's wandb.* knobs. A server with no
+    W&B key refuses an online run before queueing it; offline (no network here) the job's rows land
+    in a real W&B run file in its folder, under the project, name and tags asked for."""
+    from ..train.test_wandb_log import offline_runs
+
+    models, config, train, _ = tiny_setup
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"NETRC": str(tmp_path / "no-netrc")}
+    client = servers(models, config, env=env).client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    wandb = {"project": "dpo-lora-tests", "name": "served", "tags": ["ci"]}
+    create = dict(model="tiny-llama", training_file=file_id, integrations=[{"type": "wandb", "wandb": wandb}])
+    too_long = [{"type": "wandb", "wandb": {**wandb, "tags": ["x" * 65]}}]
+    for extra, integrations, param, message in (
+        ({}, None, "integrations", "no W&B key here: set WANDB_API_KEY"),
+        ({"wandb": {"project": "other"}}, None, "integrations", "give one"),
+        ({"wandb.mode": "offline"}, too_long, "wandb.tags", "each tag must be 1-64 characters"),
+    ):
+        request = {**create, "integrations": integrations or create["integrations"]}
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.fine_tuning.jobs.create(**request, extra_body={"dpo_lora": extra})
+        assert caught.value.body["param"] == param and message in caught.value.body["message"], caught.value.body
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=file_id, integrations=[{"type": "slack"}])
+    assert caught.value.body["param"].startswith("integrations.0")
+
+    job = client.fine_tuning.jobs.create(**create, extra_body={"dpo_lora": {"wandb.mode": "offline"}})
+    assert [i.model_dump() for i in job.integrations] == [{"type": "wandb", "wandb": {**wandb, "entity": None}}]
+    job = wait_for_status(client, job.id, ("succeeded",), timeout=300)
+    assert client.fine_tuning.jobs.retrieve(job.id).integrations[0].wandb.project == "dpo-lora-tests"
+    run = tmp_path / "state" / "jobs" / job.id / "run"
+    (logged,) = offline_runs(run)
+    assert (logged["project"], logged["name"], logged["tags"]) == ("dpo-lora-tests", "served", ["ci"])
+    assert sorted(logged["history"]) == list(range(1, 7)), "the job's six steps, one row each"
