@@ -31,7 +31,7 @@ demo: setup $(MODEL_DIR)/.dpo-lora-complete
 		--reward data.sentiment_scorer:score
 
 test: $(VENV)/.installed-test $(MODEL_DIR)/.dpo-lora-complete
-	$(VENV)/bin/ruff check dpo_lora tests data bench && $(VENV)/bin/ruff format --check dpo_lora tests data bench
+	$(VENV)/bin/ruff check dpo_lora tests data bench examples && $(VENV)/bin/ruff format --check dpo_lora tests data bench examples
 	$(PY) -m pytest -q -p no:cacheprovider --durations=25 -n $(or $(JOBS),2) --dist loadgroup --no-loadscope-reorder
 
 # dpo-lora against TRL's DPOTrainer on the same work (WORKLOAD=short|long); prints ratios.
@@ -45,7 +45,7 @@ scale: setup
 	$(PY) bench/scale.py --geometry $(or $(GEOMETRY),llama2-7b)
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check dpo_lora tests data bench && $(VENV)/bin/ruff format --check dpo_lora tests data bench
+	$(VENV)/bin/ruff check dpo_lora tests data bench examples && $(VENV)/bin/ruff format --check dpo_lora tests data bench examples
 
 clean:
 	rm -rf runs
