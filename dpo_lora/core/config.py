@@ -314,6 +314,7 @@ def flat_items(tree: dict, prefix: str = "") -> dict:
 # Keys added after runs were saved, with the value that trains as those versions did.
 ADDED_KEYS = {
     "model.float32_residual": False,
+    "lora.rslora": False,
     "model.fused_lora": False,
     "model.lora_matmul_dtype": "float32",
     "model.compile": "off",

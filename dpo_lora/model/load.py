@@ -241,6 +241,7 @@ def _with_adapter(base, lora_config):
         lora_alpha=lora_config.alpha,
         lora_dropout=lora_config.dropout,
         target_modules=lora_config.target_modules,
+        use_rslora=lora_config.rslora,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, peft_config)
@@ -251,7 +252,7 @@ def _report_adapter_settings(lora_config) -> None:
     import json
 
     saved = json.loads((Path(lora_config.init_adapter) / "adapter_config.json").read_text())
-    pairs = (("r", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"))
+    pairs = (("r", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"), ("rslora", "use_rslora"))
     differing = [
         f"lora.{key}={getattr(lora_config, key)} -> {saved.get(name)}"
         for key, name in pairs

@@ -106,6 +106,7 @@ def skeleton(config, layers: int | None = None, dtype=None):
             r=config.lora.r,
             lora_alpha=config.lora.alpha,
             lora_dropout=config.lora.dropout,
+            use_rslora=config.lora.rslora,
             target_modules=config.lora.target_modules,
             task_type="CAUSAL_LM",
         )

@@ -77,6 +77,7 @@ def write_adapter(adapter: dict[str, torch.Tensor], config: Config, folder: Path
         r=config.lora.r,
         lora_alpha=config.lora.alpha,
         lora_dropout=config.lora.dropout,
+        use_rslora=config.lora.rslora,
         target_modules=targets,
         task_type="CAUSAL_LM",
         base_model_name_or_path=config.model.path,

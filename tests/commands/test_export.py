@@ -226,3 +226,31 @@ def test_an_export_spec_file_is_read_with_its_keys_checked(tmp_path, capsys):
     assert main(["export", "--spec", str(spec)]) == 2
     assert capsys.readouterr().err.strip().startswith(f"dpo-lora: error: --spec {spec}: needs source and out")
     assert main(["export", "runs/x"]) == 2  # neither --out nor --spec
+
+
+def test_an_rslora_run_exports_at_alpha_over_sqrt_r_as_peft_runs_it(tiny_model_dir, tmp_path):
+    """`lora.rslora`: PEFT scales the adapter alpha / sqrt(r) in training and records use_rslora;
+    the merge must use the same scale (alpha / r would give another model)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, run, *RUN, "lora.rslora=true", "lora.r=4", "lora.alpha=8"))
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["use_rslora"] is True
+    export_model(str(run), out=str(tmp_path / "merged"), dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), str(run / "adapter"))  # fmt: skip
+    assert differences(scores(merged, tokenizer), scores(reference, tokenizer))[0] < 1e-4
+    import shutil
+
+    shutil.rmtree(
+        run / "checkpoints" / step_name(6) / "adapter"
+    )  # as older checkpoints: rebuilt from DeepSpeed's state
+    export_model(str(run / "checkpoints" / step_name(6)), out=str(tmp_path / "ckpt"), dtype="float32")
+    from_checkpoint = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert differences(scores(from_checkpoint, tokenizer), scores(merged, tokenizer))[0] == 0.0
+    settings = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({**settings, "use_rslora": False}))
+    half = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), str(run / "adapter"))  # fmt: skip
+    assert differences(scores(merged, tokenizer), scores(half, tokenizer))[0] > 1e-3, "the scale matters here"

@@ -25,11 +25,12 @@ def random_adapter(config):
     return model
 
 
-def pair(tiny_model_dir, dtype: str, dropout: float = 0.0, float32_residual: bool | str = "auto", lora="float32"):
+def pair(tiny_model_dir, dtype: str, dropout: float = 0.0, float32_residual: bool | str = "auto", lora="float32",
+         rslora: bool = False):  # fmt: skip
     """The same NF4 tiny Llama with the same random adapter twice: PEFT's layers, and fused."""
     config = load_config(None, {"model.path": str(tiny_model_dir), "model.quantization": "nf4", "model.dtype": dtype,
                                 "lora.r": 4, "lora.dropout": dropout, "model.float32_residual": float32_residual,
-                                "model.fused_lora": True, "model.lora_matmul_dtype": lora})  # fmt: skip
+                                "model.fused_lora": True, "model.lora_matmul_dtype": lora, "lora.rslora": rslora})  # fmt: skip
     models = [random_adapter(config).train() for _ in range(2)]
     assert fuse(models[1], config.model) == 2 * 7, "every linear of both layers"
     return models
@@ -45,9 +46,11 @@ def run(model, ids, seed=3):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fused_layers_give_peft_values_and_gradients_in_float32(tiny_model_dir, dropout):
-    plain, fused = pair(tiny_model_dir, "float32", dropout)
+@pytest.mark.parametrize("dropout, rslora", [(0.0, False), (0.3, False), (0.0, True)], ids=["plain", "dropout", "rslora"])  # fmt: skip
+def test_fused_layers_give_peft_values_and_gradients_in_float32(tiny_model_dir, dropout, rslora):
+    plain, fused = pair(tiny_model_dir, "float32", dropout, rslora=rslora)
+    scale = plain.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+    assert scale == (32 / 4**0.5 if rslora else 32 / 4), "rsLoRA scales alpha / sqrt(r)"
     ids = torch.randint(3, 300, (2, 11))
     want, want_grads = run(plain, ids)
     got, got_grads = run(fused, ids)
