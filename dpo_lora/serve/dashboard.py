@@ -1,6 +1,7 @@
 """The dashboard at GET /: one static page (dashboard.html: no CDN, no JavaScript library) over the
-JSON API, plus the two routes only it reads: every job with its progress, and a job's charts, drawn
-server-side as SVG by the project's own matplotlib code (dpo_lora/train/plots.py).
+JSON API, plus the routes it reads: every job with its progress, a job's charts, drawn server-side
+as SVG by the project's own matplotlib code (dpo_lora/train/plots.py), and a job's log, piece by
+piece (the page shows it live).
 
 The page itself holds no data, so it needs no token; everything it shows comes from /v1 routes
 under the server's auth, with the token typed into the page (kept in the browser's localStorage).
@@ -16,7 +17,7 @@ from sqlalchemy import select
 
 from dpo_lora.core import rundir
 from dpo_lora.core.rundir import RowKind, row_kind
-from dpo_lora.serve import runfiles, wire
+from dpo_lora.serve import processes, runfiles, wire
 from dpo_lora.serve.state import State, job_or_404, page_limit
 from dpo_lora.serve.store import Job
 from dpo_lora.train.plots import CHARTS, chart_svg
@@ -64,3 +65,14 @@ def job_chart(state: State, job_id: str, name: str) -> Response:
     return Response(
         chart_svg(list(latest.values()), name), media_type="image/svg+xml", headers={"Cache-Control": "no-store"}
     )
+
+
+@api.get("/fine_tuning/jobs/{job_id}/log")
+def job_log(state: State, job_id: str, after: int | None = None) -> dict:
+    """The job's log (its trainer's output, every attempt) from byte `after`, 64 KiB at most a call;
+    without `after`, its last 64 KiB. Ask again from `offset` for what follows."""
+    if after is not None and after < 0:
+        raise wire.ApiError(400, "after: must be >= 0", param="after")
+    with state.store.session() as s:
+        directory = Path(job_or_404(s, job_id).directory)
+    return {"object": "fine_tuning.job.log", **runfiles.log_piece(directory / processes.LOG_FILE, after)}

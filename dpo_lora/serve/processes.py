@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+LOG_FILE = "run.log"  # in a job's folder: the output of every attempt of its run, appended
 _children: dict[int, subprocess.Popen] = {}  # processes this server started (reaped here)
 
 
@@ -48,7 +49,7 @@ def free_port() -> int:
 
 def start(command: list[str], directory: Path, attempt: int, env: dict | None = None) -> tuple[int, int | None]:
     """Start `command` under the supervisor in a new session; returns (pid, start time)."""
-    exit_file, log_file = exit_path(directory, attempt), directory / "run.log"
+    exit_file, log_file = exit_path(directory, attempt), directory / LOG_FILE
     with open(log_file, "ab") as log:
         log.write(f"\n=== attempt {attempt}: {' '.join(command)}\n".encode())
     child = subprocess.Popen(

@@ -1,8 +1,9 @@
 """What a run wrote, read without importing the trainer (its layout is dpo_lora/core/rundir.py's):
-new metrics rows, the last error line of its log, and the metrics as a results CSV."""
+new metrics rows, the last error line of its log, a piece of its log, and the metrics as a results CSV."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -73,6 +74,25 @@ def last_error(log_file: Path, returncode: int | None = None, limit: int = 500) 
         return lines[-1][:limit]
     status = f"exit status {returncode}" if returncode is not None else "no exit status"
     return f"the run ended with {status} and no error message (see the job's run.log)"
+
+
+def log_piece(log_file: Path, after: int | None, limit: int = 65536) -> dict:
+    """Up to `limit` bytes of a log from byte `after` (None: its last `limit` bytes), as text.
+    {"from", "offset" (where the next piece starts), "size", "text"}; a character cut by the limit
+    is left for the next piece, so pieces join to the log's text."""
+    size = log_file.stat().st_size if log_file.is_file() else 0
+    start = max(size - limit, 0) if after is None else min(after, size)
+    data = b""
+    if start < size:
+        with open(log_file, "rb") as handle:
+            handle.seek(start)
+            data = handle.read(limit)
+    if after is None and start > 0:  # a tail starts mid-line: from its next line on
+        cut = data.find(b"\n") + 1
+        start, data = start + cut, data[cut:]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = decoder.decode(data, final=False)  # holds back a character's first bytes
+    return {"from": start, "offset": start + len(data) - len(decoder.getstate()[0]), "size": size, "text": text}
 
 
 def results_csv(metrics_file: Path) -> bytes:

@@ -244,7 +244,7 @@ class Scheduler:
         elif returncode == 0 and rundir.has_adapter(directory / "run"):
             lifecycle.succeeded(self.store, s, job, fine_tuned_name(job), ingest.result_file(s, directory))
         elif returncode not in (None, 0) and returncode != -9:
-            message = runfiles.last_error(directory / "run.log", returncode)
+            message = runfiles.last_error(directory / processes.LOG_FILE, returncode)
             lifecycle.failed(self.store, s, job, "training_failed", message, event=f"The job failed: {message}")
         elif job.attempt >= MAX_ATTEMPTS:
             lifecycle.failed(
@@ -281,5 +281,5 @@ class Scheduler:
                     export.status = "queued"  # killed with the server's machine: run it again
                 else:
                     export.status, export.finished_at = "failed", now()
-                    message = runfiles.last_error(directory / "run.log", returncode)
+                    message = runfiles.last_error(directory / processes.LOG_FILE, returncode)
                     export.error = {"code": "export_failed", "param": None, "message": message}

@@ -66,7 +66,7 @@ def render(
     shebang, rest = body[0], body[1:]
     options = [
         f"--job-name=dpo-lora-{job_id}",
-        f"--output={directory / 'run.log'}",
+        f"--output={directory / processes.LOG_FILE}",
         "--open-mode=append",
         f"--chdir={directory}",
         f"--ntasks={ranks}",
@@ -115,7 +115,7 @@ class SlurmBackend:
             )
         )
         (directory / NO_REQUEUE).unlink(missing_ok=True)
-        with open(directory / "run.log", "ab") as log:
+        with open(directory / processes.LOG_FILE, "ab") as log:
             log.write(f"\n=== attempt {attempt}: sbatch {script}\n".encode())
         output = _run(["sbatch", "--parsable", *self.sbatch_options, str(script), *train_arguments(directory)])
         slurm_job = int(output.strip().split(";")[0])  # "ID" or "ID;CLUSTER"

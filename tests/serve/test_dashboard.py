@@ -1,7 +1,7 @@
 """The dashboard at GET / in a real headless Chromium (Debian's chromium and chromium-driver,
 driven by Selenium): the token typed into the page, jobs created from its form, a finished job's
-charts, checkpoints and events, its playground answering beside the base, a running job's chart
-gaining points, and a cancel from its button."""
+charts, checkpoints, events and log, its playground answering beside the base, a running job's chart
+gaining points and its log its progress bar, and a cancel from its button."""
 
 from __future__ import annotations
 
@@ -88,6 +88,18 @@ def create_from_form(driver, train: Path, options: str, validation: Path | None 
     return wait(driver, new_job, 30, "the new job")
 
 
+def http_status(server, path: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1{path}", headers={"Authorization": f"Bearer {server.api_key}"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
 def test_the_dashboard_creates_charts_and_cancels_jobs_in_a_real_browser(servers, tiny_setup, browser, tmp_path):
     models, config, train, evaluation = tiny_setup
     server = servers(models, config)
@@ -113,9 +125,15 @@ def test_the_dashboard_creates_charts_and_cancels_jobs_in_a_real_browser(servers
     assert texts(browser, f'tr[data-job="{finished}"] td')[3] == "30 / 30"
     warned = texts(browser, "#events li.warn")
     assert any("\u26a0 KL growth at step" in e and "monitor.kl_nats_per_token=1e-06" in e for e in warned), warned
+    # Its log: the trainer's output, to its last line, each progress bar line as its last redraw.
+    wait(browser, lambda d: "the adapter is in" in texts(d, "#log")[0], 30, "the trainer's last line in the log")
+    assert "\r" not in texts(browser, "#log")[0] and "dpo: 100%" in texts(browser, "#log")[0]
+    for path, status in ((f"/fine_tuning/jobs/{finished}/log?after=-1", 400), ("/fine_tuning/jobs/nope/log", 404)):
+        assert http_status(server, path) == status, path
     # The playground: one prompt to the fine-tuned model and to its base, streamed side by side.
     wait(browser, lambda d: texts(d, "#play-model option")[:1] == [client.fine_tuning.jobs.retrieve(finished).fine_tuned_model], 30, "the fine-tuned model to play with")  # fmt: skip
     assert len(texts(browser, "#play-model option")) == 4, "the model and its three checkpoints"
+    assert browser.execute_script("return document.getElementById('play-model').value") == client.fine_tuning.jobs.retrieve(finished).fine_tuned_model, "the final model is asked unless another is picked"  # fmt: skip
     for field, value in (
         ("#play-temperature", "0"),
         ("#play-max", "24"),
@@ -136,6 +154,7 @@ def test_the_dashboard_creates_charts_and_cancels_jobs_in_a_real_browser(servers
     running = create_from_form(browser, train, '{"train": {"max_steps": 4000, "save_every": 0}}')
     wait(browser, lambda d: row_status(d, running) == "running", 60, "running in the table")
     wait(browser, lambda d: points(d, "loss") >= 2, 120, "points on the running job's chart")
+    wait(browser, lambda d: "dpo:" in texts(d, "#log")[0], 30, "the running job's progress bar in its log")
     seen = points(browser, "loss")
     wait(browser, lambda d: points(d, "loss") > seen, 60, "the chart to gain points")
     assert texts(browser, f'tr[data-job="{running}"] td')[5] != ""  # an ETA while it runs

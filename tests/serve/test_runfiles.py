@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from dpo_lora.serve.runfiles import last_error, new_rows, results_csv
+from dpo_lora.serve.runfiles import last_error, log_piece, new_rows, results_csv
 
 
 def test_new_rows_waits_for_a_complete_line_and_rereads_a_rewritten_file(tmp_path):
@@ -48,3 +48,25 @@ def test_last_error_is_never_a_progress_bar(tmp_path):
     assert last_error(log) == "ValueError: the tokenizer has no chat template"
     log.write_text(f"=== attempt 1: python -m dpo_lora train\n{bar}\r{bar}\r\n")
     assert last_error(log, -11) == "the run ended with exit status -11 and no error message (see the job's run.log)"
+
+
+def test_log_pieces_join_to_the_log_and_never_cut_a_character(tmp_path):
+    log = tmp_path / "run.log"
+    assert log_piece(log, None) == {"from": 0, "offset": 0, "size": 0, "text": ""}, "no log yet"
+    text = "".join(f"line {i}: überprüft 日本\n" for i in range(400))
+    log.write_bytes(text.encode())
+    pieces, offset = [], 0
+    while True:
+        piece = log_piece(log, offset, limit=1000)
+        assert piece["from"] == offset
+        if piece["offset"] == offset:
+            break
+        assert "\ufffd" not in piece["text"], "a character cut at the limit waits for the next piece"
+        pieces.append(piece["text"])
+        offset = piece["offset"]
+    assert "".join(pieces) == text and offset == len(text.encode()) and len(pieces) > 10
+    tail = log_piece(log, None, limit=1000)
+    assert tail["offset"] == tail["size"] == len(text.encode()) and text.endswith(tail["text"])
+    assert tail["text"].startswith("line ") and len(tail["text"].encode()) <= 1000, "the tail starts at a line"
+    beyond = log_piece(log, 10**9)
+    assert (beyond["offset"], beyond["text"]) == (len(text.encode()), ""), "asking past the end waits there"
