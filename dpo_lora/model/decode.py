@@ -134,18 +134,29 @@ def decode(model, rows: list[Row], eos_ids: set[int], pad_id: int, on_token: OnT
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
 
 
-def prompt_logprobs(model, prompt: list[int], adapter: str, k: int, chunk: int = 256) -> list[Scored | None]:
+def prompt_logprobs(
+    model, prompt: list[int], adapter: str, k: int, chunk: int = 256
+) -> tuple[list[Scored | None], torch.Tensor]:
     """log p(prompt[t] | prompt[:t]) for each prompt token, with the k most likely tokens at each
-    position; None for the first token, which nothing predicts. One forward over the prompt alone;
-    the log-softmax runs `chunk` positions at a time, so its float32 copy stays chunk x vocab."""
+    position; None for the first token, which nothing predicts. Also the logits [V] that follow the
+    prompt (what a first answer token is picked from: `first_token`). One forward over the prompt
+    alone; the log-softmax runs `chunk` positions at a time, so its float32 copy stays chunk x vocab."""
     device = next(model.parameters()).device
     with torch.no_grad(), _adapters(model, [adapter]) as adapters:
-        logits = model(input_ids=torch.tensor([prompt], device=device), **adapters).logits[0, :-1]
+        logits = model(input_ids=torch.tensor([prompt], device=device), **adapters).logits[0]
         entries: list[Scored | None] = [None]
-        for start in range(0, logits.shape[0], chunk):
-            logprobs = torch.log_softmax(logits[start : start + chunk].float(), dim=-1)
+        for start in range(0, logits.shape[0] - 1, chunk):
+            logprobs = torch.log_softmax(logits[start : min(start + chunk, logits.shape[0] - 1)].float(), dim=-1)
             entries += [scored(row, prompt[start + 1 + t], k) for t, row in enumerate(logprobs)]
-    return entries
+    return entries, logits[-1]
+
+
+def first_token(logits: torch.Tensor, row: Row) -> tuple[int, Scored | None]:
+    """A row's first answer token picked from the logits [V] after its prompt, as decode() picks it,
+    with its log-probs where the row asks for them."""
+    token = pick(logits, row.sampling, row.generator)
+    logprobs = None if row.logprobs is None else torch.log_softmax(logits.float(), dim=-1)
+    return token, None if logprobs is None else scored(logprobs, token, row.logprobs)
 
 
 def _logprobs_if_asked(logits: torch.Tensor, asked: list[int | None]) -> torch.Tensor | None:

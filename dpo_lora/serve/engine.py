@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dpo_lora.model import precision
-from dpo_lora.model.decode import BASE, Row, Sampling, Scored, decode, prompt_logprobs
+from dpo_lora.model.decode import BASE, Row, Sampling, Scored, decode, first_token, prompt_logprobs
 from dpo_lora.serve.logprobs_wire import TokenTexts
 from dpo_lora.serve.text_stream import TextStream
 
@@ -183,7 +183,12 @@ class Engine:
             return not (streams[i].stopped or request.cancelled.is_set())
 
         try:
-            self._echo_logprobs(batch, names)
+            after_prompt = self._echo_logprobs(batch, names)
+            for i, (request, choice) in enumerate(owners):  # one token to make, its logits at hand (lm-eval's ask)
+                logits = after_prompt.get((id(request), choice // request.n))
+                if logits is not None and request.sampling.max_tokens == 1:
+                    on_token(i, *first_token(logits, rows[i]))
+                    rows[i] = dataclasses.replace(rows[i], sampling=dataclasses.replace(rows[i].sampling, max_tokens=0))  # fmt: skip
             decode(self.model, rows, self.eos_ids, self.tokenizer.pad_token_id, on_token)
         except Exception as err:  # noqa: BLE001
             for request in batch:
@@ -197,14 +202,18 @@ class Engine:
         for request in batch:
             request.events.put(("done",))
 
-    def _echo_logprobs(self, batch: list[Request], names: dict) -> None:
-        """The prompt's scored tokens for every choice of the requests that echo with log-probs."""
+    def _echo_logprobs(self, batch: list[Request], names: dict) -> dict[tuple[int, int], torch.Tensor]:
+        """The prompt's scored tokens for every choice of the requests that echo with log-probs; the
+        logits after each of their prompts, by (id(request), prompt index)."""
+        after_prompt = {}
         for request in batch:
             if request.echo and request.logprobs is not None:
                 for p, prompt in enumerate(request.prompts):
-                    scored = prompt_logprobs(self.model, prompt, names[request.adapter], request.logprobs)
+                    scored, logits = prompt_logprobs(self.model, prompt, names[request.adapter], request.logprobs)
+                    after_prompt[(id(request), p)] = logits
                     for k in range(request.n):
                         request.events.put(("prompt", p * request.n + k, scored))
+        return after_prompt
 
     def _load(self) -> None:
         if self.model is not None:

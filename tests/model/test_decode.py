@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_lora.model.decode import BASE, Row, Sampling, decode, pick, prompt_logprobs
+from dpo_lora.model.decode import BASE, Row, Sampling, decode, first_token, pick, prompt_logprobs
 
 from ..conftest import build_tiny_model
 
@@ -168,10 +168,27 @@ def test_each_tokens_logprob_is_the_models_own_as_a_float64_forward_over_prompt_
 def test_a_prompts_logprobs_are_the_float64_forwards_and_its_first_token_has_none(two_adapters):
     prompt = [5, 9, 12, 3, 7, 30, 2, 2, 41]
     for adapter in ("a", BASE):
-        entries = prompt_logprobs(two_adapters, prompt, adapter, k=4, chunk=3)  # chunks of 3 positions: 3 chunks
+        entries, _ = prompt_logprobs(two_adapters, prompt, adapter, k=4, chunk=3)  # chunks of 3 positions: 3 chunks
         oracle = oracle_logprobs(two_adapters, prompt, adapter)
         assert entries[0] is None and len(entries) == len(prompt)
         for t in range(1, len(prompt)):
             assert_scored_like(entries[t], oracle[t - 1], prompt[t], 4)
-    a, base = (prompt_logprobs(two_adapters, prompt, name, k=0) for name in ("a", BASE))
+    a, base = (prompt_logprobs(two_adapters, prompt, name, k=0)[0] for name in ("a", BASE))
     assert a[1].top == () and abs(a[-1].logprob - base[-1].logprob) > 1e-3, "the adapter changes the scores"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_first_token_from_the_prompts_own_logits_is_the_one_decode_picks(two_adapters, temperature):
+    """The engine's shortcut for one-token answers to echoed prompts (lm-eval's ask): the token and
+    its log-probs from prompt_logprobs' last logits, against decode()'s prefill of the same row."""
+    prompt = [5, 9, 12, 3, 7, 30]
+
+    def row():
+        return Row(prompt, Sampling(temperature=temperature, max_tokens=1), "a", torch.Generator().manual_seed(3), 3)
+
+    scores = [[]]
+    (plain,) = run(two_adapters, [row()], scores=scores)
+    token, entry = first_token(prompt_logprobs(two_adapters, prompt, "a", k=3)[1], row())
+    assert [token] == plain and entry.token == scores[0][0].token
+    assert abs(entry.logprob - scores[0][0].logprob) < 1e-5
+    assert [t for t, _ in entry.top] == [t for t, _ in scores[0][0].top]

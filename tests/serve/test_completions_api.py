@@ -212,6 +212,9 @@ def test_echoed_prompts_are_scored_as_lm_eval_harness_reads_them_and_agree_with_
     assert len(scored.choices[1].logprobs.top_logprobs[-2]) == 2, "the likeliest token and the one sent, not likeliest"
     echoed = scored.choices[0]
     assert echoed.logprobs.token_logprobs[0] is None and echoed.logprobs.top_logprobs[0] is None
+    decoded = client.completions.create(model=first, prompt=context + greedy_ids, max_tokens=1, temperature=0, logprobs=1).choices[0]  # fmt: skip
+    assert echoed.logprobs.tokens[-1:] == decoded.logprobs.tokens, "one token from the echo's own forward, as decoded"
+    assert echoed.logprobs.token_logprobs[-1] == pytest.approx(decoded.logprobs.token_logprobs[0], abs=1e-5)
     assert len(echoed.logprobs.tokens) == len(context) + len(greedy_ids) + 1
     assert echoed.text.startswith("The plot was") and echoed.logprobs.text_offset[:2] == [0, len("The")]
     only = client.completions.create(model=first, prompt="The plot was", max_tokens=0, echo=True, logprobs=0).choices[0]
