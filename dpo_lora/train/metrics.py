@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dpo_lora.core.distributed import all_reduce_sum
-from dpo_lora.core.rundir import METRICS
+from dpo_lora.core.rundir import METRICS, RowKind
 from dpo_lora.train.wandb_log import WandbLog
 
 PAIR_METRICS = (
@@ -136,6 +136,8 @@ class MetricsWriter:
                 self.tensorboard.add_scalar(key, value, row["step"])
         if self.wandb is not None and scalars:
             self.wandb.log(scalars, row["step"])
+        if self.wandb is not None and row.get("kind") == RowKind.HEALTH:
+            self.wandb.alert(row["monitor"], row["message"])
 
     def close(self) -> None:
         if self.tensorboard is not None:

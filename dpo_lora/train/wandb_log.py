@@ -3,7 +3,8 @@
 One W&B run per output folder: its id is kept in OUTPUT_DIR/wandb_run_id, so a resumed run logs to
 the same W&B run. The rows a resume rewinds (written after its checkpoint) were already logged;
 W&B drops rows whose step is not past its last one, so those steps keep their first values. The
-resolved config goes in as the run's config; a row's numbers go in as they go to TensorBoard.
+resolved config goes in as the run's config; a row's numbers go in as they go to TensorBoard, and a
+health warning (dpo_lora/train/monitors.py) also as a W&B alert.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ class WandbLog:
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
+
+    def alert(self, monitor: str, message: str) -> None:
+        """A health warning as a W&B alert (W&B's UI, and its Slack or email where the user set them up)."""
+        import wandb
+
+        self.run.alert(title=f"dpo-lora: {monitor}", text=message, level=wandb.AlertLevel.WARN)
 
     def close(self) -> None:
         self.run.finish()

@@ -1,5 +1,5 @@
-"""W&B logging: a run's rows and resolved config land in a real W&B run (offline here: no network),
-and a stopped run's resume logs to the same W&B run."""
+"""W&B logging: a run's rows, resolved config and health warnings land in a real W&B run (offline
+here: no network), and a stopped run's resume logs to the same W&B run."""
 
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ def offline_runs(output_dir) -> list[dict]:
                     config = {u.key: u.value_json for u in r.config.update}
                     run |= {"id": r.run_id, "project": r.project, "name": r.display_name, "tags": list(r.tags)}
                     run["config"] = config
+                elif record.WhichOneof("record_type") == "alert":
+                    run.setdefault("alerts", []).append((record.alert.title, record.alert.text))
                 elif record.WhichOneof("record_type") == "history":
                     items = {"/".join(i.nested_key) or i.key: float(i.value_json) for i in record.history.item}
                     run["history"][record.history.step.num] = {k: v for k, v in items.items() if not k.startswith("_")}
@@ -60,7 +62,7 @@ def test_a_runs_rows_and_config_go_to_a_wandb_run_and_a_stopped_runs_resume_cont
 
     out = tmp_path / "stopped" / "run"
     out.parent.mkdir()
-    steps = ["train.max_steps=60", "train.save_every=0"]
+    steps = ["train.max_steps=60", "train.save_every=0", "monitor.kl_nats_per_token=1e-6"]  # a KL warning fires
     process = start_cli(tiny_model_dir, out, *steps, *W_AND_B)
     wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count('"loss"') >= 2, process)  # fmt: skip
     process.send_signal(signal.SIGTERM)
@@ -77,6 +79,10 @@ def test_a_runs_rows_and_config_go_to_a_wandb_run_and_a_stopped_runs_resume_cont
     rows = train_rows(out)
     assert set(first["history"]) | set(resumed["history"]) == set(rows) == set(range(1, 61))
     assert max(first["history"]) == stopped_at and min(resumed["history"]) == stopped_at + 1
+    alerts = first.get("alerts", []) + resumed.get("alerts", [])
+    assert alerts and all(title == "dpo-lora: kl" and "KL growth at step" in text for title, text in alerts), (
+        alerts
+    )
     for step, row in rows.items():
         logged = (resumed if step > stopped_at else first)["history"][step]
         assert logged["loss"] == pytest.approx(row["loss"]) and logged["rewards/accuracies"] == pytest.approx(row["rewards/accuracies"])  # fmt: skip
