@@ -13,13 +13,16 @@ restart what it was doing. SQLite in WAL mode is the embedded default; PostgreSQ
 
 from __future__ import annotations
 
+import json
 import secrets
+import sys
 import time
 from contextlib import contextmanager
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Column,
     Enum,
     Float,
     ForeignKey,
@@ -29,11 +32,14 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    literal,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from dpo_lora.core.errors import UserError
 from dpo_lora.serve.status import JobStatus, StopRequest
 
 
@@ -159,6 +165,34 @@ class IdempotencyKey(Base):
     created_at: Mapped[int] = mapped_column(Integer)
 
 
+def _add_missing_columns(connection) -> None:
+    """A store an older dpo-lora made lacks the columns added since: add each, filled with its
+    default in the rows already there (Alembic compares the tables with these models). Other
+    differences are left alone; a column with no default to fill old rows with is refused."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    context = MigrationContext.configure(connection)
+    operations = Operations(context)
+    for difference in compare_metadata(context, Base.metadata):
+        if difference[0] != "add_column":
+            continue
+        _, _, table, column = difference
+        default = column.default
+        value = None if default is None else default.arg(None) if default.is_callable else default.arg  # list -> []
+        if value is None and not column.nullable:
+            raise UserError(f"the job store lacks {table}.{column.name}, which has no default: start on a new database")  # fmt: skip
+        fill = None
+        if value is not None:
+            value = json.dumps(value) if isinstance(value, (list, dict)) else value
+            fill = text(str(literal(value).compile(dialect=connection.dialect, compile_kwargs={"literal_binds": True})))
+        operations.add_column(table, Column(column.name, column.type, nullable=column.nullable, server_default=fill))
+        print(
+            f"dpo-lora serve: the job store gained {table}.{column.name} (made by an older dpo-lora)", file=sys.stderr
+        )
+
+
 class Store:
     """One database; `with store.session() as s:` commits on success and rolls back on error."""
 
@@ -174,6 +208,7 @@ class Store:
             if connection.dialect.name == "postgresql":  # servers starting together create the tables once
                 connection.exec_driver_sql("SELECT pg_advisory_xact_lock(5417001)")
             Base.metadata.create_all(connection)
+            _add_missing_columns(connection)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -126,3 +126,40 @@ def test_a_restarted_server_recovers_only_its_own_claims(store_url, tmp_path):
     finally:
         sleeper.kill()
         store.dispose()
+
+
+def test_a_store_an_older_dpo_lora_made_gains_the_new_columns_and_keeps_its_jobs(store_url, tmp_path):
+    """A database whose jobs table lacks columns added since (here three, of three kinds: a number, a
+    text and a JSON list): opening it adds them, each filled with its default in the old rows."""
+    from sqlalchemy import MetaData, create_engine, inspect
+
+    from dpo_lora.serve.store import Base
+
+    older = MetaData()
+    for table in Base.metadata.sorted_tables:
+        table.to_metadata(older)
+    jobs = older.tables["jobs"]
+    for name in ("last_step", "metrics_last_line", "result_files"):
+        jobs._columns.remove(jobs.c[name])
+    engine = create_engine(store_url)
+    with engine.begin() as connection:
+        older.create_all(connection)
+        row = dict(id="old", created_at=1, created_ns=1, model="m", training_file="f", hyperparameters={}, seed=1,
+                   extra={}, status="succeeded", directory=str(tmp_path), devices_wanted=1, queue_seq=0, attempt=0,
+                   metrics_offset=0)  # fmt: skip
+        connection.execute(jobs.insert().values(**row))
+    engine.dispose()
+
+    store = Store(store_url)
+    try:
+        columns = {c["name"] for c in inspect(store.engine).get_columns("jobs")}
+        assert {"last_step", "metrics_last_line", "result_files"} <= columns
+        with store.session() as s:
+            job = s.get(Job, "old")
+            assert (job.last_step, job.metrics_last_line, job.result_files, job.status) == (0, "", [], "succeeded")
+        queued_job(store, "new", tmp_path)  # and the new version writes as usual
+        with store.session() as s:
+            assert s.get(Job, "new").last_step == 0
+    finally:
+        store.dispose()
+    Store(store_url).dispose()  # opening it again finds nothing to add
