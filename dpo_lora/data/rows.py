@@ -159,11 +159,12 @@ class BadRow(ValueError):
 
 
 def _json_rows(path: Path):
-    """Yield (row number, row dict or BadRow) for a .jsonl file, or a .json array / JSON-lines file."""
-    raw = path.read_bytes()
-    if path.suffix == ".json" and raw.lstrip()[:1] == b"[":
+    """Yield (row number, row dict or BadRow) for a .jsonl file, or a .json array / JSON-lines file.
+    JSON lines are read a line at a time (an upload's check holds one row, not the file); a JSON
+    array is parsed whole."""
+    if path.suffix == ".json" and _first_byte(path) == b"[":
         try:
-            rows = json.loads(raw.decode("utf-8"))
+            rows = json.loads(path.read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise UserError(f"{path}: not a valid JSON array: {err}") from None
         except RecursionError:
@@ -171,7 +172,21 @@ def _json_rows(path: Path):
         for number, row in enumerate(rows, start=1):
             yield number, row if isinstance(row, dict) else BadRow("not a JSON object")
         return
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+    with path.open("rb") as lines:
+        yield from _json_lines(lines)
+
+
+def _first_byte(path: Path) -> bytes:
+    """The file's first byte that is not whitespace (b"" for none)."""
+    with path.open("rb") as handle:
+        while chunk := handle.read(65536):
+            if stripped := chunk.lstrip():
+                return stripped[:1]
+    return b""
+
+
+def _json_lines(lines):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:

@@ -231,3 +231,21 @@ def test_an_unpaired_rows_label_must_be_a_boolean(tmp_path, tiny_tokenizer):
         2,
         [(2, "wrong type or shape: 'label' must be true or false, got 'yes'")],
     )
+
+
+def test_checking_a_large_jsonl_holds_a_row_at_a_time_not_the_file(tmp_path):
+    """An upload's check (and training's read) of JSON lines: its peak Python memory stays a small
+    fraction of the file (it read the whole file, and split it, before)."""
+    import tracemalloc
+
+    row = json.dumps({"prompt": "p" * 200, "chosen": "c " * 200, "rejected": "r " * 200})
+    path = tmp_path / "big.jsonl"
+    path.write_text((row + "\n") * 30000 + "not json\n")  # ~25 MB
+    tracemalloc.start()
+    try:
+        count, problems = shape_problems(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 30001 and [n for n, _ in problems] == [30001] and "malformed JSON" in problems[0][1]
+    assert peak < path.stat().st_size / 50, f"{peak} bytes at peak for a {path.stat().st_size}-byte file"
