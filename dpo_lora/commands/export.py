@@ -145,7 +145,7 @@ def export_model(
 ) -> dict:
     """Export a run/adapter/checkpoint (or the run's `checkpoint`: best, latest, a step) to `out`;
     returns the export report (also in out/export_report.json). `format: gguf` writes one GGUF file
-    (`gguf_type` f16 or q8_0) from a float32 merge, with an Ollama Modelfile, instead of safetensors."""
+    (`gguf_type` f16, q8_0, q5_0 or q4_0) from a float32 merge, with an Ollama Modelfile, instead of safetensors."""
     import shutil
     import tempfile
 
@@ -211,10 +211,10 @@ def _write_gguf(merged: Path, staging: Path, gguf_type: str, name: str) -> dict:
     gguf_file = staging / gguf_name(name, gguf_type)
     report = {"format": "gguf", "gguf_file": gguf_file.name, **write_gguf(merged, gguf_file, gguf_type, name)}
     report |= verify_gguf(gguf_file, merged, gguf_type)
-    if not report["gguf_tokenizer_matches"] or report["max_logp_diff_gguf_vs_merged"] > report["gguf_tolerance"]:
+    if not report["gguf_tokenizer_matches"] or report["max_logp_diff_gguf_vs_stored"] > report["gguf_tolerance"]:
         raise UserError(
-            f"GGUF export failed verification: log-probs differ from the merged model by "
-            f"{report['max_logp_diff_gguf_vs_merged']:.4g} (tolerance {report['gguf_tolerance']}), tokenizer "
+            f"GGUF export failed verification: log-probs differ from the merged model with its weights as stored by "
+            f"{report['max_logp_diff_gguf_vs_stored']:.4g} (tolerance {report['gguf_tolerance']}), tokenizer "
             f"{'matches' if report['gguf_tokenizer_matches'] else 'differs'}; nothing written"
         )
     (staging / "Modelfile").write_text(modelfile(gguf_file.name, AutoTokenizer.from_pretrained(str(merged)).eos_token))

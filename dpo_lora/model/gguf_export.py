@@ -23,7 +23,7 @@ import torch
 from dpo_lora.core.errors import UserError
 from dpo_lora.model.weight_files import WeightFolder
 
-GGUF_TYPES = ("f16", "q8_0")
+GGUF_TYPES = ("f16", "q8_0", "q5_0", "q4_0")
 SUPPORTED = ("LlamaForCausalLM",)
 
 
@@ -70,7 +70,7 @@ def write_gguf(folder: Path, out_file: Path, gguf_type: str, name: str) -> dict:
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config["vocab_size"])
-    file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if gguf_type == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
+    file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{gguf_type.upper()}")
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, folder, config["vocab_size"])
@@ -85,7 +85,7 @@ def write_gguf(folder: Path, out_file: Path, gguf_type: str, name: str) -> dict:
         if target is None:
             raise UserError(f"--format gguf: no GGUF name for tensor {hf_name}")
         shape = tuple(weights.shape(hf_name))
-        qtype = _storage_type(shape, gguf_type)
+        qtype = _storage_type(shape, gguf_type, embedding_or_head=target in ("token_embd.weight", "output.weight"))
         nbytes = _nbytes(shape, qtype)
         writer.add_tensor_info(target, _byte_shape(shape, qtype), _numpy_dtype(qtype), nbytes, raw_dtype=qtype)
         plan.append((hf_name, qtype))
@@ -112,13 +112,19 @@ def _interleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _storage_type(shape: tuple[int, ...], gguf_type: str):
+def _storage_type(shape: tuple[int, ...], gguf_type: str, embedding_or_head: bool = False):
+    """F32 for 1-D tensors; else the asked type where rows split into its blocks, else F16. The
+    embedding and the head stay q8_0 under 4- and 5-bit types, as llama.cpp keeps them at more bits
+    (its Q6_K, which the `gguf` package cannot write)."""
     import gguf
 
     if len(shape) < 2:
         return gguf.GGMLQuantizationType.F32
-    if gguf_type == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-        return gguf.GGMLQuantizationType.Q8_0
+    if embedding_or_head and gguf_type in ("q5_0", "q4_0"):
+        gguf_type = "q8_0"
+    block = getattr(gguf.GGMLQuantizationType, gguf_type.upper())
+    if gguf_type != "f16" and shape[-1] % gguf.GGML_QUANT_SIZES[block][0] == 0:
+        return block
     return gguf.GGMLQuantizationType.F16
 
 
@@ -197,32 +203,53 @@ def modelfile(gguf_file: str, eos_token: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Largest per-token log-prob difference of the GGUF against the merged float32 model it was written
-# from, by type. Measured on a SmolLM2-135M run's ~150 probe tokens: f16 moves the worst by 0.0097
-# (mean 0.0018); q8_0, which also quantizes the tied embedding/head, by 0.51 (bf16 storage alone
-# moves it by 0.37, dpo_lora/model/verify.py). A wrong rotary layout or RoPE base moves it by nats.
-GGUF_TOLERANCE = {"f16": 0.15, "q8_0": 1.0}
+# Largest per-token log-prob difference of the GGUF, as transformers loads it, against the merged
+# model with each weight as the file stores it (quantized and dequantized by the same code): what is
+# left is the arithmetic's order, so one tolerance serves every type. On a SmolLM2-135M run's ~150
+# probe tokens it was 2e-5 to 3e-5 for all four types; a wrong rotary layout moved it by 9.6 nats.
+GGUF_TOLERANCE = 0.01
+
+
+def _stored_weights(weight_of, folder: Path, gguf_type: str):
+    """weight_of giving each weight as the GGUF of `gguf_type` stores it, back in float32."""
+    import gguf
+
+    config = json.loads((folder / "config.json").read_text())
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+
+    def stored(name: str) -> torch.Tensor:
+        tensor = weight_of(name).float()
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        qtype = _storage_type(tuple(tensor.shape), gguf_type, embedding_or_head=target in ("token_embd.weight", "output.weight"))  # fmt: skip
+        if qtype == gguf.GGMLQuantizationType.F32:
+            return tensor
+        return torch.from_numpy(gguf.quants.dequantize(_convert(tensor, qtype), qtype)).reshape(tensor.shape)
+
+    return stored
 
 
 def verify_gguf(gguf_file: Path, merged: Path, gguf_type: str) -> dict:
     """Teacher-forced log-probs of the GGUF as transformers loads it (dequantized to float32, the
-    whole model in memory) against the merged float32 folder it was written from (streamed by module)."""
+    whole model in memory) against the merged folder it was written from (streamed by module): with
+    its weights as the file stores them (the check), and in float32 (what the storage costs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dpo_lora.model.layerwise import batch_token_logps, folder_weights, streamed_model, tied_aliases
     from dpo_lora.model.verify import differences, probe_batches, token_logps
 
     batches = probe_batches(AutoTokenizer.from_pretrained(str(merged)))
-    reference = batch_token_logps(
-        streamed_model(merged, folder_weights(WeightFolder(merged), tied_aliases(merged)), None), batches
-    )
+    weights = folder_weights(WeightFolder(merged), tied_aliases(merged))
+    reference = batch_token_logps(streamed_model(merged, weights, None), batches)
+    as_stored = batch_token_logps(streamed_model(merged, _stored_weights(weights, merged, gguf_type), None), batches)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     # The same ids for the probe texts, the chat-templated ones too: tokens, merges and template carried over.
     same_tokens = [ids.tolist() for ids in probe_batches(tokenizer)] == [ids.tolist() for ids in batches]
-    largest, mean = differences(token_logps(loaded, batches), reference)
+    scores = token_logps(loaded, batches)
+    largest, mean = differences(scores, reference)
     return {
-        "gguf_tolerance": GGUF_TOLERANCE[gguf_type],
+        "gguf_tolerance": GGUF_TOLERANCE,
+        "max_logp_diff_gguf_vs_stored": differences(scores, as_stored)[0],
         "max_logp_diff_gguf_vs_merged": largest,
         "mean_logp_diff_gguf_vs_merged": mean,
         "gguf_tokenizer_matches": same_tokens,

@@ -85,13 +85,13 @@ def test_single_process_trains_and_the_adapter_reloads_with_peft(smollm2, tmp_pa
     assert chosen / pairs == pytest.approx(after["eval/logps/chosen"], rel=1e-4)
 
     # The run as one q8_0 GGUF for llama.cpp/Ollama: transformers loads it (tokenizer and chat template
-    # included) with the float32 merge's log-probs within q8_0's tolerance.
+    # included) with the log-probs of the merge as stored (and within 1 nat of the float32 merge's).
     from dpo_lora.commands.export import export_model
     from dpo_lora.model.gguf_export import GGUF_TOLERANCE
 
     report = export_model(str(out), out=str(tmp_path / "gguf"), format="gguf", gguf_type="q8_0")
     assert report["gguf_tokenizer_matches"] is True and report["tensors"] == 272  # SmolLM2: tied head, 30 layers
-    assert report["max_logp_diff_gguf_vs_merged"] <= GGUF_TOLERANCE["q8_0"]
+    assert report["max_logp_diff_gguf_vs_stored"] <= GGUF_TOLERANCE and report["max_logp_diff_gguf_vs_merged"] < 1.0
     assert (tmp_path / "gguf" / "Modelfile").read_text().startswith(f"FROM ./{report['gguf_file']}\n")
 
 

@@ -80,9 +80,7 @@ def test_a_runs_rows_and_config_go_to_a_wandb_run_and_a_stopped_runs_resume_cont
     assert set(first["history"]) | set(resumed["history"]) == set(rows) == set(range(1, 61))
     assert max(first["history"]) == stopped_at and min(resumed["history"]) == stopped_at + 1
     alerts = first.get("alerts", []) + resumed.get("alerts", [])
-    assert alerts and all(title == "dpo-lora: kl" and "KL growth at step" in text for title, text in alerts), (
-        alerts
-    )
+    assert alerts and all(title == "dpo-lora: kl" and "KL growth at step" in text for title, text in alerts), alerts
     for step, row in rows.items():
         logged = (resumed if step > stopped_at else first)["history"][step]
         assert logged["loss"] == pytest.approx(row["loss"]) and logged["rewards/accuracies"] == pytest.approx(row["rewards/accuracies"])  # fmt: skip
