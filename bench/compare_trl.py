@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = (
     "trl", "dpo-lora-plain", "dpo-lora-unshared", "dpo-lora", "dpo-lora-online", "dpo-lora-mask",
     "trl-lowmem", "dpo-lora-lowmem", "trl-thp", "dpo-lora-allbf16", "dpo-lora-nockpt", "dpo-lora-auto",
-    "dpo-lora-fused", "dpo-lora-fused-bf16lora",
+    "dpo-lora-fused", "dpo-lora-fused-bf16lora", "trl-dora", "dpo-lora-dora",
 )  # fmt: skip
 LOWMEM_MB = 4
 SHIPPED = {
@@ -66,6 +66,7 @@ MODIFIERS = {
     "bf16lora": {"model.lora_matmul_dtype": "bfloat16"},  # with -fused in all bf16: the adapter's products in bf16
     "compile": {"model.compile": "layers"},  # each decoder layer compiled (the first steps pay the compile)
     "zero0": {"deepspeed": "deepspeed_configs/zero0.json"},  # DeepSpeed without ZeRO (every other: zero2.json)
+    "dora": {"lora.dora": "true"},  # DoRA (PEFT's), against "trl-dora": TRL with PEFT's use_dora
 }
 
 
@@ -131,7 +132,8 @@ def run_trl(args, data_file: Path, work: Path) -> list[float]:
         max_length=max_length, gradient_checkpointing=True, bf16=args.dtype == "bfloat16", use_cpu=not torch.cuda.is_available(),
         logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0, disable_dropout=True,
     )  # fmt: skip
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    dora = "dora" in args.child.split("-")
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM", use_dora=dora)  # fmt: skip
     times = []
 
     class StepTimes(TrainerCallback):
@@ -382,6 +384,10 @@ def run_workload(args, dtype: str) -> None:
     peak = matmul_flops(dtype)
     flops_per_token = useful_flops_per_token(args.model)
     trl = results.get("trl")
+
+    def peer(system: str) -> dict | None:  # DoRA runs against TRL with DoRA, where it ran
+        return results.get("trl-dora") if "dora" in system.split("-") and "trl-dora" in results else trl
+
     print(
         f"\nworkload {args.workload}: {micro_batch} pairs/step, ~{tokens_per_pair} tokens/pair, {dtype}, {args.steps} steps\n"
         f"{bf16_capability()}; CPU flags: {cpu_flags()}"
@@ -394,8 +400,9 @@ def run_workload(args, dtype: str) -> None:
         f"{'x TRL speed':>13}{'x TRL ' + memory_name:>11}"
     )
     for system, r in results.items():
-        speed = f"{r['pairs_per_s'] / trl['pairs_per_s']:.2f}" if trl else "-"
-        memory = f"{r[memory_key] / trl[memory_key]:.2f}" if trl else "-"
+        base = peer(system)
+        speed = f"{r['pairs_per_s'] / base['pairs_per_s']:.2f}" if base else "-"
+        memory = f"{r[memory_key] / base[memory_key]:.2f}" if base else "-"
         print(
             f"{system:<22}{r['s_per_step']:>8.3f}{r['pairs_per_s']:>9.3f}{r['tokens_per_s']:>10.1f}"
             f"{r[memory_key]:>9.2f}G{r['wall_s']:>8.0f}{speed:>13}{memory:>11}"

@@ -9,12 +9,14 @@ Merge targets:
   original     W + s * B @ A on the unquantized base (the usual choice for serving at 16 bits);
                departs from the trained function by the base's quantization error.
   dequantized  dequant(quant(W)) + s * B @ A: exactly the function that was trained.
+A DoRA adapter also rescales each output row of the sum to its trained magnitude (LoraDelta.merged).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,8 +32,29 @@ from dpo_lora.train.trained import checkpoint_of, lora_settings, resolve_adapter
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def lora_deltas(adapter_dir: Path, settings: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Base weight name -> (A [r, in], B [out, r], scale) for every adapted layer."""
+@dataclass(frozen=True)
+class LoraDelta:
+    """One adapted layer: A [r, in], B [out, r], the scale, and DoRA's magnitude [out] if it has one."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    magnitude: torch.Tensor | None = None
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        """The float32 weight that computes what the adapted layer computes on `weight`.
+
+        LoRA: W + s * B @ A. DoRA: m / ||W + s * B @ A||_row * (W + s * B @ A), each output row
+        rescaled to its trained magnitude, with the norm of the weight as given (for `dequantized`,
+        the weight training saw: PEFT's DoRA takes the norm of the dequantized base)."""
+        merged = torch.addmm(weight.float(), self.b.float(), self.a.float(), alpha=self.scale)  # `weight` kept
+        if self.magnitude is None:
+            return merged
+        return merged.mul_((self.magnitude.float() / torch.linalg.vector_norm(merged, dim=1)).unsqueeze(1))
+
+
+def lora_deltas(adapter_dir: Path, settings: dict) -> dict[str, LoraDelta]:
+    """Base weight name -> its LoraDelta, for every adapted layer."""
     from safetensors.torch import load_file
 
     state = load_file(str(adapter_dir / "adapter_model.safetensors"))
@@ -39,12 +62,15 @@ def lora_deltas(adapter_dir: Path, settings: dict) -> dict[str, tuple[torch.Tens
     for name, lora_a in state.items():
         if ".lora_A." not in name:
             continue
-        module = name.split(".lora_A.")[0].removeprefix("base_model.model.")
+        module = name.split(".lora_A.")[0]
         lora_b = state[name.replace(".lora_A.", ".lora_B.")]
         rank = lora_a.shape[0]
         alpha = settings["lora_alpha"]
         scale = alpha / rank**0.5 if settings.get("use_rslora") else alpha / rank
-        deltas[module + ".weight"] = (lora_a, lora_b, scale)
+        magnitude = state.get(module + ".lora_magnitude_vector") if settings.get("use_dora") else None
+        if settings.get("use_dora") and magnitude is None:
+            raise UserError(f"{adapter_dir}: a DoRA adapter without the magnitude of {module}")
+        deltas[module.removeprefix("base_model.model.") + ".weight"] = LoraDelta(lora_a, lora_b, scale, magnitude)
     return deltas
 
 
@@ -63,8 +89,7 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, dtype: str, max_shard_byt
         if requantize is not None and name in requantize:
             tensor = requantize(name, tensor)
         if name in deltas:
-            lora_a, lora_b, scale = deltas[name]
-            tensor = tensor.float().addmm_(lora_b.float(), lora_a.float(), alpha=scale)
+            tensor = deltas[name].merged(tensor)
             merged.add(name)
         writer.add(name, tensor.to(target_dtype) if tensor.is_floating_point() else tensor)
         del tensor
@@ -99,7 +124,9 @@ def _model_card(adapter_dir: Path, base: str, run_config) -> str:
         lines += [
             f"- quantization during training: {run_config.model.quantization}",
             f"- loss: {run_config.dpo.loss}, beta {run_config.dpo.beta}",
-            f"- LoRA r={run_config.lora.r}, alpha={run_config.lora.alpha}",
+            f"- LoRA r={run_config.lora.r}, alpha={run_config.lora.alpha}"
+            + (", rsLoRA" if run_config.lora.rslora else "")
+            + (", DoRA" if run_config.lora.dora else ""),
         ]
     lines += [
         "",

@@ -315,6 +315,7 @@ def flat_items(tree: dict, prefix: str = "") -> dict:
 ADDED_KEYS = {
     "model.float32_residual": False,
     "lora.rslora": False,
+    "lora.dora": False,
     "model.fused_lora": False,
     "model.lora_matmul_dtype": "float32",
     "model.compile": "off",

@@ -98,6 +98,11 @@ class LoraConfig:
     r: int = knob(16, "LoRA rank")
     alpha: int = knob(32, "LoRA scaling numerator (scale = alpha / r; alpha / sqrt(r) with lora.rslora)")
     rslora: bool = knob(False, "rank-stabilized LoRA: scale alpha / sqrt(r), which keeps large ranks learning (rsLoRA)")
+    dora: bool = knob(
+        False,
+        "DoRA: a trained magnitude per output row times the direction W + scale * B @ A, normalised per row "
+        "(PEFT's use_dora; slower steps, a dense weight norm per layer; not under ZeRO-3)",
+    )
     dropout: float = knob(0.05, "dropout on the LoRA input")
     target_modules: Any = knob("all-linear", "module names to adapt: a list, or 'all-linear'")
     init_adapter: str | None = knob(None, "existing PEFT adapter to continue from; it also becomes the reference")

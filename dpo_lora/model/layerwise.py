@@ -3,9 +3,10 @@ forward and dropped right after it.
 
 The model is built empty (parameters on the meta device; buffers such as rotary frequencies are
 real, computed from the config), so the architecture's own forward runs unchanged; hooks on every
-module that owns parameters fetch them, as float32, from a `weight_of(name)` function. Peak memory
-is the largest single module's float32 weights (the LM head or embedding) plus activations, so a
-70B model can be scored on a machine that could not load it.
+module that owns parameters fetch them, as float32, from a `weight_of(name)` function (a LoRA
+layer fetches its whole subtree: DoRA reads its base weight outside the base layer's forward).
+Peak memory is the largest single module's float32 weights (the LM head or embedding) plus
+activations, so a 70B model can be scored on a machine that could not load it.
 
 Why not accelerate's disk offload: it would first write a float32 copy of every weight to disk, and
 cannot hold the quantize-dequantize step that rebuilds what a quantized run trained on.
@@ -17,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from dpo_lora.model.load import peft_saved_name
 
 WeightOf = Callable[[str], torch.Tensor]
 
@@ -38,28 +41,49 @@ def streamed_model(config_dir: Path, weight_of: WeightOf, adapter_config_dir: Pa
             lora_config.base_model_name_or_path = model.name_or_path  # the base is streamed, not renamed
             model = get_peft_model(model, lora_config)
     model.eval()
-    for module_name, module in model.named_modules():
-        names = {name: f"{module_name}.{name}".lstrip(".") for name, _ in module.named_parameters(recurse=False)}
-        if names:
-            module.register_forward_pre_hook(_loader(names, weight_of, on_load))
-            module.register_forward_hook(_unloader(names))
+    for owner, names in _owners(model):
+        owner.register_forward_pre_hook(_loader(names, weight_of, on_load))
+        owner.register_forward_hook(_unloader(names))
     return model
 
 
-def _loader(names: dict[str, str], weight_of: WeightOf, on_load):
+def _owners(model):
+    """(module, {(holder, attribute): full name}) for each module whose forward uses the weights:
+    each module's own parameters, except that an adapted layer (PEFT's LoRA wrapper) holds its
+    whole subtree, since DoRA reads its base weight outside the base layer's own forward."""
+    from peft.tuners.lora import LoraLayer
+
+    inside_adapted: set[str] = set()
+    for module_name, module in model.named_modules():
+        if any(module_name.startswith(prefix) for prefix in inside_adapted):
+            continue
+        adapted = isinstance(module, LoraLayer)
+        if adapted:
+            inside_adapted.add(module_name + ".")
+        names = {
+            (module.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]): f"{module_name}.{name}".lstrip(
+                "."
+            )
+            for name, _ in module.named_parameters(recurse=adapted)
+        }
+        if names:
+            yield module, names
+
+
+def _loader(names: dict, weight_of: WeightOf, on_load):
     def load(module, args):
-        for name, full_name in names.items():
-            module._parameters[name] = torch.nn.Parameter(weight_of(full_name).float(), requires_grad=False)
+        for (holder, name), full_name in names.items():
+            holder._parameters[name] = torch.nn.Parameter(weight_of(full_name).float(), requires_grad=False)
         if on_load is not None:
             on_load()
 
     return load
 
 
-def _unloader(names: dict[str, str]):
+def _unloader(names: dict):
     def unload(module, args, output):
-        for name in names:
-            module._parameters[name] = torch.nn.Parameter(module._parameters[name].to("meta"), requires_grad=False)
+        for holder, name in names:
+            holder._parameters[name] = torch.nn.Parameter(holder._parameters[name].to("meta"), requires_grad=False)
 
     return unload
 
@@ -90,10 +114,8 @@ def adapted_weights(base_weight_of: WeightOf, adapter_state: dict[str, torch.Ten
     other weight from the base under its unwrapped name."""
 
     def weight_of(name: str) -> torch.Tensor:
-        for kind in (".lora_A.", ".lora_B."):
-            if kind in name:
-                head, tail = name.split(kind)
-                return adapter_state[f"{head}{kind}{tail.split('.', 1)[1]}"]
+        if ".lora_" in name:
+            return adapter_state[peft_saved_name(name)]
         return base_weight_of(name.removeprefix("base_model.model.").replace(".base_layer.", "."))
 
     return weight_of

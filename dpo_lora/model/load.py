@@ -31,6 +31,13 @@ POLICY_ADAPTER = "default"
 REFERENCE_ADAPTER = "reference"
 
 
+def peft_saved_name(name: str, adapter: str = POLICY_ADAPTER) -> str:
+    """An adapter parameter's name as PEFT's adapter files store it: without the adapter's name, and
+    DoRA's magnitude without its `.weight` (`q_proj.lora_magnitude_vector`)."""
+    magnitude = f".lora_magnitude_vector.{adapter}.weight"
+    return name.replace(magnitude, ".lora_magnitude_vector").replace(f".{adapter}.", ".")
+
+
 def _check_model_path(path: str) -> None:
     local = Path(path)
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/")) and not local.exists()
@@ -242,6 +249,7 @@ def _with_adapter(base, lora_config):
         lora_dropout=lora_config.dropout,
         target_modules=lora_config.target_modules,
         use_rslora=lora_config.rslora,
+        use_dora=lora_config.dora,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, peft_config)
@@ -252,7 +260,13 @@ def _report_adapter_settings(lora_config) -> None:
     import json
 
     saved = json.loads((Path(lora_config.init_adapter) / "adapter_config.json").read_text())
-    pairs = (("r", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"), ("rslora", "use_rslora"))
+    pairs = (
+        ("r", "r"),
+        ("alpha", "lora_alpha"),
+        ("dropout", "lora_dropout"),
+        ("rslora", "use_rslora"),
+        ("dora", "use_dora"),
+    )
     differing = [
         f"lora.{key}={getattr(lora_config, key)} -> {saved.get(name)}"
         for key, name in pairs

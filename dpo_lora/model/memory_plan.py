@@ -156,10 +156,21 @@ def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, i
     for index, layer in enumerate(layers):
         layer.register_forward_pre_hook(entering(index), with_kwargs=True)
         layer.register_forward_hook(lambda *_: scope.__setitem__(0, None))
+    # DoRA dequantizes its base weight: what it saves of it (with dropout, PEFT reruns the base
+    # matmul on the dropped input) is a fresh [out, in] copy a layer on a quantized base, where
+    # the empty model's weight is a parameter.
+    in_dora, dequantized = [False], set()
+    if config.lora.dora and config.model.quantization != "none":
+        for module in model.modules():
+            if hasattr(module, "lora_magnitude_vector") and hasattr(module, "get_base_layer"):
+                dequantized.add(StorageWeakRef(module.get_base_layer().weight.untyped_storage()))
+                for dora in module.lora_magnitude_vector.values():
+                    dora.register_forward_pre_hook(lambda *_: in_dora.__setitem__(0, True))
+                    dora.register_forward_hook(lambda *_: in_dora.__setitem__(0, False))
 
     def pack(tensor):
         key = StorageWeakRef(tensor.untyped_storage())
-        if scope[0] == 1 and key not in params:
+        if scope[0] == 1 and (key not in params or (in_dora[0] and key in dequantized)):
             saved[key] = tensor.untyped_storage().nbytes()
         return tensor
 
@@ -170,9 +181,13 @@ def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, i
     mask = torch.zeros(rows, 1, tokens, tokens, device="meta", dtype=dtype if shared else torch.bool)
     attention_outputs = []
     with _fused_attention(attention_outputs), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.get_base_model().model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        hidden = model.get_base_model().model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)  # fmt: skip
+    # What a graph the forward dropped had saved is gone by the backward (DoRA's B @ A, formed
+    # through an identity matrix and detached, saves an [in, in] identity a layer): not counted.
+    kept = sum(size for key, size in saved.items() if not key.expired())
+    del hidden
     layer_input = inputs[1]
-    return sum(saved.values()), layer_input.numel() * layer_input.element_size(), attention_outputs[1]
+    return kept, layer_input.numel() * layer_input.element_size(), attention_outputs[1]
 
 
 def activation_components(
@@ -209,10 +224,23 @@ def activation_components(
             if checkpointed == 0
             else "activations of the layers not checkpointed"
         ] = (layers - checkpointed) * per_layer
+    if config.lora.dora:
+        components["DoRA weight-norm transient"] = dora_transient(config)
     scored = 2 * micro * lengths.completion  # completion positions scored, at most
     chunk = min(config.train.logps_chunk_size, scored) if config.train.logps_chunk_size > 0 else scored
     components["LM-head chunk transient"] = lm_head_transient(chunk, vocab, scored, rows * tokens, hidden, element)
     return components, tokens, rows
+
+
+def dora_transient(config) -> int:
+    """Peak bytes of PEFT's DoRA weight norm in one adapted layer, the largest: B @ A formed through
+    an [in, in] float32 identity, then float32 [out, in] matrices for it, the base weight, the
+    scaled product and their sum (read off PEFT's forward, not counted: it runs on real weights)."""
+    from peft.tuners.lora import LoraLayer
+
+    layer = skeleton(config, layers=1)
+    shapes = [m.get_base_layer().weight.shape for m in layer.modules() if isinstance(m, LoraLayer)]
+    return max((4 * (shape[1] ** 2 + 4 * shape[0] * shape[1]) for shape in shapes), default=0)
 
 
 def lm_head_transient(chunk: int, vocab: int, scored: int, positions: int, hidden: int, element: int) -> int:

@@ -107,6 +107,7 @@ def skeleton(config, layers: int | None = None, dtype=None):
             lora_alpha=config.lora.alpha,
             lora_dropout=config.lora.dropout,
             use_rslora=config.lora.rslora,
+            use_dora=config.lora.dora,
             target_modules=config.lora.target_modules,
             task_type="CAUSAL_LM",
         )

@@ -13,10 +13,17 @@ from dpo_lora.core.config import load_config
 from dpo_lora.core.errors import UserError
 from dpo_lora.core.schema import Config
 from dpo_lora.model import precision
-from dpo_lora.model.load import POLICY_ADAPTER, REFERENCE_ADAPTER, attach_trained, load_base, load_tokenizer
+from dpo_lora.model.load import (
+    POLICY_ADAPTER,
+    REFERENCE_ADAPTER,
+    attach_trained,
+    load_base,
+    load_tokenizer,
+    peft_saved_name,
+)
 from dpo_lora.train.checkpoints import DEEPSPEED_TAG, _deepspeed_checkpoint_types, latest_checkpoint
 
-LORA_KEY_PARTS = (".lora_A.", ".lora_B.")
+LORA_KEY_PARTS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
 
 
 def run_config(path: Path) -> Config | None:
@@ -38,9 +45,7 @@ def adapter_state_from_checkpoint(checkpoint: Path) -> dict[str, torch.Tensor]:
             module = _zero3_trainable_state(checkpoint, DEEPSPEED_TAG)
         else:
             raise UserError(f"{checkpoint}: no DeepSpeed model states ({states.name}) in it")
-    adapter = {
-        name.replace(".default.", "."): t for name, t in module.items() if any(p in name for p in LORA_KEY_PARTS)
-    }
+    adapter = {peft_saved_name(name): t for name, t in module.items() if any(p in name for p in LORA_KEY_PARTS)}
     if not adapter or any(t.numel() == 0 for t in adapter.values()):
         raise UserError(f"{checkpoint}: no complete adapter weights in it")
     return adapter
@@ -78,6 +83,7 @@ def write_adapter(adapter: dict[str, torch.Tensor], config: Config, folder: Path
         lora_alpha=config.lora.alpha,
         lora_dropout=config.lora.dropout,
         use_rslora=config.lora.rslora,
+        use_dora=config.lora.dora,
         target_modules=targets,
         task_type="CAUSAL_LM",
         base_model_name_or_path=config.model.path,
@@ -129,13 +135,12 @@ def resolve_adapter(source: str, scratch: Path) -> tuple[Path, Config | None]:
 
 
 def lora_settings(adapter_dir: Path) -> dict:
-    """r, alpha and scaling rule of a PEFT LoRA adapter; refuses variants a plain merge would get wrong."""
+    """r, alpha, scaling rule and DoRA of a PEFT LoRA adapter; refuses variants the merge would get wrong."""
     settings = json.loads((adapter_dir / "adapter_config.json").read_text())
     if settings.get("peft_type") != "LORA":
         raise UserError(f"{adapter_dir}: not a LoRA adapter ({settings.get('peft_type')})")
-    for key, meaning in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) layers")):
-        if settings.get(key):
-            raise UserError(f"{adapter_dir}: {meaning} adapters are not supported by export")
+    if settings.get("fan_in_fan_out"):
+        raise UserError(f"{adapter_dir}: fan_in_fan_out (Conv1D) adapters are not supported by export")
     for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
         if settings.get(key):
             raise UserError(f"{adapter_dir}: adapters with {key} are not supported by export")

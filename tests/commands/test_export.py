@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -123,7 +124,9 @@ def test_adapter_only_refusals_and_push(trained_run, tmp_path, monkeypatch):
     # A merge that went wrong (here: the adapter scaled twice) fails verification; nothing is written.
     real = export_module.lora_deltas
     monkeypatch.setattr(
-        export_module, "lora_deltas", lambda *a: {k: (A, B, 2 * s) for k, (A, B, s) in real(*a).items()}
+        export_module,
+        "lora_deltas",
+        lambda *a: {k: dataclasses.replace(d, scale=2 * d.scale) for k, d in real(*a).items()},
     )
     with pytest.raises(UserError, match="failed verification"):
         export_model(str(trained_run), out=str(tmp_path / "bad"), dtype="float32")
@@ -254,3 +257,62 @@ def test_an_rslora_run_exports_at_alpha_over_sqrt_r_as_peft_runs_it(tiny_model_d
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({**settings, "use_rslora": False}))
     half = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), str(run / "adapter"))  # fmt: skip
     assert differences(scores(merged, tokenizer), scores(half, tokenizer))[0] > 1e-3, "the scale matters here"
+
+
+def test_lora_delta_merges_dora_as_its_layer_computes_in_float64():
+    """DoRA's layer: y = m / ||W + s B A||_row * (W x + s B (A x)), a norm per output row. The merged
+    weight, applied to x, must give that y (an oracle in float64 that never forms the merged matrix)."""
+    from dpo_lora.commands.export import LoraDelta
+
+    gen = torch.Generator().manual_seed(0)
+    w, a, b = (torch.randn(shape, generator=gen) for shape in ((6, 5), (3, 5), (6, 3)))
+    magnitude, x = torch.rand(6, generator=gen) + 0.5, torch.randn(5, 4, generator=gen)
+    w64, a64, b64, m64, x64 = (t.double() for t in (w, a, b, magnitude, x))
+    direction = w64 + 0.7 * b64 @ a64
+    norms = torch.sqrt((direction**2).sum(dim=1))
+    oracle = (m64 / norms).unsqueeze(1) * (w64 @ x64 + 0.7 * b64 @ (a64 @ x64))
+    assert torch.allclose(LoraDelta(a, b, 0.7, magnitude).merged(w).double() @ x64, oracle, atol=1e-5)
+    plain = LoraDelta(a, b, 0.7).merged(w).double() @ x64
+    assert torch.allclose(plain, w64 @ x64 + 0.7 * b64 @ (a64 @ x64), atol=1e-5)
+    assert not torch.allclose(plain, oracle, atol=1e-2), "the magnitude must matter here"
+
+
+def test_a_dora_run_exports_to_the_model_peft_runs(tiny_model_dir, tmp_path, monkeypatch):
+    """`lora.dora`: PEFT trains a magnitude per output row. Both merge targets must give what PEFT
+    computes (on the unquantized base for `original`, on the NF4 base as trained for `dequantized`),
+    the checkpoint's rebuilt adapter must be the final one, and a merge without the magnitudes must
+    fail verification."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_lora.train.trained import adapter_state_from_checkpoint
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, run, *RUN, "lora.dora=true", "lora.r=4", "lora.alpha=8"))
+    adapter = run / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    final = load_file(str(adapter / "adapter_model.safetensors"))
+    assert sum(".lora_magnitude_vector" in name for name in final) == 14
+    rebuilt = adapter_state_from_checkpoint(run / "checkpoints" / step_name(6))
+    assert rebuilt.keys() == final.keys() and all(torch.equal(rebuilt[k], final[k]) for k in final)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    report = export_model(str(run), out=str(tmp_path / "orig"), dtype="float32")
+    assert report["max_logp_diff_vs_claimed"] < 1e-4
+    merged = scores(AutoModelForCausalLM.from_pretrained(tmp_path / "orig"), tokenizer)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), str(adapter))  # fmt: skip
+    assert differences(merged, scores(peft, tokenizer))[0] < 1e-4
+    export_model(str(run), out=str(tmp_path / "deq"), dtype="float32", merge_into="dequantized")
+    quantized = load_base(ModelConfig(path=str(tiny_model_dir), quantization="nf4", dtype="float32"), torch.device("cpu"))  # fmt: skip
+    trained = scores(PeftModel.from_pretrained(quantized, str(adapter)), tokenizer)
+    assert differences(scores(AutoModelForCausalLM.from_pretrained(tmp_path / "deq"), tokenizer), trained)[0] < 1e-4
+
+    real = export_module.lora_deltas
+    monkeypatch.setattr(
+        export_module,
+        "lora_deltas",
+        lambda *a: {k: dataclasses.replace(d, magnitude=None) for k, d in real(*a).items()},
+    )
+    with pytest.raises(UserError, match="failed verification"):
+        export_model(str(run), out=str(tmp_path / "bad"), dtype="float32")

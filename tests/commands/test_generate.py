@@ -150,10 +150,11 @@ def test_scoring_only_the_generated_positions_equals_scoring_every_position(tiny
     torch.testing.assert_close(scored, expected, rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
-@pytest.mark.parametrize("reference", ["base", "init_adapter"])
-def test_one_mixed_generate_call_equals_separate_policy_and_reference_calls(tiny_tokenizer, reference):
-    """sample_both runs policy and reference rows in one batch (a PEFT adapter per row); greedy
-    decoding makes the oracle exact: the policy alone, then the reference alone."""
+@pytest.mark.parametrize("reference,dora", [("base", False), ("init_adapter", False), ("base", True), ("init_adapter", True)])  # fmt: skip
+def test_one_mixed_generate_call_equals_separate_policy_and_reference_calls(tiny_tokenizer, reference, dora):
+    """sample_both runs policy and reference rows in one batch (a PEFT adapter per row; with DoRA,
+    which PEFT refuses to mix, one call per side); greedy decoding makes the oracle exact: the
+    policy alone, then the reference alone."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -163,11 +164,11 @@ def test_one_mixed_generate_call_equals_separate_policy_and_reference_calls(tiny
     from ..conftest import build_tiny_model
 
     torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=dora)
     model = get_peft_model(build_tiny_model(len(tiny_tokenizer)), lora)
     if reference == "init_adapter":
         model.add_adapter(REFERENCE_ADAPTER, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                        init_lora_weights=False))  # fmt: skip
+                                                        init_lora_weights=False, use_dora=dora))  # fmt: skip
         model.set_adapter("default")
     model.eval()
     eos = tiny_tokenizer.eos_token_id

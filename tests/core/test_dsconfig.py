@@ -27,6 +27,16 @@ def test_every_shipped_json_fills_completely(path):
     assert "auto" not in json.dumps(filled)
 
 
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
+def test_dora_runs_on_zero_0_to_2_and_is_refused_on_zero3_naming_the_key(name):
+    config = load_config(None, [f"deepspeed={REPO / 'deepspeed_configs' / name}", "lora.dora=true"])
+    if name == "zero2.json":
+        assert fill_deepspeed_config(config, world_size=1)["zero_optimization"]["stage"] == 2
+        return
+    with pytest.raises(UserError, match="^config key 'lora.dora': DoRA needs each layer's whole base weight"):
+        fill_deepspeed_config(config, world_size=1)
+
+
 def write(tmp_path, content: dict) -> str:
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(content))

@@ -72,6 +72,42 @@ def test_a_mixed_batch_decodes_each_row_as_generate_does_alone(two_adapters):
     assert len({tuple(t) for t in got[:2]}) == 2
 
 
+@pytest.fixture(scope="module")
+def with_dora():
+    """A LoRA adapter "a" and a DoRA adapter "d" (random B and magnitudes: not the identity)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build_tiny_model(VOCAB, seed=3)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(40)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), adapter_name="a")
+    model.add_adapter("d", LoraConfig(r=2, target_modules=["k_proj", "up_proj", "o_proj"], use_dora=True))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3) if "magnitude" not in name else p.mul_(torch.rand_like(p) + 0.5)
+    return model.eval()
+
+
+def test_rows_of_a_dora_adapter_decode_apart_each_as_generate_does_alone(with_dora):
+    """PEFT refuses DoRA in a mixed-adapter forward: decode runs each adapter's rows in turn, and
+    every row still gets its own tokens, in its own slot of the callback."""
+    from dpo_lora.model.decode import adapter_groups
+
+    adapters = ["d", "a", BASE, "d"]
+    assert adapter_groups(with_dora, adapters) == [[0, 3], [1], [2]]
+    assert adapter_groups(with_dora, ["d", "d"]) == [[0, 1]]
+    assert adapter_groups(with_dora, ["a", BASE]) == [[0, 1]], "plain LoRA rows share one forward"
+    prompts = [[5, 9, 12, 3, 7, 30], [8, 2], [17, 4, 4, 11], [40, 41, 42]]
+    lengths = [7, 5, 6, 4]
+    rows = [Row(p, Sampling(temperature=0, max_tokens=n), a) for p, a, n in zip(prompts, adapters, lengths, strict=True)]  # fmt: skip
+    got = run(with_dora, rows)
+    for prompt, adapter, n, tokens in zip(prompts, adapters, lengths, got, strict=True):
+        assert tokens == reference_greedy(with_dora, prompt, adapter, n, eos=63), f"adapter {adapter}"
+    assert got[0] != reference_greedy(with_dora, prompts[0], BASE, 7, eos=63), "DoRA changes the answer here"
+
+
 def test_eos_and_the_callback_end_a_row_and_the_others_go_on(two_adapters):
     rows = [Row([5, 9, 12], Sampling(temperature=0, max_tokens=10), "a") for _ in range(3)]
     free = run(two_adapters, rows[:1])[0]

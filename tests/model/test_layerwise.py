@@ -59,15 +59,20 @@ def test_streamed_model_scores_like_the_whole_model_holding_one_module_at_a_time
     assert len(loads) >= 2 * len(list(model.model.layers)), "every layer's modules are loaded in turn"
 
 
-def test_streamed_model_with_adapter_scores_like_peft(model_dir, tmp_path):
+@pytest.mark.parametrize("dora", [False, True])
+def test_streamed_model_with_adapter_scores_like_peft(model_dir, tmp_path, dora):
+    """DoRA reads its base weight outside the base layer's forward: the adapted layer holds its subtree."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", use_dora=dora)
+    peft_model = get_peft_model(base, config)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)  # a trained adapter; PEFT starts B at zero
+        if "lora_magnitude_vector" in name:
+            param.data.mul_(torch.rand_like(param) + 0.5)  # and DoRA at the base's row norms
     peft_model.save_pretrained(tmp_path / "adapter")
     expected = token_logps(peft_model, probes())
     base_weights = folder_weights(WeightFolder(model_dir), tied_aliases(model_dir))

@@ -115,6 +115,7 @@ def counted_step(config, count_attention_outputs: bool = False, tokens: int = 2 
         hidden = (
             model.get_base_model().model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
         )
+    alive = sum(size for key, size in saved.items() if not key.expired())  # what the backward will need
     hidden.float().square().mean().backward()
     optimizer = torch.optim.AdamW(lora, lr=1e-3)
     optimizer.step()
@@ -125,7 +126,7 @@ def counted_step(config, count_attention_outputs: bool = False, tokens: int = 2 
         "LoRA parameters": storage_bytes(lora),
         "LoRA gradients": storage_bytes([p.grad for p in lora]),
         "optimizer states (AdamW) + ZeRO float32 partition": storage_bytes(states),
-        "activations (every layer's saved tensors)": LAYERS * sum(saved.values()),
+        "activations (every layer's saved tensors)": LAYERS * alive,
         "layer input": storage_bytes(inputs[1:2]),
         **({"attention outputs": kernels.bytes} if count_attention_outputs else {}),
     }
@@ -141,19 +142,30 @@ def test_each_planned_component_matches_a_real_step_within_two_percent(run_confi
         assert predicted[name] == pytest.approx(count, rel=0.02), name
 
 
-@pytest.mark.parametrize("layers", ["peft", "fused", "fused-bf16"])
+@pytest.mark.parametrize("layers", ["peft", "fused", "fused-bf16", "peft-dora"])
 def test_planned_activations_in_all_bf16_match_a_real_step(run_config, layers):
-    """All bf16, with PEFT's layers, the fused ones, and the fused ones with bf16 products (which
-    keep the bf16 input, not a float32 copy): the plan counts what a real step keeps."""
+    """All bf16, with PEFT's layers, the fused ones, the fused ones with bf16 products (which
+    keep the bf16 input, not a float32 copy), and DoRA: the plan counts what a real step keeps."""
     activations = "activations (every layer's saved tensors)"
-    model = replace(run_config.model, dtype="bfloat16", float32_residual=False, fused_lora=layers != "peft",
+    model = replace(run_config.model, dtype="bfloat16", float32_residual=False, fused_lora=layers.startswith("fused"),
                     lora_matmul_dtype="bfloat16" if layers == "fused-bf16" else "float32")  # fmt: skip
-    config = replace(run_config, model=model)
+    config = replace(run_config, model=model, lora=replace(run_config.lora, dora=layers == "peft-dora"))
     counted = counted_step(config)[activations]
     assert plan(config).components[activations] == pytest.approx(counted, rel=0.02)
     if layers == "fused-bf16":
         peft = replace(config, model=replace(model, fused_lora=False, lora_matmul_dtype="float32"))
         assert counted < 0.8 * counted_step(peft)[activations]  # the float32 copies are gone
+
+
+def test_planned_dora_matches_a_real_step_and_costs_more_than_lora(run_config):
+    """DoRA keeps each adapted layer's base output for its magnitude's gradient; what it saves for
+    a graph it drops (B @ A through an identity, detached) is gone before the backward."""
+    dora = replace(run_config, lora=replace(run_config.lora, dora=True))
+    predicted, counted = plan(dora).components, counted_step(dora)
+    for name in ("activations (every layer's saved tensors)", "LoRA parameters", "LoRA gradients"):
+        assert predicted[name] == pytest.approx(counted[name], rel=0.02), name
+    lora = plan(run_config).components["activations (every layer's saved tensors)"]
+    assert predicted["activations (every layer's saved tensors)"] > 1.2 * lora
 
 
 def test_a_plan_at_shorter_rows_matches_a_real_step_at_that_length(run_config):

@@ -113,3 +113,30 @@ def test_a_full_queue_is_a_429_and_nothing_queued_is_lost(tiny_model_dir, monkey
         while (event := request.events.get(timeout=60))[0] != "done":
             assert event[0] != "error"
     engine.close()
+
+
+def test_a_batch_with_a_dora_adapter_answers_each_request_as_it_answers_alone(tiny_model_dir, adapters, tmp_path):
+    """PEFT runs DoRA only as the active adapter: a batch mixing it with others decodes by adapter
+    in turn, and every request still gets its own answer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "dora")
+    folders = [None, adapters[0], tmp_path / "dora"]
+    engine = Engine(settings(tiny_model_dir), lambda: "cpu", max_adapters=8)
+    alone = {folder: answer(engine, folder) for folder in folders}
+    assert len(set(alone.values())) == 3, "base, LoRA and DoRA answer differently"
+    requests = [Request([[5, 6, 7, 8]], 1, Sampling(temperature=0, max_tokens=6), f, str(f)) for f in folders]
+    engine._answer(requests)  # one batch, as _next_batch would form it from three waiting requests
+    for folder, request in zip(folders, requests, strict=True):
+        events = []
+        while (event := request.events.get(timeout=60))[0] != "done":
+            events.append(event)
+        assert "".join(e[2] for e in events if e[0] == "text") == alone[folder], folder
