@@ -9,7 +9,10 @@ tensor in float32 and its converted copy (a 7B's largest, the embedding: 0.5 GB 
 Conversions, as llama.cpp's own loader expects them: q and k projections have their rows permuted
 from Hugging Face's rotate-half rotary layout to GGUF's interleaved one; 1-D tensors (norms) stay
 float32; 2-D weights become `f16`, or `q8_0` (blocks of 32 int8 values with one float16 scale)
-where their rows split into such blocks (else f16).
+where their rows split into such blocks (else f16). `q4_k_m` is llama.cpp's mix of the k-quants
+(dpo_lora.model.kquants): Q6_K for the head and for attn_v and ffn_down in llama.cpp's chosen
+layers, Q4_K for the rest, and llama.cpp's fallbacks (Q5_0, Q8_0) where rows do not split into
+256-value super-blocks.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import numpy as np
 import torch
 
 from dpo_lora.core.errors import UserError
+from dpo_lora.model import kquants
 from dpo_lora.model.weight_files import WeightFolder
 
-GGUF_TYPES = ("f16", "q8_0", "q5_0", "q4_0")
+GGUF_TYPES = ("f16", "q8_0", "q6_k", "q5_0", "q4_k_m", "q4_0")
 SUPPORTED = ("LlamaForCausalLM",)
 
 
@@ -77,6 +81,7 @@ def write_gguf(folder: Path, out_file: Path, gguf_type: str, name: str) -> dict:
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     weights = WeightFolder(folder)
+    tied_head = _tied_head(weights.names(), names)
     plan = []
     for hf_name in weights.names():
         if hf_name.endswith("rotary_emb.inv_freq"):
@@ -85,7 +90,7 @@ def write_gguf(folder: Path, out_file: Path, gguf_type: str, name: str) -> dict:
         if target is None:
             raise UserError(f"--format gguf: no GGUF name for tensor {hf_name}")
         shape = tuple(weights.shape(hf_name))
-        qtype = _storage_type(shape, gguf_type, embedding_or_head=target in ("token_embd.weight", "output.weight"))
+        qtype = _storage_type(shape, gguf_type, target, config["num_hidden_layers"], tied_head)
         nbytes = _nbytes(shape, qtype)
         writer.add_tensor_info(target, _byte_shape(shape, qtype), _numpy_dtype(qtype), nbytes, raw_dtype=qtype)
         plan.append((hf_name, qtype))
@@ -112,20 +117,42 @@ def _interleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _storage_type(shape: tuple[int, ...], gguf_type: str, embedding_or_head: bool = False):
-    """F32 for 1-D tensors; else the asked type where rows split into its blocks, else F16. The
-    embedding and the head stay q8_0 under 4- and 5-bit types, as llama.cpp keeps them at more bits
-    (its Q6_K, which the `gguf` package cannot write)."""
+def _storage_type(shape: tuple[int, ...], gguf_type: str, target: str, layers: int, tied_head: bool):
+    """The type tensor `target` (its GGUF name) is stored as: F32 for 1-D tensors; else the asked
+    type where rows split into its blocks, else llama.cpp's fallback (Q4_K -> Q5_0, Q6_K -> Q8_0),
+    else F16. Under 4- and 5-bit types the embedding and the head keep more bits: q8_0 beside the
+    legacy types; Q6_K for the head in q4_k_m (the embedding, when it is also the head: `tied_head`),
+    where llama.cpp also gives Q6_K to attn_v and ffn_down in the first and last eighth of the
+    layers and every third between."""
     import gguf
 
+    kinds = gguf.GGMLQuantizationType
     if len(shape) < 2:
-        return gguf.GGMLQuantizationType.F32
-    if embedding_or_head and gguf_type in ("q5_0", "q4_0"):
-        gguf_type = "q8_0"
-    block = getattr(gguf.GGMLQuantizationType, gguf_type.upper())
-    if gguf_type != "f16" and shape[-1] % gguf.GGML_QUANT_SIZES[block][0] == 0:
-        return block
-    return gguf.GGMLQuantizationType.F16
+        return kinds.F32
+    wanted = {"f16": kinds.F16, "q8_0": kinds.Q8_0, "q6_k": kinds.Q6_K, "q5_0": kinds.Q5_0, "q4_0": kinds.Q4_0}.get(gguf_type)  # fmt: skip
+    if gguf_type in ("q5_0", "q4_0") and target in ("token_embd.weight", "output.weight"):
+        wanted = kinds.Q8_0
+    if gguf_type == "q4_k_m":
+        head = target == "output.weight" or (tied_head and target == "token_embd.weight")
+        if head or (target.endswith(("attn_v.weight", "ffn_down.weight")) and _more_bits(target, layers)):
+            wanted = kinds.Q6_K
+        else:
+            wanted = kinds.Q4_K
+    for kind in (wanted, {kinds.Q4_K: kinds.Q5_0, kinds.Q6_K: kinds.Q8_0}.get(wanted)):
+        if kind is not None and (kind == kinds.F16 or shape[-1] % gguf.GGML_QUANT_SIZES[kind][0] == 0):
+            return kind
+    return kinds.F16
+
+
+def _tied_head(hf_names, names) -> bool:
+    """Whether the file holds no head (`output.weight`): the embedding is then also the head."""
+    return all(names.get_name(name, try_suffixes=(".weight", ".bias")) != "output.weight" for name in hf_names)
+
+
+def _more_bits(target: str, layers: int) -> bool:
+    """llama.cpp's use_more_bits for the layer of `target` (blk.N....)."""
+    layer = int(target.split(".")[1])
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
 
 
 def _numpy_dtype(qtype):
@@ -157,6 +184,10 @@ def _convert(tensor: torch.Tensor, qtype) -> np.ndarray:
         return array.astype(np.float32)
     if qtype == gguf.GGMLQuantizationType.F16:
         return array.astype(np.float16)
+    if qtype == gguf.GGMLQuantizationType.Q4_K:
+        return kquants.quantize_q4_k(array)
+    if qtype == gguf.GGMLQuantizationType.Q6_K:
+        return kquants.quantize_q6_k(array)
     return gguf.quants.quantize(array, qtype)
 
 
@@ -206,7 +237,7 @@ def modelfile(gguf_file: str, eos_token: str | None) -> str:
 # Largest per-token log-prob difference of the GGUF, as transformers loads it, against the merged
 # model with each weight as the file stores it (quantized and dequantized by the same code): what is
 # left is the arithmetic's order, so one tolerance serves every type. On a SmolLM2-135M run's ~150
-# probe tokens it was 2e-5 to 3e-5 for all four types; a wrong rotary layout moved it by 9.6 nats.
+# probe tokens it was 1e-5 to 3e-5 for every type; a wrong rotary layout moved it by 9.6 nats.
 GGUF_TOLERANCE = 0.01
 
 
@@ -214,13 +245,19 @@ def _stored_weights(weight_of, folder: Path, gguf_type: str):
     """weight_of giving each weight as the GGUF of `gguf_type` stores it, back in float32."""
     import gguf
 
+    from dpo_lora.model.layerwise import tied_aliases
+
     config = json.loads((folder / "config.json").read_text())
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    files, tied = WeightFolder(folder), tied_aliases(folder)
+    tied_head = _tied_head(files.names(), names)
 
     def stored(name: str) -> torch.Tensor:
         tensor = weight_of(name).float()
-        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        qtype = _storage_type(tuple(tensor.shape), gguf_type, embedding_or_head=target in ("token_embd.weight", "output.weight"))  # fmt: skip
+        # A tied head is not in the file: the model reads its twin, stored as the twin's type.
+        written = tied[name] if name not in files and name in tied else name
+        target = names.get_name(written, try_suffixes=(".weight", ".bias"))
+        qtype = _storage_type(tuple(tensor.shape), gguf_type, target, config["num_hidden_layers"], tied_head)
         if qtype == gguf.GGMLQuantizationType.F32:
             return tensor
         return torch.from_numpy(gguf.quants.dequantize(_convert(tensor, qtype), qtype)).reshape(tensor.shape)

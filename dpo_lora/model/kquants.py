@@ -1,0 +1,162 @@
+"""llama.cpp's k-quants Q4_K and Q6_K, quantized in numpy (the `gguf` package reads them but
+cannot write them), for GGUF exports of type `q4_k_m`.
+
+Both work on super-blocks of 256 values of a row:
+  Q4_K  8 sub-blocks of 32, each x ~ d * sc * q - dmin * m with q in 0..15, and 6-bit sc and m
+        per sub-block under the super-block's float16 d and dmin: 4.5 bits a weight.
+  Q6_K  16 groups of 16, each x ~ d * sc * q with q in -32..31 and an int8 sc per group under the
+        super-block's float16 d: 6.5625 bits a weight.
+
+Each group's scale (and Q4_K's offset) is chosen as llama.cpp does, in spirit: several candidate
+scales around the range's, each followed by the least-squares scale and offset for the integers
+it gave, keeping the one with the smallest squared error. The byte layouts are llama.cpp's; tests
+read the bytes back with the `gguf` package's own dequantizers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QK_K = 256
+Q4_K_BYTES = 2 + 2 + 12 + QK_K // 2  # d, dmin, packed 6-bit scales and mins, 4-bit values
+Q6_K_BYTES = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2  # low 4 bits, high 2 bits, int8 scales, d
+CANDIDATES = np.linspace(-1.0, 1.0, 11, dtype=np.float32)  # offsets to the integer range tried per group
+
+
+def _fit_affine(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset) >= 0 per row of x [groups, n], x ~ scale * q - offset with q in 0..levels,
+    the best squared error of the candidate scales. The offset is kept >= 0 (llama.cpp's min <= 0)."""
+    low = np.minimum(x.min(axis=1), 0.0)
+    span = x.max(axis=1) - low
+    span = np.where(span > 0, span, 1.0)
+    best_scale, best_offset = span / levels, -low
+    best_error = _affine_error(x, best_scale, best_offset, levels)
+    for step in CANDIDATES:
+        inverse = (levels + step) / span
+        q = np.clip(np.rint((x - low[:, None]) * inverse[:, None]), 0, levels)
+        # Least squares for x ~ scale * q + bias given q; bias = -offset must stay <= 0.
+        n = x.shape[1]
+        sum_q, sum_qq, sum_x, sum_qx = q.sum(1), (q * q).sum(1), x.sum(1), (q * x).sum(1)
+        det = n * sum_qq - sum_q * sum_q
+        safe = np.where(det > 0, det, 1.0)
+        scale = np.where(det > 0, (n * sum_qx - sum_q * sum_x) / safe, best_scale)
+        bias = np.where(det > 0, (sum_qq * sum_x - sum_q * sum_qx) / safe, -best_offset)
+        # A positive bias is clamped to 0: then the scale is the fit through the origin.
+        through_origin = np.where(sum_qq > 0, sum_qx / np.where(sum_qq > 0, sum_qq, 1.0), scale)
+        scale, bias = np.where(bias > 0, through_origin, scale), np.minimum(bias, 0.0)
+        scale = np.maximum(scale, 0.0)
+        error = _affine_error(x, scale, -bias, levels)
+        better = error < best_error
+        best_scale = np.where(better, scale, best_scale)
+        best_offset = np.where(better, -bias, best_offset)
+        best_error = np.minimum(error, best_error)
+    return best_scale.astype(np.float32), best_offset.astype(np.float32)
+
+
+def _affine_error(x: np.ndarray, scale: np.ndarray, offset: np.ndarray, levels: int) -> np.ndarray:
+    safe = np.where(scale > 0, scale, 1.0)
+    q = np.where(scale[:, None] > 0, np.clip(np.rint((x + offset[:, None]) / safe[:, None]), 0, levels), 0)
+    return ((scale[:, None] * q - offset[:, None] - x) ** 2).sum(axis=1)
+
+
+def _six_bit(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float16 super-scale [blocks], 6-bit integers [blocks, 8]) with values ~ super * integers."""
+    top = values.max(axis=1)
+    super_scale = (top / 63.0).astype(np.float16)
+    safe = np.where(super_scale > 0, super_scale.astype(np.float32), 1.0)
+    return super_scale, np.clip(np.rint(values / safe[:, None]), 0, 63).astype(np.uint8)
+
+
+def q4_k_parts(array: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Q4_K's numbers for `array` [..., n]: (d, dmin) float16 [blocks], (sc, m) 6-bit [blocks, 8]
+    and q 4-bit [blocks, 8, 32], with x ~ d * sc * q - dmin * m per sub-block."""
+    x = np.asarray(array, dtype=np.float32).reshape(-1, 8, 32)
+    blocks = x.shape[0]
+    scale, offset = _fit_affine(x.reshape(-1, 32), 15)
+    d, sc = _six_bit(scale.reshape(blocks, 8))
+    dmin, mn = _six_bit(offset.reshape(blocks, 8))
+    # The values again, against the scales as stored.
+    step = (d.astype(np.float32)[:, None] * sc).reshape(blocks, 8, 1)
+    shift = (dmin.astype(np.float32)[:, None] * mn).reshape(blocks, 8, 1)
+    q = np.where(step > 0, np.clip(np.rint((x + shift) / np.where(step > 0, step, 1.0)), 0, 15), 0).astype(np.uint8)
+    return d, dmin, sc, mn, q
+
+
+def pack_q4_k(d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, mn: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """llama.cpp's block_q4_K bytes [blocks, 144] of q4_k_parts' numbers."""
+    blocks = d.shape[0]
+    packed_scales = np.concatenate(
+        [
+            sc[:, :4] | ((sc[:, 4:] >> 4) << 6),
+            mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+            (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4),
+        ],
+        axis=1,
+    )
+    pairs = q.reshape(blocks, 4, 2, 32)  # sub-blocks 2c and 2c + 1 share bytes: low and high nibble
+    values = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(blocks, 128)
+    halves = [d.reshape(blocks, 1).view(np.uint8), dmin.reshape(blocks, 1).view(np.uint8)]
+    return np.concatenate([*halves, packed_scales, values], axis=1)
+
+
+def quantize_q4_k(array: np.ndarray) -> np.ndarray:
+    """Rows of `array` [..., n] (n a multiple of 256) as Q4_K bytes [..., n / 256 * 144]."""
+    shape = array.shape
+    return pack_q4_k(*q4_k_parts(array)).reshape(*shape[:-1], shape[-1] // QK_K * Q4_K_BYTES)
+
+
+def _fit_symmetric(x: np.ndarray) -> np.ndarray:
+    """Scale per row of x [groups, 16], x ~ scale * q with q in -32..31: the candidate scales
+    around the one that maps the largest magnitude to -32, each with its least-squares refit."""
+    extreme = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)[:, 0]
+    best_scale = np.where(extreme != 0, extreme / -32.0, 0.0).astype(np.float32)
+    best_error = _symmetric_error(x, best_scale)
+    for step in CANDIDATES:
+        inverse = np.where(extreme != 0, -(32.0 + step) / np.where(extreme != 0, extreme, 1.0), 0.0)
+        q = np.clip(np.rint(x * inverse[:, None]), -32, 31)
+        sum_qq = (q * q).sum(1)
+        scale = np.where(sum_qq > 0, (q * x).sum(1) / np.where(sum_qq > 0, sum_qq, 1.0), 0.0)
+        error = _symmetric_error(x, scale)
+        better = error < best_error
+        best_scale = np.where(better, scale, best_scale)
+        best_error = np.minimum(error, best_error)
+    return best_scale.astype(np.float32)
+
+
+def _symmetric_error(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    safe = np.where(scale != 0, scale, 1.0)
+    q = np.where(scale[:, None] != 0, np.clip(np.rint(x / safe[:, None]), -32, 31), 0)
+    return ((scale[:, None] * q - x) ** 2).sum(axis=1)
+
+
+def q6_k_parts(array: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Q6_K's numbers for `array` [..., n]: d float16 [blocks], sc int8 [blocks, 16] and q in
+    -32..31 [blocks, 16, 16], with x ~ d * sc * q per group of 16."""
+    x = np.asarray(array, dtype=np.float32).reshape(-1, 16, 16)
+    blocks = x.shape[0]
+    scale = _fit_symmetric(x.reshape(-1, 16)).reshape(blocks, 16)
+    # int8 scales under the float16 d, the largest magnitude at -128 (as llama.cpp stores them).
+    extreme = np.take_along_axis(scale, np.abs(scale).argmax(axis=1)[:, None], axis=1)[:, 0]
+    d = np.where(extreme != 0, extreme / -128.0, 0.0).astype(np.float16)
+    safe = np.where(d != 0, d.astype(np.float32), 1.0)
+    sc = np.where(d[:, None] != 0, np.clip(np.rint(scale / safe[:, None]), -128, 127), 0).astype(np.int8)
+    step = (d.astype(np.float32)[:, None] * sc).reshape(blocks, 16, 1)
+    q = np.where(step != 0, np.clip(np.rint(x / np.where(step != 0, step, 1.0)), -32, 31), 0).astype(np.int8)
+    return d, sc, q
+
+
+def pack_q6_k(d: np.ndarray, sc: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """llama.cpp's block_q6_K bytes [blocks, 210] of q6_k_parts' numbers."""
+    blocks = d.shape[0]
+    stored = (q.astype(np.int16) + 32).astype(np.uint8).reshape(blocks, 2, 128)  # two halves of 128 values
+    low, high = stored & 0x0F, stored >> 4
+    ql = (low[:, :, :64] | (low[:, :, 64:] << 4)).reshape(blocks, 128)
+    quarters = high.reshape(blocks, 2, 4, 32)
+    qh = quarters[:, :, 0] | (quarters[:, :, 1] << 2) | (quarters[:, :, 2] << 4) | (quarters[:, :, 3] << 6)
+    return np.concatenate([ql, qh.reshape(blocks, 64), sc.view(np.uint8), d.reshape(blocks, 1).view(np.uint8)], axis=1)
+
+
+def quantize_q6_k(array: np.ndarray) -> np.ndarray:
+    """Rows of `array` [..., n] (n a multiple of 256) as Q6_K bytes [..., n / 256 * 210]."""
+    shape = array.shape
+    return pack_q6_k(*q6_k_parts(array)).reshape(*shape[:-1], shape[-1] // QK_K * Q6_K_BYTES)
