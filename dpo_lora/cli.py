@@ -120,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible fine-tuning jobs API over this machine's GPUs")
     serve.add_argument("--state-dir", default="serve-state", help="job store, uploaded files and job folders")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback needs DPO_LORA_API_KEY)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback needs API keys)")
+    serve.add_argument(
+        "--api-keys",
+        help='JSON file of projects\' API keys, {"team-a": "KEY", ...}: each key sees only its project\'s files, '
+        "jobs and fine-tuned models (DPO_LORA_API_KEY is the project 'default')",
+    )
     serve.add_argument("--port", type=int, default=8000, help="port to bind")
     serve.add_argument("--gpus", default="all", help="GPUs jobs may use: all, or indices like 0,1")
     serve.add_argument("--cpu-slots", type=int, default=1, help="without GPUs: CPU ranks that may run at once")

@@ -21,7 +21,7 @@ from dpo_lora.core.config import load_config
 from dpo_lora.core.errors import UserError
 from dpo_lora.serve import models, runfiles, wire
 from dpo_lora.serve.jobspec import JobSpec, SpecError, build_spec
-from dpo_lora.serve.state import ServerState, State
+from dpo_lora.serve.state import Project, ServerState, State
 from dpo_lora.serve.status import JobStatus
 from dpo_lora.serve.store import File as StoredFile
 from dpo_lora.serve.store import Job
@@ -34,15 +34,18 @@ EARLIER_JOBS = 5  # the newest succeeded jobs on a base whose measured speed cor
 
 
 @router.post("/fine_tuning/quotes")
-def create_quote(state: State, body: wire.JobCreate) -> dict:
+def create_quote(state: State, project: Project, body: wire.JobCreate) -> dict:
     """The quote of the job this body would create (extension): nothing is stored or queued."""
     with tempfile.TemporaryDirectory() as scratch:
-        spec = request_spec(state, body, Path(scratch), quoting=True)
+        spec = request_spec(state, project, body, Path(scratch), quoting=True)
         return quote_of(state, body.model, spec, with_data=True)
 
 
-def request_spec(state: ServerState, body: wire.JobCreate, directory: Path, quoting: bool = False) -> JobSpec:
-    """The request's spec for a job folder `directory`, or a 400 naming the field. `quoting`: the
+def request_spec(
+    state: ServerState, project: str, body: wire.JobCreate, directory: Path, quoting: bool = False
+) -> JobSpec:
+    """The request's spec for a job folder `directory`, or a 400 naming the field; its files and the
+    fine-tuned model it may continue from must be `project`'s. `quoting`: the
     data is read where the uploads are stored (a job reads its own copy) and the DeepSpeed
     JSON is written into `directory` (a job writes it when its folder is made)."""
     if body.method is not None and body.method.type != "dpo":
@@ -50,11 +53,12 @@ def request_spec(state: ServerState, body: wire.JobCreate, directory: Path, quot
     stored = {}
     with state.store.session() as s:
         try:  # a base, or a fine-tuned model or checkpoint to continue from (its adapter)
-            source = models.resolve(state.models, s, body.model)
+            source = models.resolve(state.models, s, body.model, project)
         except models.UnknownModel as err:
             raise ApiError(400, str(err), param="model") from None
         for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
             file = s.get(StoredFile, file_id) if file_id is not None else None
+            file = file if file is not None and file.project == project else None  # another's: as if absent
             if file_id is not None and file is None:
                 raise ApiError(400, f"invalid {param}: no file '{file_id}'", param=param)
             if file is not None and file.purpose != "fine-tune":

@@ -30,7 +30,7 @@ from dpo_lora.serve import models
 from dpo_lora.serve.engine import Engine, EngineError, Request
 from dpo_lora.serve.inference import model_settings
 from dpo_lora.serve.logprobs_wire import LegacyLogprobs, chat_logprobs
-from dpo_lora.serve.state import ServerState, State
+from dpo_lora.serve.state import Project, ServerState, State
 from dpo_lora.serve.store import Job
 from dpo_lora.serve.wire import ApiError
 
@@ -76,18 +76,18 @@ class CompletionRequest(Sampled):
 
 
 @router.post("/chat/completions")
-async def chat_completions(state: State, body: ChatRequest):
-    request, engine, texts = await run_in_threadpool(_prepare, state, body, "chat")
+async def chat_completions(state: State, project: Project, body: ChatRequest):
+    request, engine, texts = await run_in_threadpool(_prepare, state, project, body, "chat")
     return await _answer(engine, request, body, "chat", texts)
 
 
 @router.post("/completions")
-async def completions(state: State, body: CompletionRequest):
-    request, engine, texts = await run_in_threadpool(_prepare, state, body, "text")
+async def completions(state: State, project: Project, body: CompletionRequest):
+    request, engine, texts = await run_in_threadpool(_prepare, state, project, body, "text")
     return await _answer(engine, request, body, "text", texts)
 
 
-def _prepare(state: ServerState, body: Sampled, kind: str) -> tuple[Request, Engine, list[str]]:
+def _prepare(state: ServerState, project: str, body: Sampled, kind: str) -> tuple[Request, Engine, list[str]]:
     """Check the request, find its model's engine and tokenize its prompts; the prompts' texts."""
     for name in UNSUPPORTED:
         if getattr(body, name, None) not in (None, False, [], {}):
@@ -100,7 +100,7 @@ def _prepare(state: ServerState, body: Sampled, kind: str) -> tuple[Request, Eng
         raise ApiError(400, "max_tokens: 0 asks for no answer; it needs echo: true", param="max_tokens")
     with state.store.session() as s:
         try:
-            source = models.resolve(state.models, s, body.model)
+            source = models.resolve(state.models, s, body.model, project)
         except models.UnknownModel as err:
             raise ApiError(404, str(err), param="model", code="model_not_found") from None
         directory = s.get(Job, source.job_id).directory if source.job_id else None

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from dpo_lora.core import rundir
 from dpo_lora.core.rundir import RowKind, row_kind
 from dpo_lora.serve import processes, runfiles, wire
-from dpo_lora.serve.state import State, job_or_404, page_limit
+from dpo_lora.serve.state import Project, State, job_or_404, page_limit
 from dpo_lora.serve.store import Job
 from dpo_lora.train.plots import CHARTS, chart_svg
 
@@ -41,22 +41,27 @@ def dashboard_page() -> HTMLResponse:
 
 
 @api.get("/dashboard/jobs")
-def jobs_with_progress(state: State, limit: int = 100) -> dict:
+def jobs_with_progress(state: State, project: Project, limit: int = 100) -> dict:
     with state.store.session() as s:
         jobs = list(
-            s.scalars(select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(page_limit(limit, MAX_ROWS)))
+            s.scalars(
+                select(Job)
+                .where(Job.project == project)
+                .order_by(Job.created_at.desc(), Job.id.desc())
+                .limit(page_limit(limit, MAX_ROWS))
+            )
         )
     return {"object": "list", "data": [{**wire.job_object(job), "progress": progress(job)} for job in jobs]}
 
 
 @api.get("/fine_tuning/jobs/{job_id}/charts/{name}.svg")
-def job_chart(state: State, job_id: str, name: str) -> Response:
+def job_chart(state: State, project: Project, job_id: str, name: str) -> Response:
     if f"{name}.png" not in CHARTS:
         raise wire.ApiError(
             404, f"No chart named {name}; charts: {', '.join(c[:-4] for c in CHARTS)}", param="name", code="not_found"
         )
     with state.store.session() as s:
-        directory = Path(job_or_404(s, job_id).directory)
+        directory = Path(job_or_404(s, job_id, project).directory)
     rows, _, _ = runfiles.new_rows(directory / "run" / rundir.METRICS, 0)
     latest = {}  # a resumed run may have logged a step twice: its newest row counts
     for row in rows:
@@ -68,11 +73,11 @@ def job_chart(state: State, job_id: str, name: str) -> Response:
 
 
 @api.get("/fine_tuning/jobs/{job_id}/log")
-def job_log(state: State, job_id: str, after: int | None = None) -> dict:
+def job_log(state: State, project: Project, job_id: str, after: int | None = None) -> dict:
     """The job's log (its trainer's output, every attempt) from byte `after`, 64 KiB at most a call;
     without `after`, its last 64 KiB. Ask again from `offset` for what follows."""
     if after is not None and after < 0:
         raise wire.ApiError(400, "after: must be >= 0", param="after")
     with state.store.session() as s:
-        directory = Path(job_or_404(s, job_id).directory)
+        directory = Path(job_or_404(s, job_id, project).directory)
     return {"object": "fine_tuning.job.log", **runfiles.log_piece(directory / processes.LOG_FILE, after)}

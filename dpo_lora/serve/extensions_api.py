@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from dpo_lora.core import rundir
 from dpo_lora.serve import wire
-from dpo_lora.serve.state import ServerState, State, job_or_404
+from dpo_lora.serve.state import Project, ServerState, State, job_or_404
 from dpo_lora.serve.status import FINAL
 from dpo_lora.serve.store import Checkpoint, Event, Export, Job, new_id, now
 from dpo_lora.serve.wire import ApiError, not_found
@@ -30,7 +30,7 @@ router = APIRouter()
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events/stream")
-async def stream_events(state: State, job_id: str, request: Request, after: str | None = None):
+async def stream_events(state: State, project: Project, job_id: str, request: Request, after: str | None = None):
     """Server-sent events: every event of the job from `after` on, oldest first, until it ends.
 
     It waits on the event loop, holding no worker thread, and each API key has at most
@@ -38,7 +38,7 @@ async def stream_events(state: State, job_id: str, request: Request, after: str 
 
     def first() -> int:
         with state.store.session() as s:
-            job_or_404(s, job_id)
+            job_or_404(s, job_id, project)
             return (s.scalar(select(Event.seq).where(Event.id == after)) if after else 0) or 0
 
     def newer(last: int) -> tuple[list[tuple[int, dict]], str]:
@@ -76,9 +76,10 @@ async def stream_events(state: State, job_id: str, request: Request, after: str 
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints/{checkpoint_id}/adapter")
-def checkpoint_adapter(state: State, job_id: str, checkpoint_id: str):
+def checkpoint_adapter(state: State, project: Project, job_id: str, checkpoint_id: str):
     """The checkpoint's PEFT adapter as a .tar.gz (adapter_config.json, adapter_model.safetensors)."""
     with state.store.session() as s:
+        job_or_404(s, job_id, project)
         checkpoint = s.get(Checkpoint, checkpoint_id)
         if checkpoint is None or checkpoint.job_id != job_id:
             raise not_found("checkpoint", checkpoint_id)
@@ -97,10 +98,10 @@ def checkpoint_adapter(state: State, job_id: str, checkpoint_id: str):
 
 
 @router.post("/fine_tuning/jobs/{job_id}/export")
-def create_export(state: State, job_id: str, body: wire.ExportCreate | None = None) -> dict:
+def create_export(state: State, project: Project, job_id: str, body: wire.ExportCreate | None = None) -> dict:
     body = body or wire.ExportCreate()
     with state.store.session() as s:
-        job = job_or_404(s, job_id)
+        job = job_or_404(s, job_id, project)
         source = Path(job.directory) / "run"
         if body.checkpoint:
             checkpoint = s.get(Checkpoint, body.checkpoint)
@@ -146,8 +147,9 @@ def create_export(state: State, job_id: str, body: wire.ExportCreate | None = No
 
 
 @router.get("/fine_tuning/jobs/{job_id}/exports/{export_id}")
-def retrieve_export(state: State, job_id: str, export_id: str) -> dict:
+def retrieve_export(state: State, project: Project, job_id: str, export_id: str) -> dict:
     with state.store.session() as s:
+        job_or_404(s, job_id, project)
         export = s.get(Export, export_id)
         if export is None or export.job_id != job_id:
             raise not_found("export", export_id)
@@ -155,10 +157,11 @@ def retrieve_export(state: State, job_id: str, export_id: str) -> dict:
 
 
 @router.get("/fine_tuning/jobs/{job_id}/exports/{export_id}/content")
-def export_content(state: State, job_id: str, export_id: str):
+def export_content(state: State, project: Project, job_id: str, export_id: str):
     """A finished export's model folder as an uncompressed tar, streamed as it is read: a 7B merged
     model is ~14 GB, so nothing is staged on disk or held in memory (safetensors barely compress)."""
     with state.store.session() as s:
+        job_or_404(s, job_id, project)
         export = s.get(Export, export_id)
         if export is None or export.job_id != job_id:
             raise not_found("export", export_id)
@@ -195,25 +198,28 @@ def tar_stream(folder: Path, arcname: str, chunk: int = 1 << 20):
 
 
 @router.get("/models")
-def list_models(state: State) -> dict:
-    return wire.page(_models(state), False)
+def list_models(state: State, project: Project) -> dict:
+    return wire.page(_models(state, project), False)
 
 
 @router.get("/models/{model_id:path}")
-def retrieve_model(state: State, model_id: str) -> dict:
-    for model in _models(state):
+def retrieve_model(state: State, project: Project, model_id: str) -> dict:
+    for model in _models(state, project):
         if model["id"] == model_id:
             return model
     raise not_found("model", model_id)
 
 
-def _models(state: ServerState) -> list[dict]:
+def _models(state: ServerState, project: str) -> list[dict]:
+    """The bases (every project's) and `project`'s fine-tuned models."""
     models = [
         {"id": name, "object": "model", "created": state.started_at, "owned_by": "dpo-lora"}
         for name in sorted(state.models)
     ]
     with state.store.session() as s:
-        for job in s.scalars(select(Job).where(Job.fine_tuned_model.is_not(None)).order_by(Job.finished_at)):
+        for job in s.scalars(
+            select(Job).where(Job.fine_tuned_model.is_not(None), Job.project == project).order_by(Job.finished_at)
+        ):
             models.append(
                 {
                     "id": job.fine_tuned_model,

@@ -13,10 +13,10 @@ from sqlalchemy import select, tuple_
 from dpo_lora.core.errors import UserError
 from dpo_lora.data.rows import shape_problems
 from dpo_lora.serve import wire
-from dpo_lora.serve.state import State, file_or_404, or_404, page_limit
+from dpo_lora.serve.state import Project, State, file_or_404, page_limit
 from dpo_lora.serve.store import File as StoredFile
 from dpo_lora.serve.store import new_id, now
-from dpo_lora.serve.wire import ApiError
+from dpo_lora.serve.wire import ApiError, not_found
 
 MAX_LISTED_ROWS = 20  # bad rows named in a file's status_details
 # OpenAI's upload purposes; only `fine-tune` files are checked as pairs and may be trained on.
@@ -26,7 +26,9 @@ router = APIRouter()
 
 
 @router.post("/files")
-def create_file(state: State, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict:
+def create_file(
+    state: State, project: Project, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+) -> dict:
 
     if purpose not in PURPOSES:
         raise ApiError(400, f"purpose '{purpose}' is not one of {', '.join(PURPOSES)}", param="purpose")
@@ -60,6 +62,7 @@ def create_file(state: State, file: Annotated[UploadFile, File()], purpose: Anno
             status_details=details,
             path=str(path),
             rows=count,
+            project=project,
         )
         with state.store.session() as s:
             s.add(row)
@@ -72,15 +75,20 @@ def create_file(state: State, file: Annotated[UploadFile, File()], purpose: Anno
 
 @router.get("/files")
 def list_files(
-    state: State, after: str | None = None, limit: int = 100, order: str = "desc", purpose: str | None = None
+    state: State,
+    project: Project,
+    after: str | None = None,
+    limit: int = 100,
+    order: str = "desc",
+    purpose: str | None = None,
 ):
-    query = select(StoredFile)
+    query = select(StoredFile).where(StoredFile.project == project)
     if purpose:
         query = query.where(StoredFile.purpose == purpose)
     key = tuple_(StoredFile.created_ns, StoredFile.id)
     with state.store.session() as s:
         if after:
-            anchor = or_404(s.get(StoredFile, after), "file", after)
+            anchor = file_or_404(state, after, project)
             mark = tuple_(anchor.created_ns, anchor.id)
             query = query.where(key < mark if order == "desc" else key > mark)
         query = query.order_by(*(c.desc() for c in key.clauses) if order == "desc" else key.clauses)
@@ -89,19 +97,21 @@ def list_files(
 
 
 @router.get("/files/{file_id}")
-def retrieve_file(state: State, file_id: str) -> dict:
-    return wire.file_object(file_or_404(state, file_id))
+def retrieve_file(state: State, project: Project, file_id: str) -> dict:
+    return wire.file_object(file_or_404(state, file_id, project))
 
 
 @router.get("/files/{file_id}/content")
-def file_content(state: State, file_id: str):
-    return FileResponse(file_or_404(state, file_id).path, media_type="application/octet-stream")
+def file_content(state: State, project: Project, file_id: str):
+    return FileResponse(file_or_404(state, file_id, project).path, media_type="application/octet-stream")
 
 
 @router.delete("/files/{file_id}")
-def delete_file(state: State, file_id: str) -> dict:
+def delete_file(state: State, project: Project, file_id: str) -> dict:
     with state.store.session() as s:
-        file = or_404(s.get(StoredFile, file_id), "file", file_id)
+        file = s.get(StoredFile, file_id)
+        if file is None or file.project != project:
+            raise not_found("file", file_id)
         s.delete(file)
     Path(file.path).unlink(missing_ok=True)
     return {"id": file_id, "object": "file", "deleted": True}

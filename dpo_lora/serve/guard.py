@@ -1,7 +1,8 @@
 """The gate every request passes before any route reads its body (a plain ASGI middleware).
 
-- With an API key: a /v1 request without `Authorization: Bearer <key>` gets its 401 before a byte
+- With API keys: a /v1 request without `Authorization: Bearer <key>` gets its 401 before a byte
   of its body is read. Bearer tokens only, never cookies: a browser page can't borrow them (CSRF).
+  The key's project goes into the request's scope (`state.project`), for the routes to scope by.
 - Without a key (a loopback-only server): a request whose `Host` is not a loopback name or the bound
   address (DNS rebinding), or that a browser sends from another site (`Origin`, `Sec-Fetch-Site`),
   gets a 403.
@@ -32,7 +33,7 @@ class BodyTooLarge(HTTPException):
 
 @dataclass(frozen=True)
 class Limits:
-    api_key: str | None
+    api_keys: dict[str, str]  # key -> project; empty: no keys (loopback only)
     bound_host: str
     port: int
     max_upload: int
@@ -87,7 +88,7 @@ class Guard:
                 await _reply(_too_large(cap), scope, receive, send)
 
     def _refusal(self, scope, headers: dict) -> ApiError | None:
-        if self.limits.api_key is None:
+        if not self.limits.api_keys:
             if _host_name(headers.get("host", "")) not in self.hosts:
                 return ApiError(403, "Host is not this server's loopback address (no-key mode)", code="forbidden_host")
             origin = headers.get("origin")
@@ -97,9 +98,12 @@ class Guard:
             return None
         if scope["path"] in PUBLIC_PATHS or not scope["path"].startswith("/v1"):
             return None
-        given = headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.limits.api_key.encode()):
+        given = headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
+        # Every key compared, whichever matches: the time taken tells nothing of which.
+        matches = [project for key, project in self.limits.api_keys.items() if hmac.compare_digest(given, key.encode())]
+        if not matches:
             return ApiError(401, "Incorrect API key provided", code="invalid_api_key", kind="authentication_error")
+        scope.setdefault("state", {})["project"] = matches[0]
         return None
 
 

@@ -74,8 +74,8 @@ def _add_checkpoint(store: Store, s, job: Job, step: int) -> None:
     )
 
 
-def result_file(s, directory: Path) -> str:
-    """The run's metrics as CSV, stored as a `fine-tune-results` file; its id."""
+def result_file(s, directory: Path, project: str) -> str:
+    """The run's metrics as CSV, stored as a `fine-tune-results` file of the job's project; its id."""
     results = directory / "results.csv"
     results.write_bytes(runfiles.results_csv(directory / "run" / rundir.METRICS))
     file_id = new_id("file")
@@ -88,6 +88,7 @@ def result_file(s, directory: Path) -> str:
             created_at=now(),
             status="processed",
             path=str(results),
+            project=project,
         )
     )
     return file_id

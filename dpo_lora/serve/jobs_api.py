@@ -13,23 +13,28 @@ from sqlalchemy.exc import IntegrityError
 
 from dpo_lora.core.config import dump_yaml
 from dpo_lora.serve import admission, lifecycle, wire
-from dpo_lora.serve.state import ServerState, State, job_or_404, or_404, page_limit
+from dpo_lora.serve.state import DEFAULT_PROJECT, Project, ServerState, State, job_or_404, or_404, page_limit
 from dpo_lora.serve.status import FINAL, JobStatus
 from dpo_lora.serve.store import Checkpoint, Event, Export, IdempotencyKey, Job, new_id, now
 from dpo_lora.serve.store import File as StoredFile
 from dpo_lora.serve.wire import ApiError
 
 router = APIRouter()
+MAX_IDEMPOTENCY_KEY = 128  # characters: the store keeps them with a project's name in 256
 
 
 @router.post("/fine_tuning/jobs")
-def create_job(state: State, body: wire.JobCreate, idempotency_key: str | None = Header(None)) -> dict:
+def create_job(state: State, project: Project, body: wire.JobCreate, idempotency_key: str | None = Header(None)) -> dict:  # fmt: skip
     request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     if idempotency_key:
-        replay = _replayed(state, idempotency_key, request_hash)
+        if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise ApiError(400, f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters", param="Idempotency-Key")  # fmt: skip
+        # Each project's keys apart (the default project's as before projects existed).
+        idempotency_key = idempotency_key if project == DEFAULT_PROJECT else f"{project}/{idempotency_key}"
+        replay = _replayed(state, project, idempotency_key, request_hash)
         if replay is not None:
             return replay
-    job = _new_job(state, body)
+    job = _new_job(state, project, body)
     try:
         with state.store.session() as s:
             s.add(job)
@@ -42,32 +47,32 @@ def create_job(state: State, body: wire.JobCreate, idempotency_key: str | None =
         shutil.rmtree(job.directory, ignore_errors=True)
         if not (isinstance(err, IntegrityError) and idempotency_key):
             raise
-        return _replayed(state, idempotency_key, request_hash)  # a concurrent retry with this key won
+        return _replayed(state, project, idempotency_key, request_hash)  # a concurrent retry with this key won
     return wire.job_object(job)
 
 
 @router.get("/fine_tuning/jobs")
-def list_jobs(state: State, after: str | None = None, limit: int = 20) -> dict:
+def list_jobs(state: State, project: Project, after: str | None = None, limit: int = 20) -> dict:
     key = tuple_(Job.created_ns, Job.id)
-    query = select(Job)
+    query = select(Job).where(Job.project == project)
     with state.store.session() as s:
         if after:
-            anchor = or_404(s.get(Job, after), "fine-tuning job", after)
+            anchor = job_or_404(s, after, project)
             query = query.where(key < tuple_(anchor.created_ns, anchor.id))
         found = list(s.scalars(query.order_by(Job.created_ns.desc(), Job.id.desc()).limit(page_limit(limit) + 1)))
     return wire.page([wire.job_object(j) for j in found[:limit]], len(found) > limit)
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
-def retrieve_job(state: State, job_id: str) -> dict:
+def retrieve_job(state: State, project: Project, job_id: str) -> dict:
     with state.store.session() as s:
-        return wire.job_object(job_or_404(s, job_id))
+        return wire.job_object(job_or_404(s, job_id, project))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
-def cancel_job(state: State, job_id: str) -> dict:
+def cancel_job(state: State, project: Project, job_id: str) -> dict:
     with state.store.session() as s:
-        job = job_or_404(s, job_id, for_update=True)
+        job = job_or_404(s, job_id, project, for_update=True)
         lifecycle.cancel(state.store, s, job)
         if job.stop_request is not None:
             _kill_if_mine(state, job)  # before `cancelled` is reported: no step or checkpoint after it
@@ -75,26 +80,26 @@ def cancel_job(state: State, job_id: str) -> dict:
 
 
 @router.post("/fine_tuning/jobs/{job_id}/pause")
-def pause_job(state: State, job_id: str) -> dict:
+def pause_job(state: State, project: Project, job_id: str) -> dict:
     with state.store.session() as s:
-        job = job_or_404(s, job_id, for_update=True)
+        job = job_or_404(s, job_id, project, for_update=True)
         lifecycle.pause(state.store, s, job)
         return wire.job_object(job)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/resume")
-def resume_job(state: State, job_id: str) -> dict:
+def resume_job(state: State, project: Project, job_id: str) -> dict:
     with state.store.session() as s:
-        job = job_or_404(s, job_id, for_update=True)
+        job = job_or_404(s, job_id, project, for_update=True)
         lifecycle.resume(state.store, s, job)
         return wire.job_object(job)
 
 
 @router.delete("/fine_tuning/jobs/{job_id}")
-def delete_job(state: State, job_id: str) -> dict:
+def delete_job(state: State, project: Project, job_id: str) -> dict:
     """dpo-lora's extension: a finished job, its folder (run, checkpoints, exports) and its rows."""
     with state.store.session() as s:
-        job = job_or_404(s, job_id, for_update=True)
+        job = job_or_404(s, job_id, project, for_update=True)
         if job.status not in FINAL or job.devices is not None:
             raise ApiError(
                 409,
@@ -118,10 +123,10 @@ def delete_job(state: State, job_id: str) -> dict:
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
-def list_events(state: State, job_id: str, after: str | None = None, limit: int = 20) -> dict:
+def list_events(state: State, project: Project, job_id: str, after: str | None = None, limit: int = 20) -> dict:
     query = select(Event).where(Event.job_id == job_id)
     with state.store.session() as s:
-        job_or_404(s, job_id)
+        job_or_404(s, job_id, project)
         if after:
             anchor = or_404(s.scalar(select(Event).where(Event.id == after)), "event", after)
             query = query.where(Event.seq < anchor.seq)
@@ -130,10 +135,10 @@ def list_events(state: State, job_id: str, after: str | None = None, limit: int 
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
-def list_checkpoints(state: State, job_id: str, after: str | None = None, limit: int = 10) -> dict:
+def list_checkpoints(state: State, project: Project, job_id: str, after: str | None = None, limit: int = 10) -> dict:
     query = select(Checkpoint).where(Checkpoint.job_id == job_id)
     with state.store.session() as s:
-        job = job_or_404(s, job_id)
+        job = job_or_404(s, job_id, project)
         if after:
             anchor = or_404(s.get(Checkpoint, after), "checkpoint", after)
             query = query.where(Checkpoint.step_number < anchor.step_number)
@@ -149,7 +154,7 @@ def _kill_if_mine(state: ServerState, job: Job) -> None:
         state.backend.kill(job.pid)
 
 
-def _replayed(state: ServerState, key: str, request_hash: str) -> dict | None:
+def _replayed(state: ServerState, project: str, key: str, request_hash: str) -> dict | None:
     with state.store.session() as s:
         seen = s.get(IdempotencyKey, key)
         if seen is None:
@@ -161,13 +166,13 @@ def _replayed(state: ServerState, key: str, request_hash: str) -> dict | None:
                 param="Idempotency-Key",
                 code="idempotency_key_reused",
             )
-        return wire.job_object(job_or_404(s, seen.object_id))
+        return wire.job_object(job_or_404(s, seen.object_id, project))
 
 
-def _new_job(state: ServerState, body: wire.JobCreate) -> Job:
+def _new_job(state: ServerState, project: str, body: wire.JobCreate) -> Job:
     job_id = new_id("ftjob")
     directory = state.state_dir / "jobs" / job_id
-    spec = admission.request_spec(state, body, directory)
+    spec = admission.request_spec(state, project, body, directory)
     directory.mkdir(parents=True)
     try:  # the job's folder holds everything its run reads besides the base model
         (directory / "deepspeed.json").write_text(json.dumps(spec.deepspeed, indent=2))
@@ -193,4 +198,5 @@ def _new_job(state: ServerState, body: wire.JobCreate) -> Job:
         directory=str(directory),
         devices_wanted=spec.devices,
         result_files=[],
+        project=project,
     )

@@ -31,12 +31,14 @@ class UnknownModel(Exception):
     """A model id this server does not know, or whose adapter is gone; the message says which."""
 
 
-def resolve(models: dict[str, str], session, model_id: str) -> Source:
-    """The base and adapter behind `model_id`; UnknownModel when there is none."""
+def resolve(models: dict[str, str], session, model_id: str, project: str) -> Source:
+    """The base and adapter behind `model_id` (a base, or a fine-tuned model of `project`'s);
+    UnknownModel when there is none."""
     if model_id in models:
         return Source(model_id, models[model_id], None)
     job_name, _, step = model_id.partition(CHECKPOINT_MARK)
     job = _job_named(session, job_name) if model_id.startswith("ft:") else None
+    job = job if job is not None and job.project == project else None  # another project's: unknown here
     if job is None or base_name(job_name) not in models:
         known = ", ".join(sorted(models)) or "none (start the server with --models DIR)"
         raise UnknownModel(f"model '{model_id}' is not one this server knows (bases: {known}; or a job's ft: model)")

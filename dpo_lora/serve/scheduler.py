@@ -242,7 +242,7 @@ class Scheduler:
         elif job.stop_request == StopRequest.PAUSE:
             lifecycle.paused(self.store, s, job, at_step)
         elif returncode == 0 and rundir.has_adapter(directory / "run"):
-            lifecycle.succeeded(self.store, s, job, fine_tuned_name(job), ingest.result_file(s, directory))
+            lifecycle.succeeded(self.store, s, job, fine_tuned_name(job), ingest.result_file(s, directory, job.project))
         elif returncode not in (None, 0) and returncode != -9:
             message = runfiles.last_error(directory / processes.LOG_FILE, returncode)
             lifecycle.failed(self.store, s, job, "training_failed", message, event=f"The job failed: {message}")

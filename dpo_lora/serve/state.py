@@ -1,4 +1,6 @@
-"""What every route reads: the server's state (a FastAPI dependency), and the lookups they share."""
+"""What every route reads: the server's state and the caller's project (FastAPI dependencies), and
+the lookups they share. Every job and file belongs to the project of the key that made it; a
+lookup of another project's object is a 404, as if it did not exist."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ class ServerState:
     device_type: str = "cpu"  # what the jobs' ranks run on: cpu or cuda (the quote's matmul rate)
     matmul_rates: dict = field(default_factory=dict)  # dtype -> one device's measured FLOP/s
     base_config: str | None = None
-    api_key: str | None = None
+    api_key: str | None = None  # DPO_LORA_API_KEY: the key of the project named DEFAULT_PROJECT
+    project_keys: dict[str, str] = field(default_factory=dict)  # --api-keys: key -> project
     host: str = "127.0.0.1"
     port: int = 0
     max_upload: int = 1 << 30
@@ -33,12 +36,25 @@ class ServerState:
     started_at: int = field(default_factory=now)
     streams: dict[str, int] = field(default_factory=dict)  # API key -> open event streams
 
+    def keys(self) -> dict[str, str]:
+        """Every API key -> its project; empty: no keys (a loopback-only server, one project)."""
+        return ({self.api_key: DEFAULT_PROJECT} if self.api_key else {}) | self.project_keys
+
+
+DEFAULT_PROJECT = "default"  # the single key's project, and a key-less server's
+
 
 def server_state(request: Request) -> ServerState:
     return request.app.state.server
 
 
+def request_project(request: Request) -> str:
+    """The project of the request's API key, which the Guard put in the request's scope."""
+    return request.scope.get("state", {}).get("project", DEFAULT_PROJECT)
+
+
 State = Annotated[ServerState, Depends(server_state)]  # a route's `state: State` parameter
+Project = Annotated[str, Depends(request_project)]  # a route's `project: Project` parameter
 
 
 def page_limit(limit: int, most: int = 100) -> int:
@@ -54,17 +70,17 @@ def or_404(row, kind: str, object_id: str):
     return row
 
 
-def job_or_404(s, job_id: str, for_update: bool = False) -> Job:
-    """The job; `for_update` locks its row for a read-modify-write (cancel, pause, resume, delete)."""
+def job_or_404(s, job_id: str, project: str, for_update: bool = False) -> Job:
+    """The project's job; `for_update` locks its row for a read-modify-write (cancel, pause, resume, delete)."""
     job = Store.for_update(s, Job, job_id) if for_update else s.get(Job, job_id)
-    if job is None:
+    if job is None or job.project != project:
         raise not_found("fine-tuning job", job_id)
     return job
 
 
-def file_or_404(state: ServerState, file_id: str) -> File:
+def file_or_404(state: ServerState, file_id: str, project: str) -> File:
     with state.store.session() as s:
         file = s.get(File, file_id)
-    if file is None:
+    if file is None or file.project != project:
         raise not_found("file", file_id)
     return file

@@ -78,6 +78,7 @@ class File(Base):
     status_details: Mapped[str | None] = mapped_column(Text, nullable=True)
     path: Mapped[str] = mapped_column(Text)
     rows: Mapped[int] = mapped_column(Integer, default=0)
+    project: Mapped[str] = mapped_column(String(64), default="default", index=True)  # its API key's
 
 
 class Job(Base):
@@ -115,6 +116,7 @@ class Job(Base):
     metrics_last_line: Mapped[str] = mapped_column(Text, default="")  # tells a rewritten file (resume)
     last_step: Mapped[int] = mapped_column(Integer, default=0)  # newest step turned into an event
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    project: Mapped[str] = mapped_column(String(64), default="default", index=True)  # its API key's
 
 
 class Event(Base):

@@ -104,7 +104,7 @@ def test_without_a_key_the_server_refuses_to_bind_beyond_loopback(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "dpo-lora: error: --host 0.0.0.0: set DPO_LORA_API_KEY to serve beyond loopback (no key: 127.0.0.1 only)"
+        "dpo-lora: error: --host 0.0.0.0: set DPO_LORA_API_KEY or --api-keys to serve beyond loopback (no key: 127.0.0.1 only)"
     ]
 
 

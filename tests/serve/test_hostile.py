@@ -282,3 +282,87 @@ def test_a_deleted_job_leaves_nothing_and_its_caches_stay_in_its_folder(servers,
             client.fine_tuning.jobs.retrieve(job_id)
     assert job_folders(server) == []
     assert [f.purpose for f in client.files.list().data] == ["fine-tune"]  # its result file went with it
+
+
+# -- projects: each API key sees only its own ----------------------------------------------------
+KEYS = {"team-a": "a-key-0123456789abcdef", "team-b": "b-key-0123456789abcdef"}
+
+
+def test_one_projects_key_reaches_nothing_of_anothers(servers, tiny_setup, tmp_path):
+    """Two projects' keys (--api-keys) and DPO_LORA_API_KEY's `default`: B can't list, read, cancel,
+    stream, export, train on, continue from or chat with anything of A's; every such request is the
+    404 (or the 400 for a job's fields) that an id nobody made gets. A sees all of its own."""
+    models, config, train, _ = tiny_setup
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    server = servers(models, config, "--api-keys", str(keys))
+    a, b, default = server.client(KEYS["team-a"]), server.client(KEYS["team-b"]), server.client()
+    file_a = a.files.create(file=train.open("rb"), purpose="fine-tune")
+    job_a = a.fine_tuning.jobs.create(model="tiny-llama", training_file=file_a.id, method={"type": "dpo"},
+                                      extra_body={"dpo_lora": {"train.max_steps": 2}}, extra_headers={"Idempotency-Key": "same"})  # fmt: skip
+    job_a = wait_for_status(a, job_a.id, ("succeeded",))
+    checkpoint = a.fine_tuning.jobs.checkpoints.list(job_a.id).data[0]
+    results = job_a.result_files[0]
+    assert {f.id for f in a.files.list()} == {file_a.id, results}
+    assert [m.id for m in a.models.list()] == ["tiny-llama", job_a.fine_tuned_model]
+    answer = a.chat.completions.create(model=job_a.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)  # fmt: skip
+    assert answer.choices[0].message.content is not None
+
+    for other in (b, default):
+        assert other.files.list().data == [] and other.fine_tuning.jobs.list().data == []
+        assert [m.id for m in other.models.list()] == ["tiny-llama"]
+        for call in (
+            lambda c: c.files.retrieve(file_a.id), lambda c: c.files.content(results),
+            lambda c: c.files.delete(file_a.id), lambda c: c.fine_tuning.jobs.retrieve(job_a.id),
+            lambda c: c.fine_tuning.jobs.cancel(job_a.id), lambda c: c.fine_tuning.jobs.list_events(job_a.id),
+            lambda c: c.fine_tuning.jobs.checkpoints.list(job_a.id),
+            lambda c: c.fine_tuning.jobs.list(after=job_a.id),
+            lambda c: c.get(f"/fine_tuning/jobs/{job_a.id}/checkpoints/{checkpoint.id}/adapter", cast_to=bytes),
+            lambda c: c.get(f"/fine_tuning/jobs/{job_a.id}/events/stream", cast_to=bytes),
+            lambda c: c.get(f"/fine_tuning/jobs/{job_a.id}/log", cast_to=object),
+            lambda c: c.post(f"/fine_tuning/jobs/{job_a.id}/export", cast_to=object, body={}),
+            lambda c: c.delete(f"/fine_tuning/jobs/{job_a.id}", cast_to=object),
+            lambda c: c.chat.completions.create(model=job_a.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}]),  # fmt: skip
+        ):  # fmt: skip
+            with pytest.raises(openai.NotFoundError):
+                call(other)
+        for request in ({"training_file": file_a.id, "model": "tiny-llama"},
+                        {"training_file": results, "model": "tiny-llama"},
+                        {"training_file": file_a.id, "model": job_a.fine_tuned_model}):  # fmt: skip
+            with pytest.raises(openai.BadRequestError) as caught:
+                other.fine_tuning.jobs.create(**request, method={"type": "dpo"})
+            assert caught.value.body["param"] in ("training_file", "model")
+        assert other.get("/dashboard/jobs", cast_to=object)["data"] == []
+    # The same Idempotency-Key in another project makes that project's own job, not a replay of A's.
+    file_b = b.files.create(file=train.open("rb"), purpose="fine-tune")
+    job_b = b.fine_tuning.jobs.create(model="tiny-llama", training_file=file_b.id, method={"type": "dpo"},
+                                      extra_body={"dpo_lora": {"train.max_steps": 1}}, extra_headers={"Idempotency-Key": "same"})  # fmt: skip
+    assert job_b.id != job_a.id and [j.id for j in b.fine_tuning.jobs.list()] == [job_b.id]
+    assert a.fine_tuning.jobs.retrieve(job_a.id).status == "succeeded" and a.files.retrieve(file_a.id).id == file_a.id
+    with pytest.raises(openai.AuthenticationError):
+        server.client("c-key-0123456789abcdef").files.list()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[]", "expected a JSON object of projects and their keys"),
+        ('{"team a": "0123456789abcdef"}', "project 'team a': names are 1-64 letters"),
+        ('{"a": "short"}', "project 'a': its key must be a string of at least 16 characters"),
+        ('{"a": "0123456789abcdef", "b": "0123456789abcdef"}', "project 'b': its key is another project's too"),
+        (json.dumps({"a": API_KEY.ljust(16, "x")}), "project 'a': its key is another project's too"),
+        ('{"default": "0123456789abcdef"}', "project 'default' is DPO_LORA_API_KEY's"),
+        ("{", "not a JSON file"),
+    ],
+)
+def test_a_bad_keys_file_is_one_line_naming_the_entry(tmp_path, content, message):
+    from dpo_lora.core.errors import UserError
+    from dpo_lora.serve.server import read_api_keys
+
+    path = tmp_path / "keys.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=f"^--api-keys {path}: .*{message}"):
+        read_api_keys(str(path), API_KEY.ljust(16, "x"))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(KEYS))
+    assert read_api_keys(str(good), None) == {key: project for project, key in KEYS.items()}
