@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dpo_lora.core import rundir
 from dpo_lora.serve import ingest, lifecycle, processes, runfiles
@@ -124,13 +124,14 @@ class Scheduler:
                     lifecycle.validated(self.store, s, job)
 
     def _dispatch(self) -> None:
-        """Start queued jobs in FIFO order while the head of the queue fits on the free devices."""
+        """Start queued jobs while the head of the queue fits on the free devices. The head is the
+        oldest queued job of the project that holds the fewest devices now (every server's jobs
+        counted), or of equals the one whose newest job started longest ago: projects take turns,
+        and each project's jobs run first come, first served."""
         while time.monotonic() >= self._dispatch_after:
             with self._lending:
                 with self.store.session() as s:
-                    head = s.scalars(
-                        select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.queue_seq).limit(1)
-                    ).first()
+                    head = _head_of_queue(s)
                 free = self._free()
                 if head is None or head.devices_wanted > len(free):
                     return
@@ -283,3 +284,19 @@ class Scheduler:
                     export.status, export.finished_at = "failed", now()
                     message = runfiles.last_error(directory / processes.LOG_FILE, returncode)
                     export.error = {"code": "export_failed", "param": None, "message": message}
+
+
+def _head_of_queue(s) -> Job | None:
+    """The queued job to start next: the oldest queued job of the project first by (devices it
+    holds now, when its newest job started): projects take turns, on many devices and on one."""
+    held: dict[str, int] = {}
+    for project, devices in s.execute(select(Job.project, Job.devices).where(Job.devices.is_not(None))):
+        held[project] = held.get(project, 0) + len(devices)
+    started = dict(s.execute(select(Job.project, func.max(Job.started_ns)).group_by(Job.project)).all())
+    firsts = select(Job.project, func.min(Job.queue_seq)).where(Job.status == JobStatus.QUEUED).group_by(Job.project)
+    queued = sorted(s.execute(firsts).all(), key=lambda row: (held.get(row[0], 0), started.get(row[0]) or 0, row[1]))
+    if not queued:
+        return None
+    project, position = queued[0]
+    chosen = select(Job).where(Job.status == JobStatus.QUEUED, Job.project == project, Job.queue_seq == position)
+    return s.scalars(chosen.order_by(Job.created_ns)).first()

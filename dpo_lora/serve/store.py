@@ -117,6 +117,7 @@ class Job(Base):
     last_step: Mapped[int] = mapped_column(Integer, default=0)  # newest step turned into an event
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     project: Mapped[str] = mapped_column(String(64), default="default", index=True)  # its API key's
+    started_ns: Mapped[int] = mapped_column(BigInteger, default=0)  # its newest attempt's start: projects' turns
 
 
 class Event(Base):
@@ -255,6 +256,7 @@ class Store:
                     attempt=attempt,
                     stop_request=None,
                     signalled_at=None,
+                    started_ns=time.time_ns(),
                 )
             )
             if result.rowcount == 1:

@@ -76,3 +76,29 @@ def test_inference_devices_are_auto_cpu_or_the_servers_gpus():
         parse_devices("2", ["0", "1"])
     with pytest.raises(UserError, match="no GPU here"):
         parse_devices("0", None)
+
+
+def test_projects_take_turns_and_each_projects_jobs_keep_their_order(store, tmp_path):
+    """One device: A queued three jobs before B queued two. After A's first, B's first (B has not
+    had a turn), then A's, B's and A's: turns, each project in its own order. And while a project
+    holds devices, one that holds none goes first."""
+    backend = GpuBackend()
+    scheduler = Scheduler(store, ["0"], backend, runner="me")
+    jobs = [("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b"), ("b2", "b")]
+    for seq, (job_id, project) in enumerate(jobs, start=1):
+        queued_job(store, job_id, tmp_path, queue_seq=seq, devices_wanted=1, project=project)
+    order = []
+    for _ in jobs:
+        scheduler._dispatch()
+        (started,) = set(backend.started) - set(order)
+        order.append(started)
+        with store.session() as s:  # it ends: its device is free again
+            job = s.get(Job, started)
+            job.devices, job.status = None, "succeeded"
+    assert order == ["a1", "b1", "a2", "b2", "a3"], order
+    two = Scheduler(store, ["0", "1"], GpuBackend(), runner="other")
+    queued_job(store, "c-holds", tmp_path, status="running", devices=["0"], runner="other", project="c", attempt=1, pid=9)  # fmt: skip
+    queued_job(store, "c2", tmp_path, queue_seq=10, devices_wanted=1, project="c")
+    queued_job(store, "d1", tmp_path, queue_seq=11, devices_wanted=1, project="d")
+    two._dispatch()
+    assert list(two.backend.started) == ["d1"], "c holds a device, d none: d's job goes first"
