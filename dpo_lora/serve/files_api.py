@@ -19,6 +19,7 @@ from dpo_lora.serve.store import new_id, now
 from dpo_lora.serve.wire import ApiError, not_found
 
 MAX_LISTED_ROWS = 20  # bad rows named in a file's status_details
+EXPIRY_SECONDS = (3600, 30 * 24 * 3600)  # expires_after[seconds]: OpenAI's range, an hour to 30 days
 # OpenAI's upload purposes; only `fine-tune` files are checked as pairs and may be trained on.
 PURPOSES = ("fine-tune", "assistants", "batch", "vision", "user_data", "evals")
 
@@ -27,11 +28,16 @@ router = APIRouter()
 
 @router.post("/files")
 def create_file(
-    state: State, project: Project, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+    state: State,
+    project: Project,
+    file: Annotated[UploadFile, File()],
+    purpose: Annotated[str, Form()],
+    anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
+    seconds: Annotated[str | None, Form(alias="expires_after[seconds]")] = None,
 ) -> dict:
-
     if purpose not in PURPOSES:
         raise ApiError(400, f"purpose '{purpose}' is not one of {', '.join(PURPOSES)}", param="purpose")
+    lifetime = expiry_seconds(anchor, seconds)
     file_id = new_id("file")
     folder = state.state_dir / "files"
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,6 +69,7 @@ def create_file(
             path=str(path),
             rows=count,
             project=project,
+            expires_at=None if lifetime is None else now() + lifetime,
         )
         with state.store.session() as s:
             s.add(row)
@@ -115,3 +122,16 @@ def delete_file(state: State, project: Project, file_id: str) -> dict:
         s.delete(file)
     Path(file.path).unlink(missing_ok=True)
     return {"id": file_id, "object": "file", "deleted": True}
+
+
+def expiry_seconds(anchor: str | None, seconds: str | None) -> int | None:
+    """`expires_after` as OpenAI takes it ({"anchor": "created_at", "seconds": N}): N, or None
+    when not given; a 400 naming the field otherwise. The scheduler deletes expired files."""
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise ApiError(400, "expires_after.anchor must be created_at", param="expires_after.anchor")
+    low, high = EXPIRY_SECONDS
+    if seconds is None or not seconds.isdigit() or not low <= int(seconds) <= high:
+        raise ApiError(400, f"expires_after.seconds must be an integer from {low} to {high}", param="expires_after.seconds")  # fmt: skip
+    return int(seconds)

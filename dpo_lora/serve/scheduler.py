@@ -58,6 +58,16 @@ class Scheduler:
         self._watch()
         self._dispatch()
         self._watch_exports()
+        self._expire_files()
+
+    def _expire_files(self) -> None:
+        """Delete uploads past their `expires_after` (row and file). A job that copied one keeps its copy."""
+        with self.store.session() as s:
+            expired = list(s.scalars(select(File).where(File.expires_at.is_not(None), File.expires_at <= now())))
+            for file in expired:
+                s.delete(file)
+        for file in expired:
+            Path(file.path).unlink(missing_ok=True)
 
     # -- states before running -------------------------------------------------------------------
     def _announce_recovery(self) -> None:

@@ -79,6 +79,7 @@ class File(Base):
     path: Mapped[str] = mapped_column(Text)
     rows: Mapped[int] = mapped_column(Integer, default=0)
     project: Mapped[str] = mapped_column(String(64), default="default", index=True)  # its API key's
+    expires_at: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)  # expires_after's
 
 
 class Job(Base):

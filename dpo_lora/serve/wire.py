@@ -139,7 +139,7 @@ def file_object(file: File) -> dict:
         "purpose": file.purpose,
         "status": file.status,
         "status_details": file.status_details,
-        "expires_at": None,
+        "expires_at": file.expires_at,
     }
 
 

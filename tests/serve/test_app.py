@@ -191,6 +191,40 @@ def test_files_list_by_cursor_read_back_and_delete(servers, tiny_setup):
     assert [f.id for f in client.files.list()] == [uploaded[2].id, uploaded[1].id]
 
 
+def test_an_upload_with_expires_after_is_deleted_once_it_expires(servers, tiny_setup):
+    """OpenAI's `expires_after` (an hour to 30 days from created_at): echoed as expires_at; the
+    scheduler deletes the row and the file when it passes (here: moved to the past in the store).
+    Out-of-range or other anchors are 400s naming the field."""
+    from sqlalchemy import create_engine, text
+
+    models, config, train, _ = tiny_setup
+    server = servers(models, config)
+    client = server.client()
+    kept = client.files.create(file=train.open("rb"), purpose="fine-tune")
+    expiring = client.files.create(file=train.open("rb"), purpose="fine-tune", expires_after={"anchor": "created_at", "seconds": 3600})  # fmt: skip
+    assert kept.expires_at is None and expiring.expires_at == expiring.created_at + 3600
+    for bad, param in (({"anchor": "created_at", "seconds": 59}, "expires_after.seconds"),
+                       ({"anchor": "last_active_at", "seconds": 3600}, "expires_after.anchor")):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.files.create(file=train.open("rb"), purpose="fine-tune", expires_after=bad)
+        assert caught.value.body["param"] == param
+    stored = server.state_dir / "files" / f"{expiring.id}.jsonl"
+    assert stored.is_file()
+    engine = create_engine(server.db_url())
+    with engine.begin() as db:
+        db.execute(
+            text("UPDATE files SET expires_at = :t WHERE id = :id"), {"t": int(time.time()) - 1, "id": expiring.id}
+        )
+    engine.dispose()
+    deadline = time.monotonic() + 30
+    while expiring.id in {f.id for f in client.files.list()}:
+        assert time.monotonic() < deadline, "the expired file was not deleted"
+        time.sleep(0.3)
+    assert not stored.exists() and [f.id for f in client.files.list()] == [kept.id]
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(expiring.id)
+
+
 def test_a_wandb_integration_is_checked_echoed_and_its_job_logs_to_that_wandb_run(servers, tiny_setup, tmp_path):
     """OpenAI's `integrations: [{"type": "wandb", ...}]` become the job's wandb.* knobs. A server with no
     W&B key refuses an online run before queueing it; offline (no network here) the job's rows land
