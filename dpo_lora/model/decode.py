@@ -80,63 +80,139 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
 OnToken = Callable[[int, int, Scored | None], bool]
 
 
-def decode(model, rows: list[Row], eos_ids: set[int], pad_id: int, on_token: OnToken) -> None:
+def decode(
+    model,
+    rows: list[Row],
+    eos_ids: set[int],
+    pad_id: int,
+    on_token: OnToken,
+    on_done: Callable[[int], None] | None = None,
+    admit: Callable[[], list[Row]] | None = None,
+) -> None:
     """Decode every row until it picks an EOS, reaches its max_tokens (a row with 0 picks none), or
     `on_token(row, token, scored)` returns False (a stop string, a cancelled request). `on_token`
     sees every picked token, EOS included, in order per row; `scored` is its log-probs where the
-    row asked for them, else None."""
+    row asked for them, else None. `on_done(row)` is called as each row ends.
+
+    `admit()`, called between steps, returns rows that join the batch (continuous batching): they
+    are numbered after the rows so far, prefilled on their own and merged into the running cache,
+    each left-padded to the longer. The caller admits only rows `adapter_groups` lets share a
+    forward with the live ones; a cache that can't be merged (not every layer a plain
+    DynamicLayer) admits nothing."""
+    done = on_done or (lambda row: None)
     groups = adapter_groups(model, [row.adapter for row in rows])
     if len(groups) > 1:  # DoRA: one adapter per forward, so each adapter's rows decode in turn
         for group in groups:
-            decode(model, [rows[i] for i in group], eos_ids, pad_id, lambda j, *token, g=group: on_token(g[j], *token))
+            decode(model, [rows[i] for i in group], eos_ids, pad_id,
+                   lambda j, *token, g=group: on_token(g[j], *token), lambda j, g=group: done(g[j]))  # fmt: skip
         return
-    device = next(model.parameters()).device
-    live = [i for i, row in enumerate(rows) if row.sampling.max_tokens > 0]  # rows still decoding, in batch order
-    if not live:
-        return
-    width = max(len(rows[i].prompt) for i in live)
-    ids = torch.full((len(live), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(live), width), dtype=torch.long)
-    for slot, i in enumerate(live):
-        ids[slot, width - len(rows[i].prompt) :] = torch.tensor(rows[i].prompt)
-        mask[slot, width - len(rows[i].prompt) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    cache_key = _cache_argument(model)
+    rows, device, cache_key = list(rows), next(model.parameters()).device, _cache_argument(model)
     counts = [0] * len(rows)
-    cache = None
+    live: list[int] = []  # rows still decoding, in batch order
+    ids = mask = cache = None
+    joining = list(range(len(rows)))
+
+    def picked(slots: list[int], logits: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Each slot's row picks from its logits; (the tokens, the slots) of the rows going on."""
+        logprobs = _logprobs_if_asked(logits, [rows[i].logprobs for i in slots])
+        tokens, keep = [], []
+        for slot, i in enumerate(slots):
+            token = pick(logits[slot], rows[i].sampling, rows[i].generator)
+            counts[i] += 1
+            score = None if rows[i].logprobs is None else scored(logprobs[slot], token, rows[i].logprobs)
+            if on_token(i, token, score) and token not in eos_ids and counts[i] < rows[i].sampling.max_tokens:
+                tokens.append(token)
+                keep.append(slot)
+            else:
+                done(i)
+        return tokens, keep
+
+    def forward(step_ids, step_mask, step_cache, names):
+        positions = (step_mask.cumsum(1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+        with adapter_arguments(model, names) as adapters:
+            out = model(input_ids=step_ids, attention_mask=step_mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1, **{cache_key: step_cache}, **adapters)  # fmt: skip
+        return getattr(out, cache_key), out.logits[:, -1]
+
     with torch.no_grad():
         while True:
-            positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-            with adapter_arguments(model, [rows[i].adapter for i in live]) as adapters:
-                out = model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{cache_key: cache},
-                    **adapters,
-                )
-            cache, logits = getattr(out, cache_key), out.logits[:, -1]
-            logprobs = _logprobs_if_asked(logits, [rows[i].logprobs for i in live])
-            tokens, keep = [], []
-            for slot, i in enumerate(live):
-                token = pick(logits[slot], rows[i].sampling, rows[i].generator)
-                counts[i] += 1
-                score = None if rows[i].logprobs is None else scored(logprobs[slot], token, rows[i].logprobs)
-                going = on_token(i, token, score) and token not in eos_ids and counts[i] < rows[i].sampling.max_tokens
-                if going:
-                    tokens.append(token)
-                    keep.append(slot)
-            if not keep:
-                return
-            if len(keep) < len(live):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask = mask[index]
+            for i in [i for i in joining if rows[i].sampling.max_tokens <= 0]:
+                done(i)
+            joining = [i for i in joining if rows[i].sampling.max_tokens > 0]
+            if joining:  # prefill the new rows on their own, then merge them into the batch
+                new_ids, new_mask = _left_padded([rows[i].prompt for i in joining], pad_id, device)
+                new_cache, logits = forward(new_ids, new_mask, None, [rows[i].adapter for i in joining])
+                tokens, keep = picked(joining, logits)
+                if keep:
+                    new_ids, new_mask = _kept(new_cache, new_mask, keep, len(joining), tokens, device)
+                    joined = [joining[k] for k in keep]
+                    if not live:
+                        live, ids, mask, cache = joined, new_ids, new_mask, new_cache
+                    else:
+                        mask = _merge(cache, new_cache, mask, new_mask)
+                        live, ids = live + joined, torch.cat([ids, new_ids])
+                joining = []
+            if live:
+                cache, logits = forward(ids, mask, cache, [rows[i].adapter for i in live])
+                tokens, keep = picked(live, logits)
+                if keep:
+                    ids, mask = _kept(cache, mask, keep, len(live), tokens, device)
                 live = [live[slot] for slot in keep]
-            ids = torch.tensor(tokens, device=device).unsqueeze(1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            more = admit() if admit is not None and (not live or _mergeable(cache)) else []
+            if more:
+                joining = list(range(len(rows), len(rows) + len(more)))
+                rows += more
+                counts += [0] * len(more)
+            elif not live:
+                return
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [rows, longest] of the prompts, left-padded."""
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _kept(cache, mask: torch.Tensor, keep: list[int], rows: int, tokens: list[int], device):
+    """(next ids, next mask) of the rows going on; the cache keeps only theirs."""
+    if len(keep) < rows:
+        index = torch.tensor(keep, device=device)
+        cache.batch_select_indices(index)
+        mask = mask[index]
+    ids = torch.tensor(tokens, device=device).unsqueeze(1)
+    return ids, torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+
+def _mergeable(cache) -> bool:
+    """Whether rows can join this cache: every layer a plain DynamicLayer (no sliding window)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return cache is not None and all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
+def _merge(cache, other, mask: torch.Tensor, other_mask: torch.Tensor) -> torch.Tensor:
+    """`other`'s rows appended to `cache`'s, layer by layer, the shorter left-padded with zeros
+    (masked out); the two masks joined the same way."""
+    length = max(cache.get_seq_length(), other.get_seq_length())
+    for mine, theirs in zip(cache.layers, other.layers, strict=True):
+        mine.keys = torch.cat([_pad_left(mine.keys, length, 2), _pad_left(theirs.keys, length, 2)])
+        mine.values = torch.cat([_pad_left(mine.values, length, 2), _pad_left(theirs.values, length, 2)])
+    width = max(mask.shape[1], other_mask.shape[1])
+    return torch.cat([_pad_left(mask, width, 1), _pad_left(other_mask, width, 1)])
+
+
+def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def prompt_logprobs(

@@ -3,7 +3,9 @@
 One `Engine` holds one base, loaded as it trained (quantized, in its dtype), on one device, with
 the adapters of the fine-tuned models it answers for attached by name. Its worker thread takes
 every request waiting, decodes them as one batch (each row with its own adapter: `decode()`),
-and hands each request its text as it is made. Adapters load on first use and the least recently
+and hands each request its text as it is made (`answers.Answers`). Requests that arrive while a
+batch decodes join it between steps while it has room (continuous batching), and each request
+ends as its own rows do. Adapters load on first use and the least recently
 used goes when more than `max_adapters` are held. A base idle for `idle_s` is unloaded, and its
 device handed back.
 
@@ -27,9 +29,9 @@ from pathlib import Path
 import torch
 
 from dpo_lora.model import precision
-from dpo_lora.model.decode import BASE, Row, Sampling, Scored, decode, first_token, prompt_logprobs
+from dpo_lora.model.decode import BASE, Row, Sampling, adapter_groups, decode, prompt_logprobs
+from dpo_lora.serve.answers import Answers
 from dpo_lora.serve.logprobs_wire import TokenTexts
-from dpo_lora.serve.text_stream import TextStream
 
 CLOSE = object()  # an engine's queue item: unload and end the worker
 MAX_WAITING = 64  # requests queued for one engine; past it a request is a 429
@@ -147,72 +149,77 @@ class Engine:
             return batch
 
     def _answer(self, batch: list[Request]) -> None:
-        batch = [request for request in batch if not request.cancelled.is_set()]
-        if not batch:
+        """Decode the batch; requests that wait meanwhile join it between steps while it has room."""
+        answers = Answers(self.tokenizer, self.eos_ids)
+        rows = self._rows(batch, answers)
+        if not rows:
             return
-        names = {}  # adapter folder -> PEFT name, for the requests whose model loaded
-        for request in batch:  # a model that does not load fails its requests, not the server
+        try:
+            decode(self.model, rows, self.eos_ids, self.tokenizer.pad_token_id, answers.on_token, answers.on_done,
+                   admit=lambda: self._admit(answers))  # fmt: skip
+        except Exception as err:  # noqa: BLE001
+            answers.fail(EngineError(f"decoding failed: {type(err).__name__}: {err}"))
+
+    def _rows(self, requests: list[Request], answers: Answers) -> list[Row]:
+        """The requests' rows (their adapters loaded, echoed prompts scored); a request whose model
+        does not load gets its error, not the server."""
+        rows = []
+        for request in requests:
+            if request.cancelled.is_set():
+                continue
             try:
                 self._load()
-                names[request.adapter] = self._adapter(request.adapter, request.label)
+                name = self._adapter(request.adapter, request.label)
             except Exception as err:  # noqa: BLE001
-                if not isinstance(err, EngineError):
-                    err = EngineError(f"the model did not load: {type(err).__name__}: {(str(err) or ' ').splitlines()[0]}")  # fmt: skip
-                request.events.put(("error", err))
-        batch = [request for request in batch if request.adapter in names]
-        if not batch:
-            return
-        rows, owners, streams = [], [], []
-        for request in batch:
-            generator = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
-            for p, prompt in enumerate(request.prompts):
-                for k in range(request.n):
-                    rows.append(Row(prompt, request.sampling, names[request.adapter], generator, request.logprobs))
-                    owners.append((request, p * request.n + k))
-                    streams.append(TextStream(self.tokenizer, request.stops))
-        counts = [0] * len(rows)
-        pending: list[list[Scored]] = [[] for _ in rows]  # scored tokens not yet handed on
-
-        def on_token(i: int, token: int, score: Scored | None) -> bool:
-            request, choice = owners[i]
-            if token not in self.eos_ids:
-                counts[i] += 1
-                pending[i] += [score] if score else []
-                if piece := streams[i].push(token):
-                    request.events.put(("text", choice, piece, _taken(pending[i])))
-            return not (streams[i].stopped or request.cancelled.is_set())
-
-        try:
-            after_prompt = self._echo_logprobs(batch, names)
-            for i, (request, choice) in enumerate(owners):  # one token to make, its logits at hand (lm-eval's ask)
-                logits = after_prompt.get((id(request), choice // request.n))
-                if logits is not None and request.sampling.max_tokens == 1:
-                    on_token(i, *first_token(logits, rows[i]))
-                    rows[i] = dataclasses.replace(rows[i], sampling=dataclasses.replace(rows[i].sampling, max_tokens=0))  # fmt: skip
-            decode(self.model, rows, self.eos_ids, self.tokenizer.pad_token_id, on_token)
-        except Exception as err:  # noqa: BLE001
-            for request in batch:
+                request.events.put(("error", _load_error(err)))
+                continue
+            try:
+                rows += answers.add(request, name, self._echo_logprobs(request, name))
+            except Exception as err:  # noqa: BLE001
                 request.events.put(("error", EngineError(f"decoding failed: {type(err).__name__}: {err}")))
-            return
-        for i, (request, choice) in enumerate(owners):
-            if piece := streams[i].finish():
-                request.events.put(("text", choice, piece, _taken(pending[i])))
-            ended = streams[i].stopped or counts[i] < request.sampling.max_tokens
-            request.events.put(("end", choice, "stop" if ended else "length", counts[i], _taken(pending[i])))
-        for request in batch:
-            request.events.put(("done",))
+        return rows
 
-    def _echo_logprobs(self, batch: list[Request], names: dict) -> dict[tuple[int, int], torch.Tensor]:
-        """The prompt's scored tokens for every choice of the requests that echo with log-probs; the
-        logits after each of their prompts, by (id(request), prompt index)."""
+    def _admit(self, answers: Answers) -> list[Row]:
+        """Waiting requests that join the running batch: while rows and adapters stay within the
+        engine's limits and PEFT can run their adapters beside the live ones (not DoRA's)."""
+        live = answers.live_names()
+        folders = {folder for folder, name in self.adapters.items() if name in live}
+        for folder in folders:  # loading another adapter must not evict one in use
+            self.adapters.move_to_end(folder)
+        taken, rows = [], answers.live_rows()
+        with self.ready:
+            while self.waiting and self.waiting[0] is not CLOSE:
+                head = self.waiting[0]
+                more = folders | ({head.adapter} - {None})
+                if rows + head.rows > self.max_rows or len(more) > self.max_adapters:
+                    break
+                taken.append(self.waiting.popleft())
+                rows, folders = rows + head.rows, more
+        fits = []
+        for index, request in enumerate(taken):
+            try:
+                name = self._adapter(request.adapter, request.label)
+            except Exception as err:  # noqa: BLE001
+                request.events.put(("error", _load_error(err)))
+                continue
+            if len(adapter_groups(self.model, [*live, name])) > 1:  # DoRA beside other adapters
+                with self.ready:  # back to the front, in order: the next batch takes them
+                    self.waiting.extendleft(reversed(taken[index:]))
+                break
+            fits.append(request)
+            live.append(name)
+        return self._rows(fits, answers)
+
+    def _echo_logprobs(self, request: Request, name: str) -> dict[int, torch.Tensor]:
+        """For a request that echoes with log-probs: its prompts' scored tokens, sent as "prompt"
+        events for every choice; the logits after each prompt, by prompt index."""
         after_prompt = {}
-        for request in batch:
-            if request.echo and request.logprobs is not None:
-                for p, prompt in enumerate(request.prompts):
-                    scored, logits = prompt_logprobs(self.model, prompt, names[request.adapter], request.logprobs)
-                    after_prompt[(id(request), p)] = logits
-                    for k in range(request.n):
-                        request.events.put(("prompt", p * request.n + k, scored))
+        if request.echo and request.logprobs is not None:
+            for p, prompt in enumerate(request.prompts):
+                scored, logits = prompt_logprobs(self.model, prompt, name, request.logprobs)
+                after_prompt[p] = logits
+                for k in range(request.n):
+                    request.events.put(("prompt", p * request.n + k, scored))
         return after_prompt
 
     def _load(self) -> None:
@@ -273,19 +280,18 @@ class Engine:
         self.device_name = None
 
 
+def _load_error(err: Exception) -> EngineError:
+    if isinstance(err, EngineError):
+        return err
+    return EngineError(f"the model did not load: {type(err).__name__}: {(str(err) or ' ').splitlines()[0]}")
+
+
 def _torch_device(name: str) -> torch.device:
     return torch.device("cpu") if name == "cpu" else torch.device("cuda", int(name))
 
 
 def log(message: str) -> None:
     print(f"dpo-lora serve: inference: {message}", file=sys.stderr, flush=True)
-
-
-def _taken(items: list) -> list:
-    """The items, leaving the list empty."""
-    taken = items[:]
-    items.clear()
-    return taken
 
 
 def _sizes(model_config) -> tuple[int | None, int | None]:

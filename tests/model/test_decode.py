@@ -108,6 +108,37 @@ def test_rows_of_a_dora_adapter_decode_apart_each_as_generate_does_alone(with_do
     assert got[0] != reference_greedy(with_dora, prompts[0], BASE, 7, eos=63), "DoRA changes the answer here"
 
 
+def test_rows_admitted_mid_decode_get_what_generate_gives_them_alone(two_adapters):
+    """Continuous batching: rows joining after 2 and 5 steps, with prompts shorter and longer than
+    the running rows' (their caches left-padded to the longer) and other adapters, each decode as
+    alone; every row is done once, as it ends, not when the batch does."""
+    first = [Row([5, 9, 12, 3, 7, 30], Sampling(temperature=0, max_tokens=12), "a"), Row([8, 2], Sampling(temperature=0, max_tokens=3), "b")]  # fmt: skip
+    later = {2: [Row([17, 4, 4, 11, 6, 6, 6, 6, 6, 6, 6], Sampling(temperature=0, max_tokens=6), BASE)],
+             5: [Row([40, 41], Sampling(temperature=0, max_tokens=4), "b"), Row([1, 2, 3], Sampling(temperature=0, max_tokens=0), "a")]}  # fmt: skip
+    calls, got, events = [0], {}, []
+
+    def admit():
+        calls[0] += 1
+        return later.get(calls[0], [])
+
+    def on_token(i, token, scored):
+        got.setdefault(i, []).append(token)
+        events.append(("token", i))
+        return True
+
+    decode(two_adapters, first, {63}, pad_id=0, on_token=on_token, on_done=lambda i: events.append(("done", i)), admit=admit)  # fmt: skip
+    rows = first + later[2] + later[5]
+    for i, row in enumerate(rows):
+        want = reference_greedy(two_adapters, row.prompt, row.adapter, row.sampling.max_tokens, eos=63) if row.sampling.max_tokens else []  # fmt: skip
+        assert got.get(i, []) == want, f"row {i} ({row.adapter})"
+    assert sorted(i for kind, i in events if kind == "done") == [0, 1, 2, 3, 4], "each row done once"
+    done_at = {i: events.index(("done", i)) for i in range(5)}
+    last_token = {i: max(k for k, e in enumerate(events) if e == ("token", i)) for i in got}
+    assert all(done_at[i] > last_token[i] for i in got), "done after a row's last token"
+    assert done_at[1] < last_token[0], "the short row is done while the long one decodes"
+    assert ("token", 2) in events[: last_token[0]], "the row admitted at step 2 decoded beside the first"
+
+
 def test_eos_and_the_callback_end_a_row_and_the_others_go_on(two_adapters):
     rows = [Row([5, 9, 12], Sampling(temperature=0, max_tokens=10), "a") for _ in range(3)]
     free = run(two_adapters, rows[:1])[0]

@@ -140,3 +140,60 @@ def test_a_batch_with_a_dora_adapter_answers_each_request_as_it_answers_alone(ti
         while (event := request.events.get(timeout=60))[0] != "done":
             events.append(event)
         assert "".join(e[2] for e in events if e[0] == "text") == alone[folder], folder
+
+
+def test_a_request_arriving_mid_decode_joins_the_batch_and_ends_before_the_long_one(tiny_model_dir, adapters):
+    """Continuous batching: a short request sent while a long one decodes joins between steps
+    (another adapter, another prompt length), ends and is done while the long one still decodes,
+    and both get the answers they get alone."""
+    engine = Engine(settings(tiny_model_dir), lambda: "cpu", max_adapters=8)
+    long_prompt, short_prompt = [5, 6, 7, 8, 9, 10, 11], [12, 13]
+    alone_long = answer(engine, adapters[0], long_prompt)
+    alone_short = answer(engine, adapters[1], short_prompt)
+    long = Request([long_prompt], 1, Sampling(temperature=0, max_tokens=40), adapters[0], "long")
+    engine.submit(long)
+    first = long.events.get(timeout=60)
+    assert first[0] == "text", first
+    short = Request([short_prompt], 1, Sampling(temperature=0, max_tokens=6), adapters[1], "short")
+    engine.submit(short)  # the long request is decoding now
+    texts, order = {"long": [first[2]], "short": []}, []
+    while len(order) < 2:
+        for name, request in (("long", long), ("short", short)):
+            while not request.events.empty():
+                event = request.events.get()
+                if event[0] == "text":
+                    texts[name].append(event[2])
+                if event[0] == "done":
+                    order.append(name)
+        time.sleep(0.01)
+    assert order == ["short", "long"], "the short request ended while the long one still decoded"
+    assert "".join(texts["short"]) == alone_short
+    assert "".join(texts["long"]).startswith(alone_long), "the first 6 tokens as alone"
+
+
+def test_a_dora_request_arriving_mid_decode_waits_for_the_next_batch(tiny_model_dir, adapters, tmp_path):
+    """PEFT can't run DoRA beside other adapters: it does not join; it is answered right after."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))  # fmt: skip
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "dora")
+    engine = Engine(settings(tiny_model_dir), lambda: "cpu", max_adapters=8)
+    alone = answer(engine, tmp_path / "dora")
+    long = Request([[5, 6, 7]], 1, Sampling(temperature=0, max_tokens=30), adapters[0], "long")
+    engine.submit(long)
+    assert long.events.get(timeout=60)[0] == "text"
+    dora = Request([[5, 6, 7, 8]], 1, Sampling(temperature=0, max_tokens=6), tmp_path / "dora", "dora")
+    engine.submit(dora)
+    while (event := long.events.get(timeout=60))[0] != "done":
+        assert dora.events.empty() or event[0] != "text", "nothing of the DoRA answer while the LoRA batch runs"
+    texts = []
+    while (event := dora.events.get(timeout=60))[0] != "done":
+        assert event[0] != "error", event
+        texts.append(event[2] if event[0] == "text" else "")
+    assert "".join(texts) == alone
