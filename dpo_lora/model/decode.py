@@ -11,8 +11,9 @@ token per step through the KV cache, each row picked by its own rule.
               logits = model(tokens of live rows, cache)
 
 Rows that end leave the batch (the cache drops them), so a long answer does not make the short
-ones' rows compute on. With a PeftModel each row runs its own adapter (PEFT's mixed-batch
-forward); `BASE` runs the base alone.
+ones' rows compute on; rows that arrive meanwhile join between steps (`admit`: their own prefill,
+then their cache merged into the batch's). With a PeftModel each row runs its own adapter (PEFT's
+mixed-batch forward); `BASE` runs the base alone.
 
 A row that asks for log-probs gets, with each token, log softmax(logits)[token] of the model's own
 distribution (before temperature and top_p, as OpenAI's and vLLM's APIs report them) and its
