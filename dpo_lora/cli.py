@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="gguf: one GGUF file for llama.cpp/Ollama (Llama-family models), from a float32 merge",
     )
     export.add_argument(
-        "--gguf-type", choices=("f16", "q8_0", "q6_k", "q5_0", "q4_k_m", "q4_0"), default="f16", help="GGUF weight type"
+        "--gguf-type",
+        choices=("f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0"),
+        default="f16",
+        help="GGUF weight type",
     )
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     export.add_argument("--push", metavar="REPO", help="also upload to this Hugging Face Hub repo")

@@ -172,7 +172,7 @@ def export_model(
 ) -> dict:
     """Export a run/adapter/checkpoint (or the run's `checkpoint`: best, latest, a step) to `out`;
     returns the export report (also in out/export_report.json). `format: gguf` writes one GGUF file
-    (`gguf_type` f16, q8_0, q6_k, q5_0, q4_k_m or q4_0) from a float32 merge, with an Ollama Modelfile, instead of safetensors."""
+    (`gguf_type` f16, q8_0, q6_k, q5_k_m, q5_0, q4_k_m or q4_0) from a float32 merge, with an Ollama Modelfile, instead of safetensors."""
     import shutil
     import tempfile
 

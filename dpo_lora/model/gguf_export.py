@@ -9,10 +9,10 @@ tensor in float32 and its converted copy (a 7B's largest, the embedding: 0.5 GB 
 Conversions, as llama.cpp's own loader expects them: q and k projections have their rows permuted
 from Hugging Face's rotate-half rotary layout to GGUF's interleaved one; 1-D tensors (norms) stay
 float32; 2-D weights become `f16`, or `q8_0` (blocks of 32 int8 values with one float16 scale)
-where their rows split into such blocks (else f16). `q4_k_m` is llama.cpp's mix of the k-quants
-(dpo_lora.model.kquants): Q6_K for the head and for attn_v and ffn_down in llama.cpp's chosen
-layers, Q4_K for the rest, and llama.cpp's fallbacks (Q5_0, Q8_0) where rows do not split into
-256-value super-blocks.
+where their rows split into such blocks (else f16). `q4_k_m` and `q5_k_m` are llama.cpp's mixes
+of the k-quants (dpo_lora.model.kquants): Q6_K for the head and for attn_v and ffn_down in
+llama.cpp's chosen layers, Q4_K (Q5_K) for the rest, and llama.cpp's fallbacks (Q5_0 or Q5_1,
+Q8_0) where rows do not split into 256-value super-blocks.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dpo_lora.core.errors import UserError
 from dpo_lora.model import kquants
 from dpo_lora.model.weight_files import WeightFolder
 
-GGUF_TYPES = ("f16", "q8_0", "q6_k", "q5_0", "q4_k_m", "q4_0")
+GGUF_TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0")
 SUPPORTED = ("LlamaForCausalLM",)
 
 
@@ -119,9 +119,11 @@ def _interleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _storage_type(shape: tuple[int, ...], gguf_type: str, target: str, layers: int, tied_head: bool):
     """The type tensor `target` (its GGUF name) is stored as: F32 for 1-D tensors; else the asked
-    type where rows split into its blocks, else llama.cpp's fallback (Q4_K -> Q5_0, Q6_K -> Q8_0),
+    type where rows split into its blocks, else llama.cpp's fallback (Q4_K -> Q5_0, Q5_K -> Q5_1,
+    Q6_K -> Q8_0),
     else F16. Under 4- and 5-bit types the embedding and the head keep more bits: q8_0 beside the
-    legacy types; Q6_K for the head in q4_k_m (the embedding, when it is also the head: `tied_head`),
+    legacy types; Q6_K for the head in q4_k_m and q5_k_m (the embedding, when it is also the head:
+    `tied_head`),
     where llama.cpp also gives Q6_K to attn_v and ffn_down in the first and last eighth of the
     layers and every third between."""
     import gguf
@@ -132,13 +134,14 @@ def _storage_type(shape: tuple[int, ...], gguf_type: str, target: str, layers: i
     wanted = {"f16": kinds.F16, "q8_0": kinds.Q8_0, "q6_k": kinds.Q6_K, "q5_0": kinds.Q5_0, "q4_0": kinds.Q4_0}.get(gguf_type)  # fmt: skip
     if gguf_type in ("q5_0", "q4_0") and target in ("token_embd.weight", "output.weight"):
         wanted = kinds.Q8_0
-    if gguf_type == "q4_k_m":
+    if gguf_type in ("q4_k_m", "q5_k_m"):
         head = target == "output.weight" or (tied_head and target == "token_embd.weight")
         if head or (target.endswith(("attn_v.weight", "ffn_down.weight")) and _more_bits(target, layers)):
             wanted = kinds.Q6_K
         else:
-            wanted = kinds.Q4_K
-    for kind in (wanted, {kinds.Q4_K: kinds.Q5_0, kinds.Q6_K: kinds.Q8_0}.get(wanted)):
+            wanted = kinds.Q4_K if gguf_type == "q4_k_m" else kinds.Q5_K
+    fallback = {kinds.Q4_K: kinds.Q5_0, kinds.Q5_K: kinds.Q5_1, kinds.Q6_K: kinds.Q8_0}.get(wanted)
+    for kind in (wanted, fallback):
         if kind is not None and (kind == kinds.F16 or shape[-1] % gguf.GGML_QUANT_SIZES[kind][0] == 0):
             return kind
     return kinds.F16
@@ -186,6 +189,8 @@ def _convert(tensor: torch.Tensor, qtype) -> np.ndarray:
         return array.astype(np.float16)
     if qtype == gguf.GGMLQuantizationType.Q4_K:
         return kquants.quantize_q4_k(array)
+    if qtype == gguf.GGMLQuantizationType.Q5_K:
+        return kquants.quantize_q5_k(array)
     if qtype == gguf.GGMLQuantizationType.Q6_K:
         return kquants.quantize_q6_k(array)
     return gguf.quants.quantize(array, qtype)

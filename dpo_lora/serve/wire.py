@@ -126,7 +126,7 @@ class ExportCreate(BaseModel):
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
     checkpoint: str | None = None  # an ftckpt- id; the final adapter when unset
     format: Literal["safetensors", "gguf"] = "safetensors"  # gguf: one file for llama.cpp/Ollama
-    gguf_type: Literal["f16", "q8_0", "q6_k", "q5_0", "q4_k_m", "q4_0"] = "f16"
+    gguf_type: Literal["f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0"] = "f16"
 
 
 def file_object(file: File) -> dict:

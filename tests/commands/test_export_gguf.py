@@ -124,35 +124,38 @@ def wide_run(tiny_tokenizer, tmp_path_factory, request):
     return out
 
 
-def test_q4_k_m_stores_llama_cpps_mix_and_loads_with_the_merged_models_log_probs(wide_run, tmp_path):
-    """q4_k_m: Q6_K for the head and for attn_v and ffn_down in llama.cpp's layers (of two: the
-    second), Q4_K elsewhere, the embedding too; transformers reads the file back (with gguf's
+@pytest.mark.parametrize("gguf_type", ["q4_k_m", "q5_k_m"])
+def test_k_quant_mixes_store_llama_cpps_types_and_load_with_the_merged_models_log_probs(wide_run, tmp_path, gguf_type):
+    """q4_k_m (q5_k_m): Q6_K for the head and for attn_v and ffn_down in llama.cpp's layers (of
+    two: the second), Q4_K (Q5_K) elsewhere, the embedding too; transformers reads the file back (with gguf's
     dequantizers) with the log-probs of the merge as stored. (Each type's error against the legacy
     types is in tests/model/test_kquants.py; this mix's 4-bit embedding, as llama.cpp's, costs
     more on this random model than q4_0's 8-bit one.)"""
     import gguf
 
-    report = export_model(str(wide_run), out=str(tmp_path / "out"), format="gguf", gguf_type="q4_k_m")
+    report = export_model(str(wide_run), out=str(tmp_path / "out"), format="gguf", gguf_type=gguf_type)
     assert report["max_logp_diff_gguf_vs_stored"] <= GGUF_TOLERANCE
     assert report["max_logp_diff_gguf_vs_stored"] < report["max_logp_diff_gguf_vs_merged"] / 10
     assert report["max_logp_diff_gguf_vs_merged"] < 3.0 and report["gguf_tokenizer_matches"] is True
     reader = gguf.GGUFReader(tmp_path / "out" / report["gguf_file"])
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert reader.fields["general.file_type"].contents() == getattr(gguf.LlamaFileType, f"MOSTLY_{gguf_type.upper()}")
+    body = {"q4_k_m": "Q4_K", "q5_k_m": "Q5_K"}[gguf_type]
     tied = "output.weight" not in kinds  # the embedding is the head: stored as the head (llama.cpp's rule)
-    assert (kinds.get("output.weight"), kinds["token_embd.weight"]) == ((None, "Q6_K") if tied else ("Q6_K", "Q4_K"))
+    assert (kinds.get("output.weight"), kinds["token_embd.weight"]) == ((None, "Q6_K") if tied else ("Q6_K", body))
     assert tied == (json.loads((wide_run.parent / "base" / "config.json").read_text())["tie_word_embeddings"])
-    assert (kinds["blk.0.attn_v.weight"], kinds["blk.1.attn_v.weight"]) == ("Q4_K", "Q6_K")
-    assert (kinds["blk.0.ffn_down.weight"], kinds["blk.1.ffn_down.weight"]) == ("Q4_K", "Q6_K")
-    assert kinds["blk.0.attn_q.weight"] == kinds["blk.1.ffn_up.weight"] == "Q4_K"
+    assert (kinds["blk.0.attn_v.weight"], kinds["blk.1.attn_v.weight"]) == (body, "Q6_K")
+    assert (kinds["blk.0.ffn_down.weight"], kinds["blk.1.ffn_down.weight"]) == (body, "Q6_K")
+    assert kinds["blk.0.attn_q.weight"] == kinds["blk.1.ffn_up.weight"] == body
 
 
-def test_q4_k_m_falls_back_as_llama_cpp_does_where_rows_are_not_256_wide(tiny_run, tmp_path):
-    """The tiny model's rows are 64 and 128 wide: Q4_K falls back to Q5_0, Q6_K to Q8_0."""
+@pytest.mark.parametrize(("gguf_type", "body"), [("q4_k_m", "Q5_0"), ("q5_k_m", "Q5_1")])
+def test_k_quant_mixes_fall_back_as_llama_cpp_does_where_rows_are_not_256_wide(tiny_run, tmp_path, gguf_type, body):
+    """The tiny model's rows are 64 and 128 wide: Q4_K falls back to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0."""
     import gguf
 
-    report = export_model(str(tiny_run), out=str(tmp_path / "out"), format="gguf", gguf_type="q4_k_m")
+    report = export_model(str(tiny_run), out=str(tmp_path / "out"), format="gguf", gguf_type=gguf_type)
     assert report["max_logp_diff_gguf_vs_stored"] <= GGUF_TOLERANCE
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "out" / report["gguf_file"]).tensors}
-    assert kinds["blk.0.attn_q.weight"] == kinds["token_embd.weight"] == "Q5_0"
+    assert kinds["blk.0.attn_q.weight"] == kinds["token_embd.weight"] == body
     assert kinds["output.weight"] == kinds["blk.1.attn_v.weight"] == "Q8_0"

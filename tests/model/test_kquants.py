@@ -10,10 +10,12 @@ import pytest
 
 from dpo_lora.model.kquants import (
     pack_q4_k,
+    pack_q5_k,
     pack_q6_k,
     q4_k_parts,
     q6_k_parts,
     quantize_q4_k,
+    quantize_q5_k,
     quantize_q6_k,
 )
 
@@ -30,17 +32,18 @@ def weights(rows=48, columns=1024, seed=0) -> np.ndarray:
     return x
 
 
-def test_q4_k_bytes_are_the_numbers_packed_as_llama_cpp_reads_them():
+@pytest.mark.parametrize(("pack", "kind", "levels", "size"), [(pack_q4_k, KINDS.Q4_K, 16, 144), (pack_q5_k, KINDS.Q5_K, 32, 176)], ids=["q4_k", "q5_k"])  # fmt: skip
+def test_q4_k_and_q5_k_bytes_are_the_numbers_packed_as_llama_cpp_reads_them(pack, kind, levels, size):
     rng = np.random.default_rng(1)
     blocks = 5
     d = rng.uniform(1e-4, 1e-2, blocks).astype(np.float16)
     dmin = rng.uniform(1e-4, 1e-2, blocks).astype(np.float16)
     sc, mn = (rng.integers(0, 64, (blocks, 8)).astype(np.uint8) for _ in range(2))
-    q = rng.integers(0, 16, (blocks, 8, 32)).astype(np.uint8)
-    packed = pack_q4_k(d, dmin, sc, mn, q)
-    assert packed.shape == (blocks, 144) and packed.dtype == np.uint8
+    q = rng.integers(0, levels, (blocks, 8, 32)).astype(np.uint8)
+    packed = pack(d, dmin, sc, mn, q)
+    assert packed.shape == (blocks, size) and packed.dtype == np.uint8
     oracle = d.astype(np.float64)[:, None, None] * sc[..., None] * q - dmin.astype(np.float64)[:, None, None] * mn[..., None]  # fmt: skip
-    read = gguf.quants.dequantize(packed, KINDS.Q4_K).reshape(blocks, 8, 32)
+    read = gguf.quants.dequantize(packed, kind).reshape(blocks, 8, 32)
     np.testing.assert_allclose(read, oracle, rtol=1e-6, atol=1e-9)
 
 
@@ -59,12 +62,17 @@ def test_q6_k_bytes_are_the_numbers_packed_as_llama_cpp_reads_them():
 
 @pytest.mark.parametrize(
     ("quantize", "kind", "parts", "legacy"),
-    [(quantize_q4_k, KINDS.Q4_K, q4_k_parts, KINDS.Q4_0), (quantize_q6_k, KINDS.Q6_K, q6_k_parts, KINDS.Q5_0)],
-    ids=["q4_k", "q6_k"],
+    [
+        (quantize_q4_k, KINDS.Q4_K, q4_k_parts, KINDS.Q4_0),
+        (quantize_q5_k, KINDS.Q5_K, lambda x: q4_k_parts(x, levels=31), KINDS.Q5_0),
+        (quantize_q6_k, KINDS.Q6_K, q6_k_parts, KINDS.Q5_0),
+    ],
+    ids=["q4_k", "q5_k", "q6_k"],
 )
 def test_a_quantized_tensor_reads_back_closer_than_the_legacy_type_of_fewer_bits(quantize, kind, parts, legacy):
-    """Q4_K (4.5 bits a weight) against Q4_0 (4.5), Q6_K (6.56) against Q5_0 (5.5): the k-quants'
-    finer scales must give a smaller error, zeros stay exact, and every row is within its range."""
+    """Q4_K (4.5 bits a weight) against Q4_0 (4.5), Q5_K (5.5) and Q6_K (6.56) against Q5_0 (5.5):
+    the k-quants' finer scales must give a smaller error, zeros stay exact, and every row is within
+    its range."""
     x = weights()
     stored = quantize(x)
     assert stored.shape == (48, 1024 // 256 * gguf.GGML_QUANT_SIZES[kind][1])
@@ -80,5 +88,5 @@ def test_a_quantized_tensor_reads_back_closer_than_the_legacy_type_of_fewer_bits
     assert np.abs(back - x).max(axis=1).max() < 0.1 * np.abs(x).max()
     # quantize is the parts packed: the same values whichever way they are read.
     numbers = parts(x)
-    packer = pack_q4_k if kind == KINDS.Q4_K else pack_q6_k
+    packer = {KINDS.Q4_K: pack_q4_k, KINDS.Q5_K: pack_q5_k, KINDS.Q6_K: pack_q6_k}[kind]
     assert np.array_equal(packer(*numbers).reshape(stored.shape), stored)
