@@ -72,6 +72,10 @@ class Answers:
             request.events.put(("done",))
             del self.requests[id(request)]
 
+    def rows(self) -> int:
+        """Rows taken in so far, ended or not."""
+        return len(self.owners)
+
     def live_rows(self) -> int:
         return sum(self.left[key] for key in self.requests)
 

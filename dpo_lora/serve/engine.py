@@ -35,6 +35,9 @@ from dpo_lora.serve.logprobs_wire import TokenTexts
 
 CLOSE = object()  # an engine's queue item: unload and end the worker
 MAX_WAITING = 64  # requests queued for one engine; past it a request is a 429
+# Rows one batch takes in over its life. Under steady traffic a batch never empties, and what it
+# keeps of ended rows grows; past this it takes no more, drains, and the next batch starts afresh.
+MAX_ROWS_PER_BATCH = 1024
 
 
 class EngineError(Exception):
@@ -182,6 +185,7 @@ class Engine:
     def _admit(self, answers: Answers) -> list[Row]:
         """Waiting requests that join the running batch: while rows and adapters stay within the
         engine's limits and PEFT can run their adapters beside the live ones (not DoRA's)."""
+        budget = MAX_ROWS_PER_BATCH - answers.rows()
         live = answers.live_names()
         folders = {folder for folder, name in self.adapters.items() if name in live}
         for folder in folders:  # loading another adapter must not evict one in use
@@ -191,10 +195,10 @@ class Engine:
             while self.waiting and self.waiting[0] is not CLOSE:
                 head = self.waiting[0]
                 more = folders | ({head.adapter} - {None})
-                if rows + head.rows > self.max_rows or len(more) > self.max_adapters:
+                if rows + head.rows > self.max_rows or len(more) > self.max_adapters or head.rows > budget:
                     break
                 taken.append(self.waiting.popleft())
-                rows, folders = rows + head.rows, more
+                rows, folders, budget = rows + head.rows, more, budget - head.rows
         fits = []
         for index, request in enumerate(taken):
             try:

@@ -197,3 +197,28 @@ def test_a_dora_request_arriving_mid_decode_waits_for_the_next_batch(tiny_model_
         assert event[0] != "error", event
         texts.append(event[2] if event[0] == "text" else "")
     assert "".join(texts) == alone
+
+
+def test_a_batch_takes_in_at_most_max_rows_per_batch_rows_then_drains(tiny_model_dir, adapters, monkeypatch):
+    """Under steady traffic a batch would never end and what it keeps of ended rows would grow:
+    past MAX_ROWS_PER_BATCH rows taken in it admits no more, and the next request waits for it."""
+    import dpo_lora.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_ROWS_PER_BATCH", 2)
+    engine = Engine(settings(tiny_model_dir), lambda: "cpu", max_adapters=8)
+    answer(engine, None)  # loaded
+    long = Request([[5, 6, 7]], 1, Sampling(temperature=0, max_tokens=40), None, "long")
+    engine.submit(long)
+    assert long.events.get(timeout=60)[0] == "text"
+    second = Request([[8, 9]], 1, Sampling(temperature=0, max_tokens=2), None, "second")
+    third = Request([[10, 11]], 1, Sampling(temperature=0, max_tokens=2), None, "third")
+    engine.submit(second)
+    engine.submit(third)
+    order = []
+    while len(order) < 3:
+        for name, request in (("long", long), ("second", second), ("third", third)):
+            while not request.events.empty():
+                if request.events.get()[0] == "done":
+                    order.append(name)
+        time.sleep(0.01)
+    assert order == ["second", "long", "third"], order
