@@ -33,6 +33,21 @@ def adapters(tiny_model_dir, tmp_path_factory):
     return folders
 
 
+def dora_adapter(tiny_model_dir, folder, targets: list[str]):
+    """A random DoRA adapter of the tiny Llama (B not zero: it changes the answers), saved in `folder`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=targets, use_dora=True))  # fmt: skip
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
 def settings(tiny_model_dir):
     return load_config(None, {"model.path": str(tiny_model_dir), "model.quantization": "none", "model.dtype": "float32"}).model  # fmt: skip
 
@@ -118,18 +133,7 @@ def test_a_full_queue_is_a_429_and_nothing_queued_is_lost(tiny_model_dir, monkey
 def test_a_batch_with_a_dora_adapter_answers_each_request_as_it_answers_alone(tiny_model_dir, adapters, tmp_path):
     """PEFT runs DoRA only as the active adapter: a batch mixing it with others decodes by adapter
     in turn, and every request still gets its own answer."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    model.save_pretrained(tmp_path / "dora")
-    folders = [None, adapters[0], tmp_path / "dora"]
+    folders = [None, adapters[0], dora_adapter(tiny_model_dir, tmp_path / "dora", ["q_proj", "v_proj", "down_proj"])]
     engine = Engine(settings(tiny_model_dir), lambda: "cpu", max_adapters=8)
     alone = {folder: answer(engine, folder) for folder in folders}
     assert len(set(alone.values())) == 3, "base, LoRA and DoRA answer differently"
@@ -173,16 +177,7 @@ def test_a_request_arriving_mid_decode_joins_the_batch_and_ends_before_the_long_
 
 def test_a_dora_request_arriving_mid_decode_waits_for_the_next_batch(tiny_model_dir, adapters, tmp_path):
     """PEFT can't run DoRA beside other adapters: it does not join; it is answered right after."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))  # fmt: skip
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    model.save_pretrained(tmp_path / "dora")
+    dora_adapter(tiny_model_dir, tmp_path / "dora", ["q_proj"])
     engine = Engine(settings(tiny_model_dir), lambda: "cpu", max_adapters=8)
     alone = answer(engine, tmp_path / "dora")
     long = Request([[5, 6, 7]], 1, Sampling(temperature=0, max_tokens=30), adapters[0], "long")
