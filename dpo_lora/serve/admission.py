@@ -86,6 +86,8 @@ def request_spec(
         )
     except SpecError as err:
         raise ApiError(400, str(err), param=err.param, code="invalid_config") from None
+    if state.project_devices and spec.devices > state.project_devices:
+        raise ApiError(400, f"dpo_lora.gpus: {spec.devices} is more than one project may hold at once on this server ({state.project_devices})", param="gpus")  # fmt: skip
     if spec.config.wandb.project and (problem := wandb_log.can_start(spec.config.wandb)):
         raise ApiError(400, f"integrations: {problem} (in the server's environment)", param="integrations")
     if quoting:

@@ -35,8 +35,11 @@ class Scheduler:
     """`runner` names this server in the rows it claims (stable across its restarts): servers that
     share a database each watch, stop and recover only their own runs."""
 
-    def __init__(self, store: Store, devices: list[str], backend, runner: str, grace_s: float = 120.0) -> None:
+    def __init__(self, store: Store, devices: list[str], backend, runner: str, grace_s: float = 120.0,
+                 project_devices: int = 0) -> None:  # fmt: skip
+        """`project_devices`: the most devices one project's running jobs may hold (0: no cap)."""
         self.store, self.devices, self.backend, self.runner, self.grace_s = store, devices, backend, runner, grace_s
+        self.project_devices = project_devices
         self._adopted_checked = False
         self._reported_state: dict[str, str] = {}  # job id -> the backend state last put in its events
         self._dispatch_after = 0.0  # monotonic time before which no job is started (backend down)
@@ -141,7 +144,7 @@ class Scheduler:
         while time.monotonic() >= self._dispatch_after:
             with self._lending:
                 with self.store.session() as s:
-                    head = _head_of_queue(s)
+                    head = _head_of_queue(s, self.project_devices)
                 free = self._free()
                 if head is None or head.devices_wanted > len(free):
                     return
@@ -296,17 +299,18 @@ class Scheduler:
                     export.error = {"code": "export_failed", "param": None, "message": message}
 
 
-def _head_of_queue(s) -> Job | None:
+def _head_of_queue(s, cap: int = 0) -> Job | None:
     """The queued job to start next: the oldest queued job of the project first by (devices it
-    holds now, when its newest job started): projects take turns, on many devices and on one."""
+    holds now, when its newest job started): projects take turns, on many devices and on one. A
+    project whose head would take it past `cap` devices (0: no cap) waits, and others go first."""
     held: dict[str, int] = {}
     for project, devices in s.execute(select(Job.project, Job.devices).where(Job.devices.is_not(None))):
         held[project] = held.get(project, 0) + len(devices)
     started = dict(s.execute(select(Job.project, func.max(Job.started_ns)).group_by(Job.project)).all())
     firsts = select(Job.project, func.min(Job.queue_seq)).where(Job.status == JobStatus.QUEUED).group_by(Job.project)
-    queued = sorted(s.execute(firsts).all(), key=lambda row: (held.get(row[0], 0), started.get(row[0]) or 0, row[1]))
-    if not queued:
-        return None
-    project, position = queued[0]
-    chosen = select(Job).where(Job.status == JobStatus.QUEUED, Job.project == project, Job.queue_seq == position)
-    return s.scalars(chosen.order_by(Job.created_ns)).first()
+    for project, position in sorted(s.execute(firsts).all(), key=lambda row: (held.get(row[0], 0), started.get(row[0]) or 0, row[1])):  # fmt: skip
+        chosen = select(Job).where(Job.status == JobStatus.QUEUED, Job.project == project, Job.queue_seq == position)
+        head = s.scalars(chosen.order_by(Job.created_ns)).first()
+        if head is not None and (not cap or held.get(project, 0) + head.devices_wanted <= cap):
+            return head
+    return None

@@ -121,6 +121,8 @@ def serve(args) -> int:
         ) from None
     except Exception as err:  # SQLAlchemy: a bad URL, a missing driver, a database that refuses us
         raise UserError(f"--db: cannot open the job store: {str(err).splitlines()[0]}") from None
+    if args.project_devices < 0:
+        raise UserError(f"--project-devices {args.project_devices}: must be 0 (no cap) or more")
     if args.max_streams < 1:
         raise UserError(f"--max-streams {args.max_streams}: must be at least 1")
     max_upload = parse_size(args.max_upload_size, flag="--max-upload-size")
@@ -145,6 +147,7 @@ def serve(args) -> int:
         state_dir=state_dir,
         models=models,
         devices=len(devices),
+        project_devices=args.project_devices,
         device_memory=device_memory,
         device_type=device_type,
         base_config=str(Path(args.config).resolve()) if args.config else None,
@@ -157,7 +160,7 @@ def serve(args) -> int:
         backend=backend,
         runner=runner,
     )
-    scheduler = Scheduler(store, devices, backend, runner, grace_s=args.grace_seconds)
+    scheduler = Scheduler(store, devices, backend, runner, grace_s=args.grace_seconds, project_devices=args.project_devices)  # fmt: skip
     if args.inference_adapters < 1:
         raise UserError(f"--inference-adapters {args.inference_adapters}: must be at least 1")
     state.inference = Inference(

@@ -20,6 +20,7 @@ class ServerState:
     state_dir: Path
     models: dict[str, str]  # base model id -> folder
     devices: int  # devices (GPUs, or CPU slots) a job may ask for at most
+    project_devices: int = 0  # devices one project's running jobs may hold at once (0: no cap)
     device_memory: int | None = None  # bytes of one device that a job's plan must fit; None: not checked
     device_type: str = "cpu"  # what the jobs' ranks run on: cpu or cuda (the quote's matmul rate)
     matmul_rates: dict = field(default_factory=dict)  # dtype -> one device's measured FLOP/s

@@ -366,3 +366,14 @@ def test_a_bad_keys_file_is_one_line_naming_the_entry(tmp_path, content, message
     good = tmp_path / "good.json"
     good.write_text(json.dumps(KEYS))
     assert read_api_keys(str(good), None) == {key: project for project, key in KEYS.items()}
+
+
+def test_a_job_wanting_more_devices_than_a_project_may_hold_is_a_400(servers, tiny_setup):
+    """With --project-devices 1 a two-rank job could never start: refused at create, naming the field."""
+    models, config, train, _ = tiny_setup
+    client = servers(models, config, "--cpu-slots", "2", "--project-devices", "1").client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    with pytest.raises(openai.BadRequestError) as caught:
+        create(client, file_id, {"gpus": 2})
+    assert caught.value.body["param"] == "gpus" and "one project may hold" in caught.value.body["message"]
+    assert create(client, file_id, {"gpus": 1, "train.max_steps": 1}).status == "validating_files"

@@ -102,3 +102,19 @@ def test_projects_take_turns_and_each_projects_jobs_keep_their_order(store, tmp_
     queued_job(store, "d1", tmp_path, queue_seq=11, devices_wanted=1, project="d")
     two._dispatch()
     assert list(two.backend.started) == ["d1"], "c holds a device, d none: d's job goes first"
+
+
+def test_a_project_at_its_device_cap_waits_while_others_start(store, tmp_path):
+    """--project-devices 1 on three devices: A's second job waits while A's first runs, though a
+    device is free; B's starts meanwhile."""
+    backend = GpuBackend()
+    scheduler = Scheduler(store, ["0", "1", "2"], backend, runner="me", project_devices=1)
+    for seq, (job_id, project) in enumerate([("a1", "a"), ("a2", "a"), ("b1", "b")], start=1):
+        queued_job(store, job_id, tmp_path, queue_seq=seq, devices_wanted=1, project=project)
+    scheduler._dispatch()
+    assert sorted(backend.started) == ["a1", "b1"], "a2 waits: a holds its one device"
+    with store.session() as s:
+        job = s.get(Job, "a1")
+        job.devices, job.status = None, "succeeded"
+    scheduler._dispatch()
+    assert sorted(backend.started) == ["a1", "a2", "b1"]
