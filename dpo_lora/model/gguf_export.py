@@ -120,12 +120,10 @@ def _interleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
 def _storage_type(shape: tuple[int, ...], gguf_type: str, target: str, layers: int, tied_head: bool):
     """The type tensor `target` (its GGUF name) is stored as: F32 for 1-D tensors; else the asked
     type where rows split into its blocks, else llama.cpp's fallback (Q4_K -> Q5_0, Q5_K -> Q5_1,
-    Q6_K -> Q8_0),
-    else F16. Under 4- and 5-bit types the embedding and the head keep more bits: q8_0 beside the
-    legacy types; Q6_K for the head in q4_k_m and q5_k_m (the embedding, when it is also the head:
-    `tied_head`),
-    where llama.cpp also gives Q6_K to attn_v and ffn_down in the first and last eighth of the
-    layers and every third between."""
+    Q6_K -> Q8_0), else F16. Under 4- and 5-bit types the embedding and the head keep more bits:
+    q8_0 beside the legacy types; Q6_K for the head in q4_k_m and q5_k_m (the embedding when it is
+    also the head: `tied_head`), where llama.cpp also gives Q6_K to attn_v and ffn_down in the first
+    and last eighth of the layers and every third between."""
     import gguf
 
     kinds = gguf.GGMLQuantizationType

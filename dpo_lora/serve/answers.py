@@ -80,7 +80,7 @@ class Answers:
         return sum(self.left[key] for key in self.requests)
 
     def live_names(self) -> list[str]:
-        """The adapter names of the rows not ended (one per row)."""
+        """The adapter names of the rows of requests not done (one per row, ended rows too)."""
         live = set(self.requests)
         return [name for (request, _), name in zip(self.owners, self.names, strict=True) if id(request) in live]
 
