@@ -148,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the most devices one project's running jobs may hold at once, all servers on the store (0: no cap)",
     )  # fmt: skip
     serve.add_argument(
+        "--project-jobs", type=int, default=0,
+        help="the most jobs one project may have queued, running or paused at once (429 past it; 0: no cap)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--project-storage", default="0",
+        help="the most bytes of files one project may hold, e.g. 10GiB (413 past it; 0: no cap)",
+    )  # fmt: skip
+    serve.add_argument(
         "--backend",
         choices=("local", "slurm"),
         default="local",

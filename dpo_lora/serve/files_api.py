@@ -1,14 +1,14 @@
-"""/v1/files: upload (checked row by row when its purpose is fine-tune), list, read, delete."""
+"""/v1/files: upload (checked row by row when its purpose is fine-tune; within the project's
+--project-storage), list, read, delete."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import FileResponse
-from sqlalchemy import select, tuple_
+from sqlalchemy import func, select, tuple_
 
 from dpo_lora.core.errors import UserError
 from dpo_lora.data.rows import shape_problems
@@ -45,7 +45,8 @@ def create_file(
     path = folder / f"{file_id}{suffix}"
     try:
         with open(f"{path}.tmp", "wb") as out:
-            shutil.copyfileobj(file.file, out)
+            if not _copied_within(file.file, out, _room(state, project)):
+                raise _over_storage(state, project, None)
         Path(f"{path}.tmp").replace(path)
         status, details, count = "processed", None, 0
         if purpose == "fine-tune":
@@ -72,6 +73,9 @@ def create_file(
             expires_at=None if lifetime is None else now() + lifetime,
         )
         with state.store.session() as s:
+            state.store.lock_project(s, project)  # a concurrent upload counts after this one, or before
+            if row.bytes > _room(state, project, s):
+                raise _over_storage(state, project, row.bytes)
             s.add(row)
     except BaseException:  # nothing is left behind by an upload that did not complete
         Path(f"{path}.tmp").unlink(missing_ok=True)
@@ -122,6 +126,34 @@ def delete_file(state: State, project: Project, file_id: str) -> dict:
         s.delete(file)
     Path(file.path).unlink(missing_ok=True)
     return {"id": file_id, "object": "file", "deleted": True}
+
+
+def _room(state, project: str, session=None) -> float:
+    """Bytes the project may still upload under --project-storage (inf without the cap)."""
+    if not state.project_storage:
+        return float("inf")
+    query = select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(StoredFile.project == project)
+    if session is not None:
+        return state.project_storage - session.scalar(query)
+    with state.store.session() as s:
+        return state.project_storage - s.scalar(query)
+
+
+def _over_storage(state, project: str, size: int | None) -> ApiError:
+    upload = "this upload" if size is None else f"this upload of {size} bytes"
+    return ApiError(413, f"project '{project}': {upload} would pass its {state.project_storage} bytes of files "
+                    "(--project-storage); delete files first", code="storage_quota_exceeded", param="file")  # fmt: skip
+
+
+def _copied_within(source, out, room: float, chunk: int = 1 << 20) -> bool:
+    """Copy an upload; False, stopping at once, when it is larger than `room` bytes."""
+    written = 0
+    while block := source.read(chunk):
+        written += len(block)
+        if written > room:
+            return False
+        out.write(block)
+    return True
 
 
 def expiry_seconds(anchor: str | None, seconds: str | None) -> int | None:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
@@ -33,7 +34,7 @@ class BodyTooLarge(HTTPException):
 
 @dataclass(frozen=True)
 class Limits:
-    api_keys: dict[str, str]  # key -> project; empty: no keys (loopback only)
+    api_keys: Callable[[], dict[str, str]]  # now: key -> project (SIGHUP reloads); empty: no keys (loopback only)
     bound_host: str
     port: int
     max_upload: int
@@ -88,7 +89,8 @@ class Guard:
                 await _reply(_too_large(cap), scope, receive, send)
 
     def _refusal(self, scope, headers: dict) -> ApiError | None:
-        if not self.limits.api_keys:
+        keys = self.limits.api_keys()
+        if not keys:
             if _host_name(headers.get("host", "")) not in self.hosts:
                 return ApiError(403, "Host is not this server's loopback address (no-key mode)", code="forbidden_host")
             origin = headers.get("origin")
@@ -100,7 +102,7 @@ class Guard:
             return None
         given = headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
         # Every key compared, whichever matches: the time taken tells nothing of which.
-        matches = [project for key, project in self.limits.api_keys.items() if hmac.compare_digest(given, key.encode())]
+        matches = [project for key, project in keys.items() if hmac.compare_digest(given, key.encode())]
         if not matches:
             return ApiError(401, "Incorrect API key provided", code="invalid_api_key", kind="authentication_error")
         scope.setdefault("state", {})["project"] = matches[0]

@@ -8,7 +8,7 @@ import json
 import shutil
 
 from fastapi import APIRouter, Header
-from sqlalchemy import select, tuple_
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 
 from dpo_lora.core.config import dump_yaml
@@ -37,6 +37,7 @@ def create_job(state: State, project: Project, body: wire.JobCreate, idempotency
     job = _new_job(state, project, body)
     try:
         with state.store.session() as s:
+            _within_job_cap(state, s, project)
             s.add(job)
             state.store.add_event(s, job.id, f"Created fine-tuning job: {job.id}")
             if idempotency_key:
@@ -167,6 +168,19 @@ def _replayed(state: ServerState, project: str, key: str, request_hash: str) -> 
                 code="idempotency_key_reused",
             )
         return wire.job_object(job_or_404(s, seen.object_id, project))
+
+
+def _within_job_cap(state: ServerState, s, project: str) -> None:
+    """A 429 (OpenAI's answer past its active-jobs limit) when the project already has
+    --project-jobs jobs not yet final; the count and the insert after it hold the project's lock."""
+    if not state.project_jobs:
+        return
+    state.store.lock_project(s, project)
+    active = s.scalar(select(func.count()).select_from(Job).where(Job.project == project, Job.status.not_in(FINAL)))
+    if active >= state.project_jobs:
+        raise ApiError(429, f"project '{project}' has {active} jobs queued, running or paused, its most "
+                       "(--project-jobs); wait for one to end, or cancel one", code="rate_limit_exceeded",
+                       kind="rate_limit_error")  # fmt: skip
 
 
 def _new_job(state: ServerState, project: str, body: wire.JobCreate) -> Job:

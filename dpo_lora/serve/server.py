@@ -1,4 +1,5 @@
-"""`dpo-lora serve`: the job store, the scheduler thread and the HTTP app under uvicorn."""
+"""`dpo-lora serve`: the job store, the scheduler thread and the HTTP app under uvicorn; SIGHUP
+re-reads --api-keys."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -123,6 +126,9 @@ def serve(args) -> int:
         raise UserError(f"--db: cannot open the job store: {str(err).splitlines()[0]}") from None
     if args.project_devices < 0:
         raise UserError(f"--project-devices {args.project_devices}: must be 0 (no cap) or more")
+    if args.project_jobs < 0:
+        raise UserError(f"--project-jobs {args.project_jobs}: must be 0 (no cap) or more")
+    project_storage = parse_size(args.project_storage, flag="--project-storage")
     if args.max_streams < 1:
         raise UserError(f"--max-streams {args.max_streams}: must be at least 1")
     max_upload = parse_size(args.max_upload_size, flag="--max-upload-size")
@@ -148,6 +154,8 @@ def serve(args) -> int:
         models=models,
         devices=len(devices),
         project_devices=args.project_devices,
+        project_jobs=args.project_jobs,
+        project_storage=project_storage,
         device_memory=device_memory,
         device_type=device_type,
         base_config=str(Path(args.config).resolve()) if args.config else None,
@@ -169,6 +177,7 @@ def serve(args) -> int:
         max_adapters=args.inference_adapters,
         idle_s=args.inference_idle_seconds,
     )
+    signal.signal(signal.SIGHUP, _reloader(state, args.api_keys))
     stopping = threading.Event()
     thread = threading.Thread(target=scheduler.run_forever, args=(stopping,), name="scheduler", daemon=True)
     thread.start()
@@ -184,6 +193,25 @@ def serve(args) -> int:
         store.dispose()
         lock.close()
     return 0
+
+
+def _reloader(state, path: str | None):
+    """SIGHUP's handler: re-read --api-keys (add, remove or rotate keys; running jobs, loaded models
+    and open streams stay). A bad file changes nothing and says why in one line."""
+
+    def reload(_signum, _frame) -> None:
+        if path is None:
+            print("dpo-lora serve: SIGHUP: no --api-keys file to reload", file=sys.stderr, flush=True)
+            return
+        try:
+            keys = read_api_keys(path, state.api_key)
+        except UserError as err:
+            print(f"dpo-lora serve: SIGHUP: the keys stay as they were: {err}", file=sys.stderr, flush=True)
+            return
+        state.project_keys = keys  # one assignment: a request reads the old keys or the new, never a mix
+        print(f"dpo-lora serve: SIGHUP: {path} reloaded, auth {_auth(state.api_key, keys)}", flush=True)
+
+    return reload
 
 
 def _free_gpu_memory(devices: list[str]) -> int:

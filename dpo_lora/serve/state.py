@@ -21,6 +21,8 @@ class ServerState:
     models: dict[str, str]  # base model id -> folder
     devices: int  # devices (GPUs, or CPU slots) a job may ask for at most
     project_devices: int = 0  # devices one project's running jobs may hold at once (0: no cap)
+    project_jobs: int = 0  # jobs one project may have not yet final (0: no cap)
+    project_storage: int = 0  # bytes of files one project may hold (0: no cap)
     device_memory: int | None = None  # bytes of one device that a job's plan must fit; None: not checked
     device_type: str = "cpu"  # what the jobs' ranks run on: cpu or cuda (the quote's matmul rate)
     matmul_rates: dict = field(default_factory=dict)  # dtype -> one device's measured FLOP/s
@@ -38,7 +40,8 @@ class ServerState:
     streams: dict[str, int] = field(default_factory=dict)  # API key -> open event streams
 
     def keys(self) -> dict[str, str]:
-        """Every API key -> its project; empty: no keys (a loopback-only server, one project)."""
+        """Every API key -> its project, now (SIGHUP replaces `project_keys`); empty: no keys (a
+        loopback-only server, one project)."""
         return ({self.api_key: DEFAULT_PROJECT} if self.api_key else {}) | self.project_keys
 
 

@@ -8,11 +8,13 @@ restart what it was doing. SQLite in WAL mode is the embedded default; PostgreSQ
 - each claimed row names its runner (the server that started it), and a server watches, stops and
   recovers only its own runs;
 - a read-modify-write locks its row first (`for_update`: SELECT ... FOR UPDATE on PostgreSQL; SQLite
-  takes its write lock when each transaction begins), so a cancel never interleaves with a claim.
+  takes its write lock when each transaction begins), so a cancel never interleaves with a claim;
+- a count against a project's quota and the insert it admits lock the project first (`lock_project`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import sys
@@ -239,6 +241,14 @@ class Store:
         """The row, locked until the transaction ends (a no-op lock on SQLite, which already holds
         its write lock): what a read-modify-write reads."""
         return session.get(model, key, with_for_update=True)
+
+    @staticmethod
+    def lock_project(session: Session, project: str) -> None:
+        """Serialize this transaction with every other that locks the same project, until it ends:
+        what a count-then-insert against a project's quota takes (SQLite's write lock already does)."""
+        if session.get_bind().dialect.name == "postgresql":
+            key = int.from_bytes(hashlib.sha256(f"project:{project}".encode()).digest()[:8], "big", signed=True)
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
     def next_queue_seq(self, session: Session) -> int:
         return (session.scalar(select(func.max(Job.queue_seq))) or 0) + 1

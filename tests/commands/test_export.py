@@ -139,6 +139,7 @@ def test_adapter_only_refusals_and_push(trained_run, tmp_path, monkeypatch):
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("40KB") == 40_000 and parse_size("2MiB") == 2 * 2**20
+    assert parse_size("1.5TB") == 1.5e12 and parse_size("1tib") == 2**40
     with pytest.raises(UserError, match="--max-shard-size"):
         parse_size("five gigs")
 

@@ -5,8 +5,10 @@ loop is bounded in count and time."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -366,6 +368,106 @@ def test_a_bad_keys_file_is_one_line_naming_the_entry(tmp_path, content, message
     good = tmp_path / "good.json"
     good.write_text(json.dumps(KEYS))
     assert read_api_keys(str(good), None) == {key: project for project, key in KEYS.items()}
+
+
+def test_a_project_holds_at_most_its_storage_and_its_jobs(servers, tiny_setup, tmp_path):
+    """--project-storage: an upload that would take a project past its bytes of files is a 413 and
+    leaves nothing behind; deleting a file makes room. --project-jobs: a job past the project's count
+    of jobs not yet final is OpenAI's 429; one ending makes room. Both count each project apart."""
+    models, config, train, _ = tiny_setup
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    size = train.stat().st_size
+    server = servers(models, config, "--api-keys", str(keys), "--project-storage", str(size * 5 // 2), "--project-jobs", "1")  # fmt: skip
+    a, b = server.client(KEYS["team-a"]), server.client(KEYS["team-b"])
+    kept = [a.files.create(file=train.open("rb"), purpose="fine-tune") for _ in range(2)]
+    with pytest.raises(openai.APIStatusError) as caught:
+        a.files.create(file=train.open("rb"), purpose="fine-tune")
+    assert caught.value.status_code == 413 and caught.value.body["code"] == "storage_quota_exceeded"
+    assert "project 'team-a'" in caught.value.body["message"] and "--project-storage" in caught.value.body["message"]
+    assert {f.id for f in a.files.list()} == {f.id for f in kept}
+    file_b = b.files.create(file=train.open("rb"), purpose="fine-tune")  # B's bytes are B's own
+    on_disk = {p.name.split(".")[0] for p in (server.state_dir / "files").iterdir()}
+    assert on_disk == {kept[0].id, kept[1].id, file_b.id}  # the refused upload left no file
+    a.files.delete(kept[1].id)
+    kept[1] = a.files.create(file=train.open("rb"), purpose="fine-tune")
+
+    first = create(a, kept[0].id, {"train.max_steps": 500})
+    with pytest.raises(openai.RateLimitError) as caught:
+        create(a, kept[0].id, {"train.max_steps": 1})
+    assert caught.value.body["code"] == "rate_limit_exceeded" and "--project-jobs" in caught.value.body["message"]
+    assert [j.id for j in a.fine_tuning.jobs.list()] == [first.id]
+    assert create(b, file_b.id, {"train.max_steps": 1}).status == "validating_files"
+    a.fine_tuning.jobs.cancel(first.id)
+    wait_for_status(a, first.id, ("cancelled",), timeout=120)
+    assert create(a, kept[1].id, {"train.max_steps": 1}).status == "validating_files"
+
+
+def test_concurrent_requests_admit_no_more_than_the_caps(servers, tiny_setup, store_url, tmp_path):
+    """Six uploads and six creates of one project at once, on one server (SQLite) or split between two
+    servers on one PostgreSQL database: the caps admit exactly what fits, no more. Each part fails
+    when the count and the insert it admits are not under the project's lock."""
+    models, config, train, _ = tiny_setup
+    size = train.stat().st_size
+    caps = ("--db", store_url, "--project-storage", str(size * 5 // 2), "--project-jobs", "1")
+    clients = [servers(models, config, *caps, state_dir=tmp_path / "state-a").client()]
+    if store_url.startswith("postgresql"):
+        clients.append(servers(models, config, *caps, state_dir=tmp_path / "state-b").client())
+
+    def upload(n: int) -> int:
+        return _status(lambda: clients[n % len(clients)].files.create(file=train.open("rb"), purpose="fine-tune"))
+
+    def start(n: int) -> int:
+        return _status(lambda: create(clients[n % len(clients)], file_id, {"train.max_steps": 500}))
+
+    with ThreadPoolExecutor(6) as pool:
+        assert sorted(pool.map(upload, range(6))) == [200] * 2 + [413] * 4
+        file_id = clients[0].files.list().data[0].id
+        assert sorted(pool.map(start, range(6))) == [200] + [429] * 5
+    assert len(clients[0].fine_tuning.jobs.list().data) == 1 and len(clients[0].files.list().data) == 2
+
+
+def _status(call) -> int:
+    try:
+        call()
+    except openai.APIStatusError as err:
+        return err.status_code
+    return 200
+
+
+def test_sighup_rereads_the_keys_file(servers, tiny_setup, tmp_path):
+    """Keys are added, rotated and removed without a restart; a bad file keeps the keys as they were
+    and says why in one line; the server lives on."""
+    models, config, train, _ = tiny_setup
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"team-a": KEYS["team-a"]}))
+    server = servers(models, config, "--api-keys", str(keys))
+    file_a = server.client(KEYS["team-a"]).files.create(file=train.open("rb"), purpose="fine-tune")
+    rotated = {"team-a": "a-key-rotated-0123456789", "team-b": KEYS["team-b"]}
+    keys.write_text(json.dumps(rotated))
+    server.process.send_signal(signal.SIGHUP)
+
+    def until(check) -> None:
+        deadline = time.monotonic() + 30
+        while not check():
+            assert time.monotonic() < deadline and server.process.poll() is None, server.output()
+            time.sleep(0.2)
+
+    def works(key: str) -> bool:
+        try:
+            server.client(key).files.list()
+        except openai.AuthenticationError:
+            return False
+        return True
+
+    until(lambda: works(rotated["team-a"]))
+    assert [f.id for f in server.client(rotated["team-a"]).files.list()] == [file_a.id]  # the same project
+    assert not works(KEYS["team-a"]) and works(KEYS["team-b"]) and works(API_KEY)
+    keys.write_text("{")
+    server.process.send_signal(signal.SIGHUP)
+    until(lambda: "SIGHUP: the keys stay as they were" in server.output())
+    assert f"--api-keys {keys}: not a JSON file" in server.output()
+    assert works(rotated["team-a"]) and works(KEYS["team-b"]) and server.process.poll() is None
 
 
 def test_a_job_wanting_more_devices_than_a_project_may_hold_is_a_400(servers, tiny_setup):
