@@ -122,17 +122,7 @@ def fill_deepspeed_config(config, world_size: int) -> dict:
         raise UserError(f"{path}: '{dotted}' is \"auto\" but dpo-lora does not fill it; give a value")
     ds.setdefault("steps_per_print", 10**9)  # dpo-lora logs itself
     ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
-    if refusal := stage_refusal(config, ds["zero_optimization"]["stage"]):
-        raise UserError(f"config key '{refusal[0]}': {refusal[1]}")
     return ds
-
-
-def stage_refusal(config, stage: int) -> tuple[str, str] | None:
-    """(config key, why) for what ZeRO `stage` cannot run, or None. DoRA (PEFT's) takes the norm of
-    each layer's whole base weight outside the base layer's forward, where ZeRO-3 holds a partition."""
-    if config.lora.dora and stage == 3:
-        return "lora.dora", "DoRA needs each layer's whole base weight, which ZeRO-3 partitions; use ZeRO 0-2"
-    return None
 
 
 def contiguous_gradients(setting: bool | str, offloaded: bool, world_size: int) -> bool:

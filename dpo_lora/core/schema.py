@@ -101,7 +101,7 @@ class LoraConfig:
     dora: bool = knob(
         False,
         "DoRA: a trained magnitude per output row times the direction W + scale * B @ A, normalised per row "
-        "(PEFT's use_dora; slower steps, a dense weight norm per layer; not under ZeRO-3)",
+        "(PEFT's use_dora; slower steps, a dense weight norm per layer)",
     )
     dropout: float = knob(0.05, "dropout on the LoRA input")
     target_modules: Any = knob("all-linear", "module names to adapt: a list, or 'all-linear'")

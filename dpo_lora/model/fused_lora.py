@@ -39,6 +39,7 @@ from contextlib import nullcontext
 import torch
 
 from dpo_lora.model.precision import float32_residual
+from dpo_lora.model.zero3_loading import gather_in_forward
 
 FUSED = "_dpo_lora_fused"
 QUANTIZATIONS = ("nf4", "fp4")  # the bases it fuses
@@ -114,7 +115,9 @@ def fuse(model, model_config, zero_stage: int = 0) -> int:
     lora_dtype = adapter_product_dtype(model_config)
     for module in layers:
         if _give_fused_forward(module, lora_dtype) and zero_stage == 3:
-            _gather_with(module)
+            # It reads the base weight (and its absmax) and the adapter's matrices without calling
+            # their modules, whose hooks would gather them.
+            gather_in_forward(module, [module.get_base_layer(), *module.lora_A.values(), *module.lora_B.values()])
     return len(layers)
 
 
@@ -152,18 +155,6 @@ def _give_fused_forward(layer, lora_dtype) -> bool:
     layer.forward = _fused_forward(layer, layer.forward, lora_dtype)
     setattr(layer, FUSED, True)
     return True
-
-
-def _gather_with(layer) -> None:
-    """Under ZeRO-3 the fused forward reads the base layer's partitioned weight (and its absmax)
-    and the adapter's matrices without calling their modules, whose hooks would gather them: the
-    layer itself gathers them for its forward and backward instead."""
-    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-    owners = [layer.get_base_layer(), *layer.lora_A.values(), *layer.lora_B.values()]
-    for owner in owners:
-        for param in owner.parameters(recurse=False):
-            register_external_parameter(layer, param)
 
 
 def _is_lora_4bit(module) -> bool:

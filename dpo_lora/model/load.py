@@ -25,7 +25,7 @@ from dpo_lora.model.precision import (
     torch_dtype,
     weights_dtype,
 )
-from dpo_lora.model.zero3_loading import load_partitioned
+from dpo_lora.model.zero3_loading import load_partitioned, peft_gathers
 
 POLICY_ADAPTER = "default"
 REFERENCE_ADAPTER = "reference"
@@ -231,6 +231,11 @@ def attach_trained(model, adapter_dir: Path, name: str, model_config):
 
 
 def _with_adapter(base, lora_config):
+    with peft_gathers(base):  # DoRA's first magnitudes read each (partitioned) base weight
+        return _wrapped(base, lora_config)
+
+
+def _wrapped(base, lora_config):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if lora_config.init_adapter:

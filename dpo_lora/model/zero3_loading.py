@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import sys
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,59 @@ def load_partitioned(model_config, device: torch.device, ds_config: dict):
             file=sys.stderr,
         )
     return model
+
+
+@contextmanager
+def peft_gathers(model):
+    """While it lasts, PEFT gathers the partitioned weights it reads as it wraps a layer (DoRA's first
+    magnitudes are the row norms of each base weight). PEFT gathers only where transformers says
+    ZeRO-3 is on, and `load_partitioned` partitions without transformers: say it for this span."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    said = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}})  # noqa: F841 (a weak reference holds it)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def gather_in_forward(layer, owners) -> None:
+    """ZeRO-3 gathers a module's own parameters around its forward and backward; `layer` also reads
+    those of `owners` outside their modules' forward (DoRA's weight norm, the fused LoRA function):
+    it gathers them for its own."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for owner in owners:
+        for param in owner.parameters(recurse=False):
+            register_external_parameter(layer, param)
+
+
+def gather_dora_base_weights(model) -> int:
+    """Under ZeRO-3: each DoRA layer takes the norm of its whole base weight in its own forward,
+    after the base layer's forward has ended (and ZeRO-3 has released the weight): it gathers it for
+    its forward. The count of such layers."""
+    layers = [m for m in model.modules() if getattr(m, "lora_magnitude_vector", None)]
+    for layer in layers:
+        gather_in_forward(layer, [layer.get_base_layer()])
+        _keep_base_weight(layer)
+    return len(layers)
+
+
+def _keep_base_weight(layer) -> None:
+    """On the CPU, PEFT's DoRA re-assigns the base weight it has just read (`module.weight =
+    module.weight.to(device)`, a new bitsandbytes parameter over the same storage); ZeRO-3 would
+    then see a whole weight it does not know. Put its own parameter back after each forward."""
+    base = layer.get_base_layer()
+    weight = base.weight
+
+    def restore(_module, _args, _output) -> None:
+        if base._parameters["weight"] is not weight:
+            base._parameters["weight"] = weight
+
+    layer.register_forward_hook(restore)
 
 
 def held_bytes(model) -> HeldBytes:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpo_lora.core.config import load_config, split_key
-from dpo_lora.core.dsconfig import ZERO_STAGES, read_json, stage_refusal, zero_config
+from dpo_lora.core.dsconfig import ZERO_STAGES, read_json, zero_config
 from dpo_lora.core.errors import ConfigError, UserError
 from dpo_lora.core.schema import Config, kinds, knobs
 
@@ -219,6 +219,4 @@ def build_spec(
         deepspeed = zero_config(stage, offload) if stage is not None else read_json(base.deepspeed)
     except UserError as err:
         raise SpecError(f"the server's DeepSpeed configuration: {err}", None) from None
-    if refusal := stage_refusal(config, deepspeed.get("zero_optimization", {}).get("stage", 0)):
-        raise SpecError(f"dpo_lora.{refusal[0]}: {refusal[1]}", refusal[0])
     return JobSpec(config=config, deepspeed=deepspeed, hyperparameters=resolved, devices=devices, force=force)

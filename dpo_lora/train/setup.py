@@ -28,6 +28,7 @@ from dpo_lora.model import chunked_logps, fitting, precision
 from dpo_lora.model.fused_lora import fuse
 from dpo_lora.model.load import attach_adapter, load_base, load_tokenizer
 from dpo_lora.model.regional_compile import compile_layers
+from dpo_lora.model.zero3_loading import gather_dora_base_weights
 from dpo_lora.train.best import BestTracker
 from dpo_lora.train.checkpoints import clear_run, load_checkpoint, resume_point
 from dpo_lora.train.evaluation import EvalShard, evaluate
@@ -244,6 +245,8 @@ def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):
     train_cfg = config.train
     set_seed(train_cfg.seed)  # same LoRA init on every rank
     model = attach_adapter(load_base(config.model, dist.device, ds_config), config.lora)
+    if config.lora.dora and ds_config["zero_optimization"]["stage"] == 3:
+        gather_dora_base_weights(model)
     if config.model.fused_lora and (fused := fuse(model, config.model, ds_config["zero_optimization"]["stage"])):
         if dist.is_main:
             print(f"dpo-lora: model.fused_lora: {fused} 4-bit LoRA layers run as one function each", file=sys.stderr)

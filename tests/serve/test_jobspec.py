@@ -123,13 +123,10 @@ def test_a_client_picks_a_shipped_zero_configuration_by_name():
         assert caught.value.param == param, extra
 
 
-def test_dora_is_refused_under_zero3_before_a_job_queues():
-    """ZeRO-3 partitions the base weight that DoRA's norm reads: a 400 naming the key, not a job
-    that dies in its first step."""
-    assert spec(extra={"lora": {"dora": True}, "zero_stage": 2}).config.lora.dora is True
-    with pytest.raises(SpecError, match="dpo_lora.lora.dora: DoRA needs each layer's whole base weight") as caught:
-        spec(extra={"lora": {"dora": True}, "zero_stage": 3})
-    assert caught.value.param == "lora.dora"
+def test_dora_is_a_knob_at_every_zero_stage():
+    for stage in (2, 3):
+        made = spec(extra={"lora": {"dora": True}, "zero_stage": stage})
+        assert made.config.lora.dora is True and made.deepspeed["zero_optimization"]["stage"] == stage
 
 
 def test_the_shipped_zero_files_are_the_configurations_the_service_writes():
