@@ -1,5 +1,5 @@
 """The HTTP app: OpenAI's files, fine_tuning.jobs and chat/completions under /v1 plus dpo-lora's
-extensions, each a module-level router (files_api, jobs_api, completions_api, extensions_api,
+extensions, each a module-level router (files_api, uploads_api, jobs_api, completions_api, extensions_api,
 dashboard), behind the Guard.
 
 Routes only read the store and record requests (committed before the response); the scheduler
@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from dpo_lora.serve import admission, completions_api, dashboard, extensions_api, files_api, jobs_api
+from dpo_lora.serve import admission, completions_api, dashboard, extensions_api, files_api, jobs_api, uploads_api
 from dpo_lora.serve.guard import Guard, Limits
 from dpo_lora.serve.state import ServerState
 from dpo_lora.serve.store import now
@@ -25,7 +25,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="dpo-lora", docs_url=None, redoc_url=None)
     app.state.server = state
     app.add_middleware(Guard, limits=Limits(state.keys, state.host, state.port, state.max_upload))
-    for router in (files_api.router, jobs_api.router, admission.router, extensions_api.router, completions_api.router, dashboard.api):  # fmt: skip
+    for router in (files_api.router, uploads_api.router, jobs_api.router, admission.router, extensions_api.router, completions_api.router, dashboard.api):  # fmt: skip
         app.include_router(router, prefix="/v1")
     app.include_router(dashboard.page)
 

@@ -15,7 +15,7 @@ from dpo_lora.data.rows import shape_problems
 from dpo_lora.serve import wire
 from dpo_lora.serve.state import Project, State, file_or_404, page_limit
 from dpo_lora.serve.store import File as StoredFile
-from dpo_lora.serve.store import new_id, now
+from dpo_lora.serve.store import Upload, new_id, now
 from dpo_lora.serve.wire import ApiError, not_found
 
 MAX_LISTED_ROWS = 20  # bad rows named in a file's status_details
@@ -35,53 +35,71 @@ def create_file(
     anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
     seconds: Annotated[str | None, Form(alias="expires_after[seconds]")] = None,
 ) -> dict:
-    if purpose not in PURPOSES:
-        raise ApiError(400, f"purpose '{purpose}' is not one of {', '.join(PURPOSES)}", param="purpose")
+    check_purpose(purpose)
     lifetime = expiry_seconds(anchor, seconds)
-    file_id = new_id("file")
-    folder = state.state_dir / "files"
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = ".json" if (file.filename or "").endswith(".json") else ".jsonl"
-    path = folder / f"{file_id}{suffix}"
+    filename = file.filename or "upload.jsonl"
+    path = new_file_path(state, filename)
     try:
         with open(f"{path}.tmp", "wb") as out:
-            if not _copied_within(file.file, out, _room(state, project)):
-                raise _over_storage(state, project, None)
+            if not copied_within(file.file, out, room(state, project)):
+                raise over_storage(state, project, None)
         Path(f"{path}.tmp").replace(path)
-        status, details, count = "processed", None, 0
-        if purpose == "fine-tune":
-            try:
-                count, problems = shape_problems(str(path))
-            except UserError as err:
-                count, problems = 0, [(0, str(err))]
-            if problems or count == 0:
-                listed = "; ".join(f"row {n}: {text}" for n, text in problems[:MAX_LISTED_ROWS])
-                more = f" (and {len(problems) - MAX_LISTED_ROWS} more)" if len(problems) > MAX_LISTED_ROWS else ""
-                status = "error"
-                details = f"{len(problems)} bad row(s): {listed}{more}" if problems else "the file holds no rows"
-        row = StoredFile(
-            id=file_id,
-            filename=file.filename or "upload.jsonl",
-            bytes=path.stat().st_size,
-            purpose=purpose,
-            created_at=now(),
-            status=status,
-            status_details=details,
-            path=str(path),
-            rows=count,
-            project=project,
-            expires_at=None if lifetime is None else now() + lifetime,
-        )
-        with state.store.session() as s:
-            state.store.lock_project(s, project)  # a concurrent upload counts after this one, or before
-            if row.bytes > _room(state, project, s):
-                raise _over_storage(state, project, row.bytes)
-            s.add(row)
+        row = add_file(state, project, path, filename, purpose, lifetime)
     except BaseException:  # nothing is left behind by an upload that did not complete
         Path(f"{path}.tmp").unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         raise
     return wire.file_object(row)
+
+
+def check_purpose(purpose: str) -> None:
+    if purpose not in PURPOSES:
+        raise ApiError(400, f"purpose '{purpose}' is not one of {', '.join(PURPOSES)}", param="purpose")
+
+
+def new_file_path(state, filename: str) -> Path:
+    """Where a new file's bytes go (its id is the name's stem)."""
+    folder = state.state_dir / "files"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{new_id('file')}{'.json' if filename.endswith('.json') else '.jsonl'}"
+
+
+def add_file(state, project: str, path: Path, filename: str, purpose: str, lifetime: int | None, also=None) -> StoredFile:  # fmt: skip
+    """Store the bytes at `path` as one of the project's files (a fine-tune file is checked row by
+    row first), within its --project-storage: the count and the insert hold the project's lock.
+    `also(session)` runs in the same transaction (an upload marking itself completed)."""
+    status, details, count = "processed", None, 0
+    if purpose == "fine-tune":
+        try:
+            count, problems = shape_problems(str(path))
+        except UserError as err:
+            count, problems = 0, [(0, str(err))]
+        if problems or count == 0:
+            listed = "; ".join(f"row {n}: {text}" for n, text in problems[:MAX_LISTED_ROWS])
+            more = f" (and {len(problems) - MAX_LISTED_ROWS} more)" if len(problems) > MAX_LISTED_ROWS else ""
+            status = "error"
+            details = f"{len(problems)} bad row(s): {listed}{more}" if problems else "the file holds no rows"
+    row = StoredFile(
+        id=path.name.split(".")[0],
+        filename=filename,
+        bytes=path.stat().st_size,
+        purpose=purpose,
+        created_at=now(),
+        status=status,
+        status_details=details,
+        path=str(path),
+        rows=count,
+        project=project,
+        expires_at=None if lifetime is None else now() + lifetime,
+    )
+    with state.store.session() as s:
+        state.store.lock_project(s, project)  # a concurrent upload counts after this one, or before
+        if also is not None:
+            also(s)
+        if row.bytes > room(state, project, s):
+            raise over_storage(state, project, row.bytes)
+        s.add(row)
+    return row
 
 
 @router.get("/files")
@@ -128,24 +146,26 @@ def delete_file(state: State, project: Project, file_id: str) -> dict:
     return {"id": file_id, "object": "file", "deleted": True}
 
 
-def _room(state, project: str, session=None) -> float:
-    """Bytes the project may still upload under --project-storage (inf without the cap)."""
+def room(state, project: str, session=None) -> float:
+    """Bytes the project may still store under --project-storage (inf without the cap): the cap
+    less its files and the bytes its pending uploads (OpenAI's Uploads) have announced."""
     if not state.project_storage:
         return float("inf")
-    query = select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(StoredFile.project == project)
+    files = select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(StoredFile.project == project)
+    pending = select(func.coalesce(func.sum(Upload.bytes), 0)).where(Upload.project == project, Upload.status == "pending")  # fmt: skip
     if session is not None:
-        return state.project_storage - session.scalar(query)
+        return state.project_storage - session.scalar(files) - session.scalar(pending)
     with state.store.session() as s:
-        return state.project_storage - s.scalar(query)
+        return state.project_storage - s.scalar(files) - s.scalar(pending)
 
 
-def _over_storage(state, project: str, size: int | None) -> ApiError:
+def over_storage(state, project: str, size: int | None) -> ApiError:
     upload = "this upload" if size is None else f"this upload of {size} bytes"
     return ApiError(413, f"project '{project}': {upload} would pass its {state.project_storage} bytes of files "
                     "(--project-storage); delete files first", code="storage_quota_exceeded", param="file")  # fmt: skip
 
 
-def _copied_within(source, out, room: float, chunk: int = 1 << 20) -> bool:
+def copied_within(source, out, room: float, chunk: int = 1 << 20) -> bool:
     """Copy an upload; False, stopping at once, when it is larger than `room` bytes."""
     written = 0
     while block := source.read(chunk):

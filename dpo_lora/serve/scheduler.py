@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from dpo_lora.core import rundir
 from dpo_lora.serve import ingest, lifecycle, processes, runfiles
 from dpo_lora.serve.status import JobStatus, StopRequest
-from dpo_lora.serve.store import Export, File, Job, Store, now
+from dpo_lora.serve.store import Export, File, Job, Store, Upload, now
 from dpo_lora.serve.wire import fine_tuned_name
 
 MAX_ATTEMPTS = 3  # a job whose process dies this many times without finishing fails
@@ -64,13 +64,19 @@ class Scheduler:
         self._expire_files()
 
     def _expire_files(self) -> None:
-        """Delete uploads past their `expires_after` (row and file). A job that copied one keeps its copy."""
+        """Delete files past their `expires_after` (row and file; a job that copied one keeps its copy),
+        and the parts of uploads (OpenAI's Uploads) still pending at their expiry."""
         with self.store.session() as s:
             expired = list(s.scalars(select(File).where(File.expires_at.is_not(None), File.expires_at <= now())))
             for file in expired:
                 s.delete(file)
+            uploads = list(s.scalars(select(Upload).where(Upload.status == "pending", Upload.expires_at <= now())))
+            for upload in uploads:
+                upload.status = "expired"
         for file in expired:
             Path(file.path).unlink(missing_ok=True)
+        for upload in uploads:
+            shutil.rmtree(upload.directory, ignore_errors=True)
 
     # -- states before running -------------------------------------------------------------------
     def _announce_recovery(self) -> None:

@@ -1,4 +1,4 @@
-"""The durable job store: files, jobs, events, checkpoints and idempotency keys.
+"""The durable job store: files, uploads, jobs, events, checkpoints and idempotency keys.
 
 Every state change is committed before it is acted on (a job is marked running before its process
 starts; a stop is recorded before the signal is sent), so a server killed at any point finds on
@@ -161,6 +161,24 @@ class Export(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     pid_start: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class Upload(Base):
+    """A file sent in parts (OpenAI's Uploads); each part is a file in `directory` named by its id."""
+
+    __tablename__ = "uploads"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project: Mapped[str] = mapped_column(String(64), index=True)
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(32))
+    mime_type: Mapped[str] = mapped_column(String(128))
+    bytes: Mapped[int] = mapped_column(BigInteger)  # what the parts must add up to
+    created_at: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[int] = mapped_column(Integer, index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | completed | cancelled | expired
+    file_lifetime: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the File's expires_after
+    file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # once completed
+    directory: Mapped[str] = mapped_column(Text)
 
 
 class IdempotencyKey(Base):

@@ -120,6 +120,29 @@ class JobCreate(BaseModel):
         return value
 
 
+class ExpiresAfter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    anchor: Literal["created_at"]
+    seconds: int
+
+
+class UploadCreate(BaseModel):
+    """POST /v1/uploads (OpenAI's Uploads): a file of `bytes` bytes, sent in parts."""
+
+    model_config = ConfigDict(extra="forbid")
+    bytes: int
+    filename: str = Field(max_length=512)
+    mime_type: str = Field(max_length=128)
+    purpose: str
+    expires_after: ExpiresAfter | None = None  # the File's, once completed
+
+
+class UploadComplete(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    part_ids: list[str] = Field(max_length=10_000)
+    md5: str | None = None
+
+
 class ExportCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_into: Literal["original", "dequantized"] = "original"
@@ -140,6 +163,20 @@ def file_object(file: File) -> dict:
         "status": file.status,
         "status_details": file.status_details,
         "expires_at": file.expires_at,
+    }
+
+
+def upload_object(upload, file: File | None = None) -> dict:
+    return {
+        "id": upload.id,
+        "object": "upload",
+        "bytes": upload.bytes,
+        "created_at": upload.created_at,
+        "expires_at": upload.expires_at,
+        "filename": upload.filename,
+        "purpose": upload.purpose,
+        "status": upload.status,
+        "file": None if file is None else file_object(file),
     }
 
 
