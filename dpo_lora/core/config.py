@@ -220,6 +220,12 @@ def validate(config: Config) -> None:
     for key in ("simpo_gamma", "orpo_lambda", "dpop_lambda", "kto_desirable_weight", "kto_undesirable_weight"):
         if getattr(dpo, key) < 0:
             raise _refuse(f"dpo.{key}", "must be >= 0")
+    if dpo.sync_reference_every < 0:
+        raise _refuse("dpo.sync_reference_every", "must be >= 0")
+    if dpo.sync_reference_every and not dpo.uses_reference:
+        raise _refuse("dpo.sync_reference_every", f"dpo.loss {dpo.loss} reads no reference to sync")
+    if dpo.sync_reference_every and dpo.reference == "precompute":
+        raise _refuse("dpo.sync_reference_every", "a reference that moves can't be precomputed: dpo.reference online")
     if config.lora.r < 1:
         raise _refuse("lora.r", "must be >= 1")
     if not 0.0 <= config.lora.dropout < 1.0:

@@ -157,8 +157,13 @@ class DpoConfig:
     reference: str = knob(
         "auto",
         "reference log-probs: online (a no-grad forward per step), precompute (once, cached), or auto "
-        "(precompute when the run covers at least one epoch)",
+        "(precompute when the run covers at least one epoch; online when the reference moves)",
         ("auto", "online", "precompute"),
+    )
+    sync_reference_every: int = knob(
+        0,
+        "TR-DPO's hard update: every N optimizer steps the reference becomes the policy (the adapter copied into "
+        "a frozen reference adapter; held-out rewards stay measured against the first reference); 0: fixed",
     )
 
     @property

@@ -287,5 +287,7 @@ def plan(config, world_size: int = 1, lengths: RowLengths | None = None, zero: Z
     optimizer, optimizer_host = optimizer_components(lora_numel, zero, world_size)
     activations, tokens, rows = activations_of(config, text_config_of(config), lengths, zero)
     components |= optimizer | activations
+    if config.dpo.sync_reference_every:  # TR-DPO's frozen reference adapter, partitioned as the policy's
+        components["reference adapter (dpo.sync_reference_every)"] = optimizer["LoRA parameters"]
     components["fixed overhead (CUDA context, workspaces)"] = FIXED_OVERHEAD
     return Plan(components, tokens, rows, host | optimizer_host)

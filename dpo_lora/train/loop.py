@@ -1,7 +1,7 @@
 """The DPO training loop on the DeepSpeed engine.
 
 Per optimizer step: micro-batches -> reference log-probs (adapter off, no grad) -> policy log-probs
--> loss -> backward -> step -> log; evaluation before training, every `train.eval_every` steps and
+-> loss -> backward -> step (-> the reference becomes the policy, TR-DPO) -> log; evaluation before training, every `train.eval_every` steps and
 after; checkpoints every `train.save_every` steps, at the end and on SIGTERM/SIGINT. What happens
 before the first step (data, engine, layout, resume) is dpo_lora.train.setup.
 """
@@ -21,6 +21,7 @@ from dpo_lora.core.errors import UserError
 from dpo_lora.core.rundir import RowKind
 from dpo_lora.core.schema import Config
 from dpo_lora.data.layout import HOST, to_device
+from dpo_lora.model.moving_reference import reference_state, sync_reference
 from dpo_lora.train import best
 from dpo_lora.train.checkpoints import save_checkpoint
 from dpo_lora.train.evaluation import EvalShard  # noqa: F401  (part of this module's API)
@@ -54,6 +55,8 @@ def train(config: Config) -> dict:
             run.engine, stream, config, run.guard, run.trainable, run.dist.device, run.bco_delta()
         )
         record_step(run, step, micro_stats, skip_reason, bad_rows)
+        if config.dpo.sync_reference_every and step % config.dpo.sync_reference_every == 0:
+            sync_reference(run.engine.module)  # TR-DPO: the reference becomes the policy
         last = step == run.total_steps
         if step % train_cfg.log_every == 0 or last:
             window_start = log_window(run, step, lr, window_start, progress)
@@ -159,12 +162,15 @@ def save(run: Run, step: int, is_best: bool = False) -> Path:
         "best": run.best.state() if run.best is not None else None,
         "monitors": run.monitors.state_dict(),
     }
+    rank_state = {"window": run.window.state()}
+    if run.config.dpo.sync_reference_every:  # the moving reference as it is at this step
+        rank_state["reference"] = reference_state(run.engine.module)
     path = save_checkpoint(
         run.engine,
         run.output_dir,
         step,
         trainer_state,
-        {"window": run.window.state()},
+        rank_state,
         run.dist,
         run.config.train.keep_checkpoints,
         run.save_adapter,

@@ -93,6 +93,8 @@ def reference_choice(dpo_config, pairs_trained: int, pairs: int) -> tuple[str, s
         return "none", f"dpo.loss {dpo_config.loss} reads the policy alone"
     if dpo_config.reference != "auto":
         return dpo_config.reference, "set in the config"
+    if dpo_config.sync_reference_every:
+        return "online", f"the reference becomes the policy every {dpo_config.sync_reference_every} steps"
     epochs = pairs_trained / pairs
     if epochs >= 1:
         return (

@@ -27,6 +27,7 @@ from dpo_lora.data.prepare import prepare_splits
 from dpo_lora.model import chunked_logps, fitting, precision
 from dpo_lora.model.fused_lora import fuse
 from dpo_lora.model.load import attach_adapter, load_base, load_tokenizer
+from dpo_lora.model.moving_reference import add_reference_copy, load_reference_state
 from dpo_lora.model.regional_compile import compile_layers
 from dpo_lora.model.zero3_loading import gather_dora_base_weights
 from dpo_lora.train.best import BestTracker
@@ -224,6 +225,8 @@ def _resume_or_begin(run: Run, resume_from: Path | None) -> None:
         if state.get("monitors"):
             run.monitors.load_state_dict(state["monitors"])
         run.window.load_state(rank_state["window"])
+        if "reference" in rank_state:  # dpo.sync_reference_every: the reference as it was at that step
+            load_reference_state(run.engine.module, rank_state["reference"])
         if run.writer is not None:
             run.writer.truncate_after(run.start_step)
             print(f"dpo-lora: resuming from {resume_from} (step {run.start_step} of {run.total_steps})")
@@ -245,6 +248,8 @@ def _build_engine(config: Config, dist, ds_config: dict, total_steps: int):
     train_cfg = config.train
     set_seed(train_cfg.seed)  # same LoRA init on every rank
     model = attach_adapter(load_base(config.model, dist.device, ds_config), config.lora)
+    if config.dpo.sync_reference_every:
+        add_reference_copy(model)  # TR-DPO: the reference adapter the loop syncs
     if config.lora.dora and ds_config["zero_optimization"]["stage"] == 3:
         gather_dora_base_weights(model)
     if config.model.fused_lora and (fused := fuse(model, config.model, ds_config["zero_optimization"]["stage"])):
