@@ -67,7 +67,8 @@ def new_file_path(state, filename: str) -> Path:
 def add_file(state, project: str, path: Path, filename: str, purpose: str, lifetime: int | None, also=None) -> StoredFile:  # fmt: skip
     """Store the bytes at `path` as one of the project's files (a fine-tune file is checked row by
     row first), within its --project-storage: the count and the insert hold the project's lock.
-    `also(session)` runs in the same transaction (an upload marking itself completed)."""
+    `also(session)` runs in the same transaction before the count (an upload marking itself
+    completed: its announced bytes stop counting as they become the file's)."""
     status, details, count = "processed", None, 0
     if purpose == "fine-tune":
         try:
@@ -80,7 +81,7 @@ def add_file(state, project: str, path: Path, filename: str, purpose: str, lifet
             status = "error"
             details = f"{len(problems)} bad row(s): {listed}{more}" if problems else "the file holds no rows"
     row = StoredFile(
-        id=path.name.split(".")[0],
+        id=path.stem,
         filename=filename,
         bytes=path.stat().st_size,
         purpose=purpose,

@@ -111,7 +111,7 @@ def complete_upload(state: State, project: Project, upload_id: str, body: wire.U
             locked = Store.for_update(s, Upload, upload_id)
             if locked.status != "pending":
                 raise ApiError(400, f"upload {upload_id} is {locked.status}", param="upload_id")
-            locked.status, locked.file_id = "completed", path.name.split(".")[0]
+            locked.status, locked.file_id = "completed", path.stem
 
         file = add_file(
             state, project, path, upload.filename, upload.purpose, upload.file_lifetime, also=mark_completed

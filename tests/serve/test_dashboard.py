@@ -162,3 +162,34 @@ def test_the_dashboard_creates_charts_and_cancels_jobs_in_a_real_browser(servers
     wait(browser, lambda d: row_status(d, running) == "cancelled", 30, "cancelled in the table")
     assert texts(browser, "#job-status") == ["cancelled"]
     assert client.fine_tuning.jobs.retrieve(running).status == "cancelled"
+
+
+def test_the_dashboard_shows_each_key_only_its_projects_jobs(servers, tiny_setup, browser, tmp_path):
+    """Two projects' keys typed into the same page in turn: each sees its own job and models, never
+    the other's; the page keeps no trace of the first key's jobs after the switch."""
+    import json
+
+    from .test_hostile import KEYS
+
+    models, config, train, _ = tiny_setup
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    server = servers(models, config, "--api-keys", str(keys))
+    jobs = {}
+    for project, key in KEYS.items():
+        client = server.client(key)
+        file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+        jobs[project] = client.fine_tuning.jobs.create(model="tiny-llama", training_file=file_id, method={"type": "dpo"}, extra_body={"dpo_lora": {"train.max_steps": 1}}).id  # fmt: skip
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    for project in ("team-a", "team-b", "team-a"):
+        token = by_css(browser, "#token")[0]
+        token.clear()
+        token.send_keys(KEYS[project])
+        by_css(browser, "#save-token")[0].click()
+        other = jobs["team-b" if project == "team-a" else "team-a"]
+
+        def shows_only_its_own(d, mine=jobs[project], theirs=other):
+            shown = d.execute_script("return Array.from(document.querySelectorAll('tr[data-job]'), (r) => r.dataset.job)")  # fmt: skip
+            return shown == [mine] and theirs not in d.page_source
+
+        wait(browser, shows_only_its_own, 30, f"{project}'s job alone")
