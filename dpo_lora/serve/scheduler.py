@@ -36,10 +36,11 @@ class Scheduler:
     share a database each watch, stop and recover only their own runs."""
 
     def __init__(self, store: Store, devices: list[str], backend, runner: str, grace_s: float = 120.0,
-                 project_devices: int = 0) -> None:  # fmt: skip
-        """`project_devices`: the most devices one project's running jobs may hold (0: no cap)."""
+                 project_devices: int = 0, weights=dict) -> None:  # fmt: skip
+        """`project_devices`: the most devices one project's running jobs may hold (0: no cap);
+        `weights()`: each project's share in the queue's turns now (absent: 1; --api-keys)."""
         self.store, self.devices, self.backend, self.runner, self.grace_s = store, devices, backend, runner, grace_s
-        self.project_devices = project_devices
+        self.project_devices, self.weights = project_devices, weights
         self._adopted_checked = False
         self._reported_state: dict[str, str] = {}  # job id -> the backend state last put in its events
         self._dispatch_after = 0.0  # monotonic time before which no job is started (backend down)
@@ -144,13 +145,13 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         """Start queued jobs while the head of the queue fits on the free devices. The head is the
-        oldest queued job of the project that holds the fewest devices now (every server's jobs
-        counted), or of equals the one whose newest job started longest ago: projects take turns,
+        oldest queued job of the project that holds the fewest devices per unit of its weight now
+        (every server's jobs counted), or of equals the one whose newest job started longest ago: projects take turns,
         and each project's jobs run first come, first served."""
         while time.monotonic() >= self._dispatch_after:
             with self._lending:
                 with self.store.session() as s:
-                    head = _head_of_queue(s, self.project_devices)
+                    head = _head_of_queue(s, self.project_devices, self.weights())
                 free = self._free()
                 if head is None or head.devices_wanted > len(free):
                     return
@@ -305,16 +306,19 @@ class Scheduler:
                     export.error = {"code": "export_failed", "param": None, "message": message}
 
 
-def _head_of_queue(s, cap: int = 0) -> Job | None:
+def _head_of_queue(s, cap: int = 0, weights: dict | None = None) -> Job | None:
     """The queued job to start next: the oldest queued job of the project first by (devices it
-    holds now, when its newest job started): projects take turns, on many devices and on one. A
-    project whose head would take it past `cap` devices (0: no cap) waits, and others go first."""
+    holds now per unit of its weight, when its newest job started): projects take turns, on many
+    devices and on one, a project of weight 3 holding three devices to another's one. A project
+    whose head would take it past `cap` devices (0: no cap) waits, and others go first."""
+    weights = weights or {}
     held: dict[str, int] = {}
     for project, devices in s.execute(select(Job.project, Job.devices).where(Job.devices.is_not(None))):
         held[project] = held.get(project, 0) + len(devices)
     started = dict(s.execute(select(Job.project, func.max(Job.started_ns)).group_by(Job.project)).all())
     firsts = select(Job.project, func.min(Job.queue_seq)).where(Job.status == JobStatus.QUEUED).group_by(Job.project)
-    for project, position in sorted(s.execute(firsts).all(), key=lambda row: (held.get(row[0], 0), started.get(row[0]) or 0, row[1])):  # fmt: skip
+    share = {project: held.get(project, 0) / weights.get(project, 1.0) for project in {*held, *weights}}
+    for project, position in sorted(s.execute(firsts).all(), key=lambda row: (share.get(row[0], 0), started.get(row[0]) or 0, row[1])):  # fmt: skip
         chosen = select(Job).where(Job.status == JobStatus.QUEUED, Job.project == project, Job.queue_seq == position)
         head = s.scalars(chosen.order_by(Job.created_ns)).first()
         if head is not None and (not cap or held.get(project, 0) + head.devices_wanted <= cap):

@@ -4,18 +4,16 @@ re-reads --api-keys."""
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
-import re
 import signal
 import socket
-import sys
 import threading
 from pathlib import Path
 
 from dpo_lora.core.errors import UserError
 from dpo_lora.core.sizes import parse_size
 from dpo_lora.serve.local import LocalBackend
+from dpo_lora.serve.projects import Projects, read_projects, reloader
 from dpo_lora.serve.slurm import TEMPLATE, SlurmBackend, environment_problem
 
 LOOPBACK_NAMES = ("localhost",)
@@ -28,42 +26,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-MIN_KEY_LENGTH = 16
-
-
-def read_api_keys(path: str, default_key: str | None) -> dict[str, str]:
-    """--api-keys: a JSON object of project name -> API key; returns key -> project. One line
-    naming the file and the entry for a name, a key too short to guess at or one used twice."""
-    from dpo_lora.serve.state import DEFAULT_PROJECT
-
-    try:
-        entries = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"--api-keys {path}: file not found") from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"--api-keys {path}: not a JSON file ({err})") from None
-    if not isinstance(entries, dict) or not entries:
-        raise UserError(f'--api-keys {path}: expected a JSON object of projects and their keys, {{"team-a": "KEY"}}')
-    keys = {}
-    for project, key in entries.items():
-        if not PROJECT_NAME.fullmatch(project):
-            raise UserError(f"--api-keys {path}: project {project!r}: names are 1-64 letters, digits, '_', '.', '-'")
-        if not isinstance(key, str) or len(key.strip()) < MIN_KEY_LENGTH or key != key.strip():
-            raise UserError(f"--api-keys {path}: project {project!r}: its key must be a string of at least {MIN_KEY_LENGTH} characters, no outer spaces")  # fmt: skip
-        if key in keys or key == default_key:
-            raise UserError(f"--api-keys {path}: project {project!r}: its key is another project's too")
-        if project == DEFAULT_PROJECT and default_key:
-            raise UserError(f"--api-keys {path}: project {project!r} is DPO_LORA_API_KEY's; name it in one place")
-        keys[key] = project
-    return keys
-
-
-def _auth(api_key: str | None, project_keys: dict[str, str]) -> str:
-    projects = len(set(project_keys.values()) | ({"default"} if api_key else set()))
-    return f"on ({projects} project(s))" if projects else "off (loopback)"
 
 
 def find_models(folders: list[str]) -> dict[str, str]:
@@ -107,8 +69,8 @@ def serve(args) -> int:
         raise UserError(f"the service needs its extra: pip install 'dpo-lora[serve]' ({err.name} is missing)") from None
 
     api_key = os.environ.get("DPO_LORA_API_KEY") or None
-    project_keys = read_api_keys(args.api_keys, api_key) if args.api_keys else {}
-    if api_key is None and not project_keys and not _is_loopback(args.host):
+    projects = read_projects(args.api_keys, api_key) if args.api_keys else Projects()
+    if api_key is None and not projects.keys and not _is_loopback(args.host):
         raise UserError(f"--host {args.host}: set DPO_LORA_API_KEY or --api-keys to serve beyond loopback (no key: 127.0.0.1 only)")  # fmt: skip
     if args.config is not None and not Path(args.config).is_file():
         raise UserError(f"--config {args.config}: file not found")
@@ -160,7 +122,7 @@ def serve(args) -> int:
         device_type=device_type,
         base_config=str(Path(args.config).resolve()) if args.config else None,
         api_key=api_key,
-        project_keys=project_keys,
+        projects=projects,
         host=args.host,
         port=args.port,
         max_upload=max_upload,
@@ -168,7 +130,8 @@ def serve(args) -> int:
         backend=backend,
         runner=runner,
     )
-    scheduler = Scheduler(store, devices, backend, runner, grace_s=args.grace_seconds, project_devices=args.project_devices)  # fmt: skip
+    scheduler = Scheduler(store, devices, backend, runner, grace_s=args.grace_seconds,
+                          project_devices=args.project_devices, weights=lambda: state.projects.weights)  # fmt: skip
     if args.inference_adapters < 1:
         raise UserError(f"--inference-adapters {args.inference_adapters}: must be at least 1")
     state.inference = Inference(
@@ -177,13 +140,13 @@ def serve(args) -> int:
         max_adapters=args.inference_adapters,
         idle_s=args.inference_idle_seconds,
     )
-    signal.signal(signal.SIGHUP, _reloader(state, args.api_keys))
+    signal.signal(signal.SIGHUP, reloader(state, args.api_keys))
     stopping = threading.Event()
     thread = threading.Thread(target=scheduler.run_forever, args=(stopping,), name="scheduler", daemon=True)
     thread.start()
     where = f"SLURM, up to {len(devices)} ranks at once" if args.backend == "slurm" else ", ".join(devices)
     print(f"dpo-lora serve: http://{args.host}:{args.port}/v1  state {state_dir}  devices {where}  "
-          f"models {', '.join(sorted(models)) or 'none'}  auth {_auth(api_key, project_keys)}", flush=True)  # fmt: skip
+          f"models {', '.join(sorted(models)) or 'none'}  auth {projects.describe(api_key)}", flush=True)  # fmt: skip
     try:
         uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
     finally:
@@ -193,25 +156,6 @@ def serve(args) -> int:
         store.dispose()
         lock.close()
     return 0
-
-
-def _reloader(state, path: str | None):
-    """SIGHUP's handler: re-read --api-keys (add, remove or rotate keys; running jobs, loaded models
-    and open streams stay). A bad file changes nothing and says why in one line."""
-
-    def reload(_signum, _frame) -> None:
-        if path is None:
-            print("dpo-lora serve: SIGHUP: no --api-keys file to reload", file=sys.stderr, flush=True)
-            return
-        try:
-            keys = read_api_keys(path, state.api_key)
-        except UserError as err:
-            print(f"dpo-lora serve: SIGHUP: the keys stay as they were: {err}", file=sys.stderr, flush=True)
-            return
-        state.project_keys = keys  # one assignment: a request reads the old keys or the new, never a mix
-        print(f"dpo-lora serve: SIGHUP: {path} reloaded, auth {_auth(state.api_key, keys)}", flush=True)
-
-    return reload
 
 
 def _free_gpu_memory(devices: list[str]) -> int:

@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from dpo_lora.serve.projects import DEFAULT_PROJECT, Projects
 from dpo_lora.serve.store import File, Job, Store, now
 from dpo_lora.serve.wire import ApiError, not_found
 
@@ -28,7 +29,7 @@ class ServerState:
     matmul_rates: dict = field(default_factory=dict)  # dtype -> one device's measured FLOP/s
     base_config: str | None = None
     api_key: str | None = None  # DPO_LORA_API_KEY: the key of the project named DEFAULT_PROJECT
-    project_keys: dict[str, str] = field(default_factory=dict)  # --api-keys: key -> project
+    projects: Projects = field(default_factory=Projects)  # --api-keys: keys and weights (SIGHUP replaces it)
     host: str = "127.0.0.1"
     port: int = 0
     max_upload: int = 1 << 30
@@ -40,12 +41,9 @@ class ServerState:
     streams: dict[str, int] = field(default_factory=dict)  # API key -> open event streams
 
     def keys(self) -> dict[str, str]:
-        """Every API key -> its project, now (SIGHUP replaces `project_keys`); empty: no keys (a
+        """Every API key -> its project, now (SIGHUP replaces `projects`); empty: no keys (a
         loopback-only server, one project)."""
-        return ({self.api_key: DEFAULT_PROJECT} if self.api_key else {}) | self.project_keys
-
-
-DEFAULT_PROJECT = "default"  # the single key's project, and a key-less server's
+        return ({self.api_key: DEFAULT_PROJECT} if self.api_key else {}) | self.projects.keys
 
 
 def server_state(request: Request) -> ServerState:

@@ -355,19 +355,25 @@ def test_one_projects_key_reaches_nothing_of_anothers(servers, tiny_setup, tmp_p
         (json.dumps({"a": API_KEY.ljust(16, "x")}), "project 'a': its key is another project's too"),
         ('{"default": "0123456789abcdef"}', "project 'default' is DPO_LORA_API_KEY's"),
         ("{", "not a JSON file"),
+        ('{"a": {"key": "0123456789abcdef", "weight": 0}}', "project 'a': weight must be a number > 0, got 0"),
+        ('{"a": {"key": "0123456789abcdef", "weight": "2"}}', "project 'a': weight must be a number > 0"),
+        ('{"a": {"key": "0123456789abcdef", "share": 2}}', "project 'a': unknown field 'share'"),
+        ('{"a": {"weight": 2}}', "project 'a': its key must be a string"),
     ],
 )
 def test_a_bad_keys_file_is_one_line_naming_the_entry(tmp_path, content, message):
     from dpo_lora.core.errors import UserError
-    from dpo_lora.serve.server import read_api_keys
+    from dpo_lora.serve.projects import read_projects
 
     path = tmp_path / "keys.json"
     path.write_text(content)
     with pytest.raises(UserError, match=f"^--api-keys {path}: .*{message}"):
-        read_api_keys(str(path), API_KEY.ljust(16, "x"))
+        read_projects(str(path), API_KEY.ljust(16, "x"))
     good = tmp_path / "good.json"
-    good.write_text(json.dumps(KEYS))
-    assert read_api_keys(str(good), None) == {key: project for project, key in KEYS.items()}
+    good.write_text(json.dumps({"team-a": KEYS["team-a"], "team-b": {"key": KEYS["team-b"], "weight": 2.5}}))
+    projects = read_projects(str(good), None)
+    assert projects.keys == {key: project for project, key in KEYS.items()}
+    assert projects.weights == {"team-a": 1.0, "team-b": 2.5}
 
 
 def test_a_project_holds_at_most_its_storage_and_its_jobs(servers, tiny_setup, tmp_path):

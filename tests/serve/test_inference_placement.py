@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import select
 
 from dpo_lora.core.errors import UserError
 from dpo_lora.serve.engine import EngineError
@@ -102,6 +103,24 @@ def test_projects_take_turns_and_each_projects_jobs_keep_their_order(store, tmp_
     queued_job(store, "d1", tmp_path, queue_seq=11, devices_wanted=1, project="d")
     two._dispatch()
     assert list(two.backend.started) == ["d1"], "c holds a device, d none: d's job goes first"
+
+
+def test_a_projects_weight_is_its_share_of_the_devices(store, tmp_path):
+    """Four devices, A of weight 3 and B of weight 1, each with four jobs queued (A's first): A
+    takes three, B one. Equal weights would give two each. The weights are read at every dispatch
+    (SIGHUP may change them)."""
+    for weights, (a, b) in (({"a": 3.0}, (3, 1)), ({}, (2, 2))):
+        backend = GpuBackend()
+        scheduler = Scheduler(store, ["0", "1", "2", "3"], backend, runner="me", weights=lambda w=weights: w)
+        case = "w" if weights else "e"
+        for seq, job_id in enumerate([f"a{i}" for i in range(4)] + [f"b{i}" for i in range(4)], start=1):
+            queued_job(store, case + job_id, tmp_path, queue_seq=seq, devices_wanted=1, project=job_id[0])
+        scheduler._dispatch()
+        started = sorted(job_id[1:] for job_id in backend.started)
+        assert started == [f"a{i}" for i in range(a)] + [f"b{i}" for i in range(b)], weights
+        with store.session() as s:  # a fresh queue for the next case
+            for job in s.scalars(select(Job)):
+                job.devices, job.status = None, "cancelled"
 
 
 def test_a_project_at_its_device_cap_waits_while_others_start(store, tmp_path):
