@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the most bytes of files one project may hold, e.g. 10GiB (413 past it; 0: no cap)",
     )  # fmt: skip
     serve.add_argument(
+        "--adopt-after", type=float, default=600.0, metavar="SECONDS",
+        help="take over the running jobs of a server on the same store silent this long, where this one can "
+        "reach them (SLURM's; local ones on its own host); 0: never",
+    )  # fmt: skip
+    serve.add_argument(
         "--backend",
         choices=("local", "slurm"),
         default="local",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -60,6 +61,11 @@ class LocalBackend:
 
     def refresh(self, handles: list[int]) -> None:
         """Before a tick's is_alive calls (a backend that asks a controller asks once here)."""
+
+    def reaches(self, runner: str) -> bool:
+        """Whether this backend can watch the runs of the server named `runner`: its processes are
+        on that server's host, so only a server on the same host can."""
+        return runner.split(":", 1)[0] == socket.gethostname()
 
     def is_alive(self, handle: int, started: int | None) -> bool:
         return processes.is_alive(handle, started)

@@ -22,7 +22,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from dpo_lora.core import rundir
-from dpo_lora.serve import ingest, lifecycle, processes, runfiles
+from dpo_lora.serve import failover, ingest, lifecycle, processes, runfiles
 from dpo_lora.serve.status import JobStatus, StopRequest
 from dpo_lora.serve.store import Export, File, Job, Store, Upload, now
 from dpo_lora.serve.wire import fine_tuned_name
@@ -36,11 +36,13 @@ class Scheduler:
     share a database each watch, stop and recover only their own runs."""
 
     def __init__(self, store: Store, devices: list[str], backend, runner: str, grace_s: float = 120.0,
-                 project_devices: int = 0, weights=dict) -> None:  # fmt: skip
+                 project_devices: int = 0, weights=dict, adopt_after_s: float = 0.0) -> None:  # fmt: skip
         """`project_devices`: the most devices one project's running jobs may hold (0: no cap);
-        `weights()`: each project's share in the queue's turns now (absent: 1; --api-keys)."""
+        `weights()`: each project's share in the queue's turns now (absent: 1; --api-keys);
+        `adopt_after_s`: adopt the runs of a server silent this long (0: never; serve/failover.py)."""
         self.store, self.devices, self.backend, self.runner, self.grace_s = store, devices, backend, runner, grace_s
-        self.project_devices, self.weights = project_devices, weights
+        self.project_devices, self.weights, self.adopt_after_s = project_devices, weights, adopt_after_s
+        self._next_beat = 0.0  # monotonic time of this server's next heartbeat
         self._adopted_checked = False
         self._reported_state: dict[str, str] = {}  # job id -> the backend state last put in its events
         self._dispatch_after = 0.0  # monotonic time before which no job is started (backend down)
@@ -56,6 +58,11 @@ class Scheduler:
             stopping.wait(self.backend.interval_s)
 
     def tick(self) -> None:
+        if time.monotonic() >= self._next_beat:
+            failover.beat(self.store, self.runner)
+            if self.adopt_after_s:
+                self._adopt_silent()
+            self._next_beat = time.monotonic() + failover.BEAT_S
         if not self._adopted_checked:
             self._announce_recovery()
         self._validate()
@@ -79,25 +86,24 @@ class Scheduler:
         for upload in uploads:
             shutil.rmtree(upload.directory, ignore_errors=True)
 
+    def _adopt_silent(self) -> None:
+        """Take over the runs of servers silent for `adopt_after_s` that this backend reaches; from
+        the next tick they are watched as this server's own."""
+        with self.store.session() as s:
+            for dead in failover.silent(s, self.runner, self.adopt_after_s):
+                if self.backend.reaches(dead.name):
+                    for job in failover.adopt(self.store, s, dead, self.runner, self.adopt_after_s):
+                        if job.pid is None:
+                            self._settle_unstarted(s, job)
+
     # -- states before running -------------------------------------------------------------------
     def _announce_recovery(self) -> None:
         with self.store.session() as s:
-            # Claimed but with no process recorded: the server died between the claim and storing
-            # the pid. The supervisor's own record tells whether the process started.
             mine = Job.runner == self.runner
             for job in s.scalars(
                 select(Job).where(mine, Job.devices.is_not(None), Job.pid.is_(None)).with_for_update()
             ):
-                started = processes.started_record(Path(job.directory), job.attempt)
-                if started is not None:
-                    job.pid, job.pid_start = started
-                else:
-                    job.devices = None
-                    message = "Server restarted before the job's process started; re-queued"
-                    if job.stop_request is None and job.status == JobStatus.RUNNING:
-                        lifecycle.requeued(self.store, s, job, message, level="info")
-                    else:
-                        self.store.add_event(s, job.id, message)
+                self._settle_unstarted(s, job)
             for export in s.scalars(
                 select(Export)
                 .where(Export.runner == self.runner, Export.status == "running", Export.pid.is_(None))
@@ -118,6 +124,20 @@ class Scheduler:
                     else "Server restarted: the job's process is gone",
                 )
         self._adopted_checked = True
+
+    def _settle_unstarted(self, s, job: Job) -> None:
+        """A job claimed with no process recorded: its server died between the claim and storing the
+        pid. The supervisor's own record tells whether the process started; if not, it is re-queued."""
+        started = processes.started_record(Path(job.directory), job.attempt)
+        if started is not None:
+            job.pid, job.pid_start = started
+            return
+        job.devices = None
+        message = "Server restarted before the job's process started; re-queued"
+        if job.stop_request is None and job.status == JobStatus.RUNNING:
+            lifecycle.requeued(self.store, s, job, message, level="info")
+        else:
+            self.store.add_event(s, job.id, message)
 
     def _validate(self) -> None:
         with self.store.session() as s:

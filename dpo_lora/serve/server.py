@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dpo_lora.core.errors import UserError
 from dpo_lora.core.sizes import parse_size
+from dpo_lora.serve.failover import MIN_ADOPT_AFTER_S
 from dpo_lora.serve.local import LocalBackend
 from dpo_lora.serve.projects import Projects, read_projects, reloader
 from dpo_lora.serve.slurm import TEMPLATE, SlurmBackend, environment_problem
@@ -91,6 +92,10 @@ def serve(args) -> int:
     if args.project_jobs < 0:
         raise UserError(f"--project-jobs {args.project_jobs}: must be 0 (no cap) or more")
     project_storage = parse_size(args.project_storage, flag="--project-storage")
+    if args.adopt_after != 0 and args.adopt_after < MIN_ADOPT_AFTER_S:
+        raise UserError(
+            f"--adopt-after {args.adopt_after}: must be 0 (never) or at least {MIN_ADOPT_AFTER_S:.0f} seconds"
+        )
     if args.max_streams < 1:
         raise UserError(f"--max-streams {args.max_streams}: must be at least 1")
     max_upload = parse_size(args.max_upload_size, flag="--max-upload-size")
@@ -131,7 +136,8 @@ def serve(args) -> int:
         runner=runner,
     )
     scheduler = Scheduler(store, devices, backend, runner, grace_s=args.grace_seconds,
-                          project_devices=args.project_devices, weights=lambda: state.projects.weights)  # fmt: skip
+                          project_devices=args.project_devices, weights=lambda: state.projects.weights,
+                          adopt_after_s=args.adopt_after)  # fmt: skip
     if args.inference_adapters < 1:
         raise UserError(f"--inference-adapters {args.inference_adapters}: must be at least 1")
     state.inference = Inference(

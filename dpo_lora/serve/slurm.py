@@ -148,6 +148,11 @@ class SlurmBackend:
         """Ask squeue once about all the running jobs; each is_alive of this tick reads its answer."""
         self._fresh = self._states(handles) if handles else {}
 
+    def reaches(self, runner: str) -> bool:
+        """Any server on this cluster can watch another's SLURM jobs (their folders on the shared
+        filesystem that --state-dir must be on)."""
+        return True
+
     def is_alive(self, handle: int, started: int | None) -> bool:
         state = self._fresh.pop(handle) if handle in self._fresh else self._states([handle])[handle]
         self._seen[handle] = state

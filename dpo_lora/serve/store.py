@@ -181,6 +181,14 @@ class Upload(Base):
     directory: Mapped[str] = mapped_column(Text)
 
 
+class Runner(Base):
+    """A server on this store, and when its scheduler last showed it alive (serve/failover.py)."""
+
+    __tablename__ = "runners"
+    name: Mapped[str] = mapped_column(String(512), primary_key=True)
+    heartbeat_at: Mapped[float] = mapped_column(Float)  # time.time()
+
+
 class IdempotencyKey(Base):
     __tablename__ = "idempotency_keys"
     key: Mapped[str] = mapped_column(String(256), primary_key=True)

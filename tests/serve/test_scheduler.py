@@ -173,6 +173,36 @@ def test_a_two_rank_job_pauses_at_a_checkpoint_through_deepspeeds_launcher_and_r
     ]
 
 
+def test_a_silent_servers_running_job_is_adopted_by_another_and_finishes(servers, tiny_setup, postgres_url, tmp_path):
+    """Two servers on one PostgreSQL store and one host, `--adopt-after 10`: the server running a
+    job is killed for good (kill -9, never started again). The other adopts the job once the dead
+    one's heartbeat is 10 s old, watches its process (alive, or its exit record) and records how it
+    ended: succeeded, trained to its last step. Without adoption it would stay running forever."""
+    from sqlalchemy import create_engine, text
+
+    models, config, train, _ = tiny_setup
+    started = {name: servers(models, config, "--db", postgres_url, "--adopt-after", "10", state_dir=tmp_path / name)
+               for name in ("state-a", "state-b")}  # fmt: skip
+    client = started["state-a"].client()
+    job = create(client, client.files.create(file=train.open("rb"), purpose="fine-tune").id, {"train.max_steps": 30})
+    wait_for_event(client, job.id, "Fine-tuning job started")
+    engine = create_engine(postgres_url)
+    runner_of = text("SELECT runner FROM jobs WHERE id = :id")
+    try:
+        with engine.connect() as db:
+            runner = db.execute(runner_of, {"id": job.id}).scalar_one()
+        running, survivor = sorted(started.values(), key=lambda server: str(server.state_dir) not in runner)
+        running.kill9()
+        done = wait_for_status(survivor.client(), job.id, ("succeeded",), timeout=240)
+        with engine.connect() as db:
+            assert str(survivor.state_dir) in db.execute(runner_of, {"id": job.id}).scalar_one()
+    finally:
+        engine.dispose()
+    assert done.trained_tokens > 0 and done.fine_tuned_model is not None
+    adopted = [e.message for e in all_events(survivor.client(), job.id) if "adopted the job" in e.message]
+    assert len(adopted) == 1 and "fell silent" in adopted[0], adopted
+
+
 def test_two_servers_on_one_postgresql_database_run_each_job_once(servers, tiny_setup, postgres_url, tmp_path):
     """Two `dpo-lora serve` processes share a real PostgreSQL job store (as two machines would): they
     split the queue, no job starts twice, and a cancel sent to one stops the job wherever it is."""
