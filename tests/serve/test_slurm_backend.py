@@ -107,6 +107,22 @@ def test_a_slurm_job_pauses_survives_a_server_restart_resumes_and_another_is_can
     assert ranks.stdout == "", "a rank of the cancelled job is still running"
 
 
+def test_a_silent_servers_slurm_job_is_adopted_by_another_server(servers, tiny_setup, slurm, postgres_url, tmp_path):
+    """Two SLURM-backed servers on one PostgreSQL store: the one that submitted a running job dies
+    for good; the other adopts the SLURM job (its folder on the shared filesystem), watches it
+    through squeue and records it succeeded."""
+    models, config, train, _ = tiny_setup
+    first = servers(models, config, *BACKEND, "--db", postgres_url, "--adopt-after", "10", env=slurm, state_dir=tmp_path / "a")  # fmt: skip
+    client = first.client()
+    job = create(client, client.files.create(file=train.open("rb"), purpose="fine-tune").id, {"train.max_steps": 120})
+    wait_for_event(client, job.id, ": RUNNING", timeout=120)
+    first.kill9()
+    second = servers(models, config, *BACKEND, "--db", postgres_url, "--adopt-after", "10", env=slurm, state_dir=tmp_path / "b")  # fmt: skip
+    done = wait_for_status(second.client(), job.id, ("succeeded",), timeout=300)
+    assert done.fine_tuned_model and done.trained_tokens > 0
+    assert any("adopted the job" in e.message for e in all_events(second.client(), job.id))
+
+
 def fake_squeue(folder, stdout: str, stderr: str = "", status: int = 0) -> dict:
     """PATH with an `squeue` that answers as SLURM's would."""
     script = folder / "squeue"
