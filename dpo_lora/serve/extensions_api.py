@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from dpo_lora.core import rundir
 from dpo_lora.serve import wire
+from dpo_lora.serve.models import CHECKPOINT_MARK
 from dpo_lora.serve.state import Project, ServerState, State, job_or_404
 from dpo_lora.serve.status import FINAL
 from dpo_lora.serve.store import Checkpoint, Event, Export, Job, new_id, now
@@ -108,6 +110,8 @@ def create_export(state: State, project: Project, job_id: str, body: wire.Export
             if checkpoint is None or checkpoint.job_id != job_id:
                 raise not_found("checkpoint", body.checkpoint)
             source = Path(checkpoint.path)
+        elif job.model_deleted_at is not None:
+            raise ApiError(400, f"Job {job_id}'s model {job.fine_tuned_model} was deleted", param="fine_tuning_job_id")
         elif job.status != "succeeded":
             raise ApiError(
                 400,
@@ -210,6 +214,30 @@ def retrieve_model(state: State, project: Project, model_id: str) -> dict:
     raise not_found("model", model_id)
 
 
+@router.delete("/models/{model_id:path}")
+def delete_model(state: State, project: Project, model_id: str) -> dict:
+    """OpenAI's model delete, for a fine-tuned model: its adapter and its checkpoints (models too)
+    are removed; the job stays, its `fine_tuned_model` naming what was. A base is the server's."""
+    if model_id in state.models:
+        raise ApiError(403, f"model '{model_id}' is one of this server's bases (--models); only fine-tuned models can be deleted", param="model")  # fmt: skip
+    if CHECKPOINT_MARK in model_id:
+        raise ApiError(400, f"model '{model_id}' is a checkpoint: it goes with its fine-tuned model (delete that)", param="model")  # fmt: skip
+    with state.store.session() as s:
+        query = select(Job).where(Job.fine_tuned_model == model_id, Job.project == project, Job.model_deleted_at.is_(None))  # fmt: skip
+        job = s.scalar(query.with_for_update())
+        if job is None:
+            raise not_found("model", model_id)
+        job.model_deleted_at = now()
+        checkpoints = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)))
+        for checkpoint in checkpoints:
+            s.delete(checkpoint)
+        state.store.add_event(s, job.id, f"Model {model_id} deleted, with its {len(checkpoints)} checkpoint(s)")
+    shutil.rmtree(Path(job.directory) / "run" / rundir.ADAPTER, ignore_errors=True)
+    for checkpoint in checkpoints:
+        shutil.rmtree(checkpoint.path, ignore_errors=True)
+    return {"id": model_id, "object": "model", "deleted": True}
+
+
 def _models(state: ServerState, project: str) -> list[dict]:
     """The bases (every project's) and `project`'s fine-tuned models."""
     models = [
@@ -218,7 +246,9 @@ def _models(state: ServerState, project: str) -> list[dict]:
     ]
     with state.store.session() as s:
         for job in s.scalars(
-            select(Job).where(Job.fine_tuned_model.is_not(None), Job.project == project).order_by(Job.finished_at)
+            select(Job)
+            .where(Job.fine_tuned_model.is_not(None), Job.project == project, Job.model_deleted_at.is_(None))
+            .order_by(Job.finished_at)
         ):
             models.append(
                 {
