@@ -7,7 +7,7 @@ import hashlib
 import json
 import shutil
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 
@@ -53,9 +53,9 @@ def create_job(state: State, project: Project, body: wire.JobCreate, idempotency
 
 
 @router.get("/fine_tuning/jobs")
-def list_jobs(state: State, project: Project, after: str | None = None, limit: int = 20) -> dict:
+def list_jobs(request: Request, state: State, project: Project, after: str | None = None, limit: int = 20) -> dict:
     key = tuple_(Job.created_ns, Job.id)
-    query = select(Job).where(Job.project == project)
+    query = select(Job).where(Job.project == project, *_metadata_filter(request.query_params))
     with state.store.session() as s:
         if after:
             anchor = job_or_404(s, after, project)
@@ -168,6 +168,17 @@ def _replayed(state: ServerState, project: str, key: str, request_hash: str) -> 
                 code="idempotency_key_reused",
             )
         return wire.job_object(job_or_404(s, seen.object_id, project))
+
+
+def _metadata_filter(params) -> list:
+    """OpenAI's list filter: `metadata[k]=v` (every pair must match) or `metadata=null` (jobs with none)."""
+    pairs = {name[len("metadata[") : -1]: value for name, value in params.multi_items()
+             if name.startswith("metadata[") and name.endswith("]")}  # fmt: skip
+    if "metadata" in params:
+        if pairs or params["metadata"] != "null":
+            raise ApiError(400, "metadata: give metadata[key]=value pairs, or metadata=null alone", param="metadata")
+        return [Job.job_metadata.is_(None)]
+    return [Job.job_metadata[name].as_string() == value for name, value in pairs.items()]
 
 
 def _within_job_cap(state: ServerState, s, project: str) -> None:

@@ -259,3 +259,26 @@ def test_a_wandb_integration_is_checked_echoed_and_its_job_logs_to_that_wandb_ru
     (logged,) = offline_runs(run)
     assert (logged["project"], logged["name"], logged["tags"]) == ("dpo-lora-tests", "served", ["ci"])
     assert sorted(logged["history"]) == list(range(1, 7)), "the job's six steps, one row each"
+
+
+def test_jobs_list_by_metadata_as_openai_filters_it(servers, tiny_setup, store_url):
+    """`jobs.list(metadata={...})` sends metadata[k]=v: every pair must match; metadata=null lists
+    the jobs without any; the two forms together are a 400. On SQLite and PostgreSQL (JSON paths)."""
+    models, config, train, _ = tiny_setup
+    client = servers(models, config, "--db", store_url).client()
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    made = {}
+    for name, metadata in (("a1", {"team": "a", "run": "1"}), ("a2", {"team": "a", "run": "2"}), ("b", {"team": "b"}), ("none", None)):  # fmt: skip
+        made[name] = client.fine_tuning.jobs.create(model="tiny-llama", training_file=file_id, method={"type": "dpo"},
+                                                    metadata=metadata, extra_body={"dpo_lora": {"train.max_steps": 1}}).id  # fmt: skip
+
+    def listed(**query) -> list[str]:
+        return sorted(name for name, job_id in made.items() if job_id in {j.id for j in client.fine_tuning.jobs.list(**query)})  # fmt: skip
+
+    assert listed(metadata={"team": "a"}) == ["a1", "a2"]
+    assert listed(metadata={"team": "a", "run": "2"}) == ["a2"]
+    assert listed(metadata={"team": "c"}) == [] and listed() == ["a1", "a2", "b", "none"]
+    assert listed(extra_query={"metadata": "null"}) == ["none"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.get("/fine_tuning/jobs?metadata=null&metadata[team]=a", cast_to=object)
+    assert caught.value.body["param"] == "metadata"
