@@ -220,6 +220,8 @@ def validate(config: Config) -> None:
     for key in ("simpo_gamma", "orpo_lambda", "dpop_lambda", "kto_desirable_weight", "kto_undesirable_weight"):
         if getattr(dpo, key) < 0:
             raise _refuse(f"dpo.{key}", "must be >= 0")
+    if dpo.discopop_tau <= 0:
+        raise _refuse("dpo.discopop_tau", "must be > 0")
     if dpo.sync_reference_every < 0:
         raise _refuse("dpo.sync_reference_every", "must be >= 0")
     if dpo.sync_reference_every and not dpo.uses_reference:

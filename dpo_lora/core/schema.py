@@ -22,6 +22,8 @@ LOSS_TYPES = (
     "apo_zero",
     "apo_down",
     "dpop",
+    "discopop",
+    "sigmoid_norm",
 )  # dpo_lora.train.losses.dpo_loss's, on the policy/reference log-ratios
 REFERENCE_FREE_LOSSES = ("sft", "simpo", "orpo")  # terms that read the policy alone
 UNPAIRED_LOSSES = ("kto",)  # trained on {prompt, completion, label} rows, alone
@@ -148,6 +150,7 @@ class DpoConfig:
     simpo_gamma: float = knob(0.5, "simpo: target reward margin gamma (its paper: gamma / beta about 0.5)")
     orpo_lambda: float = knob(0.1, "orpo: weight of the odds-ratio term beside the chosen NLL")
     dpop_lambda: float = knob(50.0, "dpop: weight of the penalty on chosen log-probs falling below the reference's")
+    discopop_tau: float = knob(0.05, "discopop: temperature of the log-ratio modulation (its paper: 0.05)")
     kto_desirable_weight: float = knob(1.0, "kto: weight of the desirable (label true) rows' loss")
     kto_undesirable_weight: float = knob(
         1.0,

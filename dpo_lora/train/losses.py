@@ -31,6 +31,7 @@ def dpo_loss(
     reference_free: bool = False,
     bco_delta: float | torch.Tensor = 0.0,
     dpop_lambda: float = 0.0,
+    discopop_tau: float = 0.05,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example preference loss and the detached implicit rewards.
 
@@ -40,14 +41,18 @@ def dpo_loss(
     running mean of rewards kept by the caller). `dpop_lambda` weighs DPO-Positive's penalty
     (Pal et al., 2024, eq. 3) on the chosen completion falling below the reference:
     `dpop = -log sigmoid(beta * (h - dpop_lambda * max(0, log ref(y_w|x) - log pi(y_w|x))))`.
+    `discopop` (Lu et al., 2024, eq. 5) blends DPO's logistic loss and an exponential one by the
+    log-ratio itself: with `rho = beta * h` and `m = sigmoid(rho / discopop_tau)`,
+    `(1 - m) * -log sigmoid(rho) + m * exp(-rho)`. `sigmoid_norm` is DPO on per-token averages
+    (`c / |y_w|`, `r / |y_l|`), as `ipo` compares them; both report per-token rewards.
     Returns (losses, chosen_rewards, rejected_rewards), each [B].
     """
     if reference_free:
         ref_chosen_logps = torch.zeros_like(ref_chosen_logps)
         ref_rejected_logps = torch.zeros_like(ref_rejected_logps)
-    if loss_type == "ipo":
+    if loss_type in ("ipo", "sigmoid_norm"):
         if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("loss_type 'ipo' needs chosen_lengths and rejected_lengths")
+            raise ValueError(f"loss_type '{loss_type}' needs chosen_lengths and rejected_lengths")
         policy_chosen_logps = policy_chosen_logps / chosen_lengths
         ref_chosen_logps = ref_chosen_logps / chosen_lengths
         policy_rejected_logps = policy_rejected_logps / rejected_lengths
@@ -58,7 +63,13 @@ def dpo_loss(
     logits = chosen_logratios - rejected_logratios
     eps = label_smoothing
 
-    if loss_type == "sigmoid":
+    if loss_type == "sigmoid_norm":
+        losses = -F.logsigmoid(beta * logits)
+    elif loss_type == "discopop":
+        rho = beta * logits
+        modulation = torch.sigmoid(rho / discopop_tau)
+        losses = (1 - modulation) * -F.logsigmoid(rho) + modulation * torch.exp(-rho)
+    elif loss_type == "sigmoid":
         # With eps > 0 this is conservative DPO: the label is flipped with probability eps.
         losses = -(1 - eps) * F.logsigmoid(beta * logits) - eps * F.logsigmoid(-beta * logits)
     elif loss_type == "dpop":

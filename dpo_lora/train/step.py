@@ -112,6 +112,7 @@ def loss_term(name: str, policy_logps, ref_logps, lengths, dpo_config, bco_delta
         rejected_lengths=rejected[1],
         bco_delta=bco_delta,
         dpop_lambda=dpo_config.dpop_lambda,
+        discopop_tau=dpo_config.discopop_tau,
     )
     return (sft_loss(*chosen) if name == "sft" else losses), chosen_rewards, rejected_rewards
 

@@ -20,9 +20,9 @@ def sigmoid(x: float) -> float:
     return math.exp(log_sigmoid(x))
 
 
-def oracle(loss_type, pc, pr, rc, rr, beta, eps, lc, lr, delta, lam=0.0):
+def oracle(loss_type, pc, pr, rc, rr, beta, eps, lc, lr, delta, lam=0.0, tau=0.05):
     """One example's loss, in Python floats (float64), straight from each formula."""
-    if loss_type == "ipo":
+    if loss_type in ("ipo", "sigmoid_norm"):
         pc, rc, pr, rr = pc / lc, rc / lc, pr / lr, rr / lr
     c, r = pc - rc, pr - rr  # chosen / rejected log-ratios
     h = c - r
@@ -50,6 +50,11 @@ def oracle(loss_type, pc, pr, rc, rr, beta, eps, lc, lr, delta, lam=0.0):
         return sigmoid(beta * c) + (1 - sigmoid(beta * h))
     if loss_type == "dpop":  # DPO-Positive, Pal et al. 2024, eq. 3
         return -log_sigmoid(beta * (h - lam * max(0.0, rc - pc)))
+    if loss_type == "sigmoid_norm":  # DPO on per-token averages
+        return -log_sigmoid(beta * h)
+    if loss_type == "discopop":  # Lu et al. 2024, eq. 5: logistic and exponential, blended by the log-ratio
+        m = sigmoid(beta * h / tau)
+        return (1 - m) * -log_sigmoid(beta * h) + m * math.exp(-beta * h)
     raise AssertionError(loss_type)
 
 
@@ -74,7 +79,7 @@ def test_matches_float64_oracle_on_random_inputs(loss_type, eps):
         for i in range(64)
     ]
     torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-10, atol=1e-10)
-    scale_c, scale_r = (lc, lr) if loss_type == "ipo" else (1.0, 1.0)
+    scale_c, scale_r = (lc, lr) if loss_type in ("ipo", "sigmoid_norm") else (1.0, 1.0)
     torch.testing.assert_close(chosen_rewards, beta * (pc / scale_c - rc / scale_c))
     torch.testing.assert_close(rejected_rewards, beta * (pr / scale_r - rr / scale_r))
 
@@ -95,7 +100,9 @@ def test_policy_equal_reference_gives_log2_and_zero_rewards():
     assert torch.all(chosen == 0) and torch.all(rejected == 0)
 
 
-@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t != "apo_down"])
+# apo_down lowers both by design; discopop's modulation, steep at h = 0 (tau 0.05), tips its
+# gradient there the other way (its paper's loss is not convex), tested on its own below.
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t not in ("apo_down", "discopop")])
 def test_gradient_pushes_chosen_up_and_rejected_down(loss_type):
     # Start where policy == reference; every loss but apo_down (which lowers both by design)
     # must raise the chosen log-prob and lower the rejected one.
@@ -262,3 +269,31 @@ def test_ktos_reference_point_is_the_clamped_mean_mismatched_log_ratio_over_all_
     assert kto_kl(policy, reference, reduce=lambda t: t + torch.tensor([2.5, 2.0], dtype=torch.float64)).item() == (
         pytest.approx(0.8)
     )
+
+
+@pytest.mark.parametrize("loss_type", ["discopop", "sigmoid_norm"])
+def test_discopop_and_sigmoid_norm_gradients_match_the_oracle(loss_type):
+    """Gradients against the float64 oracle's central differences, in the policy's log-probs. At
+    h = 0 discopop's gradient (tau 0.05) lowers the margin: its modulation's slope outweighs the
+    logistic part there, by the paper's formula (d/drho at 0 = (1 - log 2) / (4 tau) - 3/4 > 0)."""
+    (pc, pr, rc, rr), (lc, lr) = random_logps(8, seed=5)
+    beta, tau = 0.3, 0.05
+    pc, pr = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, chosen_lengths=lc, rejected_lengths=lr, discopop_tau=tau)  # fmt: skip
+    losses.sum().backward()
+    step = 1e-6
+    for i in range(8):
+        args = [t[i].item() for t in (pc, pr, rc, rr)]
+
+        def f(pc_i, pr_i, i=i, args=args):
+            return oracle(loss_type, pc_i, pr_i, args[2], args[3], beta, 0.0, lc[i].item(), lr[i].item(), 0.0, tau=tau)
+
+        d_chosen = (f(args[0] + step, args[1]) - f(args[0] - step, args[1])) / (2 * step)
+        d_rejected = (f(args[0], args[1] + step) - f(args[0], args[1] - step)) / (2 * step)
+        assert pc.grad[i].item() == pytest.approx(d_chosen, rel=1e-5, abs=1e-8)
+        assert pr.grad[i].item() == pytest.approx(d_rejected, rel=1e-5, abs=1e-8)
+    if loss_type == "discopop":
+        at_zero = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        loss, _, _ = dpo_loss(at_zero, torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), beta=1.0, loss_type="discopop", discopop_tau=tau)  # fmt: skip
+        loss.backward()
+        assert at_zero.grad.item() == pytest.approx((1 - math.log(2)) / (4 * tau) - 0.75, rel=1e-9)
