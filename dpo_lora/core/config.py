@@ -220,6 +220,10 @@ def validate(config: Config) -> None:
     for key in ("simpo_gamma", "orpo_lambda", "dpop_lambda", "kto_desirable_weight", "kto_undesirable_weight"):
         if getattr(dpo, key) < 0:
             raise _refuse(f"dpo.{key}", "must be >= 0")
+    if not 0.0 <= dpo.ld_alpha <= 1.0:
+        raise _refuse("dpo.ld_alpha", "must be in [0, 1]")
+    if dpo.ld_alpha != 1.0 and "kto" in names:
+        raise _refuse("dpo.ld_alpha", "weighs a pair's longer completion; kto's rows are not pairs")
     if dpo.discopop_tau <= 0:
         raise _refuse("dpo.discopop_tau", "must be > 0")
     if dpo.sync_reference_every < 0:

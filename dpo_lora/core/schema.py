@@ -151,6 +151,11 @@ class DpoConfig:
     orpo_lambda: float = knob(0.1, "orpo: weight of the odds-ratio term beside the chosen NLL")
     dpop_lambda: float = knob(50.0, "dpop: weight of the penalty on chosen log-probs falling below the reference's")
     discopop_tau: float = knob(0.05, "discopop: temperature of the log-ratio modulation (its paper: 0.05)")
+    ld_alpha: float = knob(
+        1.0,
+        "LD-DPO: weight of each pair's tokens past its shorter completion's length, in policy and reference "
+        "log-probs alike (less pull toward length); 1: plain sums",
+    )
     kto_desirable_weight: float = knob(1.0, "kto: weight of the desirable (label true) rows' loss")
     kto_undesirable_weight: float = knob(
         1.0,

@@ -35,15 +35,27 @@ def token_logps_at(logits: torch.Tensor, index: torch.Tensor, targets: torch.Ten
     return picked.gather(1, targets[:, None]).squeeze(1) - picked.logsumexp(1)
 
 
-def sum_by_sequence(token_logps: torch.Tensor, lengths: torch.Tensor, width: int | None = None) -> torch.Tensor:
+def sum_by_sequence(
+    token_logps: torch.Tensor,
+    lengths: torch.Tensor,
+    width: int | None = None,
+    public: torch.Tensor | None = None,
+    tail_weight: float = 1.0,
+) -> torch.Tensor:
     """Per-sequence sums of token log-probs laid out sequence after sequence.
 
     token_logps: [N] with N = lengths.sum(); lengths: [S]; width: at least the largest length, as a
     Python int (None: read from `lengths`, which waits for the device). Returns [S]. A padded
     [S, width] sum rather than index_add_, so the result is deterministic on every device.
+    `public` [S] with `tail_weight`: each sequence's tokens from position public[s] on count
+    tail_weight times (LD-DPO: sum_{t < l} log p_t + alpha * sum_{t >= l} log p_t).
     """
     if width is None:
         width = int(lengths.max()) if lengths.numel() else 0
-    slots = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+    positions = torch.arange(width, device=lengths.device)[None, :]
+    slots = positions < lengths[:, None]
     padded = torch.zeros(slots.shape, dtype=token_logps.dtype, device=token_logps.device)
-    return padded.masked_scatter(slots, token_logps).sum(-1)
+    padded = padded.masked_scatter(slots, token_logps)
+    if public is not None and tail_weight != 1.0:
+        padded = torch.where(positions >= public[:, None], padded * tail_weight, padded)
+    return padded.sum(-1)

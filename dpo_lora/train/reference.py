@@ -36,7 +36,7 @@ def _files_signature(path: str | None) -> list:
     return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(path).iterdir()) if f.is_file()]
 
 
-def reference_fingerprint(model_config, lora_config, train_set) -> str:
+def reference_fingerprint(model_config, lora_config, train_set, ld_alpha: float = 1.0) -> str:
     """Changes whenever the reference scores could: weights, quantization, dtype, data, tokenization.
 
     The tokenized dataset's own fingerprint covers the data files, tokenizer and truncation.
@@ -48,12 +48,13 @@ def reference_fingerprint(model_config, lora_config, train_set) -> str:
         "dtype": model_config.dtype,
         "attention": model_config.attn_implementation,
         "reference_adapter": _files_signature(lora_config.init_adapter) if lora_config.init_adapter else None,
+        **({"ld_alpha": ld_alpha} if ld_alpha != 1.0 else {}),  # LD-DPO weighs the scores themselves
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 @torch.no_grad()
-def compute_reference_logps(engine, dataset, collate, batch_size: int, rank: int, world_size: int, device):
+def compute_reference_logps(engine, dataset, collate, batch_size: int, rank: int, world_size: int, device, ld_alpha: float = 1.0):  # fmt: skip
     """Reference log-probs of every pair: a float32 tensor [N, 2] (chosen, rejected).
 
     Each rank scores an equal share (ZeRO-3 needs every rank in every forward); pairs are
@@ -68,7 +69,7 @@ def compute_reference_logps(engine, dataset, collate, batch_size: int, rank: int
         for start in range(0, per_rank, batch_size):
             chunk = indices[start : start + batch_size]
             batch = to_device(collate([dataset[i] for i in chunk]), device)
-            logps, _ = concatenated_logps(engine, batch)
+            logps, _ = concatenated_logps(engine, batch, ld_alpha=ld_alpha)
             n = len(chunk)
             scored += [(i, c, r) for i, c, r in zip(chunk, logps[:n].tolist(), logps[n:].tolist(), strict=True)]
     engine.train(was_training)  # `eval` scores its policy next, in eval mode (no LoRA dropout)
@@ -130,12 +131,19 @@ def cached_or_computed(path: Path, compute, is_main: bool) -> torch.Tensor:
 
 def with_reference_logps(engine, train_set, config, collate, dist):
     """`train_set` with the two reference columns, from the cache or computed (and cached) now."""
-    path = cache_dir() / f"{reference_fingerprint(config.model, config.lora, train_set)}.safetensors"
+    path = cache_dir() / f"{reference_fingerprint(config.model, config.lora, train_set, config.dpo.ld_alpha)}.safetensors"  # fmt: skip
     logps = cached_or_computed(
         path,
         lambda: compute_reference_logps(
-            engine, train_set, collate, config.train.eval_batch_size, dist.rank, dist.world_size, dist.device
-        ),
+            engine,
+            train_set,
+            collate,
+            config.train.eval_batch_size,
+            dist.rank,
+            dist.world_size,
+            dist.device,
+            config.dpo.ld_alpha,
+        ),  # fmt: skip
         dist.is_main,
     )
     if logps.shape != (len(train_set), 2):

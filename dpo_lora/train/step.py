@@ -39,9 +39,10 @@ def forward_inputs(batch: dict, model) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def concatenated_logps(model, batch: dict, chunked_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def concatenated_logps(model, batch: dict, chunked_head: bool = True, ld_alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Score chosen and rejected in one forward (any collate layout); `chunked_head=False` takes
-    full logits even where the chunked head is installed (the plain path).
+    full logits even where the chunked head is installed (the plain path). `ld_alpha` < 1 (LD-DPO)
+    weighs each pair's tokens past its shorter completion's length by it.
 
     Returns (completion log-probs [2B], completion lengths [2B]), chosen then rejected.
     """
@@ -56,7 +57,9 @@ def concatenated_logps(model, batch: dict, chunked_head: bool = True) -> tuple[t
     # Chunked, the head already returned each target's log-prob ([N]); plain, it gave logits.
     token_logps = output if chunked else token_logps_at(output, index, targets)
     lengths = batch["completion_lengths"]
-    return sum_by_sequence(token_logps, lengths, batch[HOST].max_completion), lengths
+    n = lengths.shape[0] // 2
+    public = torch.minimum(lengths[:n], lengths[n:]).repeat(2) if ld_alpha != 1.0 else None
+    return sum_by_sequence(token_logps, lengths, batch[HOST].max_completion, public, ld_alpha), lengths
 
 
 def preference_step(model, batch: dict, dpo_config, bco_delta: float = 0.0) -> tuple[torch.Tensor, dict]:
@@ -65,7 +68,7 @@ def preference_step(model, batch: dict, dpo_config, bco_delta: float = 0.0) -> t
     `model` is the DeepSpeed engine (or a PeftModel); its PEFT module provides the reference.
     """
     ref_logps = reference_logps(model, batch, dpo_config)
-    policy_logps, lengths = concatenated_logps(model, batch)
+    policy_logps, lengths = concatenated_logps(model, batch, ld_alpha=dpo_config.ld_alpha)
     return pair_losses(policy_logps, ref_logps, lengths, dpo_config, bco_delta, batch.get("label"))
 
 
@@ -77,7 +80,7 @@ def reference_logps(model, batch: dict, dpo_config) -> torch.Tensor:
         return batch["reference_logps"]
     # Reference first: its activations are freed before the policy's graph is built.
     with torch.no_grad(), reference_mode(getattr(model, "module", model)):
-        return concatenated_logps(model, batch)[0]
+        return concatenated_logps(model, batch, ld_alpha=dpo_config.ld_alpha)[0]
 
 
 def loss_term(name: str, policy_logps, ref_logps, lengths, dpo_config, bco_delta: float = 0.0, labels=None):

@@ -71,14 +71,17 @@ def test_a_resume_between_syncs_restores_the_reference_of_that_step(tiny_model_d
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["dpo.ld_alpha=1.5"], "must be in \\[0, 1\\]"),
+        (["dpo.ld_alpha=0.5", "dpo.loss=kto"], "kto's rows are not pairs"),
         (["dpo.sync_reference_every=-1"], "must be >= 0"),
         (["dpo.sync_reference_every=2", "dpo.reference=precompute"], "can't be precomputed"),
         (["dpo.sync_reference_every=2", "dpo.loss=simpo"], "reads no reference to sync"),
         (["dpo.sync_reference_every=2", "dpo.reference_free=true"], "reads no reference to sync"),
     ],
 )
-def test_a_sync_that_cannot_work_is_refused_naming_the_key(tiny_model_dir, tmp_path, overrides, message):
-    with pytest.raises(UserError, match=f"dpo.sync_reference_every.*{message}"):
+def test_a_reference_setting_that_cannot_work_is_refused_naming_the_key(tiny_model_dir, tmp_path, overrides, message):
+    key = overrides[0].split("=")[0]
+    with pytest.raises(UserError, match=f"{key}.*{message}"):
         tiny_config(tiny_model_dir, tmp_path / "run", *overrides)
 
 

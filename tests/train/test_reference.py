@@ -67,13 +67,14 @@ def test_the_fingerprint_follows_what_the_reference_depends_on(tiny_model_dir, t
     def fingerprint(*overrides):
         config = tiny_config(tiny_model_dir, tmp_path / "x", *overrides)
         train_set, _ = prepare_splits(config.data, load_tokenizer(config.model), config.train.seed)
-        return reference_module.reference_fingerprint(config.model, config.lora, train_set)
+        return reference_module.reference_fingerprint(config.model, config.lora, train_set, config.dpo.ld_alpha)
 
     base = fingerprint()
     assert fingerprint() == base
     assert fingerprint("model.quantization=none") != base
     assert fingerprint("data.max_length=80") != base  # truncation changes the tokenized data
     assert fingerprint("train.lr=1e-3") == base  # the optimizer does not touch the reference
+    assert fingerprint("dpo.ld_alpha=0.5") != base  # LD-DPO weighs the reference's scores too
 
 
 def _cache_worker(rank: int, port: int, cache_dirs: list[str], report_dir: str) -> None:

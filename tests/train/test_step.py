@@ -117,3 +117,34 @@ def test_a_shared_prompt_step_reads_nothing_back_from_the_device(tiny_model_dir)
     with HostReads() as reads:  # the counter sees what the step used to do
         sum_by_sequence(token_logps, batch["completion_lengths"])
     assert reads.count == 1
+
+
+def test_ld_dpo_weighs_each_pairs_tokens_past_its_shorter_completion(tiny_model_dir):
+    """`dpo.ld_alpha` (LD-DPO): each sequence's log-prob is its first l tokens' plus alpha times the
+    rest's, l the shorter completion of its pair; against an oracle that runs every prompt +
+    completion alone through the model and sums its tokens' float64 log-softmax by hand."""
+    from dpo_lora.train.step import concatenated_logps
+
+    model = fresh_policy(tiny_model_dir)
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    features = [
+        {"prompt_ids": ids(4), "chosen_ids": ids(c), "rejected_ids": ids(r)} for c, r in ((2, 5), (6, 3), (4, 4))
+    ]
+    batch = collate_pairs(features, pad_token_id=0)
+    alpha = 0.25
+    with torch.no_grad():
+        weighted, lengths = concatenated_logps(model, batch, ld_alpha=alpha)
+        plain, _ = concatenated_logps(model, batch)
+        expected = []
+        for side in ("chosen_ids", "rejected_ids"):
+            for f in features:
+                public = min(len(f["chosen_ids"]), len(f["rejected_ids"]))
+                logits = model(input_ids=torch.tensor([f["prompt_ids"] + f[side]])).logits[0].double()
+                token = [
+                    torch.log_softmax(logits[len(f["prompt_ids"]) + t - 1], -1)[tok] for t, tok in enumerate(f[side])
+                ]
+                expected.append(sum(token[:public]) + alpha * sum(token[public:]))
+    assert lengths.tolist() == [2, 6, 4, 5, 3, 4]
+    torch.testing.assert_close(weighted.double(), torch.stack(expected), rtol=1e-5, atol=1e-5)
+    assert (weighted - plain).abs()[[1, 3]].min() > 1e-3 and torch.equal(weighted[[2, 5]], plain[[2, 5]])
