@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-size", default="1GiB", help="largest upload accepted (413 past it), e.g. 500MB")
     serve.add_argument("--max-streams", type=int, default=64, help="open event streams per API key (429 past it)")
     serve.add_argument(
+        "--rate-limit", type=int, default=0, metavar="N",
+        help="/v1 requests one API key may send a minute (429 with retry-after past it; an open dashboard sends "
+        "a few every 2 s); 0: no limit",
+    )  # fmt: skip
+    serve.add_argument(
         "--project-devices", type=int, default=0,
         help="the most devices one project's running jobs may hold at once, all servers on the store (0: no cap)",
     )  # fmt: skip

@@ -24,7 +24,10 @@ from dpo_lora.serve.wire import ApiError
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="dpo-lora", docs_url=None, redoc_url=None)
     app.state.server = state
-    app.add_middleware(Guard, limits=Limits(state.keys, state.host, state.port, state.max_upload))
+    app.add_middleware(
+        Guard,
+        limits=Limits(state.keys, state.host, state.port, state.max_upload, rate_per_minute=state.rate_per_minute),
+    )
     for router in (files_api.router, uploads_api.router, jobs_api.router, admission.router, extensions_api.router, completions_api.router, dashboard.api):  # fmt: skip
         app.include_router(router, prefix="/v1")
     app.include_router(dashboard.page)

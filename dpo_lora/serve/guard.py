@@ -8,11 +8,15 @@
   gets a 403.
 - Bodies are capped: uploads (multipart) at `max_upload`, every other body at `max_json`; past the
   cap a 413, whether or not the client declared its length.
+- With `rate_per_minute`, each API key may send that many /v1 requests a minute (a token bucket as
+  deep as one minute's): past it a 429 with `retry-after`, which the `openai` client waits out.
 """
 
 from __future__ import annotations
 
 import hmac
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +43,7 @@ class Limits:
     port: int
     max_upload: int
     max_json: int = 1 << 20
+    rate_per_minute: int = 0  # /v1 requests per API key a minute (0: no limit)
 
 
 def _host_name(host_header: str) -> str:
@@ -54,6 +59,7 @@ class Guard:
         hosts = {*LOOPBACK_HOSTS, limits.bound_host}
         self.hosts = hosts
         self.origins = {f"http://{h}:{limits.port}" for h in hosts} | {f"http://[{h}]:{limits.port}" for h in hosts}
+        self.buckets: dict[str, tuple[float, float]] = {}  # API key -> (requests left, when counted)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -62,6 +68,10 @@ class Guard:
         refused = self._refusal(scope, headers)
         if refused is not None:
             return await _reply(refused, scope, receive, send)
+        if wait := self._rate_wait(scope, headers):
+            message = f"more than {self.limits.rate_per_minute} requests a minute with this API key; retry in {wait} s"
+            limited = ApiError(429, message, code="rate_limit_exceeded", kind="rate_limit_error")
+            return await _reply(limited, scope, receive, send, {"retry-after": str(wait), "x-should-retry": "true"})
         multipart = headers.get("content-type", "").startswith("multipart/")
         cap = self.limits.max_upload if multipart else self.limits.max_json
         declared = headers.get("content-length", "")
@@ -88,6 +98,21 @@ class Guard:
             if not started:
                 await _reply(_too_large(cap), scope, receive, send)
 
+    def _rate_wait(self, scope, headers: dict) -> int:
+        """0 when the key's bucket holds a request (taken now), else the whole seconds until it does."""
+        rate = self.limits.rate_per_minute
+        if not rate or "project" not in scope.get("state", {}):  # no limit, or no key (loopback, public pages)
+            return 0
+        key = headers.get("authorization", "")
+        now = time.monotonic()
+        left, counted = self.buckets.get(key, (float(rate), now))
+        left = min(float(rate), left + (now - counted) * rate / 60.0)
+        if left < 1.0:
+            self.buckets[key] = (left, now)
+            return math.ceil((1.0 - left) * 60.0 / rate)
+        self.buckets[key] = (left - 1.0, now)
+        return 0
+
     def _refusal(self, scope, headers: dict) -> ApiError | None:
         keys = self.limits.api_keys()
         if not keys:
@@ -113,6 +138,6 @@ def _too_large(cap: int) -> ApiError:
     return ApiError(413, f"request body is larger than this server's limit of {cap} bytes", code="body_too_large")
 
 
-async def _reply(err: ApiError, scope, receive, send) -> None:
-    response = JSONResponse(err.body(), status_code=err.status, headers={"x-should-retry": "false"})
+async def _reply(err: ApiError, scope, receive, send, headers: dict | None = None) -> None:
+    response = JSONResponse(err.body(), status_code=err.status, headers=headers or {"x-should-retry": "false"})
     await response(scope, receive, send)

@@ -96,6 +96,8 @@ def serve(args) -> int:
         raise UserError(
             f"--adopt-after {args.adopt_after}: must be 0 (never) or at least {MIN_ADOPT_AFTER_S:.0f} seconds"
         )
+    if args.rate_limit < 0:
+        raise UserError(f"--rate-limit {args.rate_limit}: must be 0 (no limit) or more requests a minute")
     if args.max_streams < 1:
         raise UserError(f"--max-streams {args.max_streams}: must be at least 1")
     max_upload = parse_size(args.max_upload_size, flag="--max-upload-size")
@@ -132,6 +134,7 @@ def serve(args) -> int:
         port=args.port,
         max_upload=max_upload,
         max_streams=args.max_streams,
+        rate_per_minute=args.rate_limit,
         backend=backend,
         runner=runner,
     )

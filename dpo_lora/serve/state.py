@@ -34,6 +34,7 @@ class ServerState:
     port: int = 0
     max_upload: int = 1 << 30
     max_streams: int = 64  # open event streams per API key
+    rate_per_minute: int = 0  # /v1 requests per API key a minute (0: no limit)
     backend: object | None = None  # stops a cancelled job's process at once (the scheduler's backend)
     runner: str | None = None  # this server's name in the rows it claims
     inference: object | None = None  # the engines behind /v1/chat/completions (inference.Inference)

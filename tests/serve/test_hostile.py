@@ -485,3 +485,24 @@ def test_a_job_wanting_more_devices_than_a_project_may_hold_is_a_400(servers, ti
         create(client, file_id, {"gpus": 2})
     assert caught.value.body["param"] == "gpus" and "one project may hold" in caught.value.body["message"]
     assert create(client, file_id, {"gpus": 1, "train.max_steps": 1}).status == "validating_files"
+
+
+def test_a_key_past_its_rate_gets_429_with_retry_after_which_the_client_waits_out(servers, tiny_setup, tmp_path):
+    """--rate-limit 20: a key's 21st request within 3 s (one request's refill) is a 429 naming the limit, with
+    `retry-after`; another project's key is not slowed; the `openai` client with retries waits it
+    out and succeeds."""
+    models, config, _, _ = tiny_setup
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    server = servers(models, config, "--api-keys", str(keys), "--rate-limit", "20")
+    a = server.client(KEYS["team-a"])
+    statuses = [_status(lambda: a.models.list()) for _ in range(21)]
+    assert statuses[:20] == [200] * 20 and statuses[20] == 429, statuses
+    with pytest.raises(openai.RateLimitError) as caught:
+        a.models.list()
+    assert caught.value.response.headers["retry-after"] in ("1", "2", "3")
+    assert "more than 20 requests a minute" in caught.value.body["message"]
+    assert server.client(KEYS["team-b"]).models.list().data  # B's bucket is its own
+    started = time.monotonic()
+    assert server.client(KEYS["team-a"]).with_options(max_retries=3).models.list().data  # waited out, then answered
+    assert time.monotonic() - started >= 0.5
