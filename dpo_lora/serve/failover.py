@@ -37,12 +37,13 @@ def adopt(store: Store, s, dead: Runner, runner: str, after_s: float) -> list[Jo
     """Make `runner` the runner of `dead`'s running jobs and exports whose folders it can see; the
     jobs. `dead`'s row goes: it is adopted once."""
     adopted = []
-    for job in s.scalars(select(Job).where(Job.runner == dead.name, Job.devices.is_not(None)).with_for_update()):
+    running = select(Job).where(Job.runner == dead.name, Job.devices.is_not(None)).with_for_update()
+    for job in list(s.scalars(running)):  # read whole before the events' flushes
         if Path(job.directory).is_dir():  # else its folder is on a filesystem this server does not see
             job.runner = runner
             store.add_event(s, job.id, f"Server {dead.name} fell silent for {after_s:.0f} s; {runner} adopted the job")
             adopted.append(job)
-    for export in s.scalars(select(Export).where(Export.runner == dead.name, Export.status == "running")):
+    for export in list(s.scalars(select(Export).where(Export.runner == dead.name, Export.status == "running"))):
         if Path(export.directory).is_dir():
             export.runner = runner
     s.delete(dead)

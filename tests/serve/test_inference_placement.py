@@ -137,3 +137,28 @@ def test_a_project_at_its_device_cap_waits_while_others_start(store, tmp_path):
         job.devices, job.status = None, "succeeded"
     scheduler._dispatch()
     assert sorted(backend.started) == ["a1", "a2", "b1"]
+
+
+def test_a_silent_servers_running_job_is_adopted_once_on_sqlite_too(store, tmp_path):
+    """Runner "dead" last beat an hour ago with a job running: the next scheduler on the store that
+    reaches it takes the job over (runner, event), removes the dead row, and a second adopts nothing."""
+    import time
+
+    from dpo_lora.serve import failover
+    from dpo_lora.serve.store import Event, Runner
+
+    with store.session() as s:
+        s.add(Runner(name="dead", heartbeat_at=time.time() - 3600))
+    queued_job(store, "orphan", tmp_path, status="running", devices=["0"], runner="dead", attempt=1, pid=9)
+
+    class Reaching(GpuBackend):
+        def reaches(self, runner):
+            return True
+
+    adopter = Scheduler(store, ["1"], Reaching(), runner="alive", adopt_after_s=failover.MIN_ADOPT_AFTER_S)
+    adopter._adopt_silent()
+    Scheduler(store, ["2"], Reaching(), runner="late", adopt_after_s=failover.MIN_ADOPT_AFTER_S)._adopt_silent()
+    with store.session() as s:
+        assert s.get(Job, "orphan").runner == "alive" and s.get(Runner, "dead") is None
+        messages = [e.message for e in s.scalars(select(Event).where(Event.job_id == "orphan"))]
+    assert messages == ["Server dead fell silent for 10 s; alive adopted the job"]
