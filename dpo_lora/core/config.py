@@ -224,6 +224,9 @@ def validate(config: Config) -> None:
         raise _refuse("dpo.ld_alpha", "must be in [0, 1]")
     if dpo.ld_alpha != 1.0 and "kto" in names:
         raise _refuse("dpo.ld_alpha", "weighs a pair's longer completion; kto's rows are not pairs")
+    if dpo.wpo and set(names) & {"kto", "aot", "aot_unpaired"}:
+        reason = "kto's rows are not pairs" if "kto" in names else "aot's losses belong to sorted quantiles, not pairs"
+        raise _refuse("dpo.wpo", f"weighs each pair's loss; {reason}")
     if dpo.discopop_tau <= 0:
         raise _refuse("dpo.discopop_tau", "must be > 0")
     if dpo.sync_reference_every < 0:

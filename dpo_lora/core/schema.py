@@ -25,10 +25,11 @@ LOSS_TYPES = (
     "discopop",
     "sigmoid_norm",
 )  # dpo_lora.train.losses.dpo_loss's, on the policy/reference log-ratios
+SORTED_LOSSES = ("aot", "aot_unpaired")  # dpo_lora.train.losses.aot_loss's: log-ratios sorted across the batch
 REFERENCE_FREE_LOSSES = ("sft", "simpo", "orpo")  # terms that read the policy alone
 UNPAIRED_LOSSES = ("kto",)  # trained on {prompt, completion, label} rows, alone
-LOSS_TERMS = LOSS_TYPES + REFERENCE_FREE_LOSSES + UNPAIRED_LOSSES  # what dpo.loss may name
-SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair")  # the losses dpo.label_smoothing changes
+LOSS_TERMS = LOSS_TYPES + SORTED_LOSSES + REFERENCE_FREE_LOSSES + UNPAIRED_LOSSES  # what dpo.loss may name
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # the losses dpo.label_smoothing changes
 
 
 def knob(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -141,7 +142,8 @@ class DpoConfig:
     loss: str | list[str] = knob(
         "sigmoid",
         "preference loss, or a list of terms summed with dpo.loss_weights: [sigmoid, sft] is RPO; sft (the chosen "
-        "completion's per-token NLL), simpo and orpo need no reference model; kto trains on unpaired "
+        "completion's per-token NLL), simpo and orpo need no reference model; aot and aot_unpaired compare "
+        "log-ratios sorted across each micro-batch; kto trains on unpaired "
         "{prompt, completion, label} rows",
         LOSS_TERMS,
     )
@@ -155,6 +157,11 @@ class DpoConfig:
         1.0,
         "LD-DPO: weight of each pair's tokens past its shorter completion's length, in policy and reference "
         "log-probs alike (less pull toward length); 1: plain sums",
+    )
+    wpo: bool = knob(
+        False,
+        "WPO: weigh each pair's loss by the policy's probability of sampling its completions, "
+        "exp(mean_t log p(y_t) - log sum_v p(v)^2) for chosen times rejected, no gradient (TRL's use_weighting)",
     )
     kto_desirable_weight: float = knob(1.0, "kto: weight of the desirable (label true) rows' loss")
     kto_undesirable_weight: float = knob(

@@ -4,7 +4,8 @@
 index, targets)` is active, the head returns the log-prob of each target at its position ([N])
 instead of logits. Only positions that are scored (completion tokens) go through the head,
 `chunk_size` at a time, and no chunk's logits outlive it, so peak memory is chunk_size x vocab, not
-batch x length x vocab. With a frozen head (the LoRA case) each chunk's gradient with respect to the
+batch x length x vocab. On request the same chunks also give log sum_v p_v^2 at each position, which
+WPO's weights read. With a frozen head (the LoRA case) each chunk's gradient with respect to the
 hidden states is formed in the forward, while its softmax is at hand; a trainable head's backward
 recomputes the logits. The head stays the same module, so DeepSpeed's ZeRO-3 hooks still gather its
 weight.
@@ -30,27 +31,37 @@ class LabelLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, gradient_in_forward: bool):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, gradient_in_forward: bool, sum_sq: bool = False):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        log_sum_sq = torch.empty_like(out) if sum_sq else None
         direction = torch.empty_like(hidden) if gradient_in_forward else None
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
             logits = _logits(hidden[start:end], weight, bias)
-            if direction is None:
-                out[start:end] = _label_logps(logits, labels[start:end])
+            if direction is not None:
+                out[start:end], direction[start:end], chunk_sum_sq = _label_logps_and_direction(
+                    logits, labels[start:end], weight, sum_sq
+                )
+            elif sum_sq:
+                out[start:end], chunk_sum_sq = _label_logps_and_sum_sq(logits, labels[start:end])
             else:
-                out[start:end], direction[start:end] = _label_logps_and_direction(logits, labels[start:end], weight)
+                out[start:end], chunk_sum_sq = _label_logps(logits, labels[start:end]), None
+            if sum_sq:
+                log_sum_sq[start:end] = chunk_sum_sq
             del logits  # before the next chunk's logits exist
         ctx.gradient_in_forward = gradient_in_forward
         ctx.save_for_backward(*((direction,) if gradient_in_forward else (hidden, weight, bias, labels)))
         ctx.chunk_size = chunk_size
-        return out
+        if not sum_sq:
+            return out
+        ctx.mark_non_differentiable(log_sum_sq)
+        return out, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_log_sum_sq=None):
         if ctx.gradient_in_forward:
             (direction,) = ctx.saved_tensors
-            return (direction * grad_out[:, None]).to(direction.dtype), None, None, None, None, None
+            return (direction * grad_out[:, None]).to(direction.dtype), None, None, None, None, None, None
         hidden, weight, bias, labels = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -72,22 +83,37 @@ class LabelLogps(torch.autograd.Function):
             del grad_logits  # before the next chunk's logits exist
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def _label_logps_and_direction(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor):
-    """([c] log-probs of `labels`, [c, H] their gradients with respect to the hidden states) from float32
-    logits [c, V], which are overwritten. The same rounding points as the recomputing backward:
-    onehot - softmax is formed in float32 before it meets the weight in the weight's dtype."""
+def _label_logps_and_direction(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, sum_sq: bool):
+    """([c] log-probs of `labels`, [c, H] their gradients with respect to the hidden states, [c] log sum_v p_v^2
+    or None) from float32 logits [c, V], which are overwritten. The same rounding points as the recomputing
+    backward: onehot - softmax is formed in float32 before it meets the weight in the weight's dtype."""
     target_logits = logits.gather(1, labels[:, None]).squeeze(1)
     shift = logits.amax(1, keepdim=True)
     unnormalized = logits.sub_(shift).exp_()  # the logits' storage: one [c, V] tensor in all
     total = unnormalized.sum(1, keepdim=True)
     log_normalizer = shift.squeeze(1) + total.squeeze(1).log()
+    log_sum_sq = _log_sum_sq(unnormalized, total) if sum_sq else None
     softmax_minus_onehot = unnormalized.div_(total)
     softmax_minus_onehot.scatter_add_(1, labels[:, None], torch.full_like(total, -1.0))
     direction = softmax_minus_onehot.to(weight.dtype) @ weight
-    return target_logits - log_normalizer, direction.neg_()
+    return target_logits - log_normalizer, direction.neg_(), log_sum_sq
+
+
+def _label_logps_and_sum_sq(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([c] log-probs of `labels`, as _label_logps gives them, [c] log sum_v p_v^2) from float32 logits
+    [c, V], which are overwritten."""
+    logps = _label_logps(logits, labels)
+    unnormalized = logits.sub_(logits.amax(1, keepdim=True)).exp_()
+    return logps, _log_sum_sq(unnormalized, unnormalized.sum(1, keepdim=True))
+
+
+def _log_sum_sq(unnormalized: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """log sum_v p_v^2 with p = unnormalized / total: 2 (log ||unnormalized||_2 - log total). The largest
+    entry is exp(0) = 1, so the norm is at least 1 and never underflows; no [c, V] temporary."""
+    return 2 * (torch.linalg.vector_norm(unnormalized, dim=1).log() - total.squeeze(1).log())
 
 
 def _label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -100,9 +126,10 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return torch.nn.functional.linear(hidden, weight, bias).float()
 
 
-def label_logps_at(hidden, weight, bias, index, targets, chunk_size: int) -> torch.Tensor:
+def label_logps_at(hidden, weight, bias, index, targets, chunk_size: int, sum_sq: bool = False):
     """hidden [R, T, H]; index [N] flat positions into R*T; targets [N] -> [N] float32 log-probs of
-    each target given the hidden state at its position."""
+    each target given the hidden state at its position; with `sum_sq`, also [N] log sum_v p_v^2 at each
+    position (no gradient; WPO's weights)."""
     # Decided here: inside forward, grad mode is always off.
     gradient_in_forward = (
         torch.is_grad_enabled()
@@ -110,7 +137,8 @@ def label_logps_at(hidden, weight, bias, index, targets, chunk_size: int) -> tor
         and not weight.requires_grad
         and (bias is None or not bias.requires_grad)
     )
-    return LabelLogps.apply(hidden.flatten(0, 1)[index], weight, bias, targets, chunk_size, gradient_in_forward)
+    picked = hidden.flatten(0, 1)[index]
+    return LabelLogps.apply(picked, weight, bias, targets, chunk_size, gradient_in_forward, sum_sq)
 
 
 def _head(model):
@@ -142,10 +170,13 @@ def install(model, chunk_size: int) -> bool:
     def forward(hidden_states):
         if head.dpo_lora_targets is None:
             return plain_forward(hidden_states)
-        index, targets = head.dpo_lora_targets
+        index, targets, sum_sq = head.dpo_lora_targets
         # Outside autocast: the logits round in the head's dtype, as a recomputing backward's do.
         with torch.autocast(hidden_states.device.type, enabled=False):
-            return label_logps_at(hidden_states, head.weight, head.bias, index, targets, head.dpo_lora_chunk_size)
+            scores = label_logps_at(
+                hidden_states, head.weight, head.bias, index, targets, head.dpo_lora_chunk_size, sum_sq
+            )
+        return torch.stack(scores, 1) if sum_sq else scores
 
     head.forward = forward
     head.dpo_lora_plain_forward = plain_forward  # what uninstall() puts back (float32_residual's head too)
@@ -168,16 +199,16 @@ def _installed_head(model):
 
 
 @contextlib.contextmanager
-def scoring(model, index: torch.Tensor, targets: torch.Tensor, enabled: bool = True):
+def scoring(model, index: torch.Tensor, targets: torch.Tensor, enabled: bool = True, sum_sq: bool = False):
     """Within the block the model's `.logits` are the [N] log-probs of `targets` at flat positions
-    `index` (see label_logps_at); yields False (and does nothing) when install() was not applied
-    or `enabled` is False."""
+    `index` (see label_logps_at), or with `sum_sq` [N, 2]: those and log sum_v p_v^2 at each position;
+    yields False (and does nothing) when install() was not applied or `enabled` is False."""
     peft_model = getattr(model, "module", model)
     head = _installed_head(peft_model)
     if head is None or not enabled:
         yield False
         return
-    head.dpo_lora_targets = (index, targets)
+    head.dpo_lora_targets = (index, targets, sum_sq)
     try:
         yield True
     finally:

@@ -25,14 +25,21 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
-def token_logps_at(logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_logps_at(logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, sum_sq: bool = False):
     """log softmax(logits)[target] at chosen positions (float32).
 
     logits: [R, T, V]; index: [N] flat positions into R*T (the position that predicts each target);
-    targets: [N] token ids. Returns [N].
+    targets: [N] token ids. Returns [N]; with `sum_sq`, [N, 2]: those and log sum_v p_v^2 at each position
+    (detached), as the chunked head's scoring returns them.
     """
     picked = logits.flatten(0, 1)[index].float()
-    return picked.gather(1, targets[:, None]).squeeze(1) - picked.logsumexp(1)
+    log_normalizer = picked.logsumexp(1)
+    logps = picked.gather(1, targets[:, None]).squeeze(1) - log_normalizer
+    if not sum_sq:
+        return logps
+    with torch.no_grad():
+        log_sum_sq = (2 * picked).logsumexp(1) - 2 * log_normalizer
+    return torch.stack((logps, log_sum_sq), 1)
 
 
 def sum_by_sequence(

@@ -40,7 +40,7 @@ def evaluate(engine, loader, dpo_config, device, policy_is_reference: bool = Fal
     with torch.no_grad():
         for batch in loader:
             batch = to_device(batch, device)
-            if policy_is_reference and dpo_config.uses_reference:
+            if policy_is_reference and dpo_config.uses_reference and not dpo_config.wpo:  # WPO reads the policy
                 ref_logps = reference_logps(engine, batch, dpo_config)
                 lengths, labels = batch["completion_lengths"], batch.get("label")
                 _, stats = pair_losses(ref_logps, ref_logps, lengths, dpo_config, labels=labels)

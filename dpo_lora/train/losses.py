@@ -5,8 +5,9 @@ Notation, per example: the policy/reference log-ratio of the chosen completion
 and their difference `h = c - r`. DPO's implicit rewards are `beta * c` and `beta * r`.
 `|y|` is a completion's token count; `avg(y) = log pi(y|x) / |y|` its per-token log-prob.
 
-`dpo_loss` holds the losses on the log-ratios (DPO's family, DPO-Positive among them); `sft_loss`,
-`simpo_loss` and `orpo_loss` read the policy alone (no reference model).
+`dpo_loss` holds the losses on the log-ratios (DPO's family, DPO-Positive among them); `aot_loss`
+compares them across the batch, sorted; `sft_loss`, `simpo_loss` and `orpo_loss` read the policy alone
+(no reference model).
 """
 
 from __future__ import annotations
@@ -112,6 +113,38 @@ def dpo_loss(
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def aot_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    paired: bool = True,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AOT (Melnyk et al., 2024): DPO's logistic loss on sorted quantiles rather than on pairs, which asks
+    for first-order stochastic dominance of one distribution over another within the batch.
+
+    Paired (`aot`): the policy's margins `log pi(y_w|x) - log pi(y_l|x)` and the reference's, each sorted
+    ascending, `d_k = sort(policy margins)_k - sort(reference margins)_k`. Unpaired (`aot_unpaired`):
+    `d_k = sort(c)_k - sort(r)_k`. Then `aot = -(1 - eps) log sigmoid(beta d_k) - eps log sigmoid(-beta d_k)`.
+    The batch is the caller's: one micro-batch on one rank, as TRL sorts it. The k-th loss belongs to the
+    k-th quantile, not to pair k (only their mean is a pair statistic); the rewards are DPO's, per pair.
+    Returns (losses, chosen_rewards, rejected_rewards), each [B].
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    if paired:
+        upper, lower = policy_chosen_logps - policy_rejected_logps, ref_chosen_logps - ref_rejected_logps
+    else:
+        upper, lower = chosen_logratios, rejected_logratios
+    delta = torch.sort(upper).values - torch.sort(lower).values
+    eps = label_smoothing
+    losses = -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
 def kto_loss(

@@ -24,9 +24,11 @@ PAIR_METRICS = (
 
 
 def pair_metrics(dpo_config) -> tuple[str, ...]:
-    """The per-pair statistics a run logs: PAIR_METRICS, and each term's loss where dpo.loss mixes terms."""
+    """The per-pair statistics a run logs: PAIR_METRICS, each term's loss where dpo.loss mixes terms, and
+    WPO's pair weight where dpo.wpo is on."""
     names = [name for name, _ in dpo_config.terms]
-    return PAIR_METRICS + (tuple(f"loss/{name}" for name in names) if len(names) > 1 else ())
+    terms = tuple(f"loss/{name}" for name in names) if len(names) > 1 else ()
+    return PAIR_METRICS + terms + (("wpo/weight",) if dpo_config.wpo else ())
 
 
 # Per-pair statistics the health monitors read (dpo_lora.train.monitors), in train rows only: the

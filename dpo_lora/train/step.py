@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from dpo_lora.core.distributed import all_reduce_sum
-from dpo_lora.core.schema import SMOOTHED_LOSSES
+from dpo_lora.core.schema import SMOOTHED_LOSSES, SORTED_LOSSES
 from dpo_lora.data.layout import HOST, attention_bias
 from dpo_lora.model import shared_attention
 from dpo_lora.model.chunked_logps import scoring
 from dpo_lora.model.load import reference_mode
 from dpo_lora.model.logprobs import sum_by_sequence, token_logps_at
-from dpo_lora.train.losses import dpo_loss, kto_kl, kto_loss, orpo_loss, sft_loss, simpo_loss
+from dpo_lora.train.losses import aot_loss, dpo_loss, kto_kl, kto_loss, orpo_loss, sft_loss, simpo_loss
 
 
 def forward_inputs(batch: dict, model) -> dict:
@@ -39,27 +39,40 @@ def forward_inputs(batch: dict, model) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def concatenated_logps(model, batch: dict, chunked_head: bool = True, ld_alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def concatenated_logps(model, batch: dict, chunked_head: bool = True, ld_alpha: float = 1.0, wpo: bool = False):
     """Score chosen and rejected in one forward (any collate layout); `chunked_head=False` takes
     full logits even where the chunked head is installed (the plain path). `ld_alpha` < 1 (LD-DPO)
     weighs each pair's tokens past its shorter completion's length by it.
 
-    Returns (completion log-probs [2B], completion lengths [2B]), chosen then rejected.
+    Returns (completion log-probs [2B], completion lengths [2B]), chosen then rejected; with `wpo`, also
+    each completion's WPO log-weight [2B] (wpo_log_weights).
     """
     peft_model = getattr(model, "module", model)
     inputs = forward_inputs(batch, peft_model)
     index, targets = batch["score_index"], batch["score_target"]
     with (
-        scoring(model, index, targets, enabled=chunked_head) as chunked,
+        scoring(model, index, targets, enabled=chunked_head, sum_sq=wpo) as chunked,
         shared_attention.planned(shared_attention.PLAN_KEY in inputs),
     ):
         output = model(**inputs, use_cache=False).logits
     # Chunked, the head already returned each target's log-prob ([N]); plain, it gave logits.
-    token_logps = output if chunked else token_logps_at(output, index, targets)
-    lengths = batch["completion_lengths"]
+    scores = output if chunked else token_logps_at(output, index, targets, sum_sq=wpo)
+    token_logps = scores[:, 0] if wpo else scores
+    lengths, width = batch["completion_lengths"], batch[HOST].max_completion
     n = lengths.shape[0] // 2
     public = torch.minimum(lengths[:n], lengths[n:]).repeat(2) if ld_alpha != 1.0 else None
-    return sum_by_sequence(token_logps, lengths, batch[HOST].max_completion, public, ld_alpha), lengths
+    logps = sum_by_sequence(token_logps, lengths, width, public, ld_alpha)
+    if not wpo:
+        return logps, lengths
+    return logps, lengths, wpo_log_weights(token_logps.detach(), scores[:, 1].detach(), lengths, width)
+
+
+def wpo_log_weights(token_logps, log_sum_sq, lengths, width: int | None = None) -> torch.Tensor:
+    """WPO's sequence log-weight (Zhou et al., 2024, eq. 2), per completion [S], no gradient:
+    `log w(x, y) = 1/|y| sum_t [log pi(y_t|x, y_<t) - log sum_v pi(v|x, y_<t)^2]`, how likely the policy
+    is to sample y relative to its own sampling; token_logps and log_sum_sq [N] laid out as for
+    sum_by_sequence."""
+    return sum_by_sequence(token_logps - log_sum_sq, lengths, width) / lengths.clamp(min=1)
 
 
 def preference_step(model, batch: dict, dpo_config, bco_delta: float = 0.0) -> tuple[torch.Tensor, dict]:
@@ -68,8 +81,16 @@ def preference_step(model, batch: dict, dpo_config, bco_delta: float = 0.0) -> t
     `model` is the DeepSpeed engine (or a PeftModel); its PEFT module provides the reference.
     """
     ref_logps = reference_logps(model, batch, dpo_config)
-    policy_logps, lengths = concatenated_logps(model, batch, ld_alpha=dpo_config.ld_alpha)
-    return pair_losses(policy_logps, ref_logps, lengths, dpo_config, bco_delta, batch.get("label"))
+    policy = concatenated_logps(model, batch, ld_alpha=dpo_config.ld_alpha, wpo=dpo_config.wpo)
+    (policy_logps, lengths), weights = policy[:2], pair_weights(policy[2]) if dpo_config.wpo else None
+    return pair_losses(policy_logps, ref_logps, lengths, dpo_config, bco_delta, batch.get("label"), weights)
+
+
+def pair_weights(log_weights: torch.Tensor) -> torch.Tensor:
+    """WPO's pair weight [B] from its completions' log-weights [2B] (chosen first): w(x, y_w) * w(x, y_l),
+    unclipped, as TRL 1.16 weighs (earlier TRL clipped it at 1)."""
+    n = log_weights.shape[0] // 2
+    return torch.exp(log_weights[:n] + log_weights[n:])
 
 
 def reference_logps(model, batch: dict, dpo_config) -> torch.Tensor:
@@ -103,6 +124,11 @@ def loss_term(name: str, policy_logps, ref_logps, lengths, dpo_config, bco_delta
         )
     if name == "orpo":
         return orpo_loss(chosen[0], rejected[0], chosen[1], rejected[1], lam=dpo_config.orpo_lambda)
+    if name in SORTED_LOSSES:
+        return aot_loss(
+            chosen[0], rejected[0], ref_logps[:n], ref_logps[n:], beta=dpo_config.beta,
+            paired=name == "aot", label_smoothing=dpo_config.label_smoothing,
+        )  # fmt: skip
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         chosen[0],
         rejected[0],
@@ -121,16 +147,18 @@ def loss_term(name: str, policy_logps, ref_logps, lengths, dpo_config, bco_delta
 
 
 def pair_losses(
-    policy_logps, ref_logps, lengths, dpo_config, bco_delta: float = 0.0, labels=None
+    policy_logps, ref_logps, lengths, dpo_config, bco_delta: float = 0.0, labels=None, weights=None
 ) -> tuple[torch.Tensor, dict]:
     """The mean loss (dpo.loss's terms, weighted) and per-pair statistics ([B]) from log-probs and
     lengths [2B], chosen first; the rewards are the first term's, and a mixture logs each term
-    as `loss/NAME`."""
+    as `loss/NAME`. `weights` [B] (WPO's, detached) scale each pair's loss, logged as `wpo/weight`."""
     n = policy_logps.shape[0] // 2
     terms = {}
     for name, weight in dpo_config.terms:
         terms[name] = (weight, *loss_term(name, policy_logps, ref_logps, lengths, dpo_config, bco_delta, labels))
     losses = sum(weight * term_losses for weight, term_losses, _, _ in terms.values())
+    if weights is not None:
+        losses = losses * weights
     _, _, chosen_rewards, rejected_rewards = next(iter(terms.values()))
     stats = {
         "loss": losses.detach(),
@@ -143,6 +171,8 @@ def pair_losses(
     }
     if len(terms) > 1:
         stats |= {f"loss/{name}": term_losses.detach() for name, (_, term_losses, _, _) in terms.items()}
+    if weights is not None:
+        stats["wpo/weight"] = weights
     return losses.mean(), stats | health_stats(policy_logps, ref_logps, lengths, stats["rewards/margins"])
 
 

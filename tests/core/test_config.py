@@ -90,6 +90,8 @@ def test_a_loss_is_one_name_or_a_list_of_terms_with_weights():
         (["dpo.kto_undesirable_weight=-0.5"], "'dpo.kto_undesirable_weight' must be >= 0"),
         (["monitor.window_pairs=0"], "'monitor.window_pairs' must be >= 1"),
         (["monitor.length_correlation=1.5"], "'monitor.length_correlation' must be in \\(0, 1\\)"),
+        (["dpo.wpo=true", "dpo.loss=[sigmoid, aot]"], "'dpo.wpo' weighs each pair's loss; aot's losses belong"),
+        (["dpo.wpo=true", "dpo.loss=kto"], "'dpo.wpo' weighs each pair's loss; kto's rows are not pairs"),
     ],
 )
 def test_bad_loss_terms_name_the_key(overrides, message):
@@ -101,7 +103,7 @@ def test_bad_loss_terms_name_the_key(overrides, message):
 def test_label_smoothing_on_a_loss_that_ignores_it_is_an_error(loss):
     with pytest.raises(UserError, match=f"'dpo.label_smoothing' has no effect on dpo.loss '{loss}'"):
         load_config(None, [f"dpo.loss={loss}", "dpo.label_smoothing=0.1"])
-    for smoothed in ("sigmoid", "robust", "exo_pair"):
+    for smoothed in ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"):
         assert load_config(None, [f"dpo.loss={smoothed}", "dpo.label_smoothing=0.1"]).dpo.label_smoothing == 0.1
 
 

@@ -154,3 +154,36 @@ def test_a_head_that_chunking_would_change_is_left_alone():
             return torch.nn.Linear(4, 8)
 
     assert not chunked_logps.install(Scaled(), chunk_size=16)
+
+
+@pytest.mark.parametrize("path", ["chunked-head-frozen", "chunked-head-trained", "plain"])
+def test_log_sum_sq_matches_a_float64_oracle_and_leaves_the_log_probs_and_their_gradients_alone(path):
+    """WPO's second reduction, log sum_v p_v^2 at each scored position, from the chunked head (both
+    backward paths) and from plain logits, against float64; asking for it changes neither the log-probs
+    nor their gradients (bitwise), and it carries no gradient of its own."""
+    from dpo_lora.model.logprobs import token_logps_at
+
+    g = torch.Generator().manual_seed(11)
+    hidden = (torch.randn(2, 9, 6, generator=g) * 2).requires_grad_()
+    weight = (torch.randn(17, 6, generator=g) * 2).requires_grad_(path == "chunked-head-trained")
+    index = torch.tensor([0, 3, 4, 8, 10, 11, 15])
+    targets = torch.randint(0, 17, (7,), generator=g)
+
+    def score(sum_sq: bool):
+        if path == "plain":
+            return token_logps_at(hidden @ weight.T, index, targets, sum_sq=sum_sq)
+        out = chunked_logps.label_logps_at(hidden, weight, None, index, targets, chunk_size=3, sum_sq=sum_sq)
+        return torch.stack(out, 1) if sum_sq else out
+
+    inputs = [hidden] + ([weight] if weight.requires_grad else [])
+    alone = score(False)
+    alone_grads = torch.autograd.grad(alone.sum(), inputs)
+    both = score(True)
+    assert both.shape == (7, 2)
+    both_grads = torch.autograd.grad(both[:, 0].sum(), inputs, retain_graph=True)
+    assert torch.equal(both[:, 0].detach(), alone.detach())
+    for a, b in zip(both_grads, alone_grads, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.autograd.grad(both[:, 1].sum(), inputs, allow_unused=True, materialize_grads=True)[0].any()
+    probs = torch.softmax((hidden.detach().double() @ weight.detach().double().T).flatten(0, 1)[index], -1)
+    torch.testing.assert_close(both[:, 1].double(), (probs**2).sum(-1).log(), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpo_lora.core.schema import LOSS_TYPES
-from dpo_lora.train.losses import dpo_loss, kto_kl, kto_loss, orpo_loss, sft_loss, simpo_loss
+from dpo_lora.train.losses import aot_loss, dpo_loss, kto_kl, kto_loss, orpo_loss, sft_loss, simpo_loss
 
 
 def log_sigmoid(x: float) -> float:
@@ -297,3 +297,52 @@ def test_discopop_and_sigmoid_norm_gradients_match_the_oracle(loss_type):
         loss, _, _ = dpo_loss(at_zero, torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), beta=1.0, loss_type="discopop", discopop_tau=tau)  # fmt: skip
         loss.backward()
         assert at_zero.grad.item() == pytest.approx((1 - math.log(2)) / (4 * tau) - 0.75, rel=1e-9)
+
+
+def aot_oracle(paired: bool, beta: float, eps: float, *logps: float) -> float:
+    """AOT's batch loss (Melnyk et al. 2024) in Python floats: the mean smoothed logistic loss of the
+    k-th smallest policy margin against the k-th smallest reference margin (paired), or of the k-th
+    smallest chosen log-ratio against the k-th smallest rejected one (unpaired)."""
+    n = len(logps) // 4
+    pc, pr, rc, rr = (logps[i * n : (i + 1) * n] for i in range(4))
+    if paired:
+        upper, lower = [a - b for a, b in zip(pc, pr, strict=True)], [a - b for a, b in zip(rc, rr, strict=True)]
+    else:
+        upper, lower = [a - b for a, b in zip(pc, rc, strict=True)], [a - b for a, b in zip(pr, rr, strict=True)]
+    terms = [
+        -(1 - eps) * log_sigmoid(beta * (u - v)) - eps * log_sigmoid(-beta * (u - v))
+        for u, v in zip(sorted(upper), sorted(lower), strict=True)
+    ]
+    return sum(terms) / n
+
+
+@pytest.mark.parametrize("paired", [True, False])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_aot_matches_its_float64_oracle_in_values_and_gradients(paired, eps):
+    (pc, pr, rc, rr), _ = random_logps(12, seed=31 + paired)
+    beta = 0.3
+    inputs = [t.clone().requires_grad_() for t in (pc, pr, rc, rr)]
+    losses, chosen_rewards, rejected_rewards = aot_loss(*inputs, beta=beta, paired=paired, label_smoothing=eps)
+    grads = torch.autograd.grad(losses.mean(), inputs)
+    flat = [x for t in (pc, pr, rc, rr) for x in t.tolist()]
+    assert losses.mean().item() == pytest.approx(aot_oracle(paired, beta, eps, *flat), rel=1e-12)
+    expected_grads = [central_difference(lambda *a: aot_oracle(paired, beta, eps, *a), flat, i) for i in range(48)]
+    torch.testing.assert_close(
+        torch.cat(grads), torch.tensor(expected_grads, dtype=torch.float64), rtol=1e-5, atol=1e-9
+    )
+    # The rewards stay DPO's, pair by pair.
+    torch.testing.assert_close(chosen_rewards, beta * (pc - rc))
+    torch.testing.assert_close(rejected_rewards, beta * (pr - rr))
+
+
+def test_aot_sorts_across_the_batch_one_pair_is_dpo_and_the_order_of_pairs_does_not_matter():
+    (pc, pr, rc, rr), _ = random_logps(16, seed=41)
+    for paired in (True, False):
+        one = aot_loss(pc[:1], pr[:1], rc[:1], rr[:1], beta=0.2, paired=paired)[0]
+        torch.testing.assert_close(one, dpo_loss(pc[:1], pr[:1], rc[:1], rr[:1], beta=0.2)[0])
+        whole = aot_loss(pc, pr, rc, rr, beta=0.2, paired=paired)[0].mean()
+        order = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+        shuffled = aot_loss(pc[order], pr[order], rc[order], rr[order], beta=0.2, paired=paired)[0].mean()
+        torch.testing.assert_close(shuffled, whole)
+        # Across a batch it is not DPO: pairs meet other pairs' quantiles.
+        assert abs(whole.item() - dpo_loss(pc, pr, rc, rr, beta=0.2)[0].mean().item()) > 1e-3

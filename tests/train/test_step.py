@@ -148,3 +148,58 @@ def test_ld_dpo_weighs_each_pairs_tokens_past_its_shorter_completion(tiny_model_
     assert lengths.tolist() == [2, 6, 4, 5, 3, 4]
     torch.testing.assert_close(weighted.double(), torch.stack(expected), rtol=1e-5, atol=1e-5)
     assert (weighted - plain).abs()[[1, 3]].min() > 1e-3 and torch.equal(weighted[[2, 5]], plain[[2, 5]])
+
+
+def test_wpo_weighs_each_pair_by_its_completions_sampling_probability_on_both_paths(tiny_model_dir):
+    """`dpo.wpo` (Zhou et al. 2024, eq. 2): each pair's loss times w(y_w) w(y_l), with
+    log w(y) = mean_t [log p(y_t) - log sum_v p(v)^2] under the policy, no gradient through w. The
+    weights against an oracle that runs every prompt + completion alone and reduces its float64
+    softmax by hand; the loss and LoRA gradients against DPO's per-pair losses times those weights;
+    the chunked head against plain logits."""
+    from dpo_lora.model import chunked_logps
+    from dpo_lora.train.losses import dpo_loss
+    from dpo_lora.train.step import concatenated_logps, reference_logps
+
+    model = fresh_policy(tiny_model_dir)
+    with torch.no_grad():  # a trained-looking adapter: policy and reference differ
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(3)
+    ids = lambda n: torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    features = [{"prompt_ids": ids(4), "chosen_ids": ids(c), "rejected_ids": ids(r)} for c, r in ((2, 5), (6, 3))]
+    batch = collate_pairs(features, pad_token_id=0)
+    with torch.no_grad():
+        log_w = []
+        for side in ("chosen_ids", "rejected_ids"):
+            for f in features:
+                logits = model(input_ids=torch.tensor([f["prompt_ids"] + f[side]])).logits[0].double()
+                at = [torch.log_softmax(logits[len(f["prompt_ids"]) + t - 1], -1) for t in range(len(f[side]))]
+                terms = [lp[tok] - torch.logsumexp(2 * lp, -1) for lp, tok in zip(at, f[side], strict=True)]
+                log_w.append(sum(terms) / len(terms))
+        expected_weights = torch.exp(torch.stack(log_w[:2]) + torch.stack(log_w[2:]))
+    config = DpoConfig(beta=0.5, wpo=True)
+
+    def run():
+        model.zero_grad()
+        loss, stats = preference_step(model, batch, config)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        policy_logps, _ = concatenated_logps(model, batch)
+        ref = reference_logps(model, batch, config)
+        plain = dpo_loss(policy_logps[:2], policy_logps[2:], ref[:2], ref[2:], beta=0.5)[0]
+        (stats["wpo/weight"] * plain).mean().backward()
+        unweighted = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), stats, grads, unweighted, plain.detach()
+
+    results = {"plain": run()}
+    assert chunked_logps.install(model, chunk_size=3)
+    results["chunked"] = run()
+    for path, (loss, stats, grads, unweighted, plain) in results.items():
+        torch.testing.assert_close(stats["wpo/weight"].double(), expected_weights, rtol=1e-5, atol=0, msg=path)
+        torch.testing.assert_close(loss, (expected_weights.float() * plain).mean(), rtol=1e-5, atol=1e-7, msg=path)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, unweighted[name], rtol=1e-5, atol=1e-8, msg=f"{path} {name}")
+    assert (expected_weights - 1).abs().min() > 1e-3  # the weights are not a no-op here
+    torch.testing.assert_close(results["chunked"][1]["wpo/weight"], results["plain"][1]["wpo/weight"])
