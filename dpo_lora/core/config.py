@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from dpo_lora.core.errors import ConfigError, UserError
-from dpo_lora.core.schema import SMOOTHED_LOSSES, Config, MonitorConfig
+from dpo_lora.core.schema import DIVERGENCE_LOSSES, SMOOTHED_LOSSES, Config, MonitorConfig
 
 _NOT = object()  # a value that is not of a type
 
@@ -224,6 +224,11 @@ def validate(config: Config) -> None:
         raise _refuse("dpo.ld_alpha", "must be in [0, 1]")
     if dpo.ld_alpha != 1.0 and "kto" in names:
         raise _refuse("dpo.ld_alpha", "weighs a pair's longer completion; kto's rows are not pairs")
+    if dpo.f_divergence != "reverse_kl" and not set(names) <= set(DIVERGENCE_LOSSES):
+        others = ", ".join(name for name in names if name not in DIVERGENCE_LOSSES)
+        raise _refuse("dpo.f_divergence", f"only changes losses on the chosen-minus-rejected difference, not {others}")
+    if dpo.f_divergence == "alpha_divergence" and not 0.0 < dpo.f_alpha < 1.0:
+        raise _refuse("dpo.f_alpha", "must be in (0, 1)")
     if dpo.wpo and set(names) & {"kto", "aot", "aot_unpaired"}:
         reason = "kto's rows are not pairs" if "kto" in names else "aot's losses belong to sorted quantiles, not pairs"
         raise _refuse("dpo.wpo", f"weighs each pair's loss; {reason}")

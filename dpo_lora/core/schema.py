@@ -29,6 +29,10 @@ SORTED_LOSSES = ("aot", "aot_unpaired")  # dpo_lora.train.losses.aot_loss's: log
 REFERENCE_FREE_LOSSES = ("sft", "simpo", "orpo")  # terms that read the policy alone
 UNPAIRED_LOSSES = ("kto",)  # trained on {prompt, completion, label} rows, alone
 LOSS_TERMS = LOSS_TYPES + SORTED_LOSSES + REFERENCE_FREE_LOSSES + UNPAIRED_LOSSES  # what dpo.loss may name
+# The losses on the chosen-minus-rejected difference, where f-DPO's scores may replace the log-ratios
+# (its log Z(x) cancels only there); sft reads no reference and is unchanged.
+DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # the losses dpo.label_smoothing changes
 
 
@@ -157,6 +161,15 @@ class DpoConfig:
         1.0,
         "LD-DPO: weight of each pair's tokens past its shorter completion's length, in policy and reference "
         "log-probs alike (less pull toward length); 1: plain sums",
+    )
+    f_divergence: str = knob(
+        "reverse_kl",
+        "f-DPO: the divergence from the reference that the loss constrains; each log-ratio becomes f'(u) - f'(1), "
+        "u = pi / ref (reverse_kl: DPO); only for sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop (+ sft)",
+        DIVERGENCES,
+    )
+    f_alpha: float = knob(
+        0.5, "alpha_divergence: f'(u) = (u^(alpha-1) - 1) / (alpha-1), TRL's f_alpha_divergence_coef (1 - the paper's)"
     )
     wpo: bool = knob(
         False,

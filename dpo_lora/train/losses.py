@@ -18,6 +18,26 @@ import torch
 import torch.nn.functional as F
 
 
+def divergence_scores(logratios: torch.Tensor, divergence: str, alpha: float = 0.5) -> torch.Tensor:
+    """f-DPO's scores (Wang et al., 2023, Table 1): `f'(u) - f'(1)` with `u = pi(y|x) / ref(y|x)`, from
+    `log u`; the difference of two is what DPO's family compares (its `log Z(x)` cancels only there).
+
+    reverse_kl `f'(u) = log u + 1` (DPO: the score is the log-ratio); forward_kl `f'(u) = -1/u`;
+    js_divergence `f'(u) = log(2u / (1 + u))`; alpha_divergence `f'(u) = (u^(alpha - 1) - 1) / (alpha - 1)`,
+    TRL's parametrization (the paper's alpha is 1 - this one; they agree at 0.5; alpha -> 1 is reverse KL).
+    Exponents are clamped at 80 (float32's exp stays finite), as TRL clamps them.
+    """
+    if divergence == "reverse_kl" or (divergence == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return logratios
+    if divergence == "forward_kl":
+        return -torch.expm1(torch.clamp(-logratios, max=80.0))
+    if divergence == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if divergence == "alpha_divergence":
+        return torch.expm1(torch.clamp((alpha - 1) * logratios, max=80.0)) / (alpha - 1)
+    raise ValueError(f"unknown f-divergence {divergence!r}")
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -33,6 +53,8 @@ def dpo_loss(
     bco_delta: float | torch.Tensor = 0.0,
     dpop_lambda: float = 0.0,
     discopop_tau: float = 0.05,
+    divergence: str = "reverse_kl",
+    divergence_alpha: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example preference loss and the detached implicit rewards.
 
@@ -46,22 +68,24 @@ def dpo_loss(
     log-ratio itself: with `rho = beta * h` and `m = sigmoid(rho / discopop_tau)`,
     `(1 - m) * -log sigmoid(rho) + m * exp(-rho)`. `sigmoid_norm` is DPO on per-token averages
     (`c / |y_w|`, `r / |y_l|`), as `ipo` compares them; both report per-token rewards.
+    `divergence` (f-DPO; see divergence_scores) replaces each log-ratio in `h` by its score, before
+    `ipo`'s and `sigmoid_norm`'s per-token division; only the losses on `h` take one other than
+    reverse_kl, and the rewards stay DPO's log-ratios.
     Returns (losses, chosen_rewards, rejected_rewards), each [B].
     """
     if reference_free:
         ref_chosen_logps = torch.zeros_like(ref_chosen_logps)
         ref_rejected_logps = torch.zeros_like(ref_rejected_logps)
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    chosen_scores = divergence_scores(chosen_logratios, divergence, divergence_alpha)
+    rejected_scores = divergence_scores(rejected_logratios, divergence, divergence_alpha)
     if loss_type in ("ipo", "sigmoid_norm"):
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError(f"loss_type '{loss_type}' needs chosen_lengths and rejected_lengths")
-        policy_chosen_logps = policy_chosen_logps / chosen_lengths
-        ref_chosen_logps = ref_chosen_logps / chosen_lengths
-        policy_rejected_logps = policy_rejected_logps / rejected_lengths
-        ref_rejected_logps = ref_rejected_logps / rejected_lengths
-
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    logits = chosen_logratios - rejected_logratios
+        chosen_logratios, chosen_scores = chosen_logratios / chosen_lengths, chosen_scores / chosen_lengths
+        rejected_logratios, rejected_scores = rejected_logratios / rejected_lengths, rejected_scores / rejected_lengths
+    logits = chosen_scores - rejected_scores
     eps = label_smoothing
 
     if loss_type == "sigmoid_norm":

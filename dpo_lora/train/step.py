@@ -142,6 +142,8 @@ def loss_term(name: str, policy_logps, ref_logps, lengths, dpo_config, bco_delta
         bco_delta=bco_delta,
         dpop_lambda=dpo_config.dpop_lambda,
         discopop_tau=dpo_config.discopop_tau,
+        divergence=dpo_config.f_divergence,
+        divergence_alpha=dpo_config.f_alpha,
     )
     return (sft_loss(*chosen) if name == "sft" else losses), chosen_rewards, rejected_rewards
 

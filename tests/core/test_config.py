@@ -91,6 +91,12 @@ def test_a_loss_is_one_name_or_a_list_of_terms_with_weights():
         (["monitor.window_pairs=0"], "'monitor.window_pairs' must be >= 1"),
         (["monitor.length_correlation=1.5"], "'monitor.length_correlation' must be in \\(0, 1\\)"),
         (["dpo.wpo=true", "dpo.loss=[sigmoid, aot]"], "'dpo.wpo' weighs each pair's loss; aot's losses belong"),
+        (
+            ["dpo.f_divergence=js_divergence", "dpo.loss=[sigmoid, nca_pair]"],
+            "'dpo.f_divergence' only changes losses on the chosen-minus-rejected difference, not nca_pair",
+        ),  # fmt: skip
+        (["dpo.f_divergence=kl"], "'dpo.f_divergence' must be one of"),
+        (["dpo.f_divergence=alpha_divergence", "dpo.f_alpha=1.5"], "'dpo.f_alpha' must be in \\(0, 1\\)"),
         (["dpo.wpo=true", "dpo.loss=kto"], "'dpo.wpo' weighs each pair's loss; kto's rows are not pairs"),
     ],
 )

@@ -346,3 +346,68 @@ def test_aot_sorts_across_the_batch_one_pair_is_dpo_and_the_order_of_pairs_does_
         torch.testing.assert_close(shuffled, whole)
         # Across a batch it is not DPO: pairs meet other pairs' quantiles.
         assert abs(whole.item() - dpo_loss(pc, pr, rc, rr, beta=0.2)[0].mean().item()) > 1e-3
+
+
+def f_prime(u: float, divergence: str, alpha: float) -> float:
+    """f'(u) from the f-DPO paper's table (Wang et al. 2023), its alpha-divergence in the paper's own
+    parametrization: f'(u) = (1 - u^-a) / a with a = 1 - alpha (alpha: TRL's coefficient, ours)."""
+    if divergence == "reverse_kl":
+        return math.log(u) + 1
+    if divergence == "forward_kl":
+        return -1 / u
+    if divergence == "js_divergence":
+        return math.log(2 * u / (1 + u))
+    a = 1 - alpha
+    return (1 - u ** (-a)) / a
+
+
+DIVERGENCE_CASES = [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.3), ("alpha_divergence", 0.8)]
+
+
+@pytest.mark.parametrize(("divergence", "alpha"), DIVERGENCE_CASES)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop"])
+def test_f_divergences_match_the_papers_f_prime_in_values_and_gradients(divergence, alpha, loss_type):
+    """f-DPO: each log-ratio log u replaced by f'(u) - f'(1), taken from the paper's table; then each
+    loss's own formula (the oracle above) on those scores. Log-ratios within +-3, where exp is tame."""
+    g = torch.Generator().manual_seed(5)
+    pc, pr, rc, rr = (-torch.rand(16, generator=g, dtype=torch.float64) * 20 - 1 for _ in range(4))
+    pc, pr = rc + (torch.rand(16, generator=g, dtype=torch.float64) * 6 - 3), rr + (torch.rand(16, generator=g, dtype=torch.float64) * 6 - 3)  # fmt: skip
+    lc, lr = (torch.randint(1, 30, (16,), generator=g).double() for _ in range(2))
+    beta, eps = 0.7, 0.1 if loss_type in ("robust", "exo_pair") else 0.0
+
+    def score(p, r):
+        return f_prime(math.exp(p - r), divergence, alpha) - f_prime(1.0, divergence, alpha)
+
+    def expected(pc_, pr_, rc_, rr_, lc_, lr_):  # the scores in the log-ratios' place, reference 0
+        return oracle(loss_type, score(pc_, rc_), score(pr_, rr_), 0.0, 0.0, beta, eps, lc_, lr_, 0.0, tau=0.05)
+
+    inputs = [pc.clone().requires_grad_(), pr.clone().requires_grad_()]
+    losses, chosen_rewards, _ = dpo_loss(
+        *inputs, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps, chosen_lengths=lc,
+        rejected_lengths=lr, divergence=divergence, divergence_alpha=alpha,
+    )  # fmt: skip
+    grad_c, grad_r = torch.autograd.grad(losses.sum(), inputs)
+    for i in range(16):
+        args = [t[i].item() for t in (pc, pr, rc, rr, lc, lr)]
+        assert losses[i].item() == pytest.approx(expected(*args), rel=1e-9, abs=1e-12), i
+        assert grad_c[i].item() == pytest.approx(central_difference(expected, args, 0), rel=1e-5, abs=1e-8), i
+        assert grad_r[i].item() == pytest.approx(central_difference(expected, args, 1), rel=1e-5, abs=1e-8), i
+    per_token = lc if loss_type in ("ipo", "sigmoid_norm") else 1.0
+    torch.testing.assert_close(chosen_rewards, beta * (pc - rc) / per_token)  # the rewards stay DPO's
+
+
+def test_reverse_kl_is_dpo_and_alpha_near_one_tends_to_it():
+    (pc, pr, rc, rr), _ = random_logps(8, seed=6)
+    plain = dpo_loss(pc, pr, rc, rr, beta=0.1)[0]
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta=0.1, divergence="reverse_kl")[0], plain)
+    g = torch.Generator().manual_seed(7)
+    pc, pr = (
+        rc + torch.randn(8, generator=g, dtype=torch.float64),
+        rr + torch.randn(8, generator=g, dtype=torch.float64),
+    )
+    near = dpo_loss(pc, pr, rc, rr, beta=0.1, divergence="alpha_divergence", divergence_alpha=1 - 1e-4)[0]
+    torch.testing.assert_close(near, dpo_loss(pc, pr, rc, rr, beta=0.1)[0], rtol=1e-3, atol=1e-4)
+    extreme = torch.tensor([-500.0])  # the policy far below the reference: clamped, finite
+    for divergence in ("forward_kl", "alpha_divergence"):
+        loss = dpo_loss(extreme, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.1, divergence=divergence)[0]
+        assert torch.isfinite(loss).all(), divergence
