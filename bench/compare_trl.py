@@ -63,6 +63,7 @@ MODIFIERS = {
     "nockpt": {"model.gradient_checkpointing": "false"},
     "auto": {"model.checkpoint_layers": "auto"},  # on a GPU, what the card needs; on a CPU, every layer
     "fused": {"model.fused_lora": "true"},  # each 4-bit LoRA linear as one autograd function
+    "offload": {"model.offload_activations": "true"},  # checkpointed layer inputs in pinned host memory
     "bf16lora": {"model.lora_matmul_dtype": "bfloat16"},  # with -fused in all bf16: the adapter's products in bf16
     "compile": {"model.compile": "layers"},  # each decoder layer compiled (the first steps pay the compile)
     "zero0": {"deepspeed": "deepspeed_configs/zero0.json"},  # DeepSpeed without ZeRO (every other: zero2.json)

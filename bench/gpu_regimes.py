@@ -14,7 +14,8 @@
   `torch.cuda.set_per_process_memory_fraction`: an H100/H200 at 24 GB, not a consumer card. Each
   system runs the long workload at its largest micro-batch that fits (dpo-lora: its plan's,
   `dpo_lora.model.fitting.largest_fitting`; TRL: doubling from 1 until out of memory), then finds
-  its longest max_length at micro-batch 1 (doubling from 1024, two steps each).
+  its longest max_length at micro-batch 1 (doubling from 1024, two steps each); last, as the budget
+  allows, dpo-lora's with `model.offload_activations=true` (the layer inputs in host memory).
 
 Each measured run: `--warmup` steps (5), one profiled step (torch.profiler: kernels launched and
 the fraction of the step's wall time the GPU was busy), then `--steps` (20); medians with their
@@ -407,6 +408,8 @@ class Runner:
         results = {"dpo-lora": self.dpo_lora_largest(), "trl": self.trl_largest()}
         for system, result in results.items():
             result["longest_max_length"] = self.longest_length(system)
+        # Last, as the budget allows: the layer inputs in host memory (model.offload_activations).
+        results["dpo-lora-offload"] = {"longest_max_length": self.longest_length("dpo-lora-offload")}
         return results
 
     def dpo_lora_largest(self) -> dict:
@@ -505,6 +508,8 @@ def report(regime: str, args, results: dict, runner: Runner) -> Path:
         f"{'system':<16}{'setting':<18}{'mb':>4}{'pairs/s':>9}{'MFU':>7}{'alloc GB':>10}{'kernels':>9}{'busy':>6}{'x TRL':>7}{'x mem':>7}"
     )
     for system, setting, r in rows:
+        if set(r) <= {"longest_max_length"}:  # a length search alone (dpo-lora-offload)
+            continue
         if "pairs_per_s" not in r:
             print(f"{system:<16}{setting:<18}  {r.get('skipped') or r.get('error', '')[:70]}")
             continue

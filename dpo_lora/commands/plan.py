@@ -48,7 +48,7 @@ def run(args) -> int:
     verdict = "fits" if quoted["fits"] else "does NOT fit"
     print(f"  {'total':<52}{planned.total_bytes / 2**30:>9.2f} GiB  ({verdict} {budget / 2**30:.1f} GiB)")
     if planned.host:
-        print(f"host memory per rank (ZeRO offload), {args.gpus} rank(s) on a node need {args.gpus}x:")
+        print(f"host memory per rank (ZeRO and activation offload), {args.gpus} rank(s) on a node need {args.gpus}x:")
         for name, size in planned.host.items():
             print(f"  {name:<52}{size / 2**30:>9.2f} GiB")
     print(

@@ -251,6 +251,10 @@ def validate(config: Config) -> None:
     layers = config.model.checkpoint_layers
     if layers not in ("all", "auto") and not (isinstance(layers, int) and layers >= 0):
         raise _refuse("model.checkpoint_layers", f"must be all, auto or a count >= 0; got {layers!r}")
+    if config.model.offload_activations and not config.model.gradient_checkpointing:
+        raise _refuse("model.offload_activations", "offloads the checkpointed layers' inputs: set model.gradient_checkpointing: true")  # fmt: skip
+    if config.model.offload_activations and layers not in ("all", "auto"):
+        raise _refuse("model.offload_activations", "keeps every layer's input on the host: set model.checkpoint_layers: all")  # fmt: skip
     if train.early_stopping_patience < 0:
         raise _refuse("train.early_stopping_patience", "must be >= 0")
     if train.early_stopping_patience and (train.best_metric == "none" or not train.eval_every):
@@ -313,6 +317,7 @@ RESUME_MAY_CHANGE = {
     "train.cpu_mmap_threshold_mb",
     "train.pad_to_multiple_of",  # padding is masked out: the same log-probs (tests/data/test_layout.py)
     "model.recompute_attention",
+    "model.offload_activations",  # the same gradients (tests/model/test_offload.py)
     "model.checkpoint_layers",  # the same gradients, bit for bit (tests/model/test_grad_checkpointing.py)
     "train.collective_timeout_s",
     *(f"monitor.{name}" for name in MONITOR_KEYS),  # warnings only

@@ -73,6 +73,12 @@ class ModelConfig:
         "with gradient_checkpointing, rerun the attention kernels in backward too (off: keep their outputs, a few MB "
         "a layer, and skip their second forward; not under ZeRO-3)",
     )
+    offload_activations: bool = knob(
+        False,
+        "with gradient_checkpointing on a GPU: keep each checkpointed layer's input in pinned host memory, copied "
+        "out and back without waiting, so one layer's activations bound the length that fits (dpo-lora plan); "
+        "no effect on a CPU",
+    )
     trust_remote_code: bool = knob(False, "allow model code from the model folder/hub to run (off: safer)")
     attn_implementation: str = knob(
         "auto",

@@ -68,6 +68,8 @@ def resolve_auto(config, device: torch.device, world_size: int, announce: bool):
     budget = None if None in budgets else min(budgets)
     if zero_settings(config).stage == 3:
         count, why = "all", "under ZeRO-3 a layer not checkpointed keeps its gathered weights until the backward"
+    elif config.model.offload_activations:
+        count, why = "all", "model.offload_activations keeps every layer's input on the host"
     elif budget is None:
         count, why = "all", "auto sizes to GPU memory; on a CPU it checkpoints every layer"
     else:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dpo_lora.core.errors import UserError
-from dpo_lora.model import grad_checkpointing
+from dpo_lora.model import grad_checkpointing, offload
 from dpo_lora.model.precision import (
     bf16_is_native,
     cpu_has_native_bf16,
@@ -119,6 +119,8 @@ def load_base(model_config, device: torch.device, ds_config: dict | None = None)
         _matmuls_in_bfloat16(model, device)
     if model_config.gradient_checkpointing:
         grad_checkpointing.enable(model, model_config, zero_stage)
+    if model_config.offload_activations:
+        offload.install(model)
     return model
 
 

@@ -192,9 +192,11 @@ def saved_by_layer(config, rows: int, tokens: int, shared: bool) -> tuple[int, i
 
 def activation_components(
     config, hidden: int, vocab: int, layers: int, shared: bool, lengths: RowLengths | None = None, zero_stage: int = 0
-) -> tuple[dict[str, int], int, int]:
-    """(components, tokens per row, rows) for one micro-batch's policy forward and backward, its
-    rows as long as `lengths` (default: the worst case of `data.max_length`), under `zero_stage`."""
+) -> tuple[dict[str, int], int, int, dict[str, int]]:
+    """(device components, tokens per row, rows, host components) for one micro-batch's policy forward
+    and backward, its rows as long as `lengths` (default: the worst case of `data.max_length`), under
+    `zero_stage`. With model.offload_activations the layer inputs are the host's, but for the one back
+    on the device for its layer's recompute."""
 
     micro = config.train.micro_batch_size
     lengths = lengths or RowLengths.worst_case(config.data.max_length)
@@ -209,11 +211,15 @@ def activation_components(
     checkpointed = (
         checkpointed_count(config.model.checkpoint_layers, layers) if config.model.gradient_checkpointing else 0
     )
-    components = {}
-    if checkpointed:
+    components, host = {}, {}
+    if checkpointed and config.model.offload_activations:  # every layer checkpoints (config.validate)
+        host["offloaded layer inputs (model.offload_activations)"] = checkpointed * layer_input
+        components["one layer's input, back for its recompute"] = layer_input
+    elif checkpointed:
         # The first layers checkpoint, so backward frees every later layer's activations before the
         # first recompute: a recompute adds to the peak only when every layer checkpoints.
         components = {"checkpointed activations (layer inputs)": checkpointed * layer_input}
+    if checkpointed:
         if checkpointed == layers:
             components["one-layer recompute peak"] = per_layer
         if keeps_attention_outputs(config.model, zero_stage):
@@ -229,7 +235,7 @@ def activation_components(
     scored = 2 * micro * lengths.completion  # completion positions scored, at most
     chunk = min(config.train.logps_chunk_size, scored) if config.train.logps_chunk_size > 0 else scored
     components["LM-head chunk transient"] = lm_head_transient(chunk, vocab, scored, rows * tokens, hidden, element)
-    return components, tokens, rows
+    return components, tokens, rows, host
 
 
 def dora_transient(config) -> int:
@@ -263,7 +269,7 @@ def text_config_of(config):
 
 def activations_of(
     config, text_config, lengths: RowLengths | None = None, zero: ZeroSettings | None = None
-) -> tuple[dict[str, int], int, int]:
+) -> tuple[dict[str, int], int, int, dict[str, int]]:
 
     # The layout training will use (dpo_lora.data.layout.batch_layout decides it the same way).
     reason = unsupported_reason(SimpleNamespace(config=text_config), config.data.max_length)
@@ -285,9 +291,9 @@ def plan(config, world_size: int = 1, lengths: RowLengths | None = None, zero: Z
     zero = zero or zero_settings(config)
     components, host, lora_numel = weight_components(config, zero, world_size)
     optimizer, optimizer_host = optimizer_components(lora_numel, zero, world_size)
-    activations, tokens, rows = activations_of(config, text_config_of(config), lengths, zero)
+    activations, tokens, rows, activations_host = activations_of(config, text_config_of(config), lengths, zero)
     components |= optimizer | activations
     if config.dpo.sync_reference_every:  # TR-DPO's frozen reference adapter, partitioned as the policy's
         components["reference adapter (dpo.sync_reference_every)"] = optimizer["LoRA parameters"]
     components["fixed overhead (CUDA context, workspaces)"] = FIXED_OVERHEAD
-    return Plan(components, tokens, rows, host | optimizer_host)
+    return Plan(components, tokens, rows, host | optimizer_host | activations_host)
