@@ -15,6 +15,7 @@ from dpo_lora.core.console import quiet_third_party
 from dpo_lora.core.cpu_memory import huge_pages_for_tensors
 from dpo_lora.core.errors import UserError
 from dpo_lora.core.rundir import error_line
+from dpo_lora.model.gguf_mixes import GGUF_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--gguf-type",
-        choices=("f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0"),
+        choices=GGUF_TYPES,
         default="f16",
-        help="GGUF weight type",
+        help="GGUF weight type: one type throughout, or llama.cpp's k-quant mixes (q2_k to q5_k_m)",
     )
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     export.add_argument("--push", metavar="REPO", help="also upload to this Hugging Face Hub repo")

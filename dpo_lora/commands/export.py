@@ -23,7 +23,8 @@ import torch
 
 from dpo_lora.core.errors import UserError
 from dpo_lora.core.sizes import parse_size
-from dpo_lora.model.gguf_export import GGUF_TYPES, check_supported, gguf_name, modelfile, verify_gguf, write_gguf
+from dpo_lora.model.gguf_export import check_supported, gguf_name, modelfile, verify_gguf, write_gguf
+from dpo_lora.model.gguf_mixes import GGUF_TYPES
 from dpo_lora.model.requantize import Requantizer
 from dpo_lora.model.verify import verify_export
 from dpo_lora.model.weight_files import ShardWriter, WeightFolder
@@ -172,7 +173,7 @@ def export_model(
 ) -> dict:
     """Export a run/adapter/checkpoint (or the run's `checkpoint`: best, latest, a step) to `out`;
     returns the export report (also in out/export_report.json). `format: gguf` writes one GGUF file
-    (`gguf_type` f16, q8_0, q6_k, q5_k_m, q5_0, q4_k_m or q4_0) from a float32 merge, with an Ollama Modelfile, instead of safetensors."""
+    (`gguf_type`: one of dpo_lora.model.gguf_mixes.GGUF_TYPES) from a float32 merge, with an Ollama Modelfile, instead of safetensors."""
     import shutil
     import tempfile
 

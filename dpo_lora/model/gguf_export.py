@@ -9,10 +9,10 @@ tensor in float32 and its converted copy (a 7B's largest, the embedding: 0.5 GB 
 Conversions, as llama.cpp's own loader expects them: q and k projections have their rows permuted
 from Hugging Face's rotate-half rotary layout to GGUF's interleaved one; 1-D tensors (norms) stay
 float32; 2-D weights become `f16`, or `q8_0` (blocks of 32 int8 values with one float16 scale)
-where their rows split into such blocks (else f16). `q4_k_m` and `q5_k_m` are llama.cpp's mixes
-of the k-quants (dpo_lora.model.kquants): Q6_K for the head and for attn_v and ffn_down in
-llama.cpp's chosen layers, Q4_K (Q5_K) for the rest, and llama.cpp's fallbacks (Q5_0 or Q5_1,
-Q8_0) where rows do not split into 256-value super-blocks.
+where their rows split into such blocks (else f16). `q2_k` to `q5_k_m` are llama.cpp's mixes of
+the k-quants (dpo_lora.model.kquants, dpo_lora.model.lowbit_quants; which tensor gets which type:
+dpo_lora.model.gguf_mixes), with llama.cpp's fallbacks where rows do not split into 256-value
+super-blocks.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from dpo_lora.core.errors import UserError
-from dpo_lora.model import kquants
+from dpo_lora.model import kquants, lowbit_quants
+from dpo_lora.model.gguf_mixes import stored_type
 from dpo_lora.model.weight_files import WeightFolder
 
-GGUF_TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0")
 SUPPORTED = ("LlamaForCausalLM",)
 
 
@@ -90,7 +90,7 @@ def write_gguf(folder: Path, out_file: Path, gguf_type: str, name: str) -> dict:
         if target is None:
             raise UserError(f"--format gguf: no GGUF name for tensor {hf_name}")
         shape = tuple(weights.shape(hf_name))
-        qtype = _storage_type(shape, gguf_type, target, config["num_hidden_layers"], tied_head)
+        qtype = _storage_type(shape, gguf_type, target, config, tied_head)
         nbytes = _nbytes(shape, qtype)
         writer.add_tensor_info(target, _byte_shape(shape, qtype), _numpy_dtype(qtype), nbytes, raw_dtype=qtype)
         plan.append((hf_name, qtype))
@@ -117,43 +117,19 @@ def _interleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _storage_type(shape: tuple[int, ...], gguf_type: str, target: str, layers: int, tied_head: bool):
-    """The type tensor `target` (its GGUF name) is stored as: F32 for 1-D tensors; else the asked
-    type where rows split into its blocks, else llama.cpp's fallback (Q4_K -> Q5_0, Q5_K -> Q5_1,
-    Q6_K -> Q8_0), else F16. Under 4- and 5-bit types the embedding and the head keep more bits:
-    q8_0 beside the legacy types; Q6_K for the head in q4_k_m and q5_k_m (the embedding when it is
-    also the head: `tied_head`), where llama.cpp also gives Q6_K to attn_v and ffn_down in the first
-    and last eighth of the layers and every third between."""
+def _storage_type(shape: tuple[int, ...], gguf_type: str, target: str, config: dict, tied_head: bool):
+    """The GGMLQuantizationType tensor `target` (its GGUF name) is stored as (dpo_lora.model.gguf_mixes)."""
     import gguf
 
-    kinds = gguf.GGMLQuantizationType
-    if len(shape) < 2:
-        return kinds.F32
-    wanted = {"f16": kinds.F16, "q8_0": kinds.Q8_0, "q6_k": kinds.Q6_K, "q5_0": kinds.Q5_0, "q4_0": kinds.Q4_0}.get(gguf_type)  # fmt: skip
-    if gguf_type in ("q5_0", "q4_0") and target in ("token_embd.weight", "output.weight"):
-        wanted = kinds.Q8_0
-    if gguf_type in ("q4_k_m", "q5_k_m"):
-        head = target == "output.weight" or (tied_head and target == "token_embd.weight")
-        if head or (target.endswith(("attn_v.weight", "ffn_down.weight")) and _more_bits(target, layers)):
-            wanted = kinds.Q6_K
-        else:
-            wanted = kinds.Q4_K if gguf_type == "q4_k_m" else kinds.Q5_K
-    fallback = {kinds.Q4_K: kinds.Q5_0, kinds.Q5_K: kinds.Q5_1, kinds.Q6_K: kinds.Q8_0}.get(wanted)
-    for kind in (wanted, fallback):
-        if kind is not None and (kind == kinds.F16 or shape[-1] % gguf.GGML_QUANT_SIZES[kind][0] == 0):
-            return kind
-    return kinds.F16
+    heads = config["num_attention_heads"]
+    gqa = heads // (config.get("num_key_value_heads") or heads)
+    kind = stored_type(shape, gguf_type, target, config["num_hidden_layers"], gqa, tied_head)
+    return gguf.GGMLQuantizationType[kind]
 
 
 def _tied_head(hf_names, names) -> bool:
     """Whether the file holds no head (`output.weight`): the embedding is then also the head."""
     return all(names.get_name(name, try_suffixes=(".weight", ".bias")) != "output.weight" for name in hf_names)
-
-
-def _more_bits(target: str, layers: int) -> bool:
-    """llama.cpp's use_more_bits for the layer of `target` (blk.N....)."""
-    layer = int(target.split(".")[1])
-    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
 
 
 def _numpy_dtype(qtype):
@@ -191,6 +167,12 @@ def _convert(tensor: torch.Tensor, qtype) -> np.ndarray:
         return kquants.quantize_q5_k(array)
     if qtype == gguf.GGMLQuantizationType.Q6_K:
         return kquants.quantize_q6_k(array)
+    if qtype == gguf.GGMLQuantizationType.Q3_K:
+        return lowbit_quants.quantize_q3_k(array)
+    if qtype == gguf.GGMLQuantizationType.Q2_K:
+        return lowbit_quants.quantize_q2_k(array)
+    if qtype == gguf.GGMLQuantizationType.IQ4_NL:
+        return lowbit_quants.quantize_iq4_nl(array)
     return gguf.quants.quantize(array, qtype)
 
 
@@ -260,7 +242,7 @@ def _stored_weights(weight_of, folder: Path, gguf_type: str):
         # A tied head is not in the file: the model reads its twin, stored as the twin's type.
         written = tied[name] if name not in files and name in tied else name
         target = names.get_name(written, try_suffixes=(".weight", ".bias"))
-        qtype = _storage_type(tuple(tensor.shape), gguf_type, target, config["num_hidden_layers"], tied_head)
+        qtype = _storage_type(tuple(tensor.shape), gguf_type, target, config, tied_head)
         if qtype == gguf.GGMLQuantizationType.F32:
             return tensor
         return torch.from_numpy(gguf.quants.dequantize(_convert(tensor, qtype), qtype)).reshape(tensor.shape)

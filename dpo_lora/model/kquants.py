@@ -65,12 +65,13 @@ def _affine_error(x: np.ndarray, w: np.ndarray, scale: np.ndarray, offset: np.nd
     return (w * (scale[:, None] * q - offset[:, None] - x) ** 2).sum(axis=1)
 
 
-def _six_bit(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(float16 super-scale [blocks], 6-bit integers [blocks, 8]) with values ~ super * integers."""
-    top = values.max(axis=1)
-    super_scale = (top / 63.0).astype(np.float16)
+def _six_bit(values: np.ndarray, top: int = 63) -> tuple[np.ndarray, np.ndarray]:
+    """(float16 super-scale [blocks], integers 0..top [blocks, n]) with values (>= 0) ~ super * integers:
+    6-bit by default, 4-bit with top 15 (Q2_K)."""
+    largest = values.max(axis=1)
+    super_scale = (largest / top).astype(np.float16)
     safe = np.where(super_scale > 0, super_scale.astype(np.float32), 1.0)
-    return super_scale, np.clip(np.rint(values / safe[:, None]), 0, 63).astype(np.uint8)
+    return super_scale, np.clip(np.rint(values / safe[:, None]), 0, top).astype(np.uint8)
 
 
 def q4_k_parts(array: np.ndarray, levels: int = 15) -> tuple[np.ndarray, ...]:
@@ -135,29 +136,30 @@ def quantize_q5_k(array: np.ndarray) -> np.ndarray:
     return pack_q5_k(*q4_k_parts(array, levels=31)).reshape(*shape[:-1], shape[-1] // QK_K * Q5_K_BYTES)
 
 
-def _fit_symmetric(x: np.ndarray) -> np.ndarray:
-    """Scale per row of x [groups, 16], x ~ scale * q with q in -32..31: the candidate scales
-    around the one that maps the largest magnitude to -32, each with its least-squares refit
-    weighted by x^2 (llama.cpp's Q6_K weighting: the large weights are the last to be clipped)."""
+def _fit_symmetric(x: np.ndarray, half: int = 32) -> np.ndarray:
+    """Scale per row of x [groups, n], x ~ scale * q with q in -half..half-1 (Q6_K: 32, Q3_K: 4): the
+    candidate scales around the one that maps the largest magnitude to -half, each with its
+    least-squares refit weighted by x^2 (llama.cpp's Q6_K weighting: the large weights are the last
+    to be clipped)."""
     w = x * x
     extreme = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)[:, 0]
-    best_scale = np.where(extreme != 0, extreme / -32.0, 0.0).astype(np.float32)
-    best_error = _symmetric_error(x, w, best_scale)
-    for step in CANDIDATES:
-        inverse = np.where(extreme != 0, -(32.0 + step) / np.where(extreme != 0, extreme, 1.0), 0.0)
-        q = np.clip(np.rint(x * inverse[:, None]), -32, 31)
+    best_scale = np.where(extreme != 0, extreme / -half, 0.0).astype(np.float32)
+    best_error = _symmetric_error(x, w, best_scale, half)
+    for step in CANDIDATES:  # up to one integer step either way
+        inverse = np.where(extreme != 0, -(half + step) / np.where(extreme != 0, extreme, 1.0), 0.0)
+        q = np.clip(np.rint(x * inverse[:, None]), -half, half - 1)
         swqq = (w * q * q).sum(1)
         scale = np.where(swqq > 0, (w * q * x).sum(1) / np.where(swqq > 0, swqq, 1.0), 0.0)
-        error = _symmetric_error(x, w, scale)
+        error = _symmetric_error(x, w, scale, half)
         better = error < best_error
         best_scale = np.where(better, scale, best_scale)
         best_error = np.minimum(error, best_error)
     return best_scale.astype(np.float32)
 
 
-def _symmetric_error(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def _symmetric_error(x: np.ndarray, w: np.ndarray, scale: np.ndarray, half: int) -> np.ndarray:
     safe = np.where(scale != 0, scale, 1.0)
-    q = np.where(scale[:, None] != 0, np.clip(np.rint(x / safe[:, None]), -32, 31), 0)
+    q = np.where(scale[:, None] != 0, np.clip(np.rint(x / safe[:, None]), -half, half - 1), 0)
     return (w * (scale[:, None] * q - x) ** 2).sum(axis=1)
 
 

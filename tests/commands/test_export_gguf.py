@@ -159,3 +159,91 @@ def test_k_quant_mixes_fall_back_as_llama_cpp_does_where_rows_are_not_256_wide(t
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "out" / report["gguf_file"]).tensors}
     assert kinds["blk.0.attn_q.weight"] == kinds["token_embd.weight"] == body
     assert kinds["output.weight"] == kinds["blk.1.attn_v.weight"] == "Q8_0"
+
+
+@pytest.mark.parametrize(
+    ("gguf_type", "expected"),
+    [  # blk.N tensor -> type, for a 32-layer model (llama.cpp's llama_tensor_get_type for Llama)
+        (
+            "q2_k",
+            {
+                "0.attn_v": "Q3_K",
+                "0.ffn_down": "Q3_K",
+                "0.attn_output": "Q3_K",
+                "0.attn_q": "Q2_K",
+                "31.ffn_up": "Q2_K",
+            },
+        ),  # fmt: skip
+        ("q3_k_s", {"0.attn_v": "Q3_K", "0.ffn_down": "Q3_K", "0.attn_output": "Q3_K"}),
+        (
+            "q3_k_m",
+            {
+                "1.attn_v": "Q5_K",
+                "2.attn_v": "Q4_K",
+                "1.ffn_down": "Q5_K",
+                "2.ffn_down": "Q4_K",
+                "9.attn_output": "Q4_K",
+                "9.attn_k": "Q3_K",
+            },
+        ),  # fmt: skip
+        ("q3_k_l", {"9.attn_v": "Q5_K", "9.ffn_down": "Q5_K", "9.attn_output": "Q5_K", "9.ffn_gate": "Q3_K"}),
+        (
+            "q4_k_s",
+            {
+                "3.attn_v": "Q5_K",
+                "4.attn_v": "Q4_K",
+                "3.ffn_down": "Q5_K",
+                "4.ffn_down": "Q4_K",
+                "0.attn_output": "Q4_K",
+            },
+        ),  # fmt: skip
+        (
+            "q4_k_m",
+            {"3.attn_v": "Q6_K", "4.attn_v": "Q4_K", "6.ffn_down": "Q6_K", "7.ffn_down": "Q4_K", "28.attn_v": "Q6_K"},
+        ),  # fmt: skip
+        ("q5_k_s", {"0.attn_v": "Q5_K", "0.ffn_down": "Q5_K"}),
+    ],
+)
+def test_each_mix_gives_llama_cpps_types_by_tensor_and_layer(gguf_type, expected):
+    from dpo_lora.model.gguf_mixes import mixed_type
+
+    for where, kind in expected.items():
+        layer, tensor = where.split(".")
+        assert mixed_type(gguf_type, f"blk.{layer}.{tensor}.weight", 32, 1, head=False) == kind, where
+    assert mixed_type(gguf_type, "output.weight", 32, 1, head=True) == "Q6_K"
+    body = {"q2_k": "Q2_K", "q5_k_s": "Q5_K", "q4_k_s": "Q4_K", "q4_k_m": "Q4_K"}.get(gguf_type, "Q3_K")
+    assert mixed_type(gguf_type, "token_embd.weight", 32, 1, head=False) == body
+    if gguf_type == "q2_k":  # grouped-query attention (Llama-3-8B: 4 query heads per key/value head)
+        assert mixed_type(gguf_type, "blk.0.attn_v.weight", 32, 4, head=False) == "Q4_K"
+
+
+@pytest.mark.parametrize("gguf_type", ["q2_k", "q3_k_m"])
+def test_low_bit_mixes_load_with_the_merged_models_log_probs(wide_run, tmp_path, gguf_type):
+    """q2_k and q3_k_m on the 256-wide model: each tensor stored as the mix says, and transformers reads
+    the file back (gguf's dequantizers) with the log-probs of the merge as stored."""
+    import gguf
+
+    from dpo_lora.model.gguf_mixes import stored_type
+
+    report = export_model(str(wide_run), out=str(tmp_path / "out"), format="gguf", gguf_type=gguf_type)
+    assert report["max_logp_diff_gguf_vs_stored"] <= GGUF_TOLERANCE
+    assert report["max_logp_diff_gguf_vs_stored"] < report["max_logp_diff_gguf_vs_merged"] / 10
+    reader = gguf.GGUFReader(tmp_path / "out" / report["gguf_file"])
+    assert reader.fields["general.file_type"].contents() == getattr(gguf.LlamaFileType, f"MOSTLY_{gguf_type.upper()}")
+    tied = "output.weight" not in {t.name for t in reader.tensors}
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        assert t.tensor_type.name == stored_type(shape, gguf_type, t.name, 2, 2, tied), t.name
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == {"q2_k": "Q2_K", "q3_k_m": "Q3_K"}[gguf_type]
+    assert kinds["blk.0.attn_v.weight"] == {"q2_k": "Q3_K", "q3_k_m": "Q5_K"}[gguf_type]
+
+
+def test_low_bit_mixes_fall_back_to_iq4_nl_where_rows_are_not_256_wide(tiny_run, tmp_path):
+    import gguf
+
+    report = export_model(str(tiny_run), out=str(tmp_path / "out"), format="gguf", gguf_type="q3_k_m")
+    assert report["max_logp_diff_gguf_vs_stored"] <= GGUF_TOLERANCE
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "out" / report["gguf_file"]).tensors}
+    assert kinds["blk.0.attn_q.weight"] == kinds["token_embd.weight"] == "IQ4_NL"  # Q3_K's fallback
+    assert kinds["blk.0.attn_v.weight"] == "Q5_1" and kinds["output.weight"] == "Q8_0"  # Q5_K's and Q6_K's
