@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the most bytes of files one project may hold, e.g. 10GiB (413 past it; 0: no cap)",
     )  # fmt: skip
     serve.add_argument(
+        "--preempt-after", type=float, default=0.0, metavar="SECONDS",
+        help="when the next queued job has waited this long for devices that projects over their share (by "
+        "--api-keys weights) hold, stop one of their jobs at a checkpoint and queue it again; 0: never",
+    )  # fmt: skip
+    serve.add_argument(
         "--adopt-after", type=float, default=600.0, metavar="SECONDS",
         help="take over the running jobs of a server on the same store silent this long, where this one can "
         "reach them (SLURM's; local ones on its own host); 0: never",

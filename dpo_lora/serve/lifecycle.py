@@ -7,10 +7,12 @@ job's status only through these.
            +--validation_failed--> failed |                             |  \\--requeued--> queued (resumes)
     (before start) --pause--> paused --resume--> queued (or validating_files, if never validated)
     running --request_pause--> (checkpoint) --paused--> paused;   any unfinished --cancel--> cancelled
+    running --preempt--> (checkpoint) --preempted--> queued (resumes; serve/preemption.py)
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from dpo_lora.serve.status import BEFORE_START, FINAL, JobStatus, StopRequest
@@ -19,7 +21,7 @@ from dpo_lora.serve.wire import ApiError
 
 
 def _requeue(store: Store, s, job: Job) -> None:
-    job.status, job.queue_seq = JobStatus.QUEUED, store.next_queue_seq(s)
+    job.status, job.queue_seq, job.queued_ns = JobStatus.QUEUED, store.next_queue_seq(s), time.time_ns()
 
 
 def validated(store: Store, s, job: Job) -> None:
@@ -57,7 +59,7 @@ def cancel(store: Store, s, job: Job) -> None:
 
 def pause(store: Store, s, job: Job) -> None:
     """A client's pause: a running job checkpoints at its next step; one not started waits."""
-    if job.status == JobStatus.RUNNING and job.stop_request is None:
+    if job.status == JobStatus.RUNNING and job.stop_request in (None, StopRequest.PREEMPT):
         job.stop_request = StopRequest.PAUSE  # ends in `paused` once the checkpoint is written
         store.add_event(s, job.id, "Pause requested: the job checkpoints at its next step")
     elif job.status in BEFORE_START:
@@ -80,6 +82,19 @@ def resume(store: Store, s, job: Job) -> None:
     else:
         job.status = JobStatus.VALIDATING_FILES
     store.add_event(s, job.id, f"The job is resumed and {job.status.value.replace('_', ' ')}")
+
+
+def preempt(store: Store, s, job: Job, head: Job) -> None:
+    """The scheduler stops a running job for `head`, of a project below its share (serve/preemption.py)."""
+    job.stop_request, job.signalled_at = StopRequest.PREEMPT, None
+    store.add_event(s, job.id, f"Preempted for job {head.id} of a project below its share: the job checkpoints at its next step")  # fmt: skip
+    store.add_event(s, head.id, f"Job {job.id} of a project over its share stops for this one")
+
+
+def preempted(store: Store, s, job: Job, at_step: str) -> None:
+    """A preempted run stopped at a checkpoint: it queues again in its old place in its project's queue."""
+    job.status, job.queued_ns = JobStatus.QUEUED, time.time_ns()
+    store.add_event(s, job.id, f"The job was preempted and is queued again; it resumes from {at_step}", level="warn")
 
 
 def paused(store: Store, s, job: Job, at_step: str) -> None:

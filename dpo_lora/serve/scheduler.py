@@ -22,7 +22,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from dpo_lora.core import rundir
-from dpo_lora.serve import failover, ingest, lifecycle, processes, runfiles
+from dpo_lora.serve import failover, ingest, lifecycle, preemption, processes, runfiles
 from dpo_lora.serve.status import JobStatus, StopRequest
 from dpo_lora.serve.store import Export, File, Job, Store, Upload, now
 from dpo_lora.serve.wire import fine_tuned_name
@@ -36,12 +36,16 @@ class Scheduler:
     share a database each watch, stop and recover only their own runs."""
 
     def __init__(self, store: Store, devices: list[str], backend, runner: str, grace_s: float = 120.0,
-                 project_devices: int = 0, weights=dict, adopt_after_s: float = 0.0) -> None:  # fmt: skip
+                 project_devices: int = 0, weights=dict, adopt_after_s: float = 0.0,
+                 preempt_after_s: float = 0.0) -> None:  # fmt: skip
         """`project_devices`: the most devices one project's running jobs may hold (0: no cap);
         `weights()`: each project's share in the queue's turns now (absent: 1; --api-keys);
-        `adopt_after_s`: adopt the runs of a server silent this long (0: never; serve/failover.py)."""
+        `adopt_after_s`: adopt the runs of a server silent this long (0: never; serve/failover.py);
+        `preempt_after_s`: stop a job of a project over its share for a head of the queue waiting this
+        long (0: never; serve/preemption.py)."""
         self.store, self.devices, self.backend, self.runner, self.grace_s = store, devices, backend, runner, grace_s
         self.project_devices, self.weights, self.adopt_after_s = project_devices, weights, adopt_after_s
+        self.preempt_after_s = preempt_after_s
         self._next_beat = 0.0  # monotonic time of this server's next heartbeat
         self._adopted_checked = False
         self._reported_state: dict[str, str] = {}  # job id -> the backend state last put in its events
@@ -68,6 +72,8 @@ class Scheduler:
         self._validate()
         self._watch()
         self._dispatch()
+        if self.preempt_after_s:
+            self._preempt()
         self._watch_exports()
         self._expire_files()
 
@@ -180,6 +186,23 @@ class Scheduler:
                     continue  # another server on this database took it
             self._launch(head.id, devices, head.attempt + 1)
 
+    def _preempt(self) -> None:
+        """Stop one job of a project over its share when the head of the queue has waited
+        preempt_after_s for devices (serve/preemption.py)."""
+        with self._lending:
+            free = len(self._free())
+            with self.store.session() as s:
+                if preemption.in_flight(s, self.runner):
+                    return
+                head = _head_of_queue(s, self.project_devices, self.weights())
+                if head is None or head.devices_wanted <= free or head.devices_wanted > len(self.devices):
+                    return
+                if time.time_ns() - head.queued_ns < self.preempt_after_s * 1e9:
+                    return
+                job = preemption.victim(s, head, free, self.weights(), self.runner, self.preempt_after_s)
+                if job is not None:
+                    lifecycle.preempt(self.store, s, self.store.for_update(s, Job, job.id), head)
+
     def _free(self) -> list[str]:
         """Devices that no job of this server holds and inference has not borrowed."""
         with self.store.session() as s:
@@ -282,6 +305,10 @@ class Scheduler:
             self.store.add_event(s, job.id, "The job was cancelled")
         elif job.stop_request == StopRequest.PAUSE:
             lifecycle.paused(self.store, s, job, at_step)
+        elif job.stop_request == StopRequest.PREEMPT and not (
+            returncode == 0 and rundir.has_adapter(directory / "run")
+        ):
+            lifecycle.preempted(self.store, s, job, at_step)
         elif returncode == 0 and rundir.has_adapter(directory / "run"):
             lifecycle.succeeded(self.store, s, job, fine_tuned_name(job), ingest.result_file(s, directory, job.project))
         elif returncode not in (None, 0) and returncode != -9:
@@ -332,9 +359,7 @@ def _head_of_queue(s, cap: int = 0, weights: dict | None = None) -> Job | None:
     devices and on one, a project of weight 3 holding three devices to another's one. A project
     whose head would take it past `cap` devices (0: no cap) waits, and others go first."""
     weights = weights or {}
-    held: dict[str, int] = {}
-    for project, devices in s.execute(select(Job.project, Job.devices).where(Job.devices.is_not(None))):
-        held[project] = held.get(project, 0) + len(devices)
+    held = preemption.held_devices(s)
     started = dict(s.execute(select(Job.project, func.max(Job.started_ns)).group_by(Job.project)).all())
     firsts = select(Job.project, func.min(Job.queue_seq)).where(Job.status == JobStatus.QUEUED).group_by(Job.project)
     share = {project: held.get(project, 0) / weights.get(project, 1.0) for project in {*held, *weights}}

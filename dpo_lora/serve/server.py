@@ -96,6 +96,8 @@ def serve(args) -> int:
         raise UserError(
             f"--adopt-after {args.adopt_after}: must be 0 (never) or at least {MIN_ADOPT_AFTER_S:.0f} seconds"
         )
+    if args.preempt_after < 0:
+        raise UserError(f"--preempt-after {args.preempt_after}: must be 0 (never) or more seconds")
     if args.rate_limit < 0:
         raise UserError(f"--rate-limit {args.rate_limit}: must be 0 (no limit) or more requests a minute")
     if args.max_streams < 1:
@@ -140,7 +142,7 @@ def serve(args) -> int:
     )
     scheduler = Scheduler(store, devices, backend, runner, grace_s=args.grace_seconds,
                           project_devices=args.project_devices, weights=lambda: state.projects.weights,
-                          adopt_after_s=args.adopt_after)  # fmt: skip
+                          adopt_after_s=args.adopt_after, preempt_after_s=args.preempt_after)  # fmt: skip
     if args.inference_adapters < 1:
         raise UserError(f"--inference-adapters {args.inference_adapters}: must be at least 1")
     state.inference = Inference(

@@ -22,10 +22,11 @@ class JobStatus(str, enum.Enum):
 
 class StopRequest(str, enum.Enum):
     """What the scheduler does to a running job's process: kill it (cancel), or SIGTERM it so the
-    trainer checkpoints and exits (pause)."""
+    trainer checkpoints and exits (pause; preempt, after which it queues again: serve/preemption.py)."""
 
     CANCEL = "cancel"
     PAUSE = "pause"
+    PREEMPT = "preempt"
 
     def __str__(self) -> str:
         return self.value

@@ -121,6 +121,7 @@ class Job(Base):
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     project: Mapped[str] = mapped_column(String(64), default="default", index=True)  # its API key's
     started_ns: Mapped[int] = mapped_column(BigInteger, default=0)  # its newest attempt's start: projects' turns
+    queued_ns: Mapped[int] = mapped_column(BigInteger, default=0)  # when it last queued: --preempt-after
     model_deleted_at: Mapped[int | None] = mapped_column(Integer, nullable=True)  # DELETE /v1/models/{its model}
 
 
