@@ -29,6 +29,10 @@ from dpo_lora.model.gguf_mixes import stored_type
 from dpo_lora.model.weight_files import WeightFolder
 
 SUPPORTED = ("LlamaForCausalLM",)
+OUR_QUANTIZERS = {
+    "Q2_K": lowbit_quants.quantize_q2_k, "Q3_K": lowbit_quants.quantize_q3_k, "IQ4_NL": lowbit_quants.quantize_iq4_nl,
+    "Q4_K": kquants.quantize_q4_k, "Q5_K": kquants.quantize_q5_k, "Q6_K": kquants.quantize_q6_k,
+}  # fmt: skip
 
 
 def gguf_name(name: str, gguf_type: str) -> str:
@@ -161,19 +165,8 @@ def _convert(tensor: torch.Tensor, qtype) -> np.ndarray:
         return array.astype(np.float32)
     if qtype == gguf.GGMLQuantizationType.F16:
         return array.astype(np.float16)
-    if qtype == gguf.GGMLQuantizationType.Q4_K:
-        return kquants.quantize_q4_k(array)
-    if qtype == gguf.GGMLQuantizationType.Q5_K:
-        return kquants.quantize_q5_k(array)
-    if qtype == gguf.GGMLQuantizationType.Q6_K:
-        return kquants.quantize_q6_k(array)
-    if qtype == gguf.GGMLQuantizationType.Q3_K:
-        return lowbit_quants.quantize_q3_k(array)
-    if qtype == gguf.GGMLQuantizationType.Q2_K:
-        return lowbit_quants.quantize_q2_k(array)
-    if qtype == gguf.GGMLQuantizationType.IQ4_NL:
-        return lowbit_quants.quantize_iq4_nl(array)
-    return gguf.quants.quantize(array, qtype)
+    ours = OUR_QUANTIZERS.get(qtype.name)  # the types gguf reads but cannot write
+    return ours(array) if ours else gguf.quants.quantize(array, qtype)
 
 
 def _add_tokenizer(writer, folder: Path, vocab_size: int) -> None:

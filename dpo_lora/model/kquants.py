@@ -163,20 +163,27 @@ def _symmetric_error(x: np.ndarray, w: np.ndarray, scale: np.ndarray, half: int)
     return (w * (scale[:, None] * q - x) ** 2).sum(axis=1)
 
 
-def q6_k_parts(array: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Q6_K's numbers for `array` [..., n]: d float16 [blocks], sc int8 [blocks, 16] and q in
-    -32..31 [blocks, 16, 16], with x ~ d * sc * q per group of 16."""
+def symmetric_parts(array: np.ndarray, half: int, scale_half: int) -> tuple[np.ndarray, ...]:
+    """Numbers of a symmetric k-quant (Q6_K: half 32, scale_half 128; Q3_K: 4, 32) for `array` [..., n]:
+    d float16 [blocks], sc in -scale_half..scale_half-1 [blocks, 16] and q in -half..half-1
+    [blocks, 16, 16], x ~ d * sc * q per group of 16. The group scales go under d with the largest
+    magnitude at -scale_half, as llama.cpp stores them."""
     x = np.asarray(array, dtype=np.float32).reshape(-1, 16, 16)
     blocks = x.shape[0]
-    scale = _fit_symmetric(x.reshape(-1, 16)).reshape(blocks, 16)
-    # int8 scales under the float16 d, the largest magnitude at -128 (as llama.cpp stores them).
+    scale = _fit_symmetric(x.reshape(-1, 16), half).reshape(blocks, 16)
     extreme = np.take_along_axis(scale, np.abs(scale).argmax(axis=1)[:, None], axis=1)[:, 0]
-    d = np.where(extreme != 0, extreme / -128.0, 0.0).astype(np.float16)
+    d = np.where(extreme != 0, extreme / -scale_half, 0.0).astype(np.float16)
     safe = np.where(d != 0, d.astype(np.float32), 1.0)
-    sc = np.where(d[:, None] != 0, np.clip(np.rint(scale / safe[:, None]), -128, 127), 0).astype(np.int8)
+    sc = np.where(d[:, None] != 0, np.clip(np.rint(scale / safe[:, None]), -scale_half, scale_half - 1), 0)
     step = (d.astype(np.float32)[:, None] * sc).reshape(blocks, 16, 1)
-    q = np.where(step != 0, np.clip(np.rint(x / np.where(step != 0, step, 1.0)), -32, 31), 0).astype(np.int8)
-    return d, sc, q
+    q = np.where(step != 0, np.clip(np.rint(x / np.where(step != 0, step, 1.0)), -half, half - 1), 0)
+    return d, sc.astype(np.int8), q.astype(np.int8)
+
+
+def q6_k_parts(array: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Q6_K's numbers for `array` [..., n]: d float16 [blocks], int8 sc [blocks, 16] and q in -32..31
+    [blocks, 16, 16], with x ~ d * sc * q per group of 16."""
+    return symmetric_parts(array, half=32, scale_half=128)
 
 
 def pack_q6_k(d: np.ndarray, sc: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpo_lora.model.kquants import CANDIDATES, QK_K, _fit_affine, _fit_symmetric, _six_bit
+from dpo_lora.model.kquants import CANDIDATES, QK_K, _fit_affine, _six_bit, symmetric_parts
 
 Q2_K_BYTES = QK_K // 16 + QK_K // 4 + 2 + 2  # 4-bit scales and mins, 2-bit values, d, dmin
 Q3_K_BYTES = QK_K // 8 + QK_K // 4 + 12 + 2  # high bits, low 2 bits, 6-bit scales, d
@@ -58,17 +58,7 @@ def pack_q2_k(d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, mn: np.ndarray, q
 def q3_k_parts(array: np.ndarray) -> tuple[np.ndarray, ...]:
     """Q3_K's numbers for `array` [..., n]: d float16 [blocks], sc in -32..31 [blocks, 16] and q in -4..3
     [blocks, 16, 16], x ~ d * sc * q per group of 16."""
-    x = np.asarray(array, dtype=np.float32).reshape(-1, 16, 16)
-    blocks = x.shape[0]
-    scale = _fit_symmetric(x.reshape(-1, 16), half=4).reshape(blocks, 16)
-    # Signed 6-bit scales under the float16 d, the largest magnitude at -32 (as llama.cpp stores them).
-    extreme = np.take_along_axis(scale, np.abs(scale).argmax(axis=1)[:, None], axis=1)[:, 0]
-    d = np.where(extreme != 0, extreme / -32.0, 0.0).astype(np.float16)
-    safe = np.where(d != 0, d.astype(np.float32), 1.0)
-    sc = np.where(d[:, None] != 0, np.clip(np.rint(scale / safe[:, None]), -32, 31), 0).astype(np.int8)
-    step = (d.astype(np.float32)[:, None] * sc).reshape(blocks, 16, 1)
-    q = np.where(step != 0, np.clip(np.rint(x / np.where(step != 0, step, 1.0)), -4, 3), 0).astype(np.int8)
-    return d, sc, q
+    return symmetric_parts(array, half=4, scale_half=32)
 
 
 def pack_q3_k(d: np.ndarray, sc: np.ndarray, q: np.ndarray) -> np.ndarray:
