@@ -36,7 +36,7 @@ console.log(JSON.stringify({prompt_ids, ids}));
 process.exit(0);
 """
 EMBEDDING_ONLY = ("Q2_K", "Q3_K", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K")
-MIXES = ("q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_m")
+MIXES = ("q2_k", "q3_k_m", "iq4_nl", "q4_k_s", "q4_k_m", "q5_k_m")
 
 
 def random_model(folder: Path) -> None:

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--gguf-type",
         choices=GGUF_TYPES,
         default="f16",
-        help="GGUF weight type: one type throughout, or llama.cpp's k-quant mixes (q2_k to q5_k_m)",
+        help="GGUF weight type: one type throughout, or llama.cpp's mixes (q2_k to q5_k_m, iq4_nl)",
     )
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     export.add_argument("--push", metavar="REPO", help="also upload to this Hugging Face Hub repo")

@@ -80,40 +80,43 @@ def pack_q3_k(d: np.ndarray, sc: np.ndarray, q: np.ndarray) -> np.ndarray:
 def iq4_nl_parts(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """IQ4_NL's numbers for `array` [..., n] (n a multiple of 32): d float16 [blocks] and indices into
     IQ4_NL_VALUES [blocks, 32], x ~ d * K[index]. Candidate scales put the largest magnitude at K's ends
-    (-127 or 113) and around them; each is refitted by least squares weighted by x^2 and the smallest
-    weighted error kept."""
+    (-127 or 113) and around them; for each candidate's indices the least-squares scale weighted by x^2
+    has the weighted error sum w x^2 - (sum w K x)^2 / sum w K^2, so the candidate with the largest
+    (sum w K x)^2 / sum w K^2 is kept (as llama.cpp chooses), and its indices are taken again under the
+    float16 d."""
     x = np.asarray(array, dtype=np.float32).reshape(-1, IQ4_NL_BLOCK)
     w = x * x
     extreme = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)[:, 0]
     safe_extreme = np.where(extreme != 0, extreme, 1.0)
-    best_scale = np.where(extreme != 0, extreme / IQ4_NL_VALUES[0], 0.0).astype(np.float32)
-    best_error = _iq4_nl_error(x, w, best_scale)
+    best_scale = np.zeros(x.shape[0], dtype=np.float32)
+    best_score = np.full(x.shape[0], -1.0, dtype=np.float32)
     for end in (IQ4_NL_VALUES[0], IQ4_NL_VALUES[-1]):
         for step in CANDIDATES * 8:  # about one table step either way
-            inverse = (end + step) / safe_extreme
-            k = IQ4_NL_VALUES[_nearest(x * inverse[:, None])]
-            swkk = (w * k * k).sum(1)
-            scale = np.where(swkk > 0, (w * k * x).sum(1) / np.where(swkk > 0, swkk, 1.0), 0.0)
-            error = _iq4_nl_error(x, w, scale)
-            better = error < best_error
-            best_scale = np.where(better, scale, best_scale)
-            best_error = np.minimum(error, best_error)
+            k = IQ4_NL_VALUES[_nearest(x * ((end + step) / safe_extreme)[:, None])]
+            wk = w * k
+            swkx, swkk = (wk * x).sum(1), (wk * k).sum(1)
+            safe = np.where(swkk > 0, swkk, 1.0)
+            score = np.where(swkk > 0, swkx * swkx / safe, 0.0)
+            better = score > best_score
+            best_scale = np.where(better, np.where(swkk > 0, swkx / safe, 0.0), best_scale)
+            best_score = np.maximum(score, best_score)
     d = best_scale.astype(np.float16)
     safe = np.where(d != 0, d.astype(np.float32), 1.0)
     index = np.where(d[:, None] != 0, _nearest(x / safe[:, None]), _nearest(np.zeros_like(x)))
     return d, index.astype(np.uint8)
 
 
+_MIDPOINTS = (IQ4_NL_VALUES[1:] + IQ4_NL_VALUES[:-1]) / 2  # all multiples of 0.5: the table is integers
+_HALF_STEPS = np.arange(-260, 260)  # [j / 2, (j + 1) / 2) for j in -260..259 covers the table and past it
+_NEAREST_BY_HALF_STEP = np.searchsorted(_MIDPOINTS, (_HALF_STEPS + 0.5) / 2).astype(np.uint8)
+
+
 def _nearest(y: np.ndarray) -> np.ndarray:
-    """Index of the nearest IQ4_NL_VALUES entry to each of y."""
-    midpoints = (IQ4_NL_VALUES[1:] + IQ4_NL_VALUES[:-1]) / 2
-    return np.searchsorted(midpoints, y)
-
-
-def _iq4_nl_error(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    safe = np.where(scale != 0, scale, 1.0)
-    k = np.where(scale[:, None] != 0, IQ4_NL_VALUES[_nearest(x / safe[:, None])], 0.0)
-    return (w * (scale[:, None] * k - x) ** 2).sum(axis=1)
+    """Index of the nearest IQ4_NL_VALUES entry to each of y. No midpoint falls inside a half-integer
+    interval [j / 2, (j + 1) / 2), so one lookup by floor(2y) is exact (a value on a midpoint, equally
+    near both, may go either way)."""
+    steps = np.clip(np.floor(2 * y), _HALF_STEPS[0], _HALF_STEPS[-1]).astype(np.int16) - _HALF_STEPS[0]
+    return _NEAREST_BY_HALF_STEP[steps]
 
 
 def pack_iq4_nl(d: np.ndarray, index: np.ndarray) -> np.ndarray:

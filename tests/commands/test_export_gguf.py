@@ -202,6 +202,7 @@ def test_k_quant_mixes_fall_back_as_llama_cpp_does_where_rows_are_not_256_wide(t
             {"3.attn_v": "Q6_K", "4.attn_v": "Q4_K", "6.ffn_down": "Q6_K", "7.ffn_down": "Q4_K", "28.attn_v": "Q6_K"},
         ),  # fmt: skip
         ("q5_k_s", {"0.attn_v": "Q5_K", "0.ffn_down": "Q5_K"}),
+        ("iq4_nl", {"0.attn_v": "IQ4_NL", "3.ffn_down": "Q5_K", "4.ffn_down": "IQ4_NL", "0.attn_output": "IQ4_NL"}),
     ],
 )
 def test_each_mix_gives_llama_cpps_types_by_tensor_and_layer(gguf_type, expected):
@@ -211,15 +212,19 @@ def test_each_mix_gives_llama_cpps_types_by_tensor_and_layer(gguf_type, expected
         layer, tensor = where.split(".")
         assert mixed_type(gguf_type, f"blk.{layer}.{tensor}.weight", 32, 1, head=False) == kind, where
     assert mixed_type(gguf_type, "output.weight", 32, 1, head=True) == "Q6_K"
-    body = {"q2_k": "Q2_K", "q5_k_s": "Q5_K", "q4_k_s": "Q4_K", "q4_k_m": "Q4_K"}.get(gguf_type, "Q3_K")
+    body = {"q2_k": "Q2_K", "q5_k_s": "Q5_K", "q4_k_s": "Q4_K", "q4_k_m": "Q4_K", "iq4_nl": "IQ4_NL"}.get(
+        gguf_type, "Q3_K"
+    )
     assert mixed_type(gguf_type, "token_embd.weight", 32, 1, head=False) == body
-    if gguf_type == "q2_k":  # grouped-query attention (Llama-3-8B: 4 query heads per key/value head)
-        assert mixed_type(gguf_type, "blk.0.attn_v.weight", 32, 4, head=False) == "Q4_K"
+    if gguf_type in ("q2_k", "iq4_nl"):  # grouped-query attention (Llama-3-8B: 4 query heads per key/value head)
+        assert mixed_type(gguf_type, "blk.0.attn_v.weight", 32, 4, head=False) == {"q2_k": "Q4_K"}.get(
+            gguf_type, "Q5_K"
+        )
 
 
-@pytest.mark.parametrize("gguf_type", ["q2_k", "q3_k_m"])
+@pytest.mark.parametrize("gguf_type", ["q2_k", "q3_k_m", "iq4_nl"])
 def test_low_bit_mixes_load_with_the_merged_models_log_probs(wide_run, tmp_path, gguf_type):
-    """q2_k and q3_k_m on the 256-wide model: each tensor stored as the mix says, and transformers reads
+    """q2_k, q3_k_m and iq4_nl on the 256-wide model: each tensor stored as the mix says, and transformers reads
     the file back (gguf's dequantizers) with the log-probs of the merge as stored."""
     import gguf
 
@@ -235,8 +240,8 @@ def test_low_bit_mixes_load_with_the_merged_models_log_probs(wide_run, tmp_path,
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         assert t.tensor_type.name == stored_type(shape, gguf_type, t.name, 2, 2, tied), t.name
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert kinds["blk.0.attn_q.weight"] == {"q2_k": "Q2_K", "q3_k_m": "Q3_K"}[gguf_type]
-    assert kinds["blk.0.attn_v.weight"] == {"q2_k": "Q3_K", "q3_k_m": "Q5_K"}[gguf_type]
+    assert kinds["blk.0.attn_q.weight"] == {"q2_k": "Q2_K", "q3_k_m": "Q3_K", "iq4_nl": "IQ4_NL"}[gguf_type]
+    assert kinds["blk.0.attn_v.weight"] == {"q2_k": "Q3_K", "q3_k_m": "Q5_K", "iq4_nl": "IQ4_NL"}[gguf_type]
 
 
 def test_low_bit_mixes_fall_back_to_iq4_nl_where_rows_are_not_256_wide(tiny_run, tmp_path):

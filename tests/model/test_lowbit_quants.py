@@ -110,3 +110,16 @@ def test_a_quantized_tensor_reads_back_closer_than_a_plain_quantizer_of_as_many_
     assert np.array_equal(back[5], np.zeros(1024)), "an all-zero row stays zero"
     assert np.abs(back[6] - 0.01).max() < 1e-4, "a constant row stays near its value"
     assert np.array_equal(pack(*parts(x)).reshape(stored.shape), stored)
+
+
+def test_iq4_nl_picks_the_nearest_table_entry_as_a_brute_force_search_does():
+    """The table lookup by half-steps against argmin |y - K| over every entry: random values, values
+    past both ends, and each midpoint (equally near two entries: either is nearest)."""
+    from dpo_lora.model.lowbit_quants import _nearest
+
+    rng = np.random.default_rng(4)
+    midpoints = (IQ4_NL_VALUES[1:] + IQ4_NL_VALUES[:-1]) / 2
+    y = np.concatenate([rng.uniform(-400, 400, 100_000), midpoints, midpoints + 1e-3, midpoints - 1e-3]).astype(np.float32)  # fmt: skip
+    distance = np.abs(y[:, None] - IQ4_NL_VALUES[None, :])
+    picked = distance[np.arange(len(y)), _nearest(y)]
+    assert np.array_equal(picked, distance.min(axis=1))
