@@ -194,12 +194,13 @@ class Scheduler:
             with self.store.session() as s:
                 if preemption.in_flight(s, self.runner):
                     return
-                head = _head_of_queue(s, self.project_devices, self.weights())
+                weights = self.weights()
+                head = _head_of_queue(s, self.project_devices, weights)
                 if head is None or head.devices_wanted <= free or head.devices_wanted > len(self.devices):
                     return
                 if time.time_ns() - head.queued_ns < self.preempt_after_s * 1e9:
                     return
-                job = preemption.victim(s, head, free, self.weights(), self.runner, self.preempt_after_s)
+                job = preemption.victim(s, head, free, weights, self.runner, self.preempt_after_s)
                 if job is not None:
                     lifecycle.preempt(self.store, s, self.store.for_update(s, Job, job.id), head)
 
